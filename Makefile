@@ -1,0 +1,40 @@
+# The README's commands. Each target creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
+DEMO_DIR ?= runs/demo
+
+.PHONY: demo test test-all lint format bench table clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Train the `tiny` model on the embedded stdlib corpus; leaves $(DEMO_DIR).
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(PY) -m experiments.train --config=experiments/configs/gopher.py:tiny --workdir=$(DEMO_DIR)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+table: $(STAMP)
+	$(PY) -m experiments.model_table --format=markdown
+
+bench: $(STAMP)
+	$(PY) -m experiments.bench --shape=nanogpt
+
+clean:
+	rm -rf $(VENV) runs

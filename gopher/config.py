@@ -1,0 +1,266 @@
+"""Frozen configuration dataclasses and the Gopher model table (Table 1).
+
+Library code takes these dataclasses; experiment files are ml_collections
+ConfigDicts turned into dataclasses once, at the entry point (`from_config_dict`).
+Every config validates itself on construction and names the bad field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and the fix."""
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(
+                f"{type(obj).__name__}.{name} = {value!r} must be a positive number; "
+                f"set --config.{_prefix(obj)}{name} to a value > 0"
+            )
+
+
+def _prefix(obj: Any) -> str:
+    return {"ModelConfig": "model.", "TrainConfig": "train.", "DataConfig": "data."}.get(
+        type(obj).__name__, ""
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One row of the model table plus the few knobs the architecture has.
+
+    `max_lr`, `batch_tokens` and `clip_norm` are the table's recipe for this size;
+    `TrainConfig` reads them unless it overrides them.
+    """
+
+    num_layers: int
+    num_heads: int
+    key_size: int
+    d_model: int
+    max_lr: float = 6e-4
+    batch_tokens: int = 250_000
+    clip_norm: float = 1.0
+    ffw_multiplier: int = 4
+    vocab_size: int = 32_000
+    seq_len: int = 2048
+    name: str = "custom"
+    rms_norm_eps: float = 1e-6
+    init_scale: float = 0.02
+    # Gopher's pre-norm blocks; the output projections of each residual branch are
+    # scaled down by 1/sqrt(2 * num_layers) at init (GPT-2), so depth does not blow up.
+    scale_residual_init: bool = True
+
+    def __post_init__(self):
+        _positive(
+            self,
+            "num_layers",
+            "num_heads",
+            "key_size",
+            "d_model",
+            "max_lr",
+            "batch_tokens",
+            "clip_norm",
+            "ffw_multiplier",
+            "vocab_size",
+            "seq_len",
+            "rms_norm_eps",
+            "init_scale",
+        )
+        for name in ("num_layers", "num_heads", "key_size", "d_model", "vocab_size", "seq_len"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(
+                    f"ModelConfig.{name} = {getattr(self, name)!r} must be an integer; "
+                    f"set --config.model.{name} to a whole number"
+                )
+        if self.num_heads * self.key_size != self.d_model:
+            raise ConfigError(
+                f"ModelConfig: num_heads * key_size = {self.num_heads} * {self.key_size} = "
+                f"{self.num_heads * self.key_size} but d_model = {self.d_model}; Gopher "
+                f"requires num_heads * key_size == d_model (set --config.model.key_size="
+                f"{self.d_model // self.num_heads if self.d_model % self.num_heads == 0 else '?'})"
+            )
+        if self.key_size % 2:
+            raise ConfigError(
+                f"ModelConfig.key_size = {self.key_size} must be even (sinusoidal "
+                f"relative encodings pair sin/cos); use an even key_size"
+            )
+
+    @property
+    def ffw_size(self) -> int:
+        return self.ffw_multiplier * self.d_model
+
+    def param_count_formula(self) -> int:
+        """Gopher's closed form: 13 d^2 L (q,k,v,o,W_R and 8 d^2 MLP) + V d (tied)."""
+        return 13 * self.d_model**2 * self.num_layers + self.vocab_size * self.d_model
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+# Gopher Table 1, exactly. Batch sizes are in tokens as in the table; a run's batch
+# size in sequences is batch_tokens // seq_len unless the train config sets it.
+PRESETS: dict[str, ModelConfig] = {
+    "44m": ModelConfig(8, 16, 32, 512, max_lr=6e-4, batch_tokens=250_000, clip_norm=1.0),
+    "117m": ModelConfig(12, 12, 64, 768, max_lr=6e-4, batch_tokens=250_000, clip_norm=1.0),
+    "417m": ModelConfig(12, 12, 128, 1536, max_lr=2e-4, batch_tokens=250_000, clip_norm=1.0),
+    "1.4b": ModelConfig(24, 16, 128, 2048, max_lr=2e-4, batch_tokens=250_000, clip_norm=1.0),
+    "7.1b": ModelConfig(32, 32, 128, 4096, max_lr=1.2e-4, batch_tokens=2_000_000, clip_norm=0.25),
+    "280b": ModelConfig(80, 128, 128, 16384, max_lr=4e-5, batch_tokens=3_000_000, clip_norm=0.25),
+    # CPU presets: the 44m row's shape ratios (key_size 32, d_model = heads * 32,
+    # ffw 4x), scaled down so they train in minutes on a laptop.
+    "tiny": ModelConfig(
+        4, 8, 32, 256, max_lr=1e-3, batch_tokens=16 * 256, vocab_size=4096, seq_len=256
+    ),
+    "test": ModelConfig(2, 4, 16, 64, max_lr=3e-3, batch_tokens=8 * 64, vocab_size=512, seq_len=64),
+}
+PRESETS = {name: cfg.replace(name=name) for name, cfg in PRESETS.items()}
+TABLE_PRESETS = ("44m", "117m", "417m", "1.4b", "7.1b", "280b")
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe: optimiser, schedule, batch and cadence."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    warmup_steps: int = 1500
+    warmup_init_lr: float = 1e-7
+    final_lr_ratio: float = 0.1  # cosine decays 10x (Gopher)
+    max_lr: float | None = None  # None: the model row's max LR
+    clip_norm: float | None = None  # None: the model row's clip norm
+    optimizer: str = "adam"  # "adam" (Gopher) or "adamw" (Chinchilla)
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    precision: str = "fp32"  # fp32 | mixed | bf16 | bf16_sr | bf16_master (Gopher App. C)
+    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+
+    def __post_init__(self):
+        _positive(self, "steps", "batch_size", "log_every", "eval_every", "eval_batches")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(
+                f"TrainConfig.warmup_steps = {self.warmup_steps!r} must be an integer >= 0; "
+                f"set --config.train.warmup_steps"
+            )
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(
+                f"TrainConfig.optimizer = {self.optimizer!r} is unknown; use 'adam' or 'adamw'"
+            )
+        precisions = ("fp32", "mixed", "bf16", "bf16_sr", "bf16_master")
+        if self.precision not in precisions:
+            raise ConfigError(
+                f"TrainConfig.precision = {self.precision!r} is unknown; use one of "
+                f"{', '.join(precisions)}"
+            )
+        remats = (
+            "none",
+            "full",
+            "dots_saveable",
+            "dots_with_no_batch_dims_saveable",
+            "everything_saveable",
+        )
+        if self.remat not in remats:
+            raise ConfigError(
+                f"TrainConfig.remat = {self.remat!r} is unknown; use one of {', '.join(remats)}"
+            )
+        for name in ("b1", "b2"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(
+                    f"TrainConfig.{name} = {v!r} must be in [0, 1); set --config.train.{name}"
+                )
+        if not 0.0 < self.final_lr_ratio <= 1.0:
+            raise ConfigError(
+                f"TrainConfig.final_lr_ratio = {self.final_lr_ratio!r} must be in (0, 1]; "
+                f"Gopher uses 0.1"
+            )
+        for name in ("max_lr", "clip_norm"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(
+                    f"TrainConfig.{name} = {v!r} must be > 0 (or None for the preset's); "
+                    f"set --config.train.{name}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is tokenized."""
+
+    source: str = "stdlib"  # "stdlib" or "files"
+    paths: tuple[str, ...] = ()
+    heldout_fraction: float = 0.05
+    tokenizer_path: str = ""  # empty: train one into the workdir
+    tokenizer_sample_bytes: int = 4_000_000
+    cache_dir: str = ""  # empty: WORKDIR/data
+
+    def __post_init__(self):
+        if self.source not in ("stdlib", "files"):
+            raise ConfigError(
+                f"DataConfig.source = {self.source!r} is unknown; use 'stdlib' or 'files'"
+            )
+        if self.source == "files" and not self.paths:
+            raise ConfigError(
+                "DataConfig.paths is empty but source = 'files'; set --config.data.paths"
+            )
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(
+                f"DataConfig.heldout_fraction = {self.heldout_fraction!r} must be in (0, 1)"
+            )
+
+
+def _build(cls, values: Mapping[str, Any]):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} field(s) {', '.join(unknown)}; "
+            f"valid fields: {', '.join(sorted(fields))}"
+        )
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**kw)
+
+
+def model_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+    """A `ModelConfig` from {'preset': name, ...overrides}."""
+    values = dict(values)
+    preset = values.pop("preset", None)
+    if preset:
+        base = get_preset(preset)
+        base_values = dataclasses.asdict(base)
+        unknown = sorted(set(values) - set(base_values))
+        if unknown:
+            raise ConfigError(
+                f"unknown ModelConfig field(s) {', '.join(unknown)}; "
+                f"valid fields: {', '.join(sorted(base_values))}"
+            )
+        overrides = {k: v for k, v in values.items() if v is not None}
+        return base.replace(**overrides)
+    return _build(ModelConfig, values)
+
+
+def train_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, values)
+
+
+def data_from_dict(values: Mapping[str, Any]) -> DataConfig:
+    return _build(DataConfig, values)

@@ -1,0 +1,234 @@
+"""Packing token streams into fixed-size training windows, with no padding.
+
+Shapes:
+    B: batch size (windows per batch)
+    T: sequence length (tokens the model sees; it predicts T targets per window)
+    N: length of the flat token stream (documents joined, each followed by EOS)
+
+A window is T + 1 consecutive tokens: inputs are window[:, :-1], targets window[:, 1:].
+Consecutive windows overlap by one token (window i starts at i * T). That is the
+standard scheme because every token of the stream but the first is a target exactly
+once, and no transition between windows is lost; non-overlapping windows of T + 1
+would never predict the first token of each window. Documents are not aligned to
+windows: a document may span windows, and a window may hold several documents with
+EOS between them, which wastes no compute on padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
+
+import numpy as np
+
+from gopher.data.sources import Document
+from gopher.data.tokenizer import Tokenizer
+
+
+class Packer:
+    """Packs documents (token-id lists) into [B, T+1] int32 batches of one continuous stream.
+
+    Row b of batch k is window k * B + b of the stream. `state()` after any batch and
+    `restore(state)` on a new packer over the same documents continue the same stream.
+    `documents` must be re-iterable (e.g. a list) when `repeat` is true or on restore.
+    """
+
+    def __init__(
+        self,
+        documents: Iterable[Sequence[int] | np.ndarray],
+        batch_size: int,
+        seq_len: int,
+        eos_id: int,
+        repeat: bool = False,
+    ):
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size {batch_size} and seq_len {seq_len} must be >= 1")
+        self._documents = documents
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.eos_id = eos_id
+        self.repeat = repeat
+        self.restore({"epoch": 0, "document": 0, "offset": 0})
+
+    def state(self) -> dict[str, int]:
+        """Position of the next window's first token: epoch, document index, token offset."""
+        if self._pending:
+            epoch, document, offset, _ = self._pending[0]
+            return {"epoch": epoch, "document": document, "offset": offset}
+        return {"epoch": self._epoch, "document": self._next_document, "offset": self._offset}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continues from a position returned by `state()`."""
+        self._epoch = int(state["epoch"])
+        self._next_document = int(state["document"])
+        # Offset into the first document pulled (its tokens plus EOS) after a restore.
+        self._offset = int(state["offset"])
+        self._iterator = islice(iter(self._documents), self._next_document, None)
+        self._pulled_this_epoch = self._next_document > 0
+        # Tokens not yet consumed, as (epoch, document index, offset, tokens) segments.
+        self._pending: list[tuple[int, int, int, np.ndarray]] = []
+        self._pending_len = 0
+
+    def _pull(self) -> bool:
+        """Appends the next document (plus EOS) to the pending tokens; False at the end."""
+        for doc in self._iterator:
+            tokens = np.append(np.asarray(doc, dtype=np.int32), np.int32(self.eos_id))
+            offset, self._offset = self._offset, 0
+            self._pending.append((self._epoch, self._next_document, offset, tokens[offset:]))
+            self._pending_len += len(tokens) - offset
+            self._next_document += 1
+            self._pulled_this_epoch = True
+            return True
+        if not self.repeat:
+            return False
+        if not self._pulled_this_epoch:
+            raise ValueError(
+                "Packer(repeat=True) found no documents in a pass; pass a non-empty list, "
+                "not a one-shot iterator"
+            )
+        self._epoch, self._next_document, self._pulled_this_epoch = self._epoch + 1, 0, False
+        self._iterator = iter(self._documents)
+        return self._pull()
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        step = self.batch_size * self.seq_len
+        need = step + 1  # the last window's extra token is the next batch's first
+        while self._pending_len < need:
+            if not self._pull():
+                raise StopIteration  # the remainder is shorter than one batch: dropped
+        stream = np.concatenate([segment for *_, segment in self._pending])  # [>= B*T+1]
+        starts = np.arange(self.batch_size) * self.seq_len  # [B]
+        batch = stream[starts[:, None] + np.arange(self.seq_len + 1)]  # [B, T+1]
+        # Consume B*T tokens, keeping the overlap token and anything beyond it.
+        consumed = step
+        while consumed >= len(self._pending[0][3]):
+            consumed -= len(self._pending.pop(0)[3])
+        epoch, document, offset, segment = self._pending[0]
+        self._pending[0] = (epoch, document, offset + consumed, segment[consumed:])
+        self._pending_len -= step
+        return batch
+
+
+def pack_documents(
+    docs_tokens: Iterable[Sequence[int] | np.ndarray],
+    batch_size: int,
+    seq_len: int,
+    eos_id: int,
+    repeat: bool = False,
+) -> Packer:
+    """An iterator of [B, T+1] int32 batches over the documents joined with EOS."""
+    return Packer(docs_tokens, batch_size, seq_len, eos_id, repeat=repeat)
+
+
+def _documents_key(tokenizer: Tokenizer, documents: Sequence[Document]) -> str:
+    """A hash of the tokenizer and the documents, naming the token cache file."""
+    h = hashlib.sha256(tokenizer.sha256.encode())
+    for doc in documents:
+        for part in (doc.source, doc.name, doc.text):
+            data = part.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little"))  # lengths make the encoding unambiguous
+            h.update(data)
+    return h.hexdigest()[:24]
+
+
+class TokenDataset:
+    """Documents tokenised once into a flat [N] int32 stream with EOS after each document.
+
+    Training batches are a pure function of (seed, step), so resuming needs only the step.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        token_byte_lengths: np.ndarray,
+        seed: int = 0,
+        num_documents: int | None = None,
+    ):
+        self.tokens = np.asarray(tokens, dtype=np.int32)  # [N]
+        self.token_byte_lengths = np.asarray(token_byte_lengths, dtype=np.int64)  # [V]
+        self.seed = seed
+        self.num_documents = num_documents
+
+    @classmethod
+    def from_documents(
+        cls,
+        tokenizer: Tokenizer,
+        documents: Sequence[Document],
+        seed: int = 0,
+        cache_dir: str | None = None,
+        num_threads: int | None = None,
+    ) -> TokenDataset:
+        """Tokenises `documents` (or loads the cached tokens from `cache_dir`)."""
+        lengths = tokenizer.token_byte_lengths()
+        cache_path = None
+        if cache_dir is not None:
+            key = _documents_key(tokenizer, documents)
+            cache_path = os.path.join(cache_dir, f"tokens-{key}.npy")
+            if os.path.isfile(cache_path):
+                return cls(np.load(cache_path), lengths, seed, len(documents))
+        eos = np.array([tokenizer.eos_id], dtype=np.int32)
+        parts: list[np.ndarray] = []
+        # Encode in slices so peak memory stays near the token array, not Python lists.
+        for i in range(0, len(documents), 1024):
+            texts = [d.text for d in documents[i : i + 1024]]
+            for ids in tokenizer.encode_batch_numpy(texts, num_threads=num_threads):
+                parts.extend((ids.astype(np.int32, copy=False), eos))
+        tokens = np.concatenate(parts) if parts else np.zeros([0], np.int32)  # [N]
+        if cache_path is not None:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{cache_path}.tmp{os.getpid()}.npy"
+            np.save(tmp, tokens)
+            os.replace(tmp, cache_path)  # atomic: a concurrent reader never sees half a file
+        return cls(tokens, lengths, seed, len(documents))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_bytes(self) -> int:
+        """UTF-8 bytes of (normalised) text the whole stream decodes to."""
+        return int(self.token_byte_lengths[self.tokens].sum())
+
+    def num_windows(self, seq_len: int) -> int:
+        """Windows of T + 1 tokens starting at multiples of T that fit in the stream."""
+        return max(0, (self.num_tokens - 1) // seq_len)
+
+    def _windows(self, window_index: np.ndarray, seq_len: int) -> np.ndarray:
+        starts = window_index.astype(np.int64) * seq_len  # [B]
+        return self.tokens[starts[:, None] + np.arange(seq_len + 1)]  # [B, T+1]
+
+    def batch_at(self, step: int, batch_size: int, seq_len: int) -> np.ndarray:
+        """[B, T+1] int32 training batch for `step`: windows at random window-aligned starts.
+
+        Drawn from default_rng([seed, step]) with replacement, so any step can be made
+        without making the steps before it.
+        """
+        num_windows = self.num_windows(seq_len)
+        if num_windows < 1:
+            raise ValueError(
+                f"{self.num_tokens} tokens cannot fill one window of seq_len {seq_len} + 1; "
+                "use more data or a shorter seq_len"
+            )
+        rng = np.random.default_rng([self.seed, step])
+        return self._windows(rng.integers(0, num_windows, size=batch_size), seq_len)
+
+    def eval_batches(
+        self, batch_size: int, seq_len: int, max_batches: int | None = None
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """Yields ([B, T+1] int32 batch, UTF-8 bytes its targets cover), in stream order.
+
+        Windows are consecutive, so targets never repeat; windows that do not fill a last
+        whole batch are left out (a fixed shape avoids a recompile).
+        """
+        num_batches = self.num_windows(seq_len) // batch_size
+        if max_batches is not None:
+            num_batches = min(num_batches, max_batches)
+        for k in range(num_batches):
+            batch = self._windows(np.arange(k * batch_size, (k + 1) * batch_size), seq_len)
+            yield batch, int(self.token_byte_lengths[batch[:, 1:]].sum())

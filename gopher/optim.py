@@ -1,0 +1,45 @@
+"""The optax chain and Gopher's learning-rate schedule.
+
+clip by global norm -> Adam (or AdamW) -> LR: linear warm-up from 1e-7 to the
+max over `warmup_steps`, then a cosine decay to max/10 at the end of training
+(a cosine cycle matched to the run length: Chinchilla App. B).
+"""
+
+from __future__ import annotations
+
+import optax
+
+from gopher.config import ModelConfig, TrainConfig
+
+
+def max_lr(model: ModelConfig, train: TrainConfig) -> float:
+    return train.max_lr if train.max_lr is not None else model.max_lr
+
+
+def clip_norm(model: ModelConfig, train: TrainConfig) -> float:
+    return train.clip_norm if train.clip_norm is not None else model.clip_norm
+
+
+def learning_rate_schedule(model: ModelConfig, train: TrainConfig) -> optax.Schedule:
+    """Warm-up from `warmup_init_lr` to the max, cosine to `final_lr_ratio` * max."""
+    peak = max_lr(model, train)
+    warmup = min(train.warmup_steps, train.steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=train.warmup_init_lr,
+        peak_value=peak,
+        warmup_steps=warmup,
+        decay_steps=max(train.steps, warmup + 1),
+        end_value=peak * train.final_lr_ratio,
+    )
+
+
+def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:
+    """The update rule, producing fp32 updates to be added to the (master) params."""
+    parts = [
+        optax.clip_by_global_norm(clip_norm(model, train)),
+        optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
+    ]
+    if train.optimizer == "adamw" and train.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(train.weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate_schedule(model, train)))
+    return optax.chain(*parts)

@@ -1,0 +1,109 @@
+"""The pure core of training: TrainState, init, train_step, eval_step.
+
+Everything here is a pure function of its inputs; the host loop (gopher/loop.py)
+jits these with shardings and owns files, clocks and progress bars.
+
+Shape glossary: B batch, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gopher import model as model_lib
+from gopher import optim
+from gopher import precision as precision_lib
+from gopher.config import ModelConfig, TrainConfig
+
+
+class TrainState(NamedTuple):
+    params: Any  # in the policy's parameter dtype (what the forward pass reads)
+    opt_state: Any  # Adam moments, fp32
+    master: Any  # fp32 master copy for bf16_master, else None (partitioned like opt_state)
+    step: jax.Array  # int32 scalar
+    rng: jax.Array  # base key; per-step keys are fold_in(rng, step)
+    skipped: jax.Array  # int32: updates skipped for a non-finite loss or gradient
+
+
+class TrainFunctions(NamedTuple):
+    init: Callable[[jax.Array], TrainState]
+    train_step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
+    eval_step: Callable[[Any, jax.Array], dict]
+    forward: Any  # hk.Transformed
+
+
+def make_train_functions(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    precision: str = "fp32",
+    remat: str = "none",
+    activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
+    grad_transform: Callable[[Any], Any] | None = None,
+) -> TrainFunctions:
+    """Builds the pure functions for one model, recipe and precision setting.
+
+    `grad_transform` lets a parallel path (pmap) reduce gradients across devices
+    before the update; the jit path leaves that to XLA.
+    """
+    policy = precision_lib.get_policy(precision)
+    forward = model_lib.build_forward(model_cfg, policy.compute_dtype, remat, activation_constraint)
+    optimizer = optim.make_optimizer(model_cfg, train_cfg)
+    schedule = optim.learning_rate_schedule(model_cfg, train_cfg)
+
+    def init(rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        dummy = jnp.zeros((1, min(8, model_cfg.seq_len)), jnp.int32)
+        params32 = forward.init(init_rng, dummy)
+        master = params32 if policy.fp32_master else None
+        return TrainState(
+            params=precision_lib.cast_params(params32, policy),
+            opt_state=optimizer.init(params32),
+            master=master,
+            step=jnp.zeros((), jnp.int32),
+            rng=state_rng,
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def loss_fn(params, tokens):  # tokens [B, T+1]
+        logits = forward.apply(params, tokens[:, :-1])  # [B, T, V] fp32
+        return model_lib.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        if grad_transform is not None:
+            grads, loss = grad_transform((grads, loss))
+        grad_norm = optax.tree.norm(grads)
+        base = state.master if policy.fp32_master else state.params
+        updates, opt_state = optimizer.update(grads, state.opt_state, base)
+        key = jax.random.fold_in(state.rng, state.step)
+        if policy.fp32_master:
+            master = optax.apply_updates(state.master, updates)
+            params = precision_lib.cast_params(master, policy)
+        else:
+            master = None
+            params = precision_lib.apply_updates(state.params, updates, policy, key)
+        # A non-finite loss or gradient skips the update (and is counted).
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = TrainState(params, opt_state, master, state.step + 1, state.rng, state.skipped)
+        old = state._replace(step=state.step + 1, skipped=state.skipped + 1)
+        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(new.step - 1),
+            "skipped": state.skipped,
+        }
+        return state, metrics
+
+    def eval_step(params, tokens: jax.Array) -> dict:
+        """Summed NLL (nats) per target token  [B, T]; bytes are counted by the host."""
+        logits = forward.apply(params, tokens[:, :-1])
+        return {"nll": model_lib.cross_entropy(logits, tokens[:, 1:])}
+
+    return TrainFunctions(init, train_step, eval_step, forward)

@@ -1,0 +1,24 @@
+"""gopher: DeepMind's Gopher model-size sweep in JAX + Haiku."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gopher",
+    version="0.1.0",
+    description="Reproduce DeepMind's Gopher model-size sweep (44M ... 280B) in JAX + Haiku",
+    python_requires=">=3.11",
+    packages=find_packages(include=["gopher", "gopher.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "jax>=0.10.2,<0.13",
+        "dm-haiku>=0.0.17",
+        "optax>=0.2.8",
+        "ml_collections>=1.1.0",
+        "absl-py>=2.1",
+        "sentencepiece>=0.2.0",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.17"],
+    },
+)

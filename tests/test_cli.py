@@ -1,0 +1,76 @@
+"""The command-line entry points, run as real subprocesses."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_model_table_json_matches_closed_form_quickly():
+    start = time.time()
+    out = _run("experiments.model_table", "--format=json")
+    elapsed = time.time() - start
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert list(rows) == ["44m", "117m", "417m", "1.4b", "7.1b", "280b"]
+    for r in rows.values():
+        formula = 13 * r["d_model"] ** 2 * r["layers"] + 32000 * r["d_model"]
+        assert abs(r["params"] - formula) / formula < 1e-3
+        assert {"name", "layers", "heads", "key_size", "d_model", "params"} <= set(r)
+    assert elapsed < 30
+
+
+def test_train_cli_writes_metrics_and_beats_unigram(tmp_path):
+    workdir = tmp_path / "run"
+    out = _run(
+        "experiments.train",
+        "--config=experiments/configs/gopher.py:test",
+        "--config.train.steps=100",
+        "--config.train.eval_every=50",
+        "--config.train.batch_size=8",
+        f"--workdir={workdir}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    evals = [x for x in lines if x["kind"] == "eval"]
+    for rec in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(rec)
+    assert train[-1]["step"] == 100 and train[-1]["loss"] < train[0]["loss"]
+    assert [e["step"] for e in evals] == [50, 100]
+    assert evals[-1]["heldout_bpb"] < evals[-1]["heldout_unigram_bpb"]
+    assert (workdir / "tokenizer.model").is_file() and (workdir / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config=experiments/configs/gopher.py:45m", "unknown preset '45m'"),
+        ("--config.model.key_size=7", "num_heads * key_size"),
+        ("--config.train.precision=fp8", "TrainConfig.precision = 'fp8'"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_value(tmp_path, flag, message):
+    args = ["--config=experiments/configs/gopher.py:test", flag, f"--workdir={tmp_path}"]
+    out = _run("experiments.train", *args, timeout=120)
+    assert out.returncode != 0
+    err = [line for line in out.stderr.splitlines() if line.strip()]
+    assert any(message in line for line in err), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,286 @@
+"""Tests for gopher.data: sources, tokenizer, packing; each against an independent oracle."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import string
+import unicodedata
+
+import numpy as np
+import pytest
+
+from gopher.data import (
+    Document,
+    Packer,
+    TokenDataset,
+    Tokenizer,
+    pack_documents,
+    select_split,
+    stdlib_documents,
+    text_files,
+    unigram_bits_per_byte,
+)
+
+VOCAB = 512
+SAMPLE_BYTES = 200_000
+
+
+@pytest.fixture(scope="module")
+def train_docs() -> list[Document]:
+    return stdlib_documents("train")
+
+
+@pytest.fixture(scope="module")
+def heldout_docs() -> list[Document]:
+    return stdlib_documents("heldout")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(train_docs, tmp_path_factory) -> Tokenizer:
+    path = str(tmp_path_factory.mktemp("tok") / "spm.model")
+    return Tokenizer.train([d.text for d in train_docs], VOCAB, path, sample_bytes=SAMPLE_BYTES)
+
+
+# --- sources -------------------------------------------------------------------------
+
+
+def test_stdlib_split_is_disjoint_complete_and_deterministic(train_docs, heldout_docs):
+    everything = stdlib_documents("train", heldout_fraction=0.0)
+    train_names = [d.name for d in train_docs]
+    heldout_names = [d.name for d in heldout_docs]
+    assert heldout_docs and train_docs
+    assert not set(train_names) & set(heldout_names)
+    assert sorted(train_names + heldout_names) == sorted(d.name for d in everything)
+    assert stdlib_documents("heldout") == heldout_docs
+    # About 2% held out (binomial over ~800 documents: 2% +- a few sigma).
+    assert 0.005 < len(heldout_docs) / len(everything) < 0.05
+    assert {d.source for d in everything} == {"python_docs", "python_code"}
+    assert not any("/test/" in f"/{d.name}" or "/tests/" in f"/{d.name}" for d in everything)
+    assert any(d.name == "argparse.py" for d in everything)
+
+
+def test_bad_split_and_fraction_name_the_value():
+    with pytest.raises(ValueError, match="'validation'"):
+        stdlib_documents("validation")
+    with pytest.raises(ValueError, match=re.escape("1.5")):
+        select_split([], "train", 1.5)
+
+
+def test_text_files_dirs_globs_and_errors(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("hello\n")
+    (tmp_path / "a" / "y.txt").write_text("world\n")
+    (tmp_path / "a" / "bad.bin").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "a" / ".hidden").write_text("secret")
+    docs = text_files([str(tmp_path / "a")], heldout_fraction=0.0)
+    assert [(d.name, d.text) for d in docs] == [("x.txt", "hello\n"), ("y.txt", "world\n")]
+    globbed = text_files([str(tmp_path / "a" / "*.txt")], heldout_fraction=0.0)
+    assert [d.text for d in globbed] == ["hello\n", "world\n"]
+
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ValueError, match=re.escape(f"data path {missing!r} does not exist")):
+        text_files([missing])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        text_files([str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="matches no files"):
+        text_files([str(tmp_path / "*.nothing")])
+    with pytest.raises(ValueError, match="not UTF-8"):
+        text_files([str(tmp_path / "a" / "bad.bin")])
+
+
+def test_unigram_bpb_matches_closed_form_entropy():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(16))
+    train = rng.choice(16, size=400_000, p=probs)
+    heldout = rng.choice(16, size=400_000, p=probs)
+    entropy_bits = -(probs * np.log2(probs)).sum()
+    # Two bytes per token: bits per byte is half the per-token cross-entropy.
+    bpb = unigram_bits_per_byte(train, heldout, 2 * len(heldout), vocab_size=16)
+    assert bpb == pytest.approx(entropy_bits / 2, abs=0.005)
+    # Add-one smoothing: a token never seen in training costs log2(N + V) bits, not inf.
+    unseen = unigram_bits_per_byte([0, 0, 0], [1], 1, vocab_size=2)
+    assert unseen == pytest.approx(np.log2(5.0))
+
+
+# --- tokenizer -----------------------------------------------------------------------
+
+
+def test_tokenizer_round_trips_stdlib_text(tokenizer, heldout_docs, train_docs):
+    docs = heldout_docs + [d for d in train_docs if d.source == "python_docs"][:10]
+    encoded = tokenizer.encode_batch([d.text for d in docs])
+    for doc, ids in zip(docs, encoded, strict=True):
+        assert ids == tokenizer.encode(doc.text)
+        assert tokenizer.decode(ids) == unicodedata.normalize("NFKC", doc.text), doc.name
+    assert tokenizer.vocab_size == VOCAB and tokenizer.eos_id == 2
+
+
+def test_byte_fallback_handles_unseen_characters(tokenizer):
+    text = "x = '日本語 😀 ∮ Ωmega'\n\tpass\n"
+    ids = tokenizer.encode(text)
+    assert 0 not in ids  # no <unk>
+    assert tokenizer.decode(ids) == unicodedata.normalize("NFKC", text)
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths[ids].sum() == len(unicodedata.normalize("NFKC", text).encode())
+
+
+def test_training_is_deterministic(tokenizer, train_docs, tmp_path):
+    again = Tokenizer.train(
+        [d.text for d in train_docs],
+        VOCAB,
+        str(tmp_path / "again.model"),
+        sample_bytes=SAMPLE_BYTES,
+    )
+    assert again.sha256 == tokenizer.sha256
+    with open(tokenizer.path, "rb") as a, open(again.path, "rb") as b:
+        assert a.read() == b.read()
+    loaded = Tokenizer.load(again.path)
+    assert loaded.sha256 == tokenizer.sha256
+    assert pickle.loads(pickle.dumps(loaded)).encode("def f():\n") == loaded.encode("def f():\n")
+
+
+def test_token_byte_lengths_count_ascii_bytes(tokenizer, heldout_docs):
+    lengths = tokenizer.token_byte_lengths()
+    assert lengths.shape == (VOCAB,) and lengths.dtype == np.int32
+    assert lengths[tokenizer.eos_id] == 0
+    rng = np.random.default_rng(1)
+    alphabet = np.array(list(string.printable))  # letters, digits, punctuation, \t \n ...
+    texts = ["".join(rng.choice(alphabet, size=rng.integers(1, 300))) for _ in range(200)]
+    texts += [d.text for d in heldout_docs if d.text.isascii()]
+    for text in texts:
+        # Oracle: the byte count of the text itself.
+        assert lengths[tokenizer.encode(text)].sum() == len(text.encode("utf-8"))
+
+
+def test_load_bad_path_names_it(tmp_path):
+    bad = str(tmp_path / "missing.model")
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        Tokenizer.load(bad)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=re.escape("junk.model")):
+        Tokenizer.load(str(junk))
+
+
+# --- packing -------------------------------------------------------------------------
+
+
+def _random_docs(seed: int, n: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    # Lengths from 0 (an empty document is just an EOS) to several windows long.
+    return [rng.integers(3, 100, size=rng.integers(0, 60)).tolist() for _ in range(n)]
+
+
+def _naive_stream(docs: list[list[int]], eos: int) -> list[int]:
+    out: list[int] = []
+    for d in docs:
+        out += [*d, eos]
+    return out
+
+
+@pytest.mark.parametrize("batch_size,seq_len", [(1, 7), (3, 5), (4, 16)])
+def test_packer_windows_reassemble_the_stream(batch_size, seq_len):
+    docs, eos = _random_docs(0), 2
+    stream = _naive_stream(docs, eos)
+    batches = list(pack_documents(docs, batch_size, seq_len, eos))
+    assert batches and all(b.shape == (batch_size, seq_len + 1) for b in batches)
+    assert all(b.dtype == np.int32 for b in batches)
+    windows = [w for b in batches for w in b]
+    # Overlap by one: window i is stream[i*T : i*T + T + 1].
+    for i, w in enumerate(windows):
+        assert w.tolist() == stream[i * seq_len : i * seq_len + seq_len + 1]
+    rebuilt = windows[0].tolist() + [t for w in windows[1:] for t in w[1:].tolist()]
+    assert rebuilt == stream[: len(rebuilt)]
+    # Only a remainder shorter than one batch is dropped.
+    assert len(stream) - len(rebuilt) < batch_size * seq_len + 1
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_packer_state_restore_continues_bit_identically(repeat):
+    docs, eos = _random_docs(1, n=25), 2
+    reference = Packer(docs, 3, 8, eos, repeat=repeat)
+    for _ in range(5):
+        next(reference)
+    state = reference.state()
+    assert all(isinstance(v, int) for v in state.values())
+    expected = [next(reference) for _ in range(20 if repeat else 3)]
+    resumed = Packer(docs, 3, 8, eos, repeat=repeat)
+    resumed.restore(state)
+    got = [next(resumed) for _ in range(len(expected))]
+    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+    # A one-shot iterator over the same documents resumes too.
+    once = Packer(iter(docs), 3, 8, eos)
+    once.restore(state if not repeat else {"epoch": 0, "document": 0, "offset": 0})
+    assert next(once).dtype == np.int32
+
+
+def test_packer_repeat_crosses_epochs():
+    docs, eos = _random_docs(2, n=5), 2
+    stream = _naive_stream(docs, eos) * 20
+    packer = Packer(docs, 2, 9, eos, repeat=True)
+    windows = [w for _ in range(30) for w in next(packer)]
+    for i, w in enumerate(windows):
+        assert w.tolist() == stream[i * 9 : i * 9 + 10]
+    assert packer.state()["epoch"] > 0
+    with pytest.raises(ValueError, match="no documents"):
+        next(Packer([], 2, 9, eos, repeat=True))
+
+
+# --- token dataset -------------------------------------------------------------------
+
+
+def test_token_dataset_stream_cache_and_bytes(tokenizer, heldout_docs, tmp_path):
+    data = TokenDataset.from_documents(tokenizer, heldout_docs, cache_dir=str(tmp_path))
+    oracle = _naive_stream([tokenizer.encode(d.text) for d in heldout_docs], tokenizer.eos_id)
+    assert data.tokens.dtype == np.int32 and data.tokens.tolist() == oracle
+    assert data.num_bytes == sum(
+        len(unicodedata.normalize("NFKC", d.text).encode()) for d in heldout_docs
+    )
+    assert len(os.listdir(tmp_path)) == 1
+    cached = TokenDataset.from_documents(tokenizer, heldout_docs, cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(cached.tokens, data.tokens)
+
+
+def test_batch_at_is_a_function_of_seed_and_step(tokenizer, heldout_docs):
+    data = TokenDataset.from_documents(tokenizer, heldout_docs, seed=3)
+    seq_len = 32
+    a = data.batch_at(7, 4, seq_len)
+    assert a.shape == (4, seq_len + 1) and a.dtype == np.int32
+    np.testing.assert_array_equal(
+        a, TokenDataset(data.tokens, [0] * VOCAB, seed=3).batch_at(7, 4, 32)
+    )
+    assert not np.array_equal(a, data.batch_at(8, 4, seq_len))
+    other_seed = TokenDataset(data.tokens, data.token_byte_lengths, seed=4)
+    assert not np.array_equal(a, other_seed.batch_at(7, 4, seq_len))
+    # Every row is a window-aligned slice of the stream.
+    stream = data.tokens
+    for row in data.batch_at(11, 8, seq_len):
+        starts = [
+            s
+            for s in range(0, len(stream) - seq_len, seq_len)
+            if np.array_equal(stream[s : s + seq_len + 1], row)
+        ]
+        assert starts
+
+
+def test_eval_batches_cover_the_stream_in_order(tokenizer, heldout_docs):
+    data = TokenDataset.from_documents(tokenizer, heldout_docs)
+    batch_size, seq_len = 2, 64
+    batches = list(data.eval_batches(batch_size, seq_len))
+    assert len(batches) == data.num_windows(seq_len) // batch_size
+    targets = np.concatenate([b[:, 1:].reshape(-1) for b, _ in batches])
+    np.testing.assert_array_equal(targets, data.tokens[1 : 1 + len(targets)])
+    lengths = tokenizer.token_byte_lengths()
+    for batch, num_bytes in batches:
+        assert num_bytes == lengths[batch[:, 1:]].sum()
+    # One window over the whole stream covers every byte of the documents (NFKC-normalised,
+    # the oracle) but those of the first token, which is never a target.
+    ((whole, whole_bytes),) = data.eval_batches(1, data.num_tokens - 1)
+    first_token_bytes = len(tokenizer.decode(whole[0, :1]).encode())
+    oracle = sum(len(unicodedata.normalize("NFKC", d.text).encode()) for d in heldout_docs)
+    assert whole_bytes == oracle - first_token_bytes
+    assert len(list(data.eval_batches(batch_size, seq_len, max_batches=3))) == 3
+    with pytest.raises(ValueError, match="seq_len"):
+        TokenDataset(np.zeros([5], np.int32), lengths).batch_at(0, 1, 8)

@@ -1,0 +1,103 @@
+"""The train step: LR schedule landmarks, overfitting one batch, precision settings."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gopher import config, optim, precision, train
+
+
+def test_lr_schedule_hits_warmup_start_peak_and_final():
+    model = config.get_preset("44m")
+    tc = config.TrainConfig(steps=10_000, warmup_steps=1500)
+    lr = optim.learning_rate_schedule(model, tc)
+    assert float(lr(0)) == pytest.approx(1e-7, rel=1e-6)
+    assert float(lr(1500)) == pytest.approx(6e-4, rel=1e-6)
+    assert float(lr(10_000)) == pytest.approx(6e-5, rel=1e-5)
+    # Monotone up in warm-up, monotone down after, cosine-shaped halfway.
+    warm = [float(lr(s)) for s in range(0, 1501, 100)]
+    decay = [float(lr(s)) for s in range(1500, 10_001, 500)]
+    assert warm == sorted(warm) and decay == sorted(decay, reverse=True)
+    mid = 1500 + (10_000 - 1500) // 2
+    assert float(lr(mid)) == pytest.approx(6e-5 + (6e-4 - 6e-5) * 0.5, rel=1e-3)
+
+
+def test_clip_and_lr_default_to_the_model_row():
+    tc = config.TrainConfig()
+    assert optim.clip_norm(config.get_preset("7.1b"), tc) == 0.25
+    assert optim.max_lr(config.get_preset("280b"), tc) == 4e-5
+    assert optim.max_lr(config.get_preset("280b"), config.TrainConfig(max_lr=1e-3)) == 1e-3
+
+
+def _overfit(precision_name, steps=150):
+    model = config.get_preset("test")
+    tc = config.TrainConfig(
+        steps=steps, warmup_steps=10, max_lr=3e-3, final_lr_ratio=1.0, precision=precision_name
+    )
+    fns = train.make_train_functions(model, tc, precision=precision_name)
+    state = fns.init(jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (4, model.seq_len + 1), 0, model.vocab_size)
+    step = jax.jit(fns.train_step)
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def test_tiny_model_overfits_one_batch():
+    _, losses = _overfit("fp32")
+    assert losses[0] > math.log(512) * 0.9
+    assert losses[-1] < 0.1
+
+
+def test_bf16_master_keeps_fp32_copy_and_bf16_params():
+    state, losses = _overfit("bf16_master", steps=20)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.master))
+    for p, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.master), strict=True):
+        np.testing.assert_array_equal(p, m.astype(jnp.bfloat16))
+    assert losses[-1] < losses[0]
+
+
+def test_nonfinite_gradient_skips_the_update():
+    model = config.get_preset("test")
+    tc = config.TrainConfig(steps=10, warmup_steps=1)
+    fns = train.make_train_functions(model, tc)
+    state = fns.init(jax.random.key(0))
+    batch = jnp.zeros((2, model.seq_len + 1), jnp.int32)
+    poisoned = state._replace(
+        params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params)
+    )
+    new, m = jax.jit(fns.train_step)(poisoned, batch)
+    assert not np.isfinite(float(m["loss"]))
+    assert int(new.skipped) == 1 and int(new.step) == 1
+    for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(state.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_stochastic_rounding_is_unbiased_and_plain_rounding_is_not():
+    lo = jnp.float32(1.0)
+    hi = jnp.float32(1.0 + 2.0**-7)  # bf16 neighbours around 1.0
+    x = lo + (hi - lo) * 0.3
+    xs = jnp.full((200_000,), x)
+    sr = precision.stochastic_round(xs, jax.random.key(0)).astype(jnp.float32)
+    assert set(np.unique(np.asarray(sr)).tolist()) == {float(lo), float(hi)}
+    assert abs(float(sr.mean()) - float(x)) < 0.01 * float(hi - lo)  # within 1% of the gap
+    plain = float(xs.astype(jnp.bfloat16).astype(jnp.float32).mean())
+    assert plain == float(lo)  # always rounds down: biased by 0.3 ulp
+
+
+def test_tiny_updates_vanish_with_plain_rounding_but_accumulate_with_stochastic():
+    p0 = jnp.ones((4096,), jnp.bfloat16)
+    upd = jnp.full((4096,), 2.0**-10, jnp.float32)  # an eighth of a bf16 ulp at 1.0
+    plain, sr = p0, p0
+    for i in range(64):
+        plain = precision.apply_updates(plain, upd, precision.get_policy("bf16"), None)
+        sr = precision.apply_updates(sr, upd, precision.get_policy("bf16_sr"), jax.random.key(i))
+    assert float(plain.astype(jnp.float32).mean()) == 1.0
+    want = 1.0 + 64 * 2.0**-10
+    assert abs(float(sr.astype(jnp.float32).mean()) - want) < 0.005
