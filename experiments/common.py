@@ -34,7 +34,8 @@ def configs_from_dict(cfg):
     if isinstance(paths, str):
         data["paths"] = tuple(p for p in paths.split(",") if p)
     data_cfg = gopher_config.data_from_dict(data)
-    return model_cfg, train_cfg, data_cfg
+    parallel = gopher_config.parallel_from_dict(dict(cfg.get("parallel", {})))
+    return model_cfg, train_cfg, data_cfg, parallel
 
 
 def parse_flags(argv):

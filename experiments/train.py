@@ -1,8 +1,12 @@
 """Train a Gopher model: `python -m experiments.train --config=FILE:PRESET --workdir=DIR`.
 
-Writes WORKDIR/metrics.jsonl (one JSON object per line), WORKDIR/config.json and
-WORKDIR/tokenizer.model. Bad input prints one line naming the value and the fix
-(add --verbose for the traceback) and exits with status 2.
+Writes WORKDIR/metrics.jsonl (one JSON object per line), WORKDIR/config.json,
+WORKDIR/tokenizer.model, WORKDIR/checkpoints/ and WORKDIR/tensorboard/. Restarting with
+the same workdir resumes from the newest good checkpoint.
+
+Exit status: 0 done; 2 bad input (one line naming the value and the fix; --verbose for
+the traceback); 3 diverged (too many consecutive non-finite steps); 75 preempted
+(SIGTERM: a checkpoint was written; run the same command again to resume).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from experiments import common
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/gopher.py:tiny", "Experiment config file and preset."
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config and tokenizer.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, tokenizer.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 
 
@@ -26,14 +30,17 @@ def main(argv):
     if not _WORKDIR.value:
         common.fail("--workdir is required; pass --workdir=DIR (it is created if missing)")
     with common.user_errors(_VERBOSE.value):
-        model_cfg, train_cfg, data_cfg = common.configs_from_dict(_CONFIG.value)
+        model_cfg, train_cfg, data_cfg, parallel = common.configs_from_dict(_CONFIG.value)
         from gopher import loop  # imported late so flag errors print before jax loads
 
-        result = loop.run(model_cfg, train_cfg, data_cfg, _WORKDIR.value)
-    ev = result["eval"]
+        try:
+            result = loop.run(model_cfg, train_cfg, data_cfg, _WORKDIR.value, parallel)
+        except loop.Diverged as e:
+            common.fail(str(e), code=loop.DIVERGED_EXIT_CODE)
+    ev, tr = result["eval"], result["train"]
     if ev:
         print(
-            f"done: step {ev['step']}, train loss {result['train'].get('loss', float('nan')):.3f}, "
+            f"done: step {ev['step']}, train loss {tr.get('loss', float('nan')):.3f}, "
             f"held-out {ev['heldout_bpb']:.3f} bits/byte (unigram {result['unigram_bpb']:.3f}); "
             f"metrics in {_WORKDIR.value}/metrics.jsonl"
         )

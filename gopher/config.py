@@ -153,9 +153,34 @@ class TrainConfig:
     eval_batches: int = 8
     precision: str = "fp32"  # fp32 | mixed | bf16 | bf16_sr | bf16_master (Gopher App. C)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    checkpoint_every: int = 200  # steps between (async) checkpoints; also one at the end
+    max_to_keep: int = 3
+    async_checkpoint: bool = True
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    inject_nan_steps: tuple[int, ...] = ()  # test hook: poison the gradient at these steps
+    profile_steps: tuple[int, ...] = ()  # (first, last): a jax.profiler trace of that range
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: looked up (or measured on CPU)
+    tensorboard: bool = True
 
     def __post_init__(self):
-        _positive(self, "steps", "batch_size", "log_every", "eval_every", "eval_batches")
+        _positive(
+            self,
+            "steps",
+            "batch_size",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "max_to_keep",
+            "max_bad_steps",
+        )
+        if self.profile_steps and (
+            len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            raise ConfigError(
+                f"TrainConfig.profile_steps = {self.profile_steps!r} must be (first, last) with "
+                f"0 < first <= last, e.g. --config.train.profile_steps='(10, 12)'"
+            )
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(
                 f"TrainConfig.warmup_steps = {self.warmup_steps!r} must be an integer >= 0; "
@@ -264,3 +289,54 @@ def train_from_dict(values: Mapping[str, Any]) -> TrainConfig:
 
 def data_from_dict(values: Mapping[str, Any]) -> DataConfig:
     return _build(DataConfig, values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """How a step is spread over devices.
+
+    mode "jit" ("pjit"): one program over a Mesh(replica, data, model) with NamedShardings
+    from the partition rules. mode "pmap": Gopher-style data parallelism with ZeRO-1 by hand.
+    Axis sizes of -1 take the rest of the devices. zero: 0 replicated optimiser state,
+    1 optimiser-state partitioning (Adam moments and fp32 master sharded over data),
+    3 FSDP (parameters sharded over data as well).
+    """
+
+    mode: str = "jit"
+    replica: int = 1
+    data: int = -1
+    model: int = 1
+    zero: int = 0
+
+    def __post_init__(self):
+        if self.mode not in ("jit", "pmap"):
+            raise ConfigError(
+                f"ParallelConfig.mode = {self.mode!r} is unknown; use 'jit' or 'pmap' "
+                f"(--config.parallel.mode)"
+            )
+        for name in ("replica", "data", "model"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or (v < 1 and v != -1):
+                raise ConfigError(
+                    f"ParallelConfig.{name} = {v!r} must be a positive integer or -1 (the "
+                    f"rest of the devices); set --config.parallel.{name}"
+                )
+        if [self.replica, self.data, self.model].count(-1) > 1:
+            raise ConfigError(
+                "ParallelConfig: at most one of replica, data, model may be -1; "
+                "set the others explicitly"
+            )
+        if self.zero not in (0, 1, 3):
+            raise ConfigError(
+                f"ParallelConfig.zero = {self.zero!r} is unknown; use 0 (off), 1 (optimiser-"
+                f"state partitioning) or 3 (FSDP) (--config.parallel.zero)"
+            )
+        if self.mode == "pmap" and self.model != 1 and self.model != -1:
+            raise ConfigError(
+                f"ParallelConfig.model = {self.model} but mode 'pmap' is data parallel only; "
+                "use --config.parallel.mode=jit for model parallelism"
+            )
+
+
+def parallel_from_dict(values: Mapping[str, Any]) -> ParallelConfig:
+    return _build(ParallelConfig, values)

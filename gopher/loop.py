@@ -1,46 +1,46 @@
-"""The host loop: data, jitted steps, progress, JSON-lines metrics, evaluation.
+"""The host loop: data, the parallel engine, progress, metrics, eval and checkpoints.
 
-Side effects live here (files, clocks, progress bars); the numerics are the pure
-functions of gopher/train.py. Like nanodo, the loop dispatches step N before it
-reads step N-1's metrics, so the host never stalls the device to log.
+Side effects live here (files, clocks, signals, progress bars); the numerics are the
+pure functions of gopher/train.py behind an Engine (gopher/engine.py). Like nanodo,
+the loop dispatches step N before it reads step N-1's metrics, so reading them does
+not stall the device.
+
+A run in an existing workdir resumes from its newest good checkpoint and appends to
+metrics.jsonl; the steps redone after that checkpoint are logged again with the same
+values. SIGTERM (a TPU VM preemption) checkpoints and exits with PREEMPTED_EXIT_CODE.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import signal
 import time
-from collections.abc import Iterable
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
-from gopher import train as train_lib
-from gopher.config import DataConfig, ModelConfig, TrainConfig
+from gopher import checkpoint as checkpoint_lib
+from gopher import engine as engine_lib
+from gopher import metrics as metrics_lib
+from gopher import workdir as workdir_lib
+from gopher.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from gopher.data import Document, TokenDataset, Tokenizer, stdlib_documents, text_files
 from gopher.data.sources import unigram_bits_per_byte
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": restart the same command to resume
+DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
 
-class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
 
-    def write(self, record: dict) -> None:
-        clean = {
-            k: (float(v) if isinstance(v, (np.floating, np.integer)) else v)
-            for k, v in record.items()
-        }
-        self._file.write(json.dumps(clean, sort_keys=True) + "\n")
-        self._file.flush()
 
-    def close(self) -> None:
-        self._file.close()
+class Diverged(RuntimeError):
+    pass
 
 
 def load_documents(data: DataConfig, split: str) -> list[Document]:
@@ -49,7 +49,7 @@ def load_documents(data: DataConfig, split: str) -> list[Document]:
     return text_files(list(data.paths), split=split, heldout_fraction=data.heldout_fraction)
 
 
-def get_tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs: Iterable[Document]):
+def get_tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs) -> Tokenizer:
     """The configured tokenizer, or one trained on the training documents into the workdir."""
     path = data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
     if os.path.isfile(path):
@@ -68,41 +68,24 @@ def get_tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs: Iterabl
     return tok
 
 
-def evaluate(eval_fn, params, windows) -> dict:
-    """Held-out loss (nats per token) and bits per byte over [(batch, target bytes)]."""
-    nll_sum, tokens, num_bytes = 0.0, 0, 0
-    for batch, target_bytes in windows:
-        nll = np.asarray(eval_fn(params, batch)["nll"], np.float64)
-        nll_sum += float(nll.sum())
-        tokens += nll.size
-        num_bytes += target_bytes
-    if tokens == 0:
-        return {}
-    return {"loss": nll_sum / tokens, "bpb": nll_sum / (math.log(2) * num_bytes)}
+@dataclasses.dataclass
+class Data:
+    """The training stream (a pure function of the step) and the held-out windows."""
+
+    tokenizer: Tokenizer
+    train: TokenDataset
+    eval_windows: list  # [(batch [B, T+1], target bytes)]
+    unigram_bpb: float
+    summary: str
+
+    def batch_at(self, step: int, batch_size: int, seq_len: int) -> np.ndarray:
+        return self.train.batch_at(step, batch_size, seq_len)
+
+    def state(self, step: int) -> dict:
+        return {"kind": "token_dataset", "seed": self.train.seed, "next_step": step + 1}
 
 
-def run(
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    data_cfg: DataConfig,
-    workdir: str,
-    show_progress: bool = True,
-) -> dict:
-    """Trains for train_cfg.steps; returns the last train and eval metrics."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(
-            {
-                "model": dataclasses.asdict(model_cfg),
-                "train": dataclasses.asdict(train_cfg),
-                "data": dataclasses.asdict(data_cfg),
-            },
-            f,
-            indent=2,
-            sort_keys=True,
-        )
-    say = tqdm.write if show_progress else print
-
+def build_data(model_cfg, train_cfg, data_cfg, workdir) -> Data:
     train_docs = load_documents(data_cfg, "train")
     heldout_docs = load_documents(data_cfg, "heldout")
     tokenizer = get_tokenizer(data_cfg, model_cfg.vocab_size, workdir, train_docs)
@@ -111,82 +94,255 @@ def run(
     heldout_ds = TokenDataset.from_documents(tokenizer, heldout_docs, train_cfg.seed, cache)
     b, t = train_cfg.batch_size, model_cfg.seq_len
     # The baseline is scored on exactly the held-out windows the model is scored on.
-    eval_windows = list(heldout_ds.eval_batches(b, t, train_cfg.eval_batches))
-    if not eval_windows:
+    windows = list(heldout_ds.eval_batches(b, t, train_cfg.eval_batches))
+    if not windows:
         raise ValueError(
             f"the held-out split has {heldout_ds.num_tokens} tokens, fewer than one eval batch "
             f"of {b} x {t}; raise --config.data.heldout_fraction or lower the batch size"
         )
     unigram = unigram_bits_per_byte(
         train_ds.tokens,
-        np.concatenate([w[:, 1:].ravel() for w, _ in eval_windows]),
-        sum(n for _, n in eval_windows),
+        np.concatenate([w[:, 1:].ravel() for w, _ in windows]),
+        sum(n for _, n in windows),
         tokenizer.vocab_size,
     )
-    say(
+    summary = (
         f"data: {len(train_docs)} train docs ({train_ds.num_tokens:,} tokens), "
         f"{len(heldout_docs)} held-out docs ({heldout_ds.num_tokens:,} tokens); "
         f"unigram baseline {unigram:.3f} bits/byte"
     )
+    return Data(tokenizer, train_ds, windows, unigram, summary)
 
-    fns = train_lib.make_train_functions(
-        model_cfg, train_cfg, precision=train_cfg.precision, remat=train_cfg.remat
+
+def evaluate(engine, state, windows) -> dict:
+    """Held-out loss (nats per token) and bits per byte over [(batch, target bytes)]."""
+    nll_sum, tokens, num_bytes = 0.0, 0, 0
+    for batch, target_bytes in windows:
+        nll = engine.eval_nll(state, batch).astype(np.float64)
+        nll_sum += float(nll.sum())
+        tokens += nll.size
+        num_bytes += target_bytes
+    return {"loss": nll_sum / tokens, "bpb": metrics_lib.bits_per_byte(nll_sum, num_bytes)}
+
+
+def _peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
+    dev = jax.devices()[0]
+    peak = metrics_lib.peak_flops_per_device(dev.device_kind, train_cfg.peak_flops)
+    if peak is not None:
+        return peak * jax.device_count(), "configured" if train_cfg.peak_flops else dev.device_kind
+    if dev.platform == "cpu":
+        # Simulated CPU devices share the host's cores: the host's matmul peak is the total.
+        return metrics_lib.measure_cpu_peak_flops(), "measured CPU matmul"
+    return None, "unknown (set --config.train.peak_flops)"
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def run(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    workdir: str,
+    parallel: ParallelConfig | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Trains (or resumes) to train_cfg.steps; returns the last train and eval metrics."""
+    parallel = parallel or ParallelConfig(data=1)
+    workdir_lib.check_writable(workdir)
+    workdir_lib.record_config(
+        workdir,
+        {
+            "model": dataclasses.asdict(model_cfg),
+            "train": dataclasses.asdict(train_cfg),
+            "data": dataclasses.asdict(data_cfg),
+            "parallel": dataclasses.asdict(parallel),
+        },
     )
-    state = jax.jit(fns.init)(jax.random.key(train_cfg.seed))
-    step_fn = jax.jit(fns.train_step, donate_argnums=0)
-    eval_fn = jax.jit(fns.eval_step)
-    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"))
-    writer.write({"step": 0, "kind": "baseline", "heldout_unigram_bpb": unigram})
+    say = tqdm.write if show_progress else print
+    data = build_data(model_cfg, train_cfg, data_cfg, workdir)
+    say(data.summary)
+    engine = engine_lib.build(model_cfg, train_cfg, parallel)
+    say(
+        f"model: {model_cfg.name}, {model_cfg.param_count_formula():,} params; {engine.description}"
+    )
 
-    last_train, last_eval = {}, {}
-    pending = None  # (step, metrics on device) of the last logged step, read one step late
-    clock = {"step": 0, "time": time.perf_counter()}  # last point tokens/s was measured from
-    bar = tqdm(total=train_cfg.steps, disable=not show_progress, dynamic_ncols=True)
+    ckpt = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        max_to_keep=train_cfg.max_to_keep,
+        async_save=train_cfg.async_checkpoint,
+    )
+    restored = ckpt.restore_latest(engine.abstract_state())
+    if restored is not None:
+        start, ck_state, meta = restored
+        if meta.get("tokenizer_sha256") != data.tokenizer.sha256:
+            raise ValueError(
+                f"checkpoint step {start} in {ckpt.directory} was trained with tokenizer "
+                f"{meta.get('tokenizer_sha256', '?')[:12]} but {data.tokenizer.path} is "
+                f"{data.tokenizer.sha256[:12]}; use that run's tokenizer or a new --workdir"
+            )
+        state = engine.from_checkpoint(ck_state)
+        say(f"resumed from checkpoint step {start} in {ckpt.directory}")
+    else:
+        start = 0
+        state = engine.init(jax.random.key(train_cfg.seed))
 
-    def restart_clock(step):
-        clock.update(step=step, time=time.perf_counter())
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=train_cfg.tensorboard)
+    if start == 0:
+        writer.write({"step": 0, "kind": "baseline", "heldout_unigram_bpb": data.unigram_bpb})
+    b, t = train_cfg.batch_size, model_cfg.seq_len
+    flops_token = metrics_lib.flops_per_token(model_cfg, t)
+    flops_token_causal = metrics_lib.flops_per_token(model_cfg, t, causal=True)
+    peak, peak_source = _peak_flops(train_cfg)
 
-    def flush(step, metrics):
-        nonlocal last_train
-        rec = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for `step`
+    def meta(step):
+        return {
+            "step": step,
+            "data": data.state(step),
+            "tokenizer_sha256": data.tokenizer.sha256,
+            "model": dataclasses.asdict(model_cfg),
+        }
+
+    def save(step, state, force=False):
+        t0 = time.perf_counter()
+        try:
+            saved = ckpt.save(step, engine.to_checkpoint(state), meta(step), force=force)
+            if force:
+                ckpt.wait()
+        except OSError as e:
+            raise ValueError(
+                f"checkpoint step {step} could not be written to {ckpt.directory} "
+                f"({e.strerror or e}); free disk space and restart: the previous checkpoint "
+                f"is intact"
+            ) from None
+        return saved, time.perf_counter() - t0
+
+    result = {"train": {}, "eval": {}, "unigram_bpb": data.unigram_bpb}
+    clock = {"step": start, "time": time.perf_counter()}
+    prev = None  # (step, metrics on device) of the previous step, read one step late
+    bad_run = 0
+    block_times: list[float] = []
+    profiling = False
+    bar = tqdm(total=train_cfg.steps, initial=start, disable=not show_progress, dynamic_ncols=True)
+
+    def read(step, metrics):
+        """Reads step's metrics (it has finished by now); logs every log_every steps."""
+        nonlocal bad_run
+        rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        finite = math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
+        bad_run = 0 if finite else bad_run + 1
+        if not finite:
+            say(
+                f"step {step}: non-finite loss {rec['loss']} / grad norm {rec['grad_norm']}; "
+                f"update skipped ({int(rec['skipped'])} skipped so far)"
+            )
+        if bad_run >= train_cfg.max_bad_steps:
+            raise Diverged(
+                f"{bad_run} consecutive steps (to step {step}) had a non-finite loss or "
+                f"gradient norm; stopping. The last good checkpoint in {ckpt.directory} is "
+                f"intact; lower --config.train.max_lr or check the data"
+            )
+        if step % train_cfg.log_every and step != train_cfg.steps:
+            return
         now = time.perf_counter()
         tps = b * t * (step - clock["step"]) / max(now - clock["time"], 1e-9)
-        restart_clock(step)
+        clock.update(step=step, time=now)
         rec.update(step=step, kind="train", tokens_per_sec=tps)
-        writer.write(rec)
-        last_train = rec
-        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}")
+        if step - 1 == start:  # includes compilation: not a speed measurement
+            rec["tokens_per_sec"] = float("nan")
+        else:
+            rec["mfu"] = metrics_lib.mfu(tps, flops_token, peak)
+            rec["mfu_causal"] = metrics_lib.mfu(tps, flops_token_causal, peak)
+            rec["step_time_s"] = b * t / max(tps, 1e-9)
+        rec["bpt"] = rec["loss"] / math.log(2)  # bits per token
+        writer.write({k: v for k, v in rec.items() if v is not None})
+        result["train"] = rec
+        bar.set_postfix(
+            loss=f"{rec['loss']:.3f}",
+            tok_s=f"{tps:,.0f}",
+            mfu=f"{(rec.get('mfu') or 0) * 100:.1f}%",
+        )
 
-    for step in range(1, train_cfg.steps + 1):
-        batch = train_ds.batch_at(step, b, t)
-        state, metrics = step_fn(state, batch)
-        if pending is not None:  # step-1 or earlier: reading it now does not stall step
-            flush(*pending)
-            pending = None
-        if step == 1:  # the first step includes compilation: measure speed after it
-            jax.block_until_ready(metrics)
-            restart_clock(step)
-        if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-            pending = (step, metrics)
-        bar.update(1)
-        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-            if pending is not None:
-                flush(*pending)
-                pending = None
-            ev = evaluate(eval_fn, state.params, eval_windows)
-            if ev:
-                last_eval = {
-                    "step": step,
-                    "kind": "eval",
-                    "heldout_loss": ev["loss"],
-                    "heldout_bpb": ev["bpb"],
-                    "heldout_unigram_bpb": unigram,
-                }
-                writer.write(last_eval)
-                say(f"step {step}: held-out {ev['bpb']:.3f} bits/byte (unigram {unigram:.3f})")
-            restart_clock(step)
-    if pending is not None:
-        flush(*pending)
-    bar.close()
-    writer.close()
-    return {"train": last_train, "eval": last_eval, "unigram_bpb": unigram, "state": state}
+    say(f"MFU peak: {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
+    try:
+        with _SigtermFlag() as sigterm:
+            for step in range(start + 1, train_cfg.steps + 1):
+                if train_cfg.profile_steps and step == train_cfg.profile_steps[0]:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                    profiling = True
+                batch = data.batch_at(step, b, t)
+                state, metrics = engine.train_step(state, batch)
+                if prev is not None:
+                    read(*prev)
+                prev = (step, metrics)
+                if step == start + 1:
+                    read(*prev)
+                    prev = None
+                    clock.update(step=step, time=time.perf_counter())
+                bar.update(1)
+                if profiling and step == train_cfg.profile_steps[1]:
+                    jax.block_until_ready(metrics)
+                    jax.profiler.stop_trace()
+                    profiling = False
+                    say(f"profile of steps {train_cfg.profile_steps} in {workdir}/profile")
+                last = step == train_cfg.steps
+                if step % train_cfg.eval_every == 0 or last:
+                    if prev is not None:
+                        read(*prev)
+                        prev = None
+                    ev = evaluate(engine, state, data.eval_windows)
+                    result["eval"] = {
+                        "step": step,
+                        "kind": "eval",
+                        "heldout_loss": ev["loss"],
+                        "heldout_bpb": ev["bpb"],
+                        "heldout_unigram_bpb": data.unigram_bpb,
+                    }
+                    writer.write(result["eval"])
+                    say(
+                        f"step {step}: held-out {ev['bpb']:.3f} bits/byte "
+                        f"(unigram {data.unigram_bpb:.3f})"
+                    )
+                    clock.update(step=step, time=time.perf_counter())
+                if step % train_cfg.checkpoint_every == 0 or last or sigterm.raised:
+                    if prev is not None:  # a diverged run stops before it saves
+                        read(*prev)
+                        prev = None
+                    _, blocked = save(step, state, force=last or sigterm.raised)
+                    if not (last or sigterm.raised):
+                        block_times.append(blocked)
+                    clock["time"] += blocked
+                if sigterm.raised:
+                    say(f"SIGTERM: checkpointed step {step}; exiting with {PREEMPTED_EXIT_CODE}")
+                    raise Preempted()
+            if prev is not None:
+                read(*prev)
+    finally:
+        if profiling:
+            jax.profiler.stop_trace()
+        bar.close()
+        writer.close()
+        ckpt.close()
+    if block_times:
+        result["checkpoint_block_s"] = float(np.mean(block_times))
+    result["state"] = state
+    return result

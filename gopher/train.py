@@ -26,7 +26,7 @@ class TrainState(NamedTuple):
     opt_state: Any  # Adam moments, fp32
     master: Any  # fp32 master copy for bf16_master, else None (partitioned like opt_state)
     step: jax.Array  # int32 scalar
-    rng: jax.Array  # base key; per-step keys are fold_in(rng, step)
+    rng: jax.Array  # uint32 key data (checkpointable); per-step keys are fold_in(rng, step)
     skipped: jax.Array  # int32: updates skipped for a non-finite loss or gradient
 
 
@@ -44,11 +44,13 @@ def make_train_functions(
     remat: str = "none",
     activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
     grad_transform: Callable[[Any], Any] | None = None,
+    fault_steps: tuple[int, ...] = (),
 ) -> TrainFunctions:
     """Builds the pure functions for one model, recipe and precision setting.
 
     `grad_transform` lets a parallel path (pmap) reduce gradients across devices
-    before the update; the jit path leaves that to XLA.
+    before the update; the jit path leaves that to XLA. `fault_steps` (1-based step
+    numbers) poison the gradient with NaN at those steps: a test hook for the guard.
     """
     policy = precision_lib.get_policy(precision)
     forward = model_lib.build_forward(model_cfg, policy.compute_dtype, remat, activation_constraint)
@@ -65,7 +67,7 @@ def make_train_functions(
             opt_state=optimizer.init(params32),
             master=master,
             step=jnp.zeros((), jnp.int32),
-            rng=state_rng,
+            rng=jax.random.key_data(state_rng),
             skipped=jnp.zeros((), jnp.int32),
         )
 
@@ -76,12 +78,15 @@ def make_train_functions(
     def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
         loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        if fault_steps:
+            poison = jnp.isin(state.step + 1, jnp.asarray(fault_steps, jnp.int32))
+            grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         if grad_transform is not None:
             grads, loss = grad_transform((grads, loss))
         grad_norm = optax.tree.norm(grads)
         base = state.master if policy.fp32_master else state.params
         updates, opt_state = optimizer.update(grads, state.opt_state, base)
-        key = jax.random.fold_in(state.rng, state.step)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if policy.fp32_master:
             master = optax.apply_updates(state.master, updates)
             params = precision_lib.cast_params(master, policy)

@@ -37,6 +37,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     data["paths"] = ""  # comma-separated list of files, directories or globs
     cfg.data = ml_collections.ConfigDict(data)
 
+    cfg.parallel = ml_collections.ConfigDict(dataclasses.asdict(gopher_config.ParallelConfig()))
+
     if preset == "tiny":
         # A few minutes on 2 CPU cores: 600 steps of 16 x 256 tokens.
         cfg.train.steps = 600

@@ -1,0 +1,113 @@
+"""One interface over the two parallel paths, for the host loop and checkpoints.
+
+An Engine owns the jitted (or pmapped) step and knows how to move its state to and
+from the checkpoint layout, which is always the single-device `TrainState` pytree
+(arrays carrying the jit path's shardings), so a checkpoint written by either path
+restores on the other and on any mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from gopher import sharding
+from gopher import train as train_lib
+from gopher.config import ModelConfig, ParallelConfig, TrainConfig
+
+
+@dataclasses.dataclass
+class Engine:
+    init: Callable[[jax.Array], Any]
+    train_step: Callable[[Any, np.ndarray], tuple[Any, dict]]
+    eval_nll: Callable[[Any, np.ndarray], np.ndarray]  # (state, [B, T+1]) -> [B, T]
+    abstract_state: Callable[[], Any]  # checkpoint-layout ShapeDtypeStructs with shardings
+    to_checkpoint: Callable[[Any], Any]
+    from_checkpoint: Callable[[Any], Any]
+    description: str
+    lower: Callable[[np.ndarray], Any] | None = None  # AOT lowering of one step, jit path
+
+
+def build(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    parallel: ParallelConfig,
+) -> Engine:
+    if parallel.mode == "pmap":
+        return _pmap_engine(model_cfg, train_cfg, parallel)
+    return _jit_engine(model_cfg, train_cfg, parallel)
+
+
+def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
+    mesh = sharding.make_mesh(parallel)
+    fns = train_lib.make_train_functions(
+        model_cfg,
+        train_cfg,
+        precision=train_cfg.precision,
+        remat=train_cfg.remat,
+        activation_constraint=sharding.activation_constraint(mesh),
+        fault_steps=train_cfg.inject_nan_steps,
+    )
+    sharded = sharding.shard_train(fns, mesh, parallel, model_cfg)
+    sizes = sharding.axis_sizes(mesh)
+
+    def step(state, batch):
+        return sharded.train_step(state, sharding.make_global_batch(batch, mesh))
+
+    def eval_nll(state, batch):
+        out = sharded.eval_step(state.params, sharding.make_global_batch(batch, mesh))
+        return np.asarray(jax.device_get(out["nll"]))
+
+    def lower(batch):
+        abstract = sharding.abstract_state_with_shardings(fns, sharded)
+        tokens = jax.ShapeDtypeStruct(batch.shape, np.int32, sharding=sharded.batch_sharding)
+        return sharded.train_step.lower(abstract, tokens)
+
+    zero = {0: "off", 1: "ZeRO-1", 3: "FSDP"}[parallel.zero]
+    return Engine(
+        init=sharded.init,
+        train_step=step,
+        eval_nll=eval_nll,
+        abstract_state=lambda: sharding.abstract_state_with_shardings(fns, sharded),
+        to_checkpoint=lambda s: s,
+        from_checkpoint=lambda s: s,
+        description=(
+            f"jit over mesh replica={sizes['replica']} data={sizes['data']} "
+            f"model={sizes['model']} ({jax.device_count()} devices), optimiser-state "
+            f"partitioning {zero}, remat {train_cfg.remat}, precision {train_cfg.precision}"
+        ),
+        lower=lower,
+    )
+
+
+def _pmap_engine(model_cfg, train_cfg, parallel) -> Engine:
+    from gopher import pmap_train
+
+    p = pmap_train.make_pmap_train(
+        model_cfg,
+        train_cfg,
+        precision=train_cfg.precision,
+        remat=train_cfg.remat,
+        donate=True,
+    )
+    single = train_lib.make_train_functions(model_cfg, train_cfg, precision=train_cfg.precision)
+
+    def eval_nll(state, batch):
+        return np.asarray(jax.device_get(p.eval_step(state.params, batch)["nll"]))
+
+    return Engine(
+        init=p.init,
+        train_step=p.train_step,
+        eval_nll=eval_nll,
+        abstract_state=lambda: jax.eval_shape(single.init, jax.random.key(0)),
+        to_checkpoint=p.to_single_device,
+        from_checkpoint=p.from_single_device,
+        description=(
+            f"pmap data parallel over {p.num_devices} devices with optimiser-state "
+            f"partitioning by hand, remat {train_cfg.remat}, precision {train_cfg.precision}"
+        ),
+    )
