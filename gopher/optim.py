@@ -33,13 +33,21 @@ def learning_rate_schedule(model: ModelConfig, train: TrainConfig) -> optax.Sche
     )
 
 
-def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:
-    """The update rule, producing fp32 updates to be added to the (master) params."""
-    parts = [
-        optax.clip_by_global_norm(clip_norm(model, train)),
-        optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps),
-    ]
+def make_update_rule(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:
+    """The chain after clipping: Adam, optional decoupled weight decay, the LR schedule.
+
+    Kept separate so the pmap path, which clips with a norm over every device's shard,
+    runs exactly the same rule on its shard.
+    """
+    parts = [optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps)]
     if train.optimizer == "adamw" and train.weight_decay > 0:
         parts.append(optax.add_decayed_weights(train.weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate_schedule(model, train)))
     return optax.chain(*parts)
+
+
+def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:
+    """The update rule, producing fp32 updates to be added to the (master) params."""
+    return optax.chain(
+        optax.clip_by_global_norm(clip_norm(model, train)), make_update_rule(model, train)
+    )

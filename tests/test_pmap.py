@@ -1,0 +1,191 @@
+"""The pmap path with ZeRO-1 against the single-device train step (the oracle)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gopher import config, pmap_train, train
+
+MODEL = config.get_preset("test")
+STEPS = 20
+# AdamW with decay, and a clip norm below the first steps' gradient norms (~0.75), so
+# clipping by the global norm (not a shard's) and the decay are both exercised.
+TRAIN = config.TrainConfig(
+    steps=STEPS,
+    batch_size=8,
+    warmup_steps=5,
+    max_lr=3e-3,
+    optimizer="adamw",
+    weight_decay=0.1,
+    clip_norm=0.6,
+)
+
+
+def _batch(batch_size, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, MODEL.vocab_size, (batch_size, MODEL.seq_len + 1)).astype(np.int32)
+
+
+def _run_single(precision, batch, steps=STEPS):
+    fns = train.make_train_functions(MODEL, TRAIN, precision=precision)
+    state = fns.init(jax.random.key(0))
+    step = jax.jit(fns.train_step)
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    return state, losses, fns
+
+
+def _run_pmap(pf, batch, steps=STEPS):
+    state = pf.init(jax.random.key(0))
+    losses = []
+    for _ in range(steps):
+        state, m = pf.train_step(state, batch)
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _per_device_bytes(x):
+    """{device: bytes that device holds of the pmapped array x}."""
+    out = {}
+    for shard in x.addressable_shards:
+        out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_runs():
+    batch = _batch(8)
+    pf = pmap_train.make_pmap_train(MODEL, TRAIN, precision="fp32")
+    pstate, plosses = _run_pmap(pf, batch)
+    sstate, slosses, sfns = _run_single("fp32", batch)
+    return pf, pstate, plosses, sfns, sstate, slosses, batch
+
+
+def test_eight_devices_match_one_device_step_for_step(fp32_runs):
+    pf, pstate, plosses, _, sstate, slosses, _ = fp32_runs
+    assert pf.num_devices == 8
+    assert slosses[-1] < slosses[0] - 1.0  # the run actually trains
+    for p, s in zip(plosses, slosses, strict=True):
+        assert abs(p - s) / abs(s) < 1e-4
+    single = pf.to_single_device(pstate)
+    assert int(single.step) == STEPS and int(single.skipped) == 0
+    params = jax.tree_util.tree_leaves_with_path(single.params)
+    for (path, a), b in zip(params, jax.tree.leaves(sstate.params), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert _rel(a, b) < 1e-4, jax.tree_util.keystr(path)
+    for a, b in zip(
+        jax.tree.leaves(single.opt_state), jax.tree.leaves(sstate.opt_state), strict=True
+    ):
+        assert a.shape == b.shape
+        assert _rel(a, b) < 1e-3
+
+
+def test_each_device_holds_an_eighth_of_the_adam_moments_and_all_params(fp32_runs):
+    pf, pstate, *_ = fp32_runs
+    n_params = pf.layout.size
+    assert n_params % 8 == 0  # the test preset splits evenly: no padding
+    moments = [x for x in jax.tree.leaves(pstate.opt_state) if x.ndim == 2]
+    assert len(moments) == 2  # mu and nu
+    for x in moments:
+        held = _per_device_bytes(x)
+        assert len(held) == 8
+        assert all(b * 8 == n_params * 4 for b in held.values())  # exactly 1/8 of fp32 N
+    for x in jax.tree.leaves(pstate.params):
+        held = _per_device_bytes(x)
+        assert len(held) == 8 and all(b == x.nbytes // 8 == x[0].nbytes for b in held.values())
+        first = np.asarray(x.addressable_shards[0].data)
+        for shard in x.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), first)
+
+
+def test_init_and_round_trip_through_the_single_device_layout(fp32_runs):
+    pf, pstate, _, sfns, *_ = fp32_runs
+    single_init = sfns.init(jax.random.key(0))
+    from_pmap = pf.to_single_device(pf.init(jax.random.key(0)))
+    assert jax.tree.structure(from_pmap) == jax.tree.structure(single_init)
+    for a, b in zip(jax.tree.leaves(from_pmap), jax.tree.leaves(single_init), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+    again = pf.from_single_device(pf.to_single_device(pstate))
+    assert jax.tree.structure(again) == jax.tree.structure(pstate)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(pstate), strict=True):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_step_matches_one_device(fp32_runs):
+    pf, pstate, _, sfns, sstate, _, batch = fp32_runs
+    nll = pf.eval_step(pstate.params, batch)["nll"]
+    ref = jax.jit(sfns.eval_step)(sstate.params, batch)["nll"]
+    assert nll.shape == ref.shape == (8, MODEL.seq_len)
+    assert _rel(nll, ref) < 1e-4
+
+
+def test_nonfinite_gradient_skips_the_update_on_every_device(fp32_runs):
+    pf, pstate, *_ = fp32_runs
+    single = pf.to_single_device(pstate)
+    poisoned = single._replace(
+        params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), single.params)
+    )
+    state = pf.from_single_device(poisoned)
+    new, m = pf.train_step(state, _batch(8, seed=1))
+    assert not math.isfinite(float(m["loss"]))
+    assert int(m["skipped"]) == 1
+    assert np.all(np.asarray(new.skipped) == 1) and np.all(np.asarray(new.step) == STEPS + 1)
+    for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(state.opt_state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_uneven_split_pads_and_a_bad_batch_names_the_numbers():
+    # 3 devices: N is not a multiple of 3, so the flat vector is padded.
+    pf = pmap_train.make_pmap_train(MODEL, TRAIN, devices=jax.devices()[:3])
+    assert pf.layout.padded_size > pf.layout.size
+    state = pf.init(jax.random.key(0))
+    with pytest.raises(ValueError) as err:
+        pf.train_step(state, _batch(8))
+    msg = str(err.value)
+    assert "\n" not in msg and "8" in msg and "3" in msg and "multiple of 3" in msg
+    batch = _batch(6)
+    _, plosses = _run_pmap(pf, batch, steps=3)
+    _, slosses, _ = _run_single("fp32", batch, steps=3)
+    for p, s in zip(plosses, slosses, strict=True):
+        assert abs(p - s) / abs(s) < 1e-4
+
+
+def test_bf16_master_partitions_the_master_and_tracks_fp32(fp32_runs):
+    _, _, fp32_losses, *_ = fp32_runs
+    pf = pmap_train.make_pmap_train(MODEL, TRAIN, precision="bf16_master")
+    state, losses = _run_pmap(pf, _batch(8))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+    held = _per_device_bytes(state.master)
+    assert state.master.dtype == jnp.float32 and len(held) == 8
+    assert all(b * 8 == pf.layout.size * 4 for b in held.values())
+    single = pf.to_single_device(state)
+    for p, m in zip(jax.tree.leaves(single.params), jax.tree.leaves(single.master), strict=True):
+        np.testing.assert_array_equal(p, m.astype(jnp.bfloat16))
+    assert losses[-1] < losses[0] - 1.0
+    for b, f in zip(losses, fp32_losses, strict=True):
+        assert abs(b - f) / f < 0.05
+
+
+def test_bf16_sr_rounds_each_shard_and_trains(fp32_runs):
+    _, _, fp32_losses, *_ = fp32_runs
+    pf = pmap_train.make_pmap_train(MODEL, TRAIN, precision="bf16_sr")
+    state, losses = _run_pmap(pf, _batch(8), steps=5)
+    assert state.master is None
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.params))
+    for b, f in zip(losses, fp32_losses[:5], strict=True):
+        assert abs(b - f) / f < 0.05
