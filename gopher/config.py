@@ -153,6 +153,9 @@ class TrainConfig:
     eval_batches: int = 8
     precision: str = "fp32"  # fp32 | mixed | bf16 | bf16_sr | bf16_master (Gopher App. C)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    stop_at_step: int = (
+        0  # end this run early at this step (0: at `steps`); the schedule keeps `steps`
+    )
     checkpoint_every: int = 200  # steps between (async) checkpoints; also one at the end
     max_to_keep: int = 3
     async_checkpoint: bool = True

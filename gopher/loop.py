@@ -236,6 +236,7 @@ def run(
             ) from None
         return saved, time.perf_counter() - t0
 
+    end = min(train_cfg.stop_at_step or train_cfg.steps, train_cfg.steps)
     result = {"train": {}, "eval": {}, "unigram_bpb": data.unigram_bpb}
     clock = {"step": start, "time": time.perf_counter()}
     prev = None  # (step, metrics on device) of the previous step, read one step late
@@ -261,7 +262,7 @@ def run(
                 f"gradient norm; stopping. The last good checkpoint in {ckpt.directory} is "
                 f"intact; lower --config.train.max_lr or check the data"
             )
-        if step % train_cfg.log_every and step != train_cfg.steps:
+        if step % train_cfg.log_every and step != end:
             return
         now = time.perf_counter()
         tps = b * t * (step - clock["step"]) / max(now - clock["time"], 1e-9)
@@ -285,7 +286,7 @@ def run(
     say(f"MFU peak: {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
     try:
         with _SigtermFlag() as sigterm:
-            for step in range(start + 1, train_cfg.steps + 1):
+            for step in range(start + 1, end + 1):
                 if train_cfg.profile_steps and step == train_cfg.profile_steps[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                     profiling = True
@@ -304,7 +305,7 @@ def run(
                     jax.profiler.stop_trace()
                     profiling = False
                     say(f"profile of steps {train_cfg.profile_steps} in {workdir}/profile")
-                last = step == train_cfg.steps
+                last = step == end
                 if step % train_cfg.eval_every == 0 or last:
                     if prev is not None:
                         read(*prev)

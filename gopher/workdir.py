@@ -15,7 +15,8 @@ import tempfile
 # Fields a restart may change without making it a different experiment.
 MUTABLE = {
     "train": {
-        "steps",
+        "steps",  # extending a run is allowed (the cosine then stretches from here on)
+        "stop_at_step",
         "log_every",
         "eval_every",
         "eval_batches",

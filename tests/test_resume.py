@@ -1,0 +1,247 @@
+"""Runs that survive: SIGKILL / SIGTERM / corruption / resharding / NaN, as real subprocesses.
+
+Every run here is `experiments.train` in its own process on 8 simulated CPU devices,
+sharing one tokenizer and token cache so that start-up stays short.
+"""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from gopher import checkpoint as checkpoint_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 120
+
+
+def _cmd(workdir, shared, *overrides):
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config=experiments/configs/gopher.py:test",
+        f"--workdir={workdir}",
+        f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=40",
+        "--config.train.checkpoint_every=10",
+        "--config.train.batch_size=8",
+        "--config.parallel.zero=1",
+        f"--config.data.tokenizer_path={shared}/tokenizer.model",
+        f"--config.data.cache_dir={shared}/cache",
+        *overrides,
+    ]
+
+
+def _env(devices=8):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _run(workdir, shared, *overrides, devices=8, check=True):
+    out = subprocess.run(
+        _cmd(workdir, shared, *overrides),
+        cwd=ROOT,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _records(workdir, kind="train"):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def _losses(workdir):
+    """step -> every loss logged for it (a step redone after a restart appears twice)."""
+    out = {}
+    for r in _records(workdir):
+        out.setdefault(r["step"], []).append(r["loss"])
+    return out
+
+
+def _final_state(workdir):
+    """The newest checkpoint's TrainState, restored onto one device."""
+    from gopher import config, train
+
+    model = config.get_preset("test")
+    fns = train.make_train_functions(model, config.TrainConfig())
+    abstract = jax.eval_shape(fns.init, jax.random.key(0))
+    ck = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = ck.steps()[-1]
+    state, _ = ck.restore(step, abstract)
+    ck.close()
+    return step, state
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A tokenizer and token cache every run reads, made by one short run."""
+    d = tmp_path_factory.mktemp("shared")
+    warm = d / "warm"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config=experiments/configs/gopher.py:test",
+            f"--workdir={warm}",
+            "--config.train.steps=1",
+            f"--config.data.cache_dir={d}/cache",
+        ],
+        cwd=ROOT,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    shutil.copy(warm / "tokenizer.model", d / "tokenizer.model")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def reference(shared, tmp_path_factory):
+    """The uninterrupted run."""
+    workdir = str(tmp_path_factory.mktemp("reference") / "run")
+    _run(workdir, shared)
+    return workdir
+
+
+def _assert_same_run(workdir, reference):
+    ref, got = _losses(reference), _losses(workdir)
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step, losses in got.items():
+        assert all(x == ref[step][0] for x in losses), f"step {step}: {losses} vs {ref[step]}"
+    s1, a = _final_state(reference)
+    s2, b = _final_state(workdir)
+    assert s1 == s2 == STEPS
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigkill_at_five_random_steps_resumes_bit_identically(shared, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    kills = sorted(random.Random(0).sample(range(8, STEPS - 5), 5))
+    for kill_at in kills:
+        proc = subprocess.Popen(
+            _cmd(workdir, shared),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            steps = [r["step"] for r in _records(workdir)]
+            if steps and steps[-1] >= kill_at:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _run(workdir, shared)
+    _assert_same_run(workdir, reference)
+    # Steps after each kill's last checkpoint were redone and logged again.
+    assert any(len(v) > 1 for v in _losses(workdir).values())
+
+
+def test_sigterm_checkpoints_and_exits_75_then_resumes(shared, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = subprocess.Popen(
+        _cmd(workdir, shared),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    while proc.poll() is None:
+        steps = [r["step"] for r in _records(workdir)]
+        if steps and steps[-1] >= 33:
+            break
+        time.sleep(0.05)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75, output[-2000:]
+    assert time.time() - sent < 30
+    step = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints")).steps()[-1]
+    assert step >= 33 and step % 10 != 0  # the SIGTERM checkpoint, not a periodic one
+    assert f"SIGTERM: checkpointed step {step}" in output
+    _run(workdir, shared)
+    _assert_same_run(workdir, reference)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(shared, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    _run(workdir, shared, "--config.train.stop_at_step=60")
+    latest = os.path.join(workdir, "checkpoints", "60", "state")
+    for dirpath, _, files in os.walk(latest):
+        for name in files:
+            with open(os.path.join(dirpath, name), "r+b") as f:
+                f.truncate(0)
+    out = _run(workdir, shared)
+    assert "checkpoint step 60" in out.stdout + out.stderr
+    assert "previous good checkpoint, step 50" in out.stdout + out.stderr
+    _assert_same_run(workdir, reference)
+
+
+def test_reshard_4x2_to_2x4_and_one_device(shared, tmp_path):
+    base = str(tmp_path / "base")
+    mesh_4x2 = ["--config.parallel.data=4", "--config.parallel.model=2"]
+    _run(base, shared, "--config.train.stop_at_step=60", *mesh_4x2)
+    runs = {}
+    for name, overrides, devices in [
+        ("4x2", mesh_4x2, 8),  # the uninterrupted run (resume is bit-exact on one mesh)
+        ("2x4", ["--config.parallel.data=2", "--config.parallel.model=4"], 8),
+        ("1", ["--config.parallel.data=1", "--config.parallel.model=1"], 1),
+    ]:
+        workdir = str(tmp_path / name)
+        shutil.copytree(base, workdir)
+        out = _run(workdir, shared, "--config.train.stop_at_step=70", *overrides, devices=devices)
+        assert "resumed from checkpoint step 60" in out.stdout + out.stderr
+        runs[name] = _losses(workdir)
+    for name in ("2x4", "1"):
+        for step in range(61, 71):
+            want, got = runs["4x2"][step][-1], runs[name][step][-1]
+            assert abs(got - want) / want < 1e-5, (name, step, got, want)
+
+
+def test_injected_nan_is_skipped_and_persistent_nan_stops(shared, tmp_path):
+    once = str(tmp_path / "once")
+    _run(once, shared, "--config.train.steps=20", "--config.train.inject_nan_steps=(7,)")
+    recs = {r["step"]: r for r in _records(once)}
+    assert not np.isfinite(recs[7]["grad_norm"]) and recs[20]["skipped"] == 1
+    assert np.isfinite(recs[20]["loss"])
+
+    always = str(tmp_path / "always")
+    out = _run(
+        always,
+        shared,
+        "--config.train.steps=40",
+        "--config.train.max_bad_steps=3",
+        "--config.train.inject_nan_steps=(12,13,14,15,16,17,18,19,20)",
+        check=False,
+    )
+    assert out.returncode == 3
+    assert "3 consecutive steps (to step 14)" in out.stderr
+    assert checkpoint_lib.Checkpointer(os.path.join(always, "checkpoints")).steps() == [10]
