@@ -9,6 +9,7 @@ restores on the other and on any mesh.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,28 @@ class Engine:
     to_checkpoint: Callable[[Any], Any]
     from_checkpoint: Callable[[Any], Any]
     description: str
-    lower: Callable[[np.ndarray], Any] | None = None  # AOT lowering of one step, jit path
+    # jit path: compile the step ahead of time for a batch shape; returns bytes per device
+    # {"temp", "argument", "output", "alias"} from XLA's memory analysis, or None.
+    precompile: Callable[[tuple[int, int]], dict | None] = lambda shape: None
+
+
+def available_bytes_per_device() -> int | None:
+    """Memory one device may use: the accelerator's limit, or the host's free RAM shared
+    by the simulated CPU devices."""
+    dev = jax.local_devices()[0]
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:
+        stats = {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if dev.platform == "cpu":
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+        return free // max(1, jax.local_device_count())
+    return None
 
 
 def build(
@@ -55,17 +77,33 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
     sharded = sharding.shard_train(fns, mesh, parallel, model_cfg)
     sizes = sharding.axis_sizes(mesh)
 
+    compiled = {}
+
     def step(state, batch):
-        return sharded.train_step(state, sharding.make_global_batch(batch, mesh))
+        fn = compiled.get(batch.shape, sharded.train_step)
+        return fn(state, sharding.make_global_batch(batch, mesh))
 
     def eval_nll(state, batch):
         out = sharded.eval_step(state.params, sharding.make_global_batch(batch, mesh))
         return np.asarray(jax.device_get(out["nll"]))
 
-    def lower(batch):
+    def precompile(shape):
         abstract = sharding.abstract_state_with_shardings(fns, sharded)
-        tokens = jax.ShapeDtypeStruct(batch.shape, np.int32, sharding=sharded.batch_sharding)
-        return sharded.train_step.lower(abstract, tokens)
+        tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
+        exe = sharded.train_step.lower(abstract, tokens).compile()
+        compiled[tuple(shape)] = exe
+        try:
+            m = exe.memory_analysis()
+        except Exception:  # not every backend reports it
+            return None
+        if m is None:
+            return None
+        return {
+            "temp": int(m.temp_size_in_bytes),
+            "argument": int(m.argument_size_in_bytes),
+            "output": int(m.output_size_in_bytes),
+            "alias": int(m.alias_size_in_bytes),
+        }
 
     zero = {0: "off", 1: "ZeRO-1", 3: "FSDP"}[parallel.zero]
     return Engine(
@@ -80,7 +118,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
             f"model={sizes['model']} ({jax.device_count()} devices), optimiser-state "
             f"partitioning {zero}, remat {train_cfg.remat}, precision {train_cfg.precision}"
         ),
-        lower=lower,
+        precompile=precompile,
     )
 
 

@@ -136,6 +136,24 @@ def _peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
     return None, "unknown (set --config.train.peak_flops)"
 
 
+def check_memory(engine, model_cfg: ModelConfig, train_cfg: TrainConfig, say) -> None:
+    """Compiles the step ahead of time and refuses to start one that cannot fit."""
+    b, t = train_cfg.batch_size, model_cfg.seq_len
+    mem = engine.precompile((b, t + 1))
+    if not mem:
+        return
+    need = mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
+    have = engine_lib.available_bytes_per_device()
+    gib = 2.0**30
+    say(f"step memory per device: {need / gib:.2f} GiB (temp {mem['temp'] / gib:.2f} GiB)")
+    if have is not None and need > have:
+        raise ValueError(
+            f"seq_len {t} x batch {b} needs {need / gib:.1f} GiB per device for the train "
+            f"step but {have / gib:.1f} GiB is available; lower --config.model.seq_len or "
+            f"--config.train.batch_size, use --config.train.remat=full, or add devices"
+        )
+
+
 class _SigtermFlag:
     """Turns SIGTERM into a flag the loop checks between steps."""
 
@@ -185,6 +203,8 @@ def run(
     say(
         f"model: {model_cfg.name}, {model_cfg.param_count_formula():,} params; {engine.description}"
     )
+
+    check_memory(engine, model_cfg, train_cfg, say)
 
     ckpt = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
