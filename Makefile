@@ -13,10 +13,14 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-# Train the `tiny` model on the embedded stdlib corpus; leaves $(DEMO_DIR).
+# Train `tiny` on 8 simulated CPU devices: a (4, 2) data x model mesh, optimiser-state
+# partitioning (ZeRO-1) and rematerialisation; leaves $(DEMO_DIR).
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(PY) -m experiments.train --config=experiments/configs/gopher.py:tiny --workdir=$(DEMO_DIR)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m experiments.train \
+	    --config=experiments/configs/gopher.py:tiny --workdir=$(DEMO_DIR) \
+	    --config.parallel.data=4 --config.parallel.model=2 --config.parallel.zero=1 \
+	    --config.train.remat=full
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

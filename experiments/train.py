@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import common
@@ -27,6 +27,8 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 
 def main(argv):
     del argv
+    if not _VERBOSE.value:
+        logging.set_verbosity(logging.WARNING)  # Orbax and jax log every save at INFO
     if not _WORKDIR.value:
         common.fail("--workdir is required; pass --workdir=DIR (it is created if missing)")
     with common.user_errors(_VERBOSE.value):
