@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 
 from gopher import config as gopher_config
 
 
 def fail(message: str, code: int = 2):
+    """Prints one line and exits now: background threads (Orbax's) print nothing more."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ the traceback); 3 diverged (too many consecutive non-finite steps); 75 preempted
 from __future__ import annotations
 
 import sys
+import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -28,7 +29,15 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 def main(argv):
     del argv
     if not _VERBOSE.value:
-        logging.set_verbosity(logging.WARNING)  # Orbax and jax log every save at INFO
+        # Orbax logs every save at INFO and, for a failed save, a traceback at ERROR; the
+        # main thread reports every failure itself in one line.
+        logging.set_verbosity(logging.FATAL)
+        # A failed async save also raises in Orbax's thread; the main thread reports it.
+        threading.excepthook = lambda args: print(
+            f"warning: background thread: {type(args.exc_value).__name__}: "
+            f"{str(args.exc_value).splitlines()[0][:200] if str(args.exc_value) else ''}",
+            file=sys.stderr,
+        )
     if not _WORKDIR.value:
         common.fail("--workdir is required; pass --workdir=DIR (it is created if missing)")
     with common.user_errors(_VERBOSE.value):

@@ -88,6 +88,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         return np.asarray(jax.device_get(out["nll"]))
 
     def precompile(shape):
+        sharding.check_batch_size(shape[0] * jax.process_count(), mesh)
         abstract = sharding.abstract_state_with_shardings(fns, sharded)
         tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
         exe = sharded.train_step.lower(abstract, tokens).compile()

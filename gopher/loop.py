@@ -248,11 +248,18 @@ def run(
             saved = ckpt.save(step, engine.to_checkpoint(state), meta(step), force=force)
             if force:
                 ckpt.wait()
-        except OSError as e:
+        except Exception as e:  # Orbax reports a full disk as OSError or RESOURCE_EXHAUSTED
+            text = str(e)
+            if (
+                not isinstance(e, OSError)
+                and "No space left" not in text
+                and "EXHAUSTED" not in text
+            ):
+                raise
             raise ValueError(
                 f"checkpoint step {step} could not be written to {ckpt.directory} "
-                f"({e.strerror or e}); free disk space and restart: the previous checkpoint "
-                f"is intact"
+                f"({'no space left on device' if 'space' in text else text[:120]}); free disk "
+                f"space and restart: the previous checkpoint is intact"
             ) from None
         return saved, time.perf_counter() - t0
 
@@ -362,7 +369,10 @@ def run(
             jax.profiler.stop_trace()
         bar.close()
         writer.close()
-        ckpt.close()
+        try:
+            ckpt.close()
+        except Exception as e:  # e.g. a full disk: the error that stopped the run matters
+            say(f"warning: closing the checkpointer failed: {str(e)[:200]}")
     if block_times:
         result["checkpoint_block_s"] = float(np.mean(block_times))
     result["state"] = state

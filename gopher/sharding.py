@@ -288,6 +288,18 @@ def activation_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
+def check_batch_size(global_b: int, mesh: Mesh) -> None:
+    """One-line error unless the global batch splits evenly over replica * data."""
+    sizes = axis_sizes(mesh)
+    n = sizes["replica"] * sizes["data"]
+    if global_b % n:
+        fix = -(-global_b // n) * n
+        raise ValueError(
+            f"global batch {global_b} is not divisible by replica*data = "
+            f"{sizes['replica']}*{sizes['data']} = {n}; use --config.train.batch_size={fix}"
+        )
+
+
 def make_global_batch(np_batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """A host batch [B_local, T+1] -> a global jax.Array [B, T+1] split over data.
 
