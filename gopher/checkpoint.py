@@ -21,6 +21,23 @@ import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
+# Orbax splits the saving of a replicated array across its replicas with jax slice ops;
+# each distinct slice compiles once, which made the first save of the tiny demo block the
+# loop for ~3 s. Below 32 MiB per slice the split saves nothing, so only big arrays use it.
+_REPLICA_PARALLEL_MIN_BYTES = 32 * 2**20
+
+
+def _register_array_handler() -> None:
+    from orbax.checkpoint import type_handlers
+
+    handler = type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=_REPLICA_PARALLEL_MIN_BYTES
+    )
+    type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
+_register_array_handler()
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and the fix."""
