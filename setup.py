@@ -17,8 +17,17 @@ setup(
         "sentencepiece>=0.2.0",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "orbax-checkpoint>=0.12.8",
+        "tensorboardX>=2.6",
+        "array-record>=0.8.6",  # the embedded corpus's shards
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.17"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.17",
+            "tensorflow-datasets>=4.9.10",
+        ],
+        # Reading TFDS datasets (c4, wikipedia, pg19 ...) without TensorFlow.
+        "data": ["tensorflow-datasets>=4.9.10"],
     },
 )

@@ -234,17 +234,20 @@ class TrainConfig:
 class DataConfig:
     """Where the text comes from and how it is tokenized."""
 
-    source: str = "stdlib"  # "stdlib" or "files"
+    source: str = "stdlib"  # "stdlib", "files" or "embedded" (the MassiveText-like mixture)
     paths: tuple[str, ...] = ()
     heldout_fraction: float = 0.05
     tokenizer_path: str = ""  # empty: train one into the workdir
     tokenizer_sample_bytes: int = 4_000_000
     cache_dir: str = ""  # empty: WORKDIR/data
+    corpus_dir: str = ""  # embedded: empty means ~/.cache/gopher/embedded-VOCAB, built on first use
+    mixture: str = ""  # embedded: weights by name ("embedded", "massivetext"); empty: the corpus's
 
     def __post_init__(self):
-        if self.source not in ("stdlib", "files"):
+        if self.source not in ("stdlib", "files", "embedded"):
             raise ConfigError(
-                f"DataConfig.source = {self.source!r} is unknown; use 'stdlib' or 'files'"
+                f"DataConfig.source = {self.source!r} is unknown; use 'stdlib', 'files' or "
+                "'embedded'"
             )
         if self.source == "files" and not self.paths:
             raise ConfigError(

@@ -27,8 +27,7 @@ from gopher import engine as engine_lib
 from gopher import metrics as metrics_lib
 from gopher import workdir as workdir_lib
 from gopher.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
-from gopher.data import Document, TokenDataset, Tokenizer, stdlib_documents, text_files
-from gopher.data.sources import unigram_bits_per_byte
+from gopher.data.pipeline import build_pipeline
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": restart the same command to resume
 DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
@@ -43,86 +42,25 @@ class Diverged(RuntimeError):
     pass
 
 
-def load_documents(data: DataConfig, split: str) -> list[Document]:
-    if data.source == "stdlib":
-        return stdlib_documents(split, data.heldout_fraction)
-    return text_files(list(data.paths), split=split, heldout_fraction=data.heldout_fraction)
-
-
-def get_tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs) -> Tokenizer:
-    """The configured tokenizer, or one trained on the training documents into the workdir."""
-    path = data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-    if os.path.isfile(path):
-        tok = Tokenizer.load(path)
-    elif data.tokenizer_path:
-        raise ValueError(f"tokenizer {path!r} does not exist; fix --config.data.tokenizer_path")
-    else:
-        tok = Tokenizer.train(
-            (d.text for d in docs), vocab_size, path, sample_bytes=data.tokenizer_sample_bytes
+def evaluate(engine, state, eval_sets: dict) -> dict:
+    """Held-out loss and bits per byte per source, and over all of them (byte-weighted)."""
+    out, total_nll, total_bytes, total_tokens = {}, 0.0, 0, 0
+    for source, windows in eval_sets.items():
+        nll_sum, tokens, num_bytes = 0.0, 0, 0
+        for batch, target_bytes in windows:
+            nll = engine.eval_nll(state, batch).astype(np.float64)
+            nll_sum += float(nll.sum())
+            tokens += nll.size
+            num_bytes += target_bytes
+        out[f"heldout/{source}/bpb"] = metrics_lib.bits_per_byte(nll_sum, num_bytes)
+        total_nll, total_bytes, total_tokens = (
+            total_nll + nll_sum,
+            total_bytes + num_bytes,
+            total_tokens + tokens,
         )
-    if tok.vocab_size != vocab_size:
-        raise ValueError(
-            f"tokenizer {path!r} has {tok.vocab_size} pieces but the model's vocab_size is "
-            f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or use another tokenizer"
-        )
-    return tok
-
-
-@dataclasses.dataclass
-class Data:
-    """The training stream (a pure function of the step) and the held-out windows."""
-
-    tokenizer: Tokenizer
-    train: TokenDataset
-    eval_windows: list  # [(batch [B, T+1], target bytes)]
-    unigram_bpb: float
-    summary: str
-
-    def batch_at(self, step: int, batch_size: int, seq_len: int) -> np.ndarray:
-        return self.train.batch_at(step, batch_size, seq_len)
-
-    def state(self, step: int) -> dict:
-        return {"kind": "token_dataset", "seed": self.train.seed, "next_step": step + 1}
-
-
-def build_data(model_cfg, train_cfg, data_cfg, workdir) -> Data:
-    train_docs = load_documents(data_cfg, "train")
-    heldout_docs = load_documents(data_cfg, "heldout")
-    tokenizer = get_tokenizer(data_cfg, model_cfg.vocab_size, workdir, train_docs)
-    cache = data_cfg.cache_dir or os.path.join(workdir, "data")
-    train_ds = TokenDataset.from_documents(tokenizer, train_docs, train_cfg.seed, cache)
-    heldout_ds = TokenDataset.from_documents(tokenizer, heldout_docs, train_cfg.seed, cache)
-    b, t = train_cfg.batch_size, model_cfg.seq_len
-    # The baseline is scored on exactly the held-out windows the model is scored on.
-    windows = list(heldout_ds.eval_batches(b, t, train_cfg.eval_batches))
-    if not windows:
-        raise ValueError(
-            f"the held-out split has {heldout_ds.num_tokens} tokens, fewer than one eval batch "
-            f"of {b} x {t}; raise --config.data.heldout_fraction or lower the batch size"
-        )
-    unigram = unigram_bits_per_byte(
-        train_ds.tokens,
-        np.concatenate([w[:, 1:].ravel() for w, _ in windows]),
-        sum(n for _, n in windows),
-        tokenizer.vocab_size,
-    )
-    summary = (
-        f"data: {len(train_docs)} train docs ({train_ds.num_tokens:,} tokens), "
-        f"{len(heldout_docs)} held-out docs ({heldout_ds.num_tokens:,} tokens); "
-        f"unigram baseline {unigram:.3f} bits/byte"
-    )
-    return Data(tokenizer, train_ds, windows, unigram, summary)
-
-
-def evaluate(engine, state, windows) -> dict:
-    """Held-out loss (nats per token) and bits per byte over [(batch, target bytes)]."""
-    nll_sum, tokens, num_bytes = 0.0, 0, 0
-    for batch, target_bytes in windows:
-        nll = engine.eval_nll(state, batch).astype(np.float64)
-        nll_sum += float(nll.sum())
-        tokens += nll.size
-        num_bytes += target_bytes
-    return {"loss": nll_sum / tokens, "bpb": metrics_lib.bits_per_byte(nll_sum, num_bytes)}
+    out["heldout_loss"] = total_nll / total_tokens
+    out["heldout_bpb"] = metrics_lib.bits_per_byte(total_nll, total_bytes)
+    return out
 
 
 def _peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
@@ -197,7 +135,8 @@ def run(
         },
     )
     say = tqdm.write if show_progress else print
-    data = build_data(model_cfg, train_cfg, data_cfg, workdir)
+    local_batch = train_cfg.batch_size // jax.process_count()
+    data = build_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch, say)
     say(data.summary)
     engine = engine_lib.build(model_cfg, train_cfg, parallel)
     say(
@@ -221,6 +160,7 @@ def run(
                 f"{data.tokenizer.sha256[:12]}; use that run's tokenizer or a new --workdir"
             )
         state = engine.from_checkpoint(ck_state)
+        data.restore(meta["data"])
         say(f"resumed from checkpoint step {start} in {ckpt.directory}")
     else:
         start = 0
@@ -237,7 +177,7 @@ def run(
     def meta(step):
         return {
             "step": step,
-            "data": data.state(step),
+            "data": data.state(),
             "tokenizer_sha256": data.tokenizer.sha256,
             "model": dataclasses.asdict(model_cfg),
         }
@@ -302,6 +242,7 @@ def run(
             rec["mfu_causal"] = metrics_lib.mfu(tps, flops_token_causal, peak)
             rec["step_time_s"] = b * t / max(tps, 1e-9)
         rec["bpt"] = rec["loss"] / math.log(2)  # bits per token
+        rec.update(data.stats())
         writer.write({k: v for k, v in rec.items() if v is not None})
         result["train"] = rec
         bar.set_postfix(
@@ -317,7 +258,7 @@ def run(
                 if train_cfg.profile_steps and step == train_cfg.profile_steps[0]:
                     jax.profiler.start_trace(os.path.join(workdir, "profile"))
                     profiling = True
-                batch = data.batch_at(step, b, t)
+                batch = data.next_batch()
                 state, metrics = engine.train_step(state, batch)
                 if prev is not None:
                     read(*prev)
@@ -337,18 +278,20 @@ def run(
                     if prev is not None:
                         read(*prev)
                         prev = None
-                    ev = evaluate(engine, state, data.eval_windows)
+                    ev = evaluate(engine, state, data.eval_sets)
                     result["eval"] = {
                         "step": step,
                         "kind": "eval",
-                        "heldout_loss": ev["loss"],
-                        "heldout_bpb": ev["bpb"],
                         "heldout_unigram_bpb": data.unigram_bpb,
+                        **ev,
                     }
                     writer.write(result["eval"])
+                    per_source = ", ".join(
+                        f"{k.split('/')[1]} {v:.3f}" for k, v in ev.items() if k.count("/") == 2
+                    )
                     say(
-                        f"step {step}: held-out {ev['bpb']:.3f} bits/byte "
-                        f"(unigram {data.unigram_bpb:.3f})"
+                        f"step {step}: held-out {ev['heldout_bpb']:.3f} bits/byte "
+                        f"(unigram {data.unigram_bpb:.3f}; {per_source})"
                     )
                     clock.update(step=step, time=time.perf_counter())
                 if step % train_cfg.checkpoint_every == 0 or last or sigterm.raised:

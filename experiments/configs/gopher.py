@@ -50,7 +50,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         cfg.train.eval_every = 100
         cfg.train.checkpoint_every = 100
         cfg.train.log_every = 10
-        cfg.data.tokenizer_sample_bytes = 3_000_000
+        cfg.data.source = "embedded"  # the MassiveText-like mixture, built on first run
     elif preset == "test":
         cfg.train.steps = 50
         cfg.train.warmup_steps = 5

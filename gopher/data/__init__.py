@@ -1,5 +1,7 @@
-"""The data path: text sources, the SentencePiece tokenizer, and packing into windows."""
+"""The data path: sources, filters, the SentencePiece tokenizer, mixing and packing."""
 
+from gopher.data.filters import filter_documents
+from gopher.data.mixture import MIXTURES, Mixture
 from gopher.data.packing import Packer, TokenDataset, pack_documents
 from gopher.data.sources import (
     Document,
@@ -11,10 +13,13 @@ from gopher.data.sources import (
 from gopher.data.tokenizer import Tokenizer
 
 __all__ = [
+    "MIXTURES",
     "Document",
+    "Mixture",
     "Packer",
     "TokenDataset",
     "Tokenizer",
+    "filter_documents",
     "pack_documents",
     "select_split",
     "stdlib_documents",

@@ -1,0 +1,252 @@
+"""Building a corpus directory: filter, split, train the tokenizer, tokenise, write.
+
+`build_corpus` turns documents grouped by source (from the embedded packages, TFDS or
+local files) into the directory layout `gopher.data.corpus` describes, with a
+manifest.json that records every count, hash and the filters' per-rule report. Every
+step is deterministic (sorted inputs, fixed seeds, one tokenizer-training thread, no
+timestamps), so building twice gives byte-identical directories.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from gopher.data import filters
+from gopher.data.shards import shard_order_key, write_shards
+from gopher.data.sources import Document, is_heldout
+from gopher.data.tokenizer import Tokenizer, training_sample
+
+FORMAT = "gopher-corpus/1"
+DEFAULT_MINHASH = filters.MinHashConfig()
+
+
+def split_documents(
+    docs: Sequence[Document], heldout_fraction: float
+) -> tuple[list[Document], list[Document]]:
+    """(train, heldout) by a hash of "source/name"; at least one of each given two docs.
+
+    A small source could otherwise end up with no held-out text to measure bpb on: then
+    the document with the smallest hash is held out.
+    """
+    heldout = [d for d in docs if is_heldout(f"{d.source}/{d.name}", heldout_fraction)]
+    train = [d for d in docs if not is_heldout(f"{d.source}/{d.name}", heldout_fraction)]
+    if not heldout and len(docs) >= 2 and heldout_fraction > 0:
+        first = min(docs, key=shard_order_key)
+        heldout = [first]
+        train = [d for d in docs if d is not first]
+    return train, heldout
+
+
+def cap_bytes(docs: Sequence[Document], max_bytes: int | None) -> list[Document]:
+    """The first documents (in the given order) whose total UTF-8 size is <= max_bytes."""
+    if max_bytes is None:
+        return list(docs)
+    out, total = [], 0
+    for d in docs:
+        n = len(d.text.encode("utf-8", "surrogatepass"))
+        if total + n > max_bytes and out:
+            break
+        out.append(d)
+        total += n
+    return out
+
+
+def _num_bytes(docs: Sequence[Document]) -> int:
+    return sum(len(d.text.encode("utf-8", "surrogatepass")) for d in docs)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def tokenize_stream(tokenizer: Tokenizer, docs: Sequence[Document], num_threads: int) -> np.ndarray:
+    """[N] int32: the documents' tokens, each followed by EOS, in the given order."""
+    eos = np.array([tokenizer.eos_id], np.int32)
+    parts: list[np.ndarray] = []
+    for i in range(0, len(docs), 512):
+        texts = [d.text for d in docs[i : i + 512]]
+        for ids in tokenizer.encode_batch_numpy(texts, num_threads=num_threads):
+            parts.extend((ids.astype(np.int32, copy=False), eos))
+    return np.concatenate(parts) if parts else np.zeros([0], np.int32)
+
+
+def build_corpus(
+    out_dir: str,
+    documents: Mapping[str, Sequence[Document]],
+    records: Mapping[str, Mapping],
+    weights: Mapping[str, float],
+    *,
+    name: str = "custom",
+    vocab_size: int = 32_000,
+    heldout_fraction: float = 0.02,
+    tokenizer_sample_bytes: int = 8_000_000,
+    max_bytes_per_source: int | None = None,
+    minhash: filters.MinHashConfig | None = DEFAULT_MINHASH,
+    num_threads: int = 2,
+    skipped: Sequence[str] = (),
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Filters, splits, tokenises and writes `documents`; returns the manifest it wrote.
+
+    `records[source]` gives the source's "role", "license", "code" (bool: skip the prose
+    rules) and "packages" (provenance records). `weights` are the mixture's sampling
+    proportions for these sources (renormalised here); they also set each source's
+    share of the tokenizer's training sample.
+    """
+    start = time.perf_counter()
+    sources = sorted(documents)
+    missing = [s for s in sources if s not in weights]
+    if missing:
+        raise ValueError(f"no mixture weight for sources {missing}; add them to the weights")
+    total_weight = sum(weights[s] for s in sources)
+    if total_weight <= 0:
+        raise ValueError(f"mixture weights {dict(weights)} sum to 0 over sources {sources}")
+    norm_weights = {s: weights[s] / total_weight for s in sources}
+
+    ordered = []
+    for s in sources:
+        docs = sorted(documents[s], key=lambda d: d.name)
+        if any(d.source != s for d in docs):
+            raise ValueError(f"documents under source {s!r} carry another source name")
+        ordered.extend(cap_bytes(docs, max_bytes_per_source))
+    code_sources = [s for s in sources if records[s].get("code")]
+    kept, report = filters.filter_documents(ordered, code_sources=code_sources, minhash=minhash)
+    log(
+        f"filters: kept {len(kept)} of {len(ordered)} documents ({time.perf_counter() - start:.1f}s)"
+    )
+    log(filters.format_report(report))
+
+    by_source: dict[str, dict[str, list[Document]]] = {}
+    for s in sources:
+        docs = [d for d in kept if d.source == s]
+        if not docs:
+            raise ValueError(f"the filters removed every document of source {s!r}")
+        train, heldout = split_documents(docs, heldout_fraction)
+        by_source[s] = {
+            "train": sorted(train, key=shard_order_key),
+            "heldout": sorted(heldout, key=shard_order_key),
+        }
+
+    for stale in ("manifest.json", "shards"):
+        path = os.path.join(out_dir, stale)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    os.makedirs(out_dir, exist_ok=True)
+    for entry in os.listdir(out_dir):
+        if entry.startswith("tokens-") or (
+            entry.startswith("tokenizer-") and entry.endswith(".model")
+        ):
+            path = os.path.join(out_dir, entry)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+    # The tokenizer's sample follows the mixture: each source contributes its weight's
+    # share of the sample bytes (all of it, if it is smaller).
+    sample: list[str] = []
+    for s in sources:
+        budget = int(tokenizer_sample_bytes * norm_weights[s])
+        sample += training_sample((d.text for d in by_source[s]["train"]), budget, 2048)
+    sample_size = sum(len(c.encode("utf-8", "surrogatepass")) for c in sample)
+    tokenizer_file = f"tokenizer-{vocab_size}.model"
+    tokenizer = Tokenizer.train(
+        sample, vocab_size, os.path.join(out_dir, tokenizer_file), sample_bytes=sample_size
+    )
+    log(
+        f"tokenizer: {vocab_size} pieces on {sample_size / 1e6:.1f} MB ({time.perf_counter() - start:.1f}s)"
+    )
+
+    tokens_dir = f"tokens-{vocab_size}"
+    os.makedirs(os.path.join(out_dir, tokens_dir), exist_ok=True)
+    source_entries = {}
+    for s in sources:
+        entry = {k: records[s][k] for k in ("role", "license", "code", "packages")}
+        entry["weight"] = norm_weights[s]
+        totals = {"documents": 0, "bytes": 0, "tokens": 0}
+        for split in ("train", "heldout"):
+            docs = by_source[s][split]
+            stream = tokenize_stream(tokenizer, docs, num_threads)
+            tokens_file = f"{tokens_dir}/{s}.{split}.npy"
+            _save_npy(os.path.join(out_dir, tokens_file), stream)
+            shard_dir = os.path.join("shards", s)
+            shards = write_shards(docs, os.path.join(out_dir, shard_dir), split)
+            entry[split] = {
+                "documents": len(docs),
+                "bytes": _num_bytes(docs),
+                "tokens": int(stream.shape[0]),
+                "tokens_file": tokens_file,
+                "shards": [f"{shard_dir}/{x}" for x in shards],
+            }
+            for k in totals:
+                totals[k] += entry[split][k]
+        entry.update(totals)
+        source_entries[s] = entry
+        log(
+            f"{s:>13}: {totals['documents']:6d} docs {totals['bytes'] / 1e6:8.2f} MB "
+            f"{totals['tokens']:11,d} tokens ({time.perf_counter() - start:.1f}s)"
+        )
+
+    with open(os.path.join(out_dir, tokenizer_file), "rb") as f:
+        tokenizer_sha = hashlib.sha256(f.read()).hexdigest()
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "python": platform.python_version(),
+        "heldout_fraction": heldout_fraction,
+        "weights": norm_weights,
+        "skipped": sorted(skipped),
+        "sources": source_entries,
+        "total": {
+            k: sum(e[k] for e in source_entries.values()) for k in ("documents", "bytes", "tokens")
+        },
+        "tokenizer": {
+            "file": tokenizer_file,
+            "sha256": tokenizer_sha,
+            "vocab_size": vocab_size,
+            "sample_bytes": sample_size,
+            "tokens_dir": tokens_dir,
+        },
+        "filters": {
+            "report": report,
+            "quality": dataclasses.asdict(filters.QualityThresholds()),
+            "repetition": dataclasses.asdict(filters.RepetitionThresholds()),
+            "minhash": dataclasses.asdict(minhash) if minhash else None,
+            "code_sources": code_sources,
+        },
+        "max_bytes_per_source": max_bytes_per_source,
+    }
+    path = os.path.join(out_dir, "manifest.json")
+    with open(f"{path}.tmp", "w") as f:
+        f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(f"{path}.tmp", path)
+    return manifest
+
+
+def manifest_sha256(out_dir: str) -> str:
+    with open(os.path.join(out_dir, "manifest.json"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tree_sha256(out_dir: str, exclude: Sequence[str] = ("downloads",)) -> str:
+    """One hash over every file's relative path and bytes (for "byte-identical" checks)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(out_dir):
+        dirnames[:] = sorted(d for d in dirnames if d not in exclude)
+        for f in sorted(filenames):
+            path = os.path.join(dirpath, f)
+            rel = os.path.relpath(path, out_dir).replace(os.sep, "/")
+            h.update(rel.encode() + b"\0")
+            with open(path, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()

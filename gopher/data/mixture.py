@@ -1,0 +1,424 @@
+"""Mixing sources by proportion into packed [B, T+1] windows, per host, resumable.
+
+Shapes:
+    S: number of sources
+    B: global batch size (rows per step, all hosts); B_local = B / process_count
+    T: sequence length; a row is a window of T + 1 tokens (inputs [:-1], targets [1:])
+    W_s: windows in source s's training stream, (N_s - 1) // T
+
+The stream is a pure function of (seed, step, global row):
+- Packing. A source's training documents, each followed by EOS, form one flat token
+  stream of N_s tokens (written by prepare_data). Window w is tokens[w*T : w*T + T + 1],
+  so consecutive windows overlap by one token as in `Packer`: documents span windows,
+  windows hold several documents, nothing is padded.
+- Epochs. Epoch e of source s visits all W_s windows once, in the order of a seeded
+  pseudo-random permutation of [0, W_s) (a Feistel network with cycle walking:
+  random access, O(1) memory, any W_s).
+- Mixing. Step t's B rows draw their sources i.i.d. with the configured proportions from
+  a generator seeded by (seed, t): the share of rows (and so of tokens) of each source
+  converges to its weight.
+- Row b of step t, of source s, reads source s's next unread window: number
+  `consumed_s(t) + (rows of source s before b in step t)` of its window sequence.
+
+`consumed_s(t)`, the windows of each source the steps before t used, is the whole
+state: `{"step": t, "windows": {source: count}}`, global and independent of the host
+count. Host h materialises only rows [h * B_local, (h + 1) * B_local) (the contiguous
+slice `jax.make_array_from_process_local_data` expects), so 1, 2 or 4 hosts read the
+same global batch, and a checkpoint written with 4 hosts resumes with 2.
+
+Why not grain. grain's `MapDataset.mix` mixes by index deterministically, but packing
+is an `IterDataset` transform whose checkpoint is the iterator state of one host's
+shard (dataset[shard::count]); restoring it under a different host count is not
+something grain 0.2 supports. Making packing window-aligned turns every row into a
+random-access read of a memory-mapped array, so nothing but the counters above needs
+checkpointing, the per-host split is free, and plain numpy slicing is orders of
+magnitude faster than a step needs (experiments/bench_data.py) without worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from gopher.data.packing import TokenDataset
+from gopher.data.sources import Document
+from gopher.data.tokenizer import Tokenizer
+
+# MassiveText's sampling proportions (Gopher Table A1 / GOPHER.md).
+MASSIVETEXT_WEIGHTS = {
+    "massiveweb": 0.48,
+    "books": 0.27,
+    "c4": 0.10,
+    "news": 0.10,
+    "github": 0.03,
+    "wikipedia": 0.02,
+}
+# The embedded corpus's sources in MassiveText's roles: technical prose takes
+# MassiveWeb's share, the dictionary C4's and Wikipedia's, code GitHub's.
+EMBEDDED_WEIGHTS = {
+    "technical": 0.48,
+    "books": 0.27,
+    "encyclopedic": 0.12,
+    "news": 0.10,
+    "code": 0.03,
+}
+MIXTURES = {"massivetext": MASSIVETEXT_WEIGHTS, "embedded": EMBEDDED_WEIGHTS}
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 that scrambles every bit."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def feistel_permutation(
+    index: np.ndarray, n: int, key: Sequence[int], rounds: int = 4
+) -> np.ndarray:
+    """A pseudo-random bijection of [0, n) applied to `index` (values in [0, n)).
+
+    A balanced Feistel network over the smallest even number of bits covering n is a
+    bijection of [0, 2^bits); values that land outside [0, n) are encrypted again
+    ("cycle walking") until they fall inside, which keeps it a bijection of [0, n).
+    """
+    index = np.asarray(index, dtype=np.uint64)
+    if n <= 1:
+        return np.zeros_like(index)
+    bits = max(2, int(n - 1).bit_length())
+    bits += bits & 1
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = np.random.default_rng(list(key)).integers(0, 2**63, size=rounds, dtype=np.uint64)
+
+    def encrypt(x: np.ndarray) -> np.ndarray:
+        left, right = x >> half, x & mask
+        for k in keys:
+            with np.errstate(over="ignore"):
+                left, right = right, left ^ (_mix64(right + k) & mask)
+        return (left << half) | right
+
+    out = encrypt(index)
+    outside = out >= np.uint64(n)
+    while outside.any():
+        out[outside] = encrypt(out[outside])
+        outside = out >= np.uint64(n)
+    return out
+
+
+class Source(NamedTuple):
+    """One source's token streams: train windows to mix, held-out text for bpb."""
+
+    name: str
+    train: np.ndarray  # [N_s] int32, documents joined with EOS
+    heldout: np.ndarray  # [M_s] int32 (may be empty)
+
+
+def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+class Mixture:
+    """Weighted, packed, per-host, resumable training batches; see the module docstring.
+
+    The training loop calls `next()` once per step (or `batch_at(step)`), saves
+    `state()` beside its checkpoint, and calls `restore(state)` on resume; `stats()`
+    gives per-source tokens and epochs for logging; `eval_batches(source, ...)` gives
+    held-out windows with their byte counts for bits per byte.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        weights: Mapping[str, float],
+        token_byte_lengths: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        self.process_index, self.process_count = _process_defaults(process_index, process_count)
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size {batch_size} and seq_len {seq_len} must be >= 1")
+        if batch_size % self.process_count:
+            raise ValueError(
+                f"global batch_size {batch_size} is not divisible by process_count "
+                f"{self.process_count}; use a multiple of {self.process_count}"
+            )
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+        by_name = {s.name: s for s in sources}
+        unknown = sorted(set(weights) - set(by_name))
+        if unknown:
+            raise ValueError(
+                f"weights name sources {unknown} that are not available; available: "
+                f"{sorted(by_name)} (a mixture for another corpus?)"
+            )
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"weights {dict(weights)} must be >= 0 with a positive sum")
+        self.names = sorted(name for name, w in weights.items() if w > 0)
+        total = sum(weights[n] for n in self.names)
+        self.weights = {n: weights[n] / total for n in self.names}
+        self.sources = [by_name[n] for n in self.names]
+        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+        self.local_batch_size = batch_size // self.process_count
+        self.token_byte_lengths = np.asarray(token_byte_lengths, np.int64)
+        self.num_windows = np.array([(len(s.train) - 1) // seq_len for s in self.sources])
+        empty = [n for n, w in zip(self.names, self.num_windows, strict=True) if w < 1]
+        if empty:
+            raise ValueError(
+                f"sources {empty} have fewer than seq_len + 1 = {seq_len + 1} training tokens; "
+                "drop them from the weights or use a shorter seq_len"
+            )
+        self._cdf = np.cumsum([self.weights[n] for n in self.names])
+        self._step = 0
+        self._windows = np.zeros(len(self.names), np.int64)
+        self._cursor = (0, self._windows.copy())  # a cache for batch_at's fast-forward
+        self.tokenizer: Tokenizer | None = None  # set by the constructors that know it
+        self.manifest: dict | None = None  # the corpus manifest, from `from_corpus`
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_corpus(
+        cls,
+        corpus_dir: str,
+        weights: Mapping[str, float] | str | None = None,
+        batch_size: int = 16,
+        seq_len: int = 2048,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        vocab_size: int | None = None,
+    ) -> Mixture:
+        """A mixture over a corpus built by `python -m experiments.prepare_data`.
+
+        `weights`: None for the corpus's own (manifest), a name from MIXTURES, or a dict.
+        Sources the corpus lacks (skipped when it was built) are dropped with their
+        weight when `weights` is a name; a dict must name only existing sources.
+        `vocab_size`, if given, must match the corpus's tokenizer (the model's vocab).
+        """
+        from gopher.data.shards import load_manifest
+
+        manifest = load_manifest(corpus_dir)
+        corpus_vocab = manifest["tokenizer"]["vocab_size"]
+        if vocab_size is not None and vocab_size != corpus_vocab:
+            raise ValueError(
+                f"corpus {corpus_dir!r} has a {corpus_vocab}-piece tokenizer but the model's "
+                f"vocab_size is {vocab_size}; build one with `python -m "
+                f"experiments.prepare_data --vocab_size={vocab_size} --out=DIR`"
+            )
+        if weights is None:
+            weights = manifest["weights"]
+        elif isinstance(weights, str):
+            if weights not in MIXTURES:
+                raise ValueError(f"unknown mixture {weights!r}; choose from {sorted(MIXTURES)}")
+            weights = {k: w for k, w in MIXTURES[weights].items() if k in manifest["sources"]}
+        sources = []
+        for name in sorted(weights):
+            if name not in manifest["sources"]:
+                continue  # reported by __init__
+            entry = manifest["sources"][name]
+            train = np.load(os.path.join(corpus_dir, entry["train"]["tokens_file"]), mmap_mode="r")
+            heldout = np.load(
+                os.path.join(corpus_dir, entry["heldout"]["tokens_file"]), mmap_mode="r"
+            )
+            sources.append(Source(name, train, heldout))
+        tokenizer = Tokenizer.load(os.path.join(corpus_dir, manifest["tokenizer"]["file"]))
+        mixture = cls(
+            sources,
+            weights,
+            tokenizer.token_byte_lengths(),
+            batch_size,
+            seq_len,
+            seed,
+            process_index,
+            process_count,
+        )
+        mixture.tokenizer, mixture.manifest = tokenizer, manifest
+        return mixture
+
+    @classmethod
+    def from_documents(
+        cls,
+        tokenizer: Tokenizer,
+        documents: Mapping[str, tuple[Sequence[Document], Sequence[Document]]],
+        weights: Mapping[str, float],
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ) -> Mixture:
+        """A mixture over in-memory documents: {source: (train docs, held-out docs)}."""
+        from gopher.data.build import tokenize_stream
+
+        sources = [
+            Source(name, tokenize_stream(tokenizer, train, 1), tokenize_stream(tokenizer, held, 1))
+            for name, (train, held) in sorted(documents.items())
+        ]
+        mixture = cls(
+            sources,
+            weights,
+            tokenizer.token_byte_lengths(),
+            batch_size,
+            seq_len,
+            seed,
+            process_index,
+            process_count,
+        )
+        mixture.tokenizer = tokenizer
+        return mixture
+
+    # --- the stream ---------------------------------------------------------------------
+
+    def sources_at(self, step: int) -> np.ndarray:
+        """[B] int: the source index of every global row of `step`."""
+        u = np.random.default_rng([self.seed, 0x6D6978, step]).random(self.batch_size)
+        return np.minimum(np.searchsorted(self._cdf, u, side="right"), len(self.names) - 1)
+
+    def _windows_at(self, step: int) -> np.ndarray:
+        """[S] windows of each source used by the steps before `step`."""
+        if step < 0:
+            raise ValueError(f"step {step} must be >= 0")
+        # Replay the source draws from the latest known point at or before `step`.
+        known = [
+            (0, np.zeros(len(self.names), np.int64)),
+            self._cursor,
+            (self._step, self._windows),
+        ]
+        start, windows = max((k for k in known if k[0] <= step), key=lambda k: k[0])
+        windows = windows.copy()
+        for t in range(start, step):
+            windows += np.bincount(self.sources_at(t), minlength=len(self.names))
+        self._cursor = (step, windows.copy())
+        return windows
+
+    def _rows(self, step: int, windows: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), T+1] int32: the windows of the given global rows of `step`."""
+        sources = self.sources_at(step)  # [B]
+        ordinal = np.zeros(self.batch_size, np.int64)  # the row's window number in its source
+        for s in range(len(self.names)):
+            mine = np.flatnonzero(sources == s)
+            ordinal[mine] = windows[s] + np.arange(len(mine))
+        out = np.empty((len(rows), self.seq_len + 1), np.int32)
+        offsets = np.arange(self.seq_len + 1)
+        for s in np.unique(sources[rows]):
+            picked = np.flatnonzero(sources[rows] == s)
+            k = ordinal[rows[picked]].astype(np.uint64)
+            n = np.uint64(self.num_windows[s])
+            epochs, within = k // n, k % n
+            window = np.empty(len(k), np.uint64)
+            for e in np.unique(epochs):
+                at = epochs == e
+                window[at] = feistel_permutation(within[at], int(n), (self.seed, int(s), int(e)))
+            starts = window.astype(np.int64) * self.seq_len
+            out[picked] = self.sources[s].train[starts[:, None] + offsets]
+        return out
+
+    def batch_at(self, step: int) -> np.ndarray:
+        """[B_local, T+1] int32: this host's rows of `step` (does not change the state).
+
+        Cheap for the state's step and the steps after it; an earlier step replays the
+        source draws from step 0 (no token reads), O(step) small generator calls.
+        """
+        windows = self._windows_at(step)
+        lo = self.process_index * self.local_batch_size
+        return self._rows(step, windows, np.arange(lo, lo + self.local_batch_size))
+
+    def global_batch_at(self, step: int) -> np.ndarray:
+        """[B, T+1] int32: every host's rows of `step` (for tests and single-host use)."""
+        return self._rows(step, self._windows_at(step), np.arange(self.batch_size))
+
+    def next(self) -> np.ndarray:
+        """This host's rows of the current step, then advances the state by one step."""
+        batch = self._rows(self._step, self._windows, self._local_rows())
+        self._windows = self._windows + np.bincount(
+            self.sources_at(self._step), minlength=len(self.names)
+        )
+        self._step += 1
+        return batch
+
+    __next__ = next
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self
+
+    def _local_rows(self) -> np.ndarray:
+        lo = self.process_index * self.local_batch_size
+        return np.arange(lo, lo + self.local_batch_size)
+
+    # --- state and accounting ---------------------------------------------------------
+
+    def state(self) -> dict:
+        """JSON-serialisable: {"step": int, "windows": {source: int}} (global, host-free)."""
+        return {
+            "step": int(self._step),
+            "windows": {n: int(w) for n, w in zip(self.names, self._windows, strict=True)},
+        }
+
+    def restore(self, state: Mapping) -> None:
+        """Continues the exact stream from `state()` (any process count)."""
+        saved = dict(state["windows"])
+        if sorted(saved) != self.names:
+            raise ValueError(
+                f"mixer state has sources {sorted(saved)} but this mixture has {self.names}; "
+                "resume with the same corpus and weights"
+            )
+        self._step = int(state["step"])
+        self._windows = np.array([int(saved[n]) for n in self.names], np.int64)
+        self._cursor = (self._step, self._windows.copy())
+
+    def stats(self) -> dict[str, float]:
+        """Per-source accounting over all hosts: target tokens seen and epochs."""
+        out: dict[str, float] = {"data/step": self._step}
+        for n, w, total in zip(self.names, self._windows, self.num_windows, strict=True):
+            out[f"data/{n}/tokens"] = int(w) * self.seq_len
+            out[f"data/{n}/epochs"] = float(w) / float(total)
+        return out
+
+    # --- evaluation ---------------------------------------------------------------------
+
+    @property
+    def heldout_sources(self) -> list[str]:
+        return [s.name for s in self.sources if len(s.heldout) > 1]
+
+    def eval_dataset(self, source: str) -> TokenDataset:
+        by_name = {s.name: s for s in self.sources}
+        if source not in by_name:
+            raise ValueError(f"unknown source {source!r}; choose from {self.names}")
+        return TokenDataset(np.asarray(by_name[source].heldout), self.token_byte_lengths)
+
+    def eval_batches(
+        self,
+        source: str,
+        batch_size: int,
+        seq_len: int | None = None,
+        max_batches: int | None = None,
+    ) -> Iterator[tuple[np.ndarray, int]]:
+        """This host's rows of consecutive held-out windows of `source`, with target bytes.
+
+        Yields ([batch_size / process_count, T+1] int32, UTF-8 bytes of those rows'
+        targets); summing NLL and bytes over all hosts and batches gives the source's
+        bits per byte.
+        """
+        if batch_size % self.process_count:
+            raise ValueError(f"eval batch_size {batch_size} not divisible by {self.process_count}")
+        local = batch_size // self.process_count
+        lo = self.process_index * local
+        lengths = self.token_byte_lengths
+        data = self.eval_dataset(source)
+        for batch, _ in data.eval_batches(batch_size, seq_len or self.seq_len, max_batches):
+            rows = batch[lo : lo + local]
+            yield rows, int(lengths[rows[:, 1:]].sum())

@@ -1,0 +1,212 @@
+"""What the training loop reads: one interface over the data sources.
+
+  stdlib    the CPython standard library's sources and docs (every Python has them),
+            one stream sampled as a pure function of (seed, step)
+  files     local text files, the same way
+  embedded  the MassiveText-style embedded corpus (gopher.data.corpus), built on first
+            use, read through the weighted, resumable, host-sharded Mixture
+
+Every pipeline gives `next_batch()` ([B_local, T+1] int32), `state()` / `restore()`
+(saved beside each checkpoint), `stats()` (per-source accounting for the logs), held-out
+windows per source with their UTF-8 byte counts, and a unigram baseline in bits per byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from gopher.config import DataConfig, ModelConfig, TrainConfig
+from gopher.data.packing import TokenDataset
+from gopher.data.sources import (
+    Document,
+    stdlib_documents,
+    text_files,
+    unigram_bits_per_byte,
+)
+from gopher.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Pipeline:
+    tokenizer: Tokenizer
+    next_batch: Callable[[], np.ndarray]
+    state: Callable[[], dict]
+    restore: Callable[[dict], None]
+    stats: Callable[[], dict]
+    eval_sets: dict[str, list]  # source -> [(batch [B, T+1], target bytes)]
+    unigram_bpb: float
+    summary: str
+
+
+def _documents(data: DataConfig, split: str) -> list[Document]:
+    if data.source == "stdlib":
+        return stdlib_documents(split, data.heldout_fraction)
+    return text_files(list(data.paths), split=split, heldout_fraction=data.heldout_fraction)
+
+
+def _tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs) -> Tokenizer:
+    """The configured tokenizer, or one trained on the training documents into the workdir."""
+    path = data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+    if os.path.isfile(path):
+        tok = Tokenizer.load(path)
+    elif data.tokenizer_path:
+        raise ValueError(f"tokenizer {path!r} does not exist; fix --config.data.tokenizer_path")
+    else:
+        tok = Tokenizer.train(
+            (d.text for d in docs), vocab_size, path, sample_bytes=data.tokenizer_sample_bytes
+        )
+    if tok.vocab_size != vocab_size:
+        raise ValueError(
+            f"tokenizer {path!r} has {tok.vocab_size} pieces but the model's vocab_size is "
+            f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or use another tokenizer"
+        )
+    return tok
+
+
+def _unigram(train_streams, eval_sets, vocab_size) -> float:
+    windows = [w for ws in eval_sets.values() for w in ws]
+    return unigram_bits_per_byte(
+        np.concatenate([np.asarray(s) for s in train_streams]),
+        np.concatenate([w[:, 1:].ravel() for w, _ in windows]),
+        sum(n for _, n in windows),
+        vocab_size,
+    )
+
+
+def _no_eval_error(b, t):
+    return ValueError(
+        f"the held-out split has fewer tokens than one eval batch of {b} x {t}; raise "
+        "--config.data.heldout_fraction or lower the batch size"
+    )
+
+
+def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch) -> Pipeline:
+    train_docs = _documents(data_cfg, "train")
+    heldout_docs = _documents(data_cfg, "heldout")
+    tokenizer = _tokenizer(data_cfg, model_cfg.vocab_size, workdir, train_docs)
+    cache = data_cfg.cache_dir or os.path.join(workdir, "data")
+    train_ds = TokenDataset.from_documents(tokenizer, train_docs, train_cfg.seed, cache)
+    heldout_ds = TokenDataset.from_documents(tokenizer, heldout_docs, train_cfg.seed, cache)
+    b, t = train_cfg.batch_size, model_cfg.seq_len
+    windows = list(heldout_ds.eval_batches(b, t, train_cfg.eval_batches))
+    if not windows:
+        raise _no_eval_error(b, t)
+    eval_sets = {data_cfg.source: windows}
+    position = {"step": 0}
+
+    lo = jax.process_index() * local_batch
+
+    def next_batch():  # this host's rows of the global batch
+        position["step"] += 1
+        return train_ds.batch_at(position["step"], b, t)[lo : lo + local_batch]
+
+    unigram = _unigram([train_ds.tokens], eval_sets, tokenizer.vocab_size)
+    return Pipeline(
+        tokenizer=tokenizer,
+        next_batch=next_batch,
+        state=lambda: {"source": data_cfg.source, "step": position["step"]},
+        restore=lambda s: position.update(step=int(s["step"])),
+        stats=lambda: {f"data/{data_cfg.source}/tokens": position["step"] * b * t},
+        eval_sets=eval_sets,
+        unigram_bpb=unigram,
+        summary=(
+            f"data: {data_cfg.source}, {len(train_docs)} train docs "
+            f"({train_ds.num_tokens:,} tokens), {len(heldout_docs)} held-out docs "
+            f"({heldout_ds.num_tokens:,} tokens); unigram baseline {unigram:.3f} bits/byte"
+        ),
+    )
+
+
+def default_corpus_dir(vocab_size: int) -> str:
+    from gopher.data.corpus import DEFAULT_CACHE_DIR
+
+    return os.path.join(DEFAULT_CACHE_DIR, f"embedded-{vocab_size}")
+
+
+def build_embedded_corpus(out: str, vocab_size: int, log=print) -> dict:
+    """Fetches (hash-checked), filters, tokenises and writes the embedded corpus."""
+    from gopher.data import build, corpus
+    from gopher.data.mixture import EMBEDDED_WEIGHTS
+
+    documents, records = corpus.embedded_documents(None, cache_dir=corpus.DEFAULT_CACHE_DIR)
+    requested = [s.name for s in corpus.EMBEDDED_SOURCES]
+    skipped = [s for s in requested if s not in documents]
+    weights = {s: EMBEDDED_WEIGHTS[s] for s in documents}
+    return build.build_corpus(
+        out,
+        documents,
+        records,
+        weights,
+        name="embedded",
+        vocab_size=vocab_size,
+        skipped=skipped,
+        log=log,
+    )
+
+
+def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
+    from gopher.data.mixture import Mixture
+
+    corpus_dir = data_cfg.corpus_dir or default_corpus_dir(model_cfg.vocab_size)
+    if not os.path.isfile(os.path.join(corpus_dir, "manifest.json")):
+        if data_cfg.corpus_dir:
+            raise ValueError(
+                f"corpus {corpus_dir!r} has no manifest.json; build it with `python -m "
+                f"experiments.prepare_data --out={corpus_dir} "
+                f"--vocab_size={model_cfg.vocab_size}`"
+            )
+        say(f"building the embedded corpus into {corpus_dir} (first run only, ~1 minute)")
+        build_embedded_corpus(corpus_dir, model_cfg.vocab_size, log=say)
+    b, t = train_cfg.batch_size, model_cfg.seq_len
+    weights = data_cfg.mixture or None
+    mix = Mixture.from_corpus(
+        corpus_dir,
+        weights,
+        batch_size=b,
+        seq_len=t,
+        seed=train_cfg.seed,
+        vocab_size=model_cfg.vocab_size,
+    )
+    eval_sets = {}
+    for source in mix.heldout_sources:
+        windows = list(mix.eval_batches(source, b, t, train_cfg.eval_batches))
+        if windows:
+            eval_sets[source] = windows
+    if not eval_sets:
+        raise _no_eval_error(b, t)
+    unigram = _unigram([s.train for s in mix.sources], eval_sets, mix.tokenizer.vocab_size)
+    manifest = mix.manifest or {}
+    total = manifest.get("total", {})
+    return Pipeline(
+        tokenizer=mix.tokenizer,
+        next_batch=mix.next,
+        state=mix.state,
+        restore=mix.restore,
+        stats=mix.stats,
+        eval_sets=eval_sets,
+        unigram_bpb=unigram,
+        summary=(
+            f"data: embedded corpus {corpus_dir}: {len(mix.names)} sources, "
+            f"{total.get('bytes', 0) / 1e6:.1f} MB, {total.get('tokens', 0):,} tokens; weights "
+            + ", ".join(f"{n} {w:.2f}" for n, w in mix.weights.items())
+            + f"; unigram baseline {unigram:.3f} bits/byte"
+        ),
+    )
+
+
+def build_pipeline(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    workdir: str,
+    local_batch: int,
+    say=print,
+) -> Pipeline:
+    if data_cfg.source == "embedded":
+        return _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say)
+    return _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch)

