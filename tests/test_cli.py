@@ -45,6 +45,7 @@ def test_train_cli_writes_metrics_and_beats_unigram(tmp_path):
         "--config.train.steps=100",
         "--config.train.eval_every=50",
         "--config.train.batch_size=8",
+        "--config.train.profile_steps=(3,4)",
         f"--workdir={workdir}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -57,6 +58,9 @@ def test_train_cli_writes_metrics_and_beats_unigram(tmp_path):
     assert [e["step"] for e in evals] == [50, 100]
     assert evals[-1]["heldout_bpb"] < evals[-1]["heldout_unigram_bpb"]
     assert (workdir / "tokenizer.model").is_file() and (workdir / "config.json").is_file()
+    assert any((workdir / "tensorboard").iterdir())  # TensorBoard event files
+    assert any(p.is_file() for p in (workdir / "profile").rglob("*"))  # the jax.profiler trace
+    assert all(r["mfu"] > 0 for r in train[1:]) and "mfu_causal" in train[-1]
 
 
 @pytest.mark.parametrize(

@@ -23,14 +23,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 120
 
 
-def _cmd(workdir, shared, *overrides):
+def _cmd(workdir, shared, *overrides, preset="test", steps=STEPS):
     return [
         sys.executable,
         "-m",
         "experiments.train",
-        "--config=experiments/configs/gopher.py:test",
+        f"--config=experiments/configs/gopher.py:{preset}",
         f"--workdir={workdir}",
-        f"--config.train.steps={STEPS}",
+        f"--config.train.steps={steps}",
+        "--config.data.source=stdlib",
         "--config.train.log_every=1",
         "--config.train.eval_every=40",
         "--config.train.checkpoint_every=10",
@@ -79,11 +80,11 @@ def _losses(workdir):
     return out
 
 
-def _final_state(workdir):
+def _final_state(workdir, preset="test", **model_overrides):
     """The newest checkpoint's TrainState, restored onto one device."""
     from gopher import config, train
 
-    model = config.get_preset("test")
+    model = config.get_preset(preset).replace(**model_overrides)
     fns = train.make_train_functions(model, config.TrainConfig())
     abstract = jax.eval_shape(fns.init, jax.random.key(0))
     ck = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -127,41 +128,76 @@ def reference(shared, tmp_path_factory):
     return workdir
 
 
-def _assert_same_run(workdir, reference):
+def _assert_same_run(workdir, reference, steps=STEPS, preset="test", **model_overrides):
     ref, got = _losses(reference), _losses(workdir)
-    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    assert sorted(got) == sorted(ref) == list(range(1, steps + 1))
     for step, losses in got.items():
         assert all(x == ref[step][0] for x in losses), f"step {step}: {losses} vs {ref[step]}"
-    s1, a = _final_state(reference)
-    s2, b = _final_state(workdir)
-    assert s1 == s2 == STEPS
+    s1, a = _final_state(reference, preset, **model_overrides)
+    s2, b = _final_state(workdir, preset, **model_overrides)
+    assert s1 == s2 == steps
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _kill_at(cmd, workdir, kill_at):
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [r["step"] for r in _records(workdir)]
+        if steps and steps[-1] >= kill_at:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_sigkill_at_five_random_steps_resumes_bit_identically(shared, reference, tmp_path):
     workdir = str(tmp_path / "run")
-    kills = sorted(random.Random(0).sample(range(8, STEPS - 5), 5))
-    for kill_at in kills:
-        proc = subprocess.Popen(
-            _cmd(workdir, shared),
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            steps = [r["step"] for r in _records(workdir)]
-            if steps and steps[-1] >= kill_at:
-                break
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for kill_at in sorted(random.Random(0).sample(range(8, STEPS - 5), 5)):
+        _kill_at(_cmd(workdir, shared), workdir, kill_at)
     _run(workdir, shared)
     _assert_same_run(workdir, reference)
     # Steps after each kill's last checkpoint were redone and logged again.
     assert any(len(v) > 1 for v in _losses(workdir).values())
+
+
+@pytest.mark.slow
+def test_tiny_300_steps_killed_five_times_is_bit_identical(shared, tmp_path):
+    """The acceptance run: `tiny`, 300 steps, 8 devices on a (4, 2) mesh with ZeRO-1."""
+    steps = 300
+    flags = [
+        "--config.parallel.data=4",
+        "--config.parallel.model=2",
+        "--config.train.remat=full",
+        "--config.model.seq_len=128",
+        "--config.train.eval_every=100",
+        "--config.train.checkpoint_every=25",
+    ]
+    tok = str(tmp_path / "tok")
+    os.makedirs(tok)
+    ref = str(tmp_path / "ref")
+
+    def cmd(workdir):
+        return _cmd(workdir, tok, *flags, preset="tiny", steps=steps)
+
+    # The reference trains its own tokenizer; the killed run reuses it.
+    ref_cmd = [c for c in cmd(ref) if "tokenizer_path" not in c]
+    out = subprocess.run(
+        ref_cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=3600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    shutil.copy(os.path.join(ref, "tokenizer.model"), os.path.join(tok, "tokenizer.model"))
+    workdir = str(tmp_path / "run")
+    for kill_at in sorted(random.Random(1).sample(range(10, steps - 10), 5)):
+        _kill_at(cmd(workdir), workdir, kill_at)
+    out = subprocess.run(
+        cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=3600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    _assert_same_run(workdir, ref, steps=steps, preset="tiny", seq_len=128)
 
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes(shared, reference, tmp_path):

@@ -149,6 +149,30 @@ def build_embedded_corpus(out: str, vocab_size: int, log=print) -> dict:
     )
 
 
+def parse_weights(text: str) -> str | dict[str, float] | None:
+    """'' (the corpus's own), a mixture name, or 'source=weight,source=weight'."""
+    if not text or "=" not in text:
+        return text or None
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"mixture weight {part!r} is not SOURCE=NUMBER; e.g. "
+                "--config.data.mixture=books=0.3,code=0.1,news=0.6"
+            ) from None
+    bad = {k: v for k, v in weights.items() if v < 0}
+    if bad or sum(weights.values()) <= 0:
+        raise ValueError(
+            f"mixture weights {weights} must be >= 0 with a positive sum "
+            f"({'negative: ' + ', '.join(bad) if bad else 'they sum to zero'}); fix "
+            "--config.data.mixture"
+        )
+    return weights
+
+
 def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
     from gopher.data.mixture import Mixture
 
@@ -163,7 +187,7 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
         say(f"building the embedded corpus into {corpus_dir} (first run only, ~1 minute)")
         build_embedded_corpus(corpus_dir, model_cfg.vocab_size, log=say)
     b, t = train_cfg.batch_size, model_cfg.seq_len
-    weights = data_cfg.mixture or None
+    weights = parse_weights(data_cfg.mixture)
     mix = Mixture.from_corpus(
         corpus_dir,
         weights,
