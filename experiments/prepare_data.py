@@ -65,49 +65,39 @@ def _tfds_inputs():
 
 def main(argv):
     del argv
-    from gopher.data import build, corpus
-    from gopher.data.mixture import EMBEDDED_WEIGHTS
+    from gopher.data import build, corpus, pipeline
 
     start = time.perf_counter()
     out = os.path.expanduser(_OUT.value)
     cache = os.path.expanduser(_CACHE.value or corpus.DEFAULT_CACHE_DIR)
     with user_errors(_VERBOSE.value):
-        if _MIXTURE.value == "embedded":
-            print(f"fetching and extracting sources (cache {cache})")
-            documents, records = corpus.embedded_documents(
-                _SOURCES.value, cache_dir=cache, offline=_OFFLINE.value
-            )
-            requested = _SOURCES.value or [s.name for s in corpus.EMBEDDED_SOURCES]
-            skipped = [s for s in requested if s not in documents]
-            weights = {s: EMBEDDED_WEIGHTS[s] for s in documents}
-        else:
-            documents, records, weights = _tfds_inputs()
-            skipped = []
-        raw = sum(
-            len(d.text.encode("utf-8", "surrogatepass")) for v in documents.values() for d in v
-        )
-        print(f"extracted {raw / 1e6:.1f} MB in {time.perf_counter() - start:.1f}s")
-        manifest = build.build_corpus(
-            out,
-            documents,
-            records,
-            weights,
-            name=_MIXTURE.value,
-            vocab_size=_VOCAB.value,
+        options = dict(
             heldout_fraction=_HELDOUT.value,
             tokenizer_sample_bytes=_SAMPLE.value,
             max_bytes_per_source=_MAX_BYTES.value,
             num_threads=_THREADS.value,
-            skipped=skipped,
         )
+        if _MIXTURE.value == "embedded":
+            manifest = pipeline.build_embedded_corpus(
+                out, _VOCAB.value, _SOURCES.value, cache, _OFFLINE.value, **options
+            )
+        else:
+            documents, records, weights = _tfds_inputs()
+            raw = sum(
+                len(d.text.encode("utf-8", "surrogatepass")) for v in documents.values() for d in v
+            )
+            print(f"extracted {raw / 1e6:.1f} MB in {time.perf_counter() - start:.1f}s")
+            manifest = build.build_corpus(
+                out, documents, records, weights, name="tfds", vocab_size=_VOCAB.value, **options
+            )
     total = manifest["total"]
     print(
         f"built {out}: {len(manifest['sources'])} sources, {total['documents']} documents, "
         f"{total['bytes'] / 1e6:.1f} MB, {total['tokens']:,} tokens "
         f"in {time.perf_counter() - start:.1f}s"
     )
-    if skipped:
-        print(f"skipped sources (weights renormalised): {', '.join(skipped)}")
+    if manifest.get("skipped"):
+        print(f"skipped sources (weights renormalised): {', '.join(manifest['skipped'])}")
     print("weights: " + ", ".join(f"{k} {v:.4f}" for k, v in manifest["weights"].items()))
     print(f"manifest sha256: {build.manifest_sha256(out)}")
     print(f"tree sha256:     {build.tree_sha256(out)}")

