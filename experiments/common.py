@@ -59,9 +59,13 @@ def parse_flags(argv):
         if ours:
             e = ours[0]
         elif any(isinstance(c, (KeyError, AttributeError)) for c in chain):
+            keys = [
+                str(c.args[0]).strip("'\"") for c in chain if isinstance(c, KeyError) and c.args
+            ]
             bad = [a for a in argv[1:] if a.startswith("--config.")]
+            named = [a for a in bad if any(f".{k}=" in a or a.endswith(f".{k}") for k in keys)]
             fail(
-                f"unknown config field in {' '.join(bad) or argv[1:]}; "
+                f"unknown config field in {' '.join(named or bad) or argv[1:]}; "
                 "see the config file for the valid names"
             )
         lines = [x for x in str(e).strip().splitlines() if x.strip()]

@@ -69,10 +69,15 @@ def test_train_cli_writes_metrics_and_beats_unigram(tmp_path):
         ("--config=experiments/configs/gopher.py:45m", "unknown preset '45m'"),
         ("--config.model.key_size=7", "num_heads * key_size"),
         ("--config.train.precision=fp8", "TrainConfig.precision = 'fp8'"),
+        ("--config.model.n_layer=3", "unknown config field in --config.model.n_layer=3;"),
+        (
+            "--config.data.source=embedded --config.data.mixture=books=1,code=-1",
+            "(negative: code); fix --config.data.mixture",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_value(tmp_path, flag, message):
-    args = ["--config=experiments/configs/gopher.py:test", flag, f"--workdir={tmp_path}"]
+    args = ["--config=experiments/configs/gopher.py:test", *flag.split(), f"--workdir={tmp_path}"]
     out = _run("experiments.train", *args, timeout=120)
     assert out.returncode != 0
     err = [line for line in out.stderr.splitlines() if line.strip()]

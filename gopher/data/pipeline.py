@@ -191,6 +191,7 @@ def parse_weights(text: str) -> str | dict[str, float] | None:
 def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
     from gopher.data.mixture import Mixture
 
+    weights = parse_weights(data_cfg.mixture)  # before a build: a typo should not cost one
     corpus_dir = data_cfg.corpus_dir or default_corpus_dir(model_cfg.vocab_size)
     if not os.path.isfile(os.path.join(corpus_dir, "manifest.json")):
         if data_cfg.corpus_dir:
@@ -202,7 +203,6 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
         say(f"building the embedded corpus into {corpus_dir} (first run only, ~1 minute)")
         build_embedded_corpus(corpus_dir, model_cfg.vocab_size, log=say)
     b, t = train_cfg.batch_size, model_cfg.seq_len
-    weights = parse_weights(data_cfg.mixture)
     mix = Mixture.from_corpus(
         corpus_dir,
         weights,
