@@ -4,10 +4,11 @@
     python -m experiments.bench --preset=tiny --precision=mixed --remat=full --steps=20
 
 Builds the train step with `gopher.train.make_train_functions`, jits it with the
-state donated (as the host loop does), compiles ahead of time (timed), warms up,
-then times `--steps` steps one by one (blocking on each) and reports the median.
-Prints one JSON line and appends it, with the command line, to
-`benchmarks/train_speed.jsonl`.
+state donated (as the host loop does), traces and compiles it ahead of time
+(`compile_s`), warms up, then times `--steps` steps one by one (blocking on each):
+`tokens_per_sec` is from the median step. On a shared machine `step_cpu_s` (CPU
+seconds per step, all threads) is the steadier number. Prints one JSON line and
+appends it, with the command line, to `benchmarks/train_speed.jsonl`.
 
 Shapes:
   nanogpt  the 44m row (8 layers, d_model 512, 16 heads, key 32, vocab 32000) at
@@ -22,6 +23,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -46,6 +48,7 @@ _REMAT = flags.DEFINE_string("remat", "none", "Remat policy name (gopher.model.R
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _OUT = flags.DEFINE_string("out", "benchmarks/train_speed.jsonl", "Where to append the result.")
+_NOTE = flags.DEFINE_string("note", "", "Free text stored with the result (what was measured).")
 
 
 def _configs():
@@ -65,6 +68,18 @@ def _configs():
     return name, model_cfg, train_cfg
 
 
+def _git_revision() -> str:
+    """HEAD's short hash, with '+dirty' when tracked files differ from it ('' outside git)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], capture_output=True).returncode
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def main(argv):
     del argv
     name, model_cfg, train_cfg = _configs()
@@ -82,11 +97,13 @@ def main(argv):
         state, metrics = compiled(state, tokens)
     jax.block_until_ready(state)
     times = []
+    cpu_start = time.process_time()
     for _ in range(_STEPS.value):
         start = time.perf_counter()
         state, metrics = compiled(state, tokens)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+    cpu_per_step = (time.process_time() - cpu_start) / _STEPS.value
     step_s = statistics.median(times)
 
     result = {
@@ -100,6 +117,8 @@ def main(argv):
         "tokens_per_sec": round(b * t / step_s, 1),
         "step_time_s": round(step_s, 4),
         "step_time_min_s": round(min(times), 4),
+        # CPU seconds (all threads) per step: steadier than wall time on a shared machine.
+        "step_cpu_s": round(cpu_per_step, 3),
         "compile_s": round(compile_s, 2),
         "loss": round(float(metrics["loss"]), 4),
         "jax": jax.__version__,
@@ -107,7 +126,10 @@ def main(argv):
         "cpus": os.cpu_count(),
         "host": platform.node(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "git": _git_revision(),
+        "note": _NOTE.value,
     }
     print(json.dumps(result))
     if _OUT.value:
