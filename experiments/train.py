@@ -11,6 +11,7 @@ the traceback); 3 diverged (too many consecutive non-finite steps); 75 preempted
 
 from __future__ import annotations
 
+import logging as pylogging
 import sys
 import threading
 
@@ -32,12 +33,20 @@ def main(argv):
         # Orbax logs every save at INFO and, for a failed save, a traceback at ERROR; the
         # main thread reports every failure itself in one line.
         logging.set_verbosity(logging.FATAL)
-        # A failed async save also raises in Orbax's thread; the main thread reports it.
-        threading.excepthook = lambda args: print(
-            f"warning: background thread: {type(args.exc_value).__name__}: "
-            f"{str(args.exc_value).splitlines()[0][:200] if str(args.exc_value) else ''}",
-            file=sys.stderr,
-        )
+        # A failed async save also raises in Orbax's and tensorstore's threads; the main
+        # thread reports it in one line, so background copies become one warning each.
+        seen = set()
+
+        def quiet(kind, exc):
+            text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            if text not in seen:
+                seen.add(text)
+                print(f"warning: {kind}: {text}", file=sys.stderr)
+
+        threading.excepthook = lambda args: quiet("background thread", args.exc_value)
+        sys.unraisablehook = lambda u: quiet("ignored in background", u.exc_value)
+        sys.excepthook = lambda typ, exc, tb: quiet("uncaught (rerun with --verbose)", exc)
+        pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
     if not _WORKDIR.value:
         common.fail("--workdir is required; pass --workdir=DIR (it is created if missing)")
     with common.user_errors(_VERBOSE.value):
