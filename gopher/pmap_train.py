@@ -184,10 +184,8 @@ def make_pmap_train(
 
         # A non-finite loss or gradient skips the update (and is counted); both values
         # are the same on every device, so every device makes the same choice.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = PmapState(params, opt_state, master, state.step + 1, state.rng, state.skipped)
-        old = state._replace(step=state.step + 1, skipped=state.skipped + 1)
-        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        state = train_lib.keep_finite_update(new, state, loss, grad_norm)
         # Reduced over devices (pmax of equal values marks them replicated), so the
         # metrics come back from pmap as plain scalars, as from train.py.
         metrics = {

@@ -30,6 +30,14 @@ class TrainState(NamedTuple):
     skipped: jax.Array  # int32: updates skipped for a non-finite loss or gradient
 
 
+def keep_finite_update(new, state, loss: jax.Array, grad_norm: jax.Array):
+    """`new`, unless the loss or gradient norm is non-finite: then `state` with the step
+    advanced and the skip counted. Works for any state with `step` and `skipped` fields."""
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    old = state._replace(step=state.step + 1, skipped=state.skipped + 1)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 class TrainFunctions(NamedTuple):
     init: Callable[[jax.Array], TrainState]
     train_step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
@@ -93,11 +101,8 @@ def make_train_functions(
         else:
             master = None
             params = precision_lib.apply_updates(state.params, updates, policy, key)
-        # A non-finite loss or gradient skips the update (and is counted).
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new = TrainState(params, opt_state, master, state.step + 1, state.rng, state.skipped)
-        old = state._replace(step=state.step + 1, skipped=state.skipped + 1)
-        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        state = keep_finite_update(new, state, loss, grad_norm)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
