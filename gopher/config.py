@@ -164,6 +164,11 @@ class TrainConfig:
     profile_steps: tuple[int, ...] = ()  # (first, last): a jax.profiler trace of that range
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: looked up (or measured on CPU)
     tensorboard: bool = True
+    # Start over in a new checkpoint subdirectory (recorded in WORKDIR/checkpoints.json),
+    # leaving every old checkpoint untouched: the only way to discard a run's progress.
+    restart_from_scratch: bool = False
+    # Seconds a step may take before the watchdog dumps every thread's stack (0: off).
+    watchdog_s: float = 900.0
 
     def __post_init__(self):
         _positive(
@@ -313,8 +318,17 @@ class ParallelConfig:
     data: int = -1
     model: int = 1
     zero: int = 0
+    # How devices fill the mesh: "auto" (jax.make_mesh: each process's devices together)
+    # or "interleave" (devices of different processes alternate along the model axis, so a
+    # model group spans hosts; for testing the multi-host data feed).
+    device_order: str = "auto"
 
     def __post_init__(self):
+        if self.device_order not in ("auto", "interleave"):
+            raise ConfigError(
+                f"ParallelConfig.device_order = {self.device_order!r} is unknown; use 'auto' "
+                "or 'interleave' (--config.parallel.device_order)"
+            )
         if self.mode not in ("jit", "pmap"):
             raise ConfigError(
                 f"ParallelConfig.mode = {self.mode!r} is unknown; use 'jit' or 'pmap' "

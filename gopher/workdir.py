@@ -29,8 +29,10 @@ MUTABLE = {
         "peak_flops",
         "tensorboard",
         "remat",
+        "restart_from_scratch",
+        "watchdog_s",
     },
-    "parallel": {"mode", "replica", "data", "model", "zero"},
+    "parallel": {"mode", "replica", "data", "model", "zero", "device_order"},
     "data": {"cache_dir"},
 }
 
