@@ -1,23 +1,39 @@
-"""Orbax checkpoints: async saves, resharding restores, and fallback past a bad checkpoint.
+"""Orbax checkpoints that cannot lose work: async saves, resharding restores, quarantine.
 
 A checkpoint is one Orbax step directory holding two items:
   state  the TrainState (params, optimiser state, fp32 master, step, rng, skipped)
   meta   JSON: step, the data pipeline's state, the run's config, the tokenizer's sha256
 
 Orbax writes each step into a temporary directory and renames it when every file is
-written, so a run killed mid-save leaves no half-written step that counts. A step that
-is complete on disk but unreadable (truncated or deleted files) is detected at restore;
-the previous good step is used instead, with a warning naming both.
+written, so a run killed mid-save leaves no half-written step that counts.
+
+A restore that fails never trains from scratch (a fresh run plus `max_to_keep` would
+garbage-collect the steps it could not read):
+  - a transient read error (OSError, a timeout, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) is
+    retried with backoff; a structurally damaged step (missing or truncated files, bad
+    metadata) is tried once;
+  - if a newer step is unreadable but an older one restores, the run resumes from the
+    older one and the bad step is quarantined: moved, never deleted, to
+    WORKDIR/quarantine/<checkpoint dir>/<step>-<time>/ (outside the Orbax directory: on
+    gs:// Orbax removes any subdirectory without a commit marker as unfinished), with a
+    line in <checkpoint dir>/quarantine.jsonl; a later save of that step number is free;
+  - if no step restores, `RestoreFailed` names every step and why, and nothing moves.
+Starting over is explicit: `--config.train.restart_from_scratch=true` makes
+`checkpoint_directory` start a new checkpoint subdirectory beside the old one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +41,12 @@ log = logging.getLogger(__name__)
 # each distinct slice compiles once, which made the first save of the tiny demo block the
 # loop for ~3 s. Below 32 MiB per slice the split saves nothing, so only big arrays use it.
 _REPLICA_PARALLEL_MIN_BYTES = 32 * 2**20
+RECORD = "checkpoints.json"  # in the workdir: which checkpoint subdirectory is active
+_TRANSIENT_TEXT = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection")
+_RESTART_HINT = (
+    "fix the storage and rerun, or pass --config.train.restart_from_scratch=true to train "
+    "from step 0 in a new checkpoint subdirectory (these steps stay where they are)"
+)
 
 
 def _register_array_handler() -> None:
@@ -43,11 +65,69 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and the fix."""
 
 
-class Checkpointer:
-    """Saves and restores (TrainState, meta) under DIRECTORY/<step>/."""
+class RestoreFailed(RuntimeError):
+    """Checkpoints exist but none restores; the run must stop, not start over."""
 
-    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+
+def _is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute; a URL (gs://...) is left as it is."""
+    return str(path) if _is_url(path) else os.path.abspath(path)
+
+
+def is_transient(e: BaseException) -> bool:
+    """A read error worth retrying: the storage, not the checkpoint, is at fault."""
+    if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return False  # a missing file stays missing
+    text = str(e)
+    return isinstance(e, OSError | ConnectionError | TimeoutError) or any(
+        t in text for t in _TRANSIENT_TEXT
+    )
+
+
+def _short(e: BaseException, limit: int = 120) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _step_dirs(directory: epath.Path) -> list[epath.Path]:
+    """Committed Orbax steps (integer-named directories; tmp ones carry a suffix)."""
+    if not directory.exists():
+        return []
+    return [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+
+
+def _quarantine_root(directory: epath.Path) -> epath.Path:
+    return directory.parent / "quarantine" / directory.name
+
+
+def _quarantined(directory: epath.Path) -> list[str]:
+    root = _quarantine_root(directory)
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, meta) under DIRECTORY/<step>/ (local or gs://).
+
+    `restore_tries` and `retry_backoff_s` set the retries of a transient read error:
+    waits of backoff, 2 * backoff, ... seconds between tries.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        restore_tries: int = 3,
+        retry_backoff_s: float = 1.0,
+    ):
+        self.directory = _absolute(directory)
+        self._path = epath.Path(self.directory)
+        self.restore_tries = max(1, restore_tries)
+        self.retry_backoff_s = retry_backoff_s
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
@@ -81,30 +161,90 @@ class Checkpointer:
         )
         return out["state"], out["meta"]
 
+    def _restore_with_retries(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        for attempt in range(self.restore_tries):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as e:  # a damaged step raises many kinds of error
+                last = attempt + 1 == self.restore_tries
+                if not is_transient(e) or last:
+                    e.tries = attempt + 1  # for the message
+                    raise
+                wait = self.retry_backoff_s * 2**attempt
+                log.warning(
+                    "checkpoint %s/%d: transient read error (%s); retrying in %.1f s",
+                    self.directory,
+                    step,
+                    _short(e),
+                    wait,
+                )
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """The newest checkpoint that restores, falling back past unreadable ones."""
-        bad: list[int] = []
+        """The newest step that restores, as (step, state, meta).
+
+        None only when the directory holds no steps at all (live or quarantined). Newer
+        steps that fail are quarantined once an older one restores; if none restores,
+        raises RestoreFailed and moves nothing.
+        """
+        failed: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
-                state, meta = self.restore(step, abstract_state)
-            except Exception as e:  # a damaged step raises many kinds of error
-                log.info("checkpoint %s/%d is unreadable: %s", self.directory, step, str(e)[:300])
-                bad.append(step)
+                state, meta = self._restore_with_retries(step, abstract_state)
+            except Exception as e:
+                tries = getattr(e, "tries", 1)
+                kind = f"transient, {tries} tries" if is_transient(e) else "damaged"
+                log.info("checkpoint %s/%d is unreadable: %s", self.directory, step, str(e))
+                failed.append((step, f"{kind}: {_short(e)}"))
                 continue
-            if bad:
-                msg = (
-                    f"warning: checkpoint step {bad[0]} in {self.directory} is incomplete or "
-                    f"corrupt; resuming from the previous good checkpoint, step {step}"
+            if failed:
+                for bad, why in failed:
+                    self._quarantine(bad, why)
+                bad_steps = ", ".join(str(s) for s, _ in failed)
+                print(
+                    f"warning: checkpoint step {bad_steps} in {self.directory} is incomplete "
+                    f"or corrupt (quarantined in {_quarantine_root(self._path)}); resuming "
+                    f"from the previous good checkpoint, step {step}",
+                    flush=True,
                 )
-                print(msg, flush=True)
             return step, state, meta
-        if bad:
-            print(
-                f"warning: no readable checkpoint in {self.directory} (tried steps {bad}); "
-                "starting from scratch",
-                flush=True,
+        if failed:
+            tried = "; ".join(f"step {s} ({why})" for s, why in failed)
+            raise RestoreFailed(
+                f"no checkpoint in {self.directory} restores, nothing was moved or deleted: "
+                f"{tried}. To proceed, {_RESTART_HINT}"
+            )
+        if _quarantined(self._path):
+            raise RestoreFailed(
+                f"{self.directory} has no steps left but quarantined ones in "
+                f"{_quarantine_root(self._path)} (see {self.directory}/quarantine.jsonl); "
+                f"move a repaired step back, or {_RESTART_HINT}"
             )
         return None
+
+    def _quarantine(self, step: int, why: str) -> None:
+        """Moves step out of Orbax's reach (GC, tmp cleanup, a later save of step)."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        target = _quarantine_root(self._path) / f"{step}-{stamp}"
+        if jax.process_index() == 0:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (self._path / str(step)).rename(target)  # on gs:// a copy, then a delete
+                entry = {"step": step, "error": why, "time": stamp, "moved_to": str(target)}
+                with (self._path / "quarantine.jsonl").open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
+            except Exception as e:
+                raise RestoreFailed(
+                    f"checkpoint step {step} in {self.directory} is unreadable ({why}) and "
+                    f"could not be moved to {target} ({_short(e)}); nothing was deleted. "
+                    f"To proceed, {_RESTART_HINT}"
+                ) from e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"quarantine {self.directory}/{step}")
+        self._manager.reload()  # forget the moved step
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -112,3 +252,67 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _has_work(directory: epath.Path) -> bool:
+    return bool(_step_dirs(directory)) or bool(_quarantined(directory))
+
+
+def checkpoint_directory(workdir: str, restart_from_scratch: bool) -> str:
+    """The active checkpoint directory of WORKDIR: WORKDIR/checkpoints unless a restart
+    chose another, as recorded in WORKDIR/checkpoints.json.
+
+    restart_from_scratch=True starts a new subdirectory (checkpoints-1, -2, ...) and leaves
+    the old one untouched, with these rules, so that rerunning the same command after a
+    preemption resumes instead of starting over again:
+      - the record marks the directory a restart created as `latched`; while the flag
+        stays set, later runs resume in it (the same restart, rerun);
+      - a run without the flag clears the latch (the restart is over): the next run with
+        the flag starts another directory;
+      - an active directory with no steps (live or quarantined) holds no work: a restart
+        reuses it rather than making another.
+    Every process gets the same answer (process 0 decides and writes the record).
+    """
+    root = epath.Path(_absolute(workdir))
+    record_path = root / RECORD
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    active = record.get("active", "checkpoints")
+    latched = bool(record.get("latched", False))
+    history = list(record.get("history", [])) or [{"directory": active}]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    choice, changed = active, False
+    if restart_from_scratch and not latched:
+        if _has_work(root / active):
+            taken = {active, *(h.get("directory") for h in history)}
+            k = 1
+            while f"checkpoints-{k}" in taken or (root / f"checkpoints-{k}").exists():
+                k += 1
+            choice = f"checkpoints-{k}"
+            history.append({"directory": choice, "created": stamp, "replaces": active})
+            print(
+                f"restart_from_scratch: training from step 0 in {root / choice}; "
+                f"{root / active} is left as it is",
+                flush=True,
+            )
+        latched, changed = True, True
+    elif not restart_from_scratch and latched:
+        latched, changed = False, True
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # Process 0's choice wins, so processes that read the record at different
+        # moments cannot pick different directories.
+        k = 0 if choice == "checkpoints" else int(choice.rsplit("-", 1)[1])
+        k = int(multihost_utils.broadcast_one_to_all(np.int32(k)))
+        choice = "checkpoints" if k == 0 else f"checkpoints-{k}"
+    if changed and jax.process_index() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        record = {"active": choice, "latched": latched, "history": history}
+        tmp = root / f"{RECORD}.tmp"
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        tmp.replace(record_path)  # whole or not at all
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("checkpoint_directory")
+    return str(root / choice)

@@ -1,0 +1,228 @@
+"""Restore policy: retries, quarantine, RestoreFailed, and the restart_from_scratch directory.
+
+Small pytrees sharded over the 8 simulated CPU devices, saved by the real Orbax manager;
+damage is done to the files on disk, and every check of "nothing lost" compares the bytes.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gopher import checkpoint as checkpoint_lib
+
+MESH = Mesh(np.array(jax.devices()), ("d",))
+SHARDED = NamedSharding(MESH, P("d"))
+
+
+def _state(step: int) -> dict:
+    w = jnp.arange(64, dtype=jnp.float32).reshape(16, 4) + step
+    return {"w": jax.device_put(w, SHARDED), "step": jnp.int32(step)}
+
+
+def _abstract() -> dict:
+    return {
+        "w": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=SHARDED),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+
+
+def _checkpointer(directory, **kw) -> checkpoint_lib.Checkpointer:
+    kw.setdefault("retry_backoff_s", 0.0)
+    return checkpoint_lib.Checkpointer(str(directory), async_save=False, **kw)
+
+
+def _save_steps(directory, steps, **kw) -> None:
+    ck = _checkpointer(directory, **kw)
+    for s in steps:
+        assert ck.save(s, _state(s), {"step": s})
+    ck.close()
+
+
+def _files(root) -> dict:
+    """{relative path: bytes} of every file under root."""
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def _truncate_state(step_dir) -> None:
+    for dirpath, _, names in os.walk(os.path.join(step_dir, "state")):
+        for name in names:
+            with open(os.path.join(dirpath, name), "r+b") as f:
+                f.truncate(0)
+
+
+def test_every_step_unreadable_raises_naming_each_and_moves_nothing(tmp_path):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10, 20, 30])
+    for s in (10, 20, 30):
+        _truncate_state(directory / str(s))
+    before = _files(tmp_path)
+    ck = _checkpointer(directory)
+    with pytest.raises(checkpoint_lib.RestoreFailed) as err:
+        ck.restore_latest(_abstract())
+    ck.close()
+    msg = str(err.value)
+    assert "\n" not in msg
+    for s in (10, 20, 30):
+        assert f"step {s} (" in msg
+    assert "restart_from_scratch=true" in msg and "nothing was moved" in msg
+    assert _files(tmp_path) == before  # same paths, same bytes
+
+
+def test_corrupt_newest_is_quarantined_and_its_step_number_saved_again(tmp_path):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10, 20, 30])
+    _truncate_state(directory / "30")
+    damaged = _files(directory / "30")
+    ck = _checkpointer(directory, max_to_keep=3)
+    step, state, meta = ck.restore_latest(_abstract())
+    assert step == 20 and meta == {"step": 20}
+    np.testing.assert_array_equal(state["w"], _state(20)["w"])
+    assert state["w"].sharding.is_equivalent_to(SHARDED, 2)
+    # Step 30 moved, byte for byte, out of Orbax's directory.
+    (moved,) = os.listdir(tmp_path / "quarantine" / "checkpoints")
+    assert moved.startswith("30-")
+    assert _files(tmp_path / "quarantine" / "checkpoints" / moved) == damaged
+    assert ck.steps() == [10, 20] and not (directory / "30").exists()
+    (line,) = (directory / "quarantine.jsonl").read_text().splitlines()
+    entry = json.loads(line)
+    assert entry["step"] == 30 and "damaged" in entry["error"] and entry["time"]
+    # Training on: step 30 is free again, and max_to_keep's GC leaves the quarantine be.
+    for s in (30, 40, 50):
+        assert ck.save(s, _state(s), {"step": s})
+    ck.wait()
+    assert ck.steps() == [30, 40, 50]
+    assert _files(tmp_path / "quarantine" / "checkpoints" / moved) == damaged
+    got, _ = ck.restore(30, _abstract())
+    np.testing.assert_array_equal(got["w"], _state(30)["w"])
+    ck.close()
+    # A fresh process sees the same: resumes from 50, never from the quarantined step.
+    ck = _checkpointer(directory)
+    assert ck.restore_latest(_abstract())[0] == 50
+    ck.close()
+
+
+def test_transient_errors_are_retried_then_restore(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10])
+    ck = _checkpointer(directory, restore_tries=3)
+    real, calls = ck._manager.restore, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError("UNAVAILABLE: connection reset by the storage service")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ck._manager, "restore", flaky)
+    step, state, _ = ck.restore_latest(_abstract())
+    assert step == 10 and len(calls) == 3
+    np.testing.assert_array_equal(state["w"], _state(10)["w"])
+    ck.close()
+
+
+def test_persistent_transient_error_stops_the_run_and_keeps_the_steps(tmp_path, monkeypatch):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10, 20])
+    before = _files(tmp_path)
+    ck = _checkpointer(directory, restore_tries=2)
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while restoring")
+
+    monkeypatch.setattr(ck._manager, "restore", down)
+    with pytest.raises(checkpoint_lib.RestoreFailed) as err:
+        ck.restore_latest(_abstract())
+    ck.close()
+    assert len(calls) == 4  # two steps, two tries each
+    assert "step 20 (transient, 2 tries" in str(err.value) and "step 10 (" in str(err.value)
+    assert _files(tmp_path) == before
+
+
+def test_only_quarantined_steps_left_is_not_a_fresh_start(tmp_path):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10, 20])
+    _truncate_state(directory / "20")
+    ck = _checkpointer(directory)
+    assert ck.restore_latest(_abstract())[0] == 10
+    ck.close()
+    # Someone deletes the good step by hand: the quarantine still holds work.
+    import shutil
+
+    shutil.rmtree(directory / "10")
+    ck = _checkpointer(directory)
+    with pytest.raises(checkpoint_lib.RestoreFailed, match="quarantined"):
+        ck.restore_latest(_abstract())
+    ck.close()
+
+
+def test_empty_directory_is_a_fresh_start(tmp_path):
+    ck = _checkpointer(tmp_path / "checkpoints")
+    assert ck.restore_latest(_abstract()) is None
+    ck.close()
+
+
+def test_classification_and_urls():
+    assert checkpoint_lib.is_transient(OSError("connection reset"))
+    assert checkpoint_lib.is_transient(TimeoutError())
+    assert checkpoint_lib.is_transient(ValueError("DEADLINE_EXCEEDED: read took too long"))
+    assert not checkpoint_lib.is_transient(FileNotFoundError("state/_METADATA"))
+    assert not checkpoint_lib.is_transient(ValueError("Unexpected end of JSON input"))
+    assert checkpoint_lib._absolute("gs://bucket/run/checkpoints") == "gs://bucket/run/checkpoints"
+    assert checkpoint_lib._absolute("run/ck") == os.path.abspath("run/ck")
+
+
+def test_restart_from_scratch_starts_a_new_directory_once(tmp_path):
+    workdir = str(tmp_path / "run")
+    first = checkpoint_lib.checkpoint_directory(workdir, False)
+    assert first == os.path.join(workdir, "checkpoints")
+    _save_steps(first, [10, 20])
+    old = _files(first)
+
+    new = checkpoint_lib.checkpoint_directory(workdir, True)
+    assert new == os.path.join(workdir, "checkpoints-1")
+    ck = _checkpointer(new)
+    assert ck.restore_latest(_abstract()) is None  # from step 0
+    ck.save(10, _state(10), {"step": 10})
+    ck.close()
+    # Preempted; the same command (flag still set) resumes in the new directory.
+    again = checkpoint_lib.checkpoint_directory(workdir, True)
+    assert again == new
+    ck = _checkpointer(again)
+    assert ck.restore_latest(_abstract())[0] == 10
+    ck.close()
+    assert _files(first) == old  # the old run's checkpoints, byte for byte
+    record = json.loads((tmp_path / "run" / "checkpoints.json").read_text())
+    assert record["active"] == "checkpoints-1"
+    assert [h["directory"] for h in record["history"]] == ["checkpoints", "checkpoints-1"]
+
+    # A run without the flag ends the restart; a later restart starts another directory.
+    assert checkpoint_lib.checkpoint_directory(workdir, False) == new
+    assert checkpoint_lib.checkpoint_directory(workdir, True) == os.path.join(
+        workdir, "checkpoints-2"
+    )
+    assert checkpoint_lib.checkpoint_directory(workdir, True) == os.path.join(
+        workdir, "checkpoints-2"
+    )
+    assert _files(first) == old
+
+
+def test_restart_from_scratch_in_a_fresh_workdir_uses_the_default_directory(tmp_path):
+    workdir = str(tmp_path / "run")
+    got = checkpoint_lib.checkpoint_directory(workdir, True)
+    assert got == os.path.join(workdir, "checkpoints")
+    _save_steps(got, [10])
+    assert checkpoint_lib.checkpoint_directory(workdir, True) == got  # rerun: resume
