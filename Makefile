@@ -2,16 +2,36 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat setup.py | sha1sum | cut -c1-12)
+LOCKS := requirements.lock requirements-dev.lock
+STAMP := $(VENV)/.installed-$(shell cat setup.py $(LOCKS) | sha1sum | cut -c1-12)
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-all lint format bench table clean
+.PHONY: demo test test-all lint format bench table clean lock
 
-$(STAMP): setup.py
+# Installs the exact versions (and hashes) of the lock, then the project without resolving.
+# `pip check` fails when setup.py gained a dependency the lock lacks: run `make lock`.
+$(STAMP): setup.py $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -r requirements-dev.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	rm -f $(VENV)/.installed-* && touch $@
+
+# Re-resolve the locks from setup.py with uv, keeping the pins already in them (add
+# --upgrade to move them): runtime and dev for this machine's Python 3.11, and the TPU
+# workers' lock (runtime + jax[tpu]/libtpu; libtpu wheels need glibc 2.31).
+UV_VERSION := 0.13.9
+LOCK_FLAGS := --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip compile setup.py $(LOCK_FLAGS) \
+	    --python-platform x86_64-manylinux_2_28 -o requirements.lock
+	$(VENV)/bin/uv pip compile setup.py --extra dev $(LOCK_FLAGS) \
+	    --python-platform x86_64-manylinux_2_28 -c requirements.lock -o requirements-dev.lock
+	echo "jax[tpu]" | $(VENV)/bin/uv pip compile setup.py - $(LOCK_FLAGS) \
+	    --python-platform x86_64-manylinux_2_31 -c requirements.lock -o requirements-tpu.lock
 
 # Train `tiny` on 8 simulated CPU devices: a (4, 2) data x model mesh, optimiser-state
 # partitioning (ZeRO-1) and rematerialisation; leaves $(DEMO_DIR).

@@ -1,0 +1,272 @@
+"""The `gcloud` argument lists and remote scripts for Cloud TPU VMs, as pure functions.
+
+Nothing here runs anything: every function returns an argv list (for `subprocess.run`,
+never a shell string) or the one string that `tpu-vm ssh --command=` sends to every
+worker. Arguments the user gave reach the remote shell as positional arguments of a
+fixed `bash -c SCRIPT` (each piece `shlex.quote`d), so names with spaces or quotes
+survive and `shlex.split(command)[4:]` gives the original argv back.
+
+Remote layout (on every worker, in the ssh user's home):
+    ~/gopher.tar.gz   the commit to run (`git archive` here, scp'd to all workers)
+    ~/gopher/         that commit, unpacked afresh by every setup
+    ~/gopher-venv/    uv's Python 3.11 venv, synced from requirements-tpu.lock
+    ~/gopher-logs/    worker-<N>.log, appended by every run
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+# How a TPU is obtained. `guaranteed` and `best-effort` exist only for queued resources,
+# and `--best-effort` only under `gcloud alpha` (checked against gcloud 528).
+PROVISIONING = ("on-demand", "spot", "reserved", "guaranteed", "best-effort")
+QUEUED_ONLY = ("guaranteed", "best-effort")
+
+# TPU VM base images by generation; v4's Ubuntu 22.04 image also serves older chips.
+RUNTIME_VERSIONS = {
+    "v5p": "v2-alpha-tpuv5",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v6e": "v2-alpha-tpuv6e",
+}
+DEFAULT_RUNTIME = "tpu-ubuntu2204-base"
+
+UV_VERSION = "0.13.9"
+PYTHON_VERSION = "3.11"  # jax 0.10 needs >= 3.11; TPU VM images ship 3.10
+TPU_LOCK = "requirements-tpu.lock"
+REMOTE_TARBALL = "gopher.tar.gz"
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSpec:
+    """One TPU VM (or the queued resource that owns it)."""
+
+    name: str
+    zone: str
+    accelerator_type: str = "v4-32"
+    runtime_version: str | None = None  # None: chosen from the accelerator generation
+    project: str | None = None  # None: gcloud's configured project
+    provisioning: str = "on-demand"
+    queued: bool = False  # ask through a queued resource (waits for capacity)
+    queued_resource: str | None = None  # its id; None: the same as `name`
+
+    def __post_init__(self) -> None:
+        if self.provisioning not in PROVISIONING:
+            raise ValueError(
+                f"provisioning={self.provisioning!r}; use one of {', '.join(PROVISIONING)}"
+            )
+
+    @property
+    def is_queued(self) -> bool:
+        # Guaranteed and best-effort capacity can only be had through the queue.
+        return self.queued or self.provisioning in QUEUED_ONLY
+
+    @property
+    def qr_id(self) -> str:
+        return self.queued_resource or self.name
+
+    @property
+    def runtime(self) -> str:
+        generation = self.accelerator_type.split("-")[0]
+        return self.runtime_version or RUNTIME_VERSIONS.get(generation, DEFAULT_RUNTIME)
+
+
+def _where(zone: str, project: str | None) -> list[str]:
+    return [f"--zone={zone}"] + ([f"--project={project}"] if project else [])
+
+
+def _tpus(*group: str) -> list[str]:
+    return ["gcloud", "compute", "tpus", *group]
+
+
+def create_argv(spec: TpuSpec) -> list[str]:
+    """`tpu-vm create`, or `queued-resources create` (under `alpha` for best-effort)."""
+    where = _where(spec.zone, spec.project)
+    if spec.is_queued:
+        track = ["alpha"] if spec.provisioning == "best-effort" else []
+        tier = [] if spec.provisioning == "on-demand" else [f"--{spec.provisioning}"]
+        return [
+            "gcloud",
+            *track,
+            "compute",
+            "tpus",
+            "queued-resources",
+            "create",
+            spec.qr_id,
+            f"--node-id={spec.name}",
+            f"--accelerator-type={spec.accelerator_type}",
+            f"--runtime-version={spec.runtime}",
+            *where,
+            *tier,
+        ]
+    tier = [] if spec.provisioning == "on-demand" else [f"--{spec.provisioning}"]
+    return [
+        *_tpus("tpu-vm", "create"),
+        spec.name,
+        f"--accelerator-type={spec.accelerator_type}",
+        f"--version={spec.runtime}",
+        *where,
+        *tier,
+    ]
+
+
+def describe_argv(spec: TpuSpec) -> list[str]:
+    """Prints one word: the node's state, or the queued resource's."""
+    where = _where(spec.zone, spec.project)
+    if spec.is_queued:
+        return [
+            *_tpus("queued-resources", "describe"),
+            spec.qr_id,
+            *where,
+            "--format=value(state.state)",
+        ]
+    return [*_tpus("tpu-vm", "describe"), spec.name, *where, "--format=value(state)"]
+
+
+def delete_argv(spec: TpuSpec) -> list[str]:
+    """Deletes the node; for a queued resource `--force` deletes its node with it."""
+    where = _where(spec.zone, spec.project)
+    if spec.is_queued:
+        return [
+            *_tpus("queued-resources", "delete"),
+            spec.qr_id,
+            *where,
+            "--force",
+            "--quiet",
+        ]
+    return [*_tpus("tpu-vm", "delete"), spec.name, *where, "--quiet"]
+
+
+def list_argvs(zone: str, project: str | None = None) -> list[list[str]]:
+    """The nodes, then the queued resources (which hold quota even when suspended)."""
+    where = _where(zone, project)
+    return [
+        ["gcloud", "compute", "tpus", "tpu-vm", "list", *where],
+        ["gcloud", "compute", "tpus", "queued-resources", "list", *where],
+    ]
+
+
+def stale_queued_argv(zone: str, project: str | None = None) -> list[str]:
+    """Lists, one id a line, the queued resources that are SUSPENDED or FAILED."""
+    return [
+        "gcloud",
+        "compute",
+        "tpus",
+        "queued-resources",
+        "list",
+        *_where(zone, project),
+        "--filter=state.state:(SUSPENDED FAILED)",
+        "--format=value(name.basename())",
+    ]
+
+
+def delete_queued_argv(qr_id: str, zone: str, project: str | None = None) -> list[str]:
+    return delete_argv(TpuSpec(name=qr_id, zone=zone, project=project, queued=True))
+
+
+def scp_argv(spec: TpuSpec, local: str, remote: str) -> list[str]:
+    """Copies one local file to `remote` (relative to the home) on every worker."""
+    return [
+        *_tpus("tpu-vm", "scp"),
+        local,
+        f"{spec.name}:{remote}",
+        "--worker=all",
+        *_where(spec.zone, spec.project),
+    ]
+
+
+def ssh_argv(spec: TpuSpec, command: str, worker: str = "all") -> list[str]:
+    """Runs `command` on the workers at once; exits with the first non-zero status."""
+    return [
+        *_tpus("tpu-vm", "ssh"),
+        spec.name,
+        f"--worker={worker}",
+        f"--command={command}",
+        *_where(spec.zone, spec.project),
+    ]
+
+
+def archive_argv(ref: str, output: str) -> list[str]:
+    """Packs a commit (not the work tree: uncommitted edits do not travel)."""
+    return ["git", "archive", "--format=tar.gz", f"--output={output}", ref]
+
+
+# The scripts are one statement a line, joined with "; " so that a dry run prints each
+# argv on one line. Every setup unpacks the new code; the install itself is skipped when
+# the stamp for this lock's sha256 is there, so a re-run with the same lock does nothing.
+# `uv pip sync` makes the venv exactly the lock (removing what it lacks), hashes checked.
+SETUP_SCRIPT = "; ".join(
+    [
+        "set -euo pipefail",
+        'tarball="$1"; uv_version="$2"; python_version="$3"; lock_name="$4"',
+        'code="$HOME/gopher"; venv="$HOME/gopher-venv"',
+        'rm -rf "$code.new" && mkdir -p "$code.new" && tar -xzf "$HOME/$tarball" -C "$code.new"',
+        'rm -rf "$code" && mv "$code.new" "$code"',
+        'lock="$code/$lock_name"',
+        'stamp="$venv/.gopher-lock-$(sha256sum "$lock" | cut -d" " -f1)"',
+        'if [ -f "$stamp" ]; then echo "setup: $(hostname): up to date"; exit 0; fi',
+        'export PATH="$HOME/.local/bin:$PATH"',
+        # Ubuntu 22.04's pip installs --user; 24.04's wants --break-system-packages too.
+        'if [ "$(uv --version 2>/dev/null | cut -d" " -f2)" != "$uv_version" ]; then'
+        ' python3 -m pip install --user -q "uv==$uv_version" ||'
+        ' python3 -m pip install --user -q --break-system-packages "uv==$uv_version"; fi',
+        'uv python install "$python_version"',
+        'uv venv --allow-existing --python "$python_version" "$venv"',
+        'uv pip sync --python "$venv/bin/python" --require-hashes "$lock"',
+        'uv pip install --python "$venv/bin/python" --no-deps -e "$code"',
+        'rm -f "$venv"/.gopher-lock-* && touch "$stamp"',
+        'echo "setup: $(hostname): installed $lock_name"',
+    ]
+)
+
+# A killed run leaves libtpu's lock file, and maybe a process still holding the chips
+# (/dev/accel* on v4, /dev/vfio/* on v5p); the next run then fails with "TPU in use".
+# Output goes to the worker's log and, prefixed with the worker number, to ssh.
+METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+RUN_SCRIPT = "; ".join(
+    [
+        "set -u",
+        f"worker=$(curl -sf -H Metadata-Flavor:Google {METADATA}/agent-worker-number || hostname)",
+        "sudo rm -f /tmp/libtpu_lockfile",
+        "pids=$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u)",
+        'if [ -n "$pids" ]; then echo "worker $worker: killing stale TPU users: $pids";'
+        " sudo kill -9 $pids; sleep 2; fi",
+        'mkdir -p "$HOME/gopher-logs" && cd "$HOME/gopher" || exit 1',
+        'export PATH="$HOME/gopher-venv/bin:$PATH"',
+        '"$@" 2>&1 | tee -a "$HOME/gopher-logs/worker-$worker.log"'
+        ' | sed -u "s/^/[worker $worker] /"',
+        'exit "${PIPESTATUS[0]}"',
+    ]
+)
+
+LOGS_SCRIPT = "; ".join(
+    [
+        'lines="$1"; follow="$2"',
+        'cd "$HOME/gopher-logs" 2>/dev/null || { echo "$(hostname): no logs yet"; exit 0; }',
+        'if [ "$follow" = 1 ]; then tail -n "$lines" -F worker-*.log;'
+        ' else tail -n "$lines" worker-*.log; fi',
+    ]
+)
+
+
+def _bash(script: str, name: str, *args: str) -> str:
+    # `bash -c SCRIPT NAME ARGS...`: the script sees ARGS as "$@", never re-parsed.
+    return shlex.join(["bash", "-c", script, name, *args])
+
+
+def setup_command(lock_name: str = TPU_LOCK) -> str:
+    return _bash(
+        SETUP_SCRIPT, "gopher-setup", REMOTE_TARBALL, UV_VERSION, PYTHON_VERSION, lock_name
+    )
+
+
+def run_command(train_argv: list[str]) -> str:
+    if not train_argv:
+        raise ValueError(
+            "no train command; add one after `--`, e.g. -- python -m experiments.train"
+        )
+    return _bash(RUN_SCRIPT, "gopher-run", *train_argv)
+
+
+def logs_command(lines: int = 100, follow: bool = False) -> str:
+    return _bash(LOGS_SCRIPT, "gopher-logs", str(lines), "1" if follow else "0")

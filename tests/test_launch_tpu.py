@@ -1,0 +1,376 @@
+"""launch.tpu: the gcloud argv lists, the remote scripts, and the restart loop.
+
+The argv lists are checked three ways: against hand-written expectations, by the real
+`gcloud` parser offline (a valid list gets as far as "no active account"; a wrong flag
+gets "unrecognized arguments"), and the remote scripts by running them in a local bash
+with fake `sudo`/`curl`/`uv`. The restart loop runs against a scripted fake `gcloud`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from launch import gcloud as g
+from launch import tpu
+
+NASTY = ["python", "-c", "import sys; print(sys.argv[1:])", "a b", "it's", '"q"', "$HOME", "`x`"]
+ZONE, PROJECT = "us-central2-b", "my-proj"
+
+
+def spec(**kw) -> g.TpuSpec:
+    return g.TpuSpec(**{"name": "t1", "zone": ZONE, "project": PROJECT, **kw})
+
+
+# --- argv lists ------------------------------------------------------------------------
+
+WHERE = [f"--zone={ZONE}", f"--project={PROJECT}"]
+NODE = ["gcloud", "compute", "tpus", "tpu-vm", "create", "t1", "--accelerator-type=v4-32"]
+QR = ["compute", "tpus", "queued-resources", "create", "t1", "--node-id=t1"]
+QR_TAIL = ["--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base", *WHERE]
+
+
+@pytest.mark.parametrize(
+    "kw, want",
+    [
+        ({}, [*NODE, "--version=tpu-ubuntu2204-base", *WHERE]),
+        ({"provisioning": "spot"}, [*NODE, "--version=tpu-ubuntu2204-base", *WHERE, "--spot"]),
+        ({"queued": True}, ["gcloud", *QR, *QR_TAIL]),
+        ({"queued": True, "provisioning": "spot"}, ["gcloud", *QR, *QR_TAIL, "--spot"]),
+        ({"queued": True, "provisioning": "reserved"}, ["gcloud", *QR, *QR_TAIL, "--reserved"]),
+        # guaranteed and best-effort imply a queued resource; best-effort needs alpha.
+        ({"provisioning": "guaranteed"}, ["gcloud", *QR, *QR_TAIL, "--guaranteed"]),
+        ({"provisioning": "best-effort"}, ["gcloud", "alpha", *QR, *QR_TAIL, "--best-effort"]),
+    ],
+)
+def test_create_argv(kw: dict, want: list[str]) -> None:
+    assert g.create_argv(spec(**kw)) == want
+
+
+def test_runtime_version_follows_the_generation_unless_given() -> None:
+    assert "--version=v2-alpha-tpuv5" in g.create_argv(spec(accelerator_type="v5p-16"))
+    assert "--version=mine" in g.create_argv(
+        spec(accelerator_type="v5p-16", runtime_version="mine")
+    )
+
+
+def test_unknown_provisioning_is_rejected() -> None:
+    with pytest.raises(ValueError, match="preemptible.*use one of"):
+        spec(provisioning="preemptible")
+
+
+def test_delete_describe_and_stale_queued_argv() -> None:
+    qr = spec(queued=True, queued_resource="q 1")
+    assert g.delete_argv(qr) == [
+        *["gcloud", "compute", "tpus", "queued-resources", "delete", "q 1", *WHERE],
+        *["--force", "--quiet"],
+    ]
+    assert g.delete_argv(spec())[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "t1"]
+    assert g.describe_argv(qr)[4:6] == ["describe", "q 1"]
+    assert g.describe_argv(qr)[-1] == "--format=value(state.state)"
+    assert "--filter=state.state:(SUSPENDED FAILED)" in g.stale_queued_argv(ZONE, PROJECT)
+
+
+def test_remote_command_is_one_argv_element_that_parses_back() -> None:
+    argv = g.ssh_argv(spec(name="it's"), g.run_command(NASTY))
+    (command,) = [a for a in argv if a.startswith("--command=")]
+    assert argv[5] == "it's" and "--worker=all" in argv
+    assert shlex.split(command.removeprefix("--command=")) == [
+        *["bash", "-c", g.RUN_SCRIPT, "gopher-run"],
+        *NASTY,
+    ]
+    with pytest.raises(ValueError, match="no train command"):
+        g.run_command([])
+
+
+# --- the remote scripts, run in a local bash as sshd would run them -----------------------
+
+
+def _fake_tools(bin_dir: Path) -> None:
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    tools = {
+        "sudo": 'echo "sudo $*" >> "$HOME/sudo.log"',  # records, runs nothing as root
+        "curl": "echo 3",  # the metadata server's agent-worker-number
+        "uv": textwrap.dedent("""\
+            echo "uv $*" >> "$HOME/uv.log"
+            [ "$1" = --version ] && echo "uv 0.13.9"
+            [ "$1" = venv ] && mkdir -p "${@: -1}"
+            exit 0"""),
+    }
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+
+
+def _remote(command: str, home: Path) -> subprocess.CompletedProcess:
+    env = {"HOME": str(home), "PATH": f"{home / 'bin'}:/usr/bin:/bin"}
+    return subprocess.run(
+        ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_run_script_passes_argv_verbatim_and_keeps_the_exit_status(tmp_path: Path) -> None:
+    _fake_tools(tmp_path / "bin")
+    (tmp_path / "gopher").mkdir()
+    argv = [sys.executable, "-c", "import sys; print(sys.argv[1:]); sys.exit(75)", *NASTY[3:]]
+    done = _remote(g.run_command(argv), tmp_path)
+    assert done.returncode == 75, done.stderr
+    assert done.stdout.splitlines()[-1] == f"[worker 3] {NASTY[3:]!r}"
+    assert (tmp_path / "gopher-logs" / "worker-3.log").read_text() == f"{NASTY[3:]!r}\n"
+    assert "rm -f /tmp/libtpu_lockfile" in (tmp_path / "sudo.log").read_text()
+
+
+def _tarball(path: Path, lock: str) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        data = lock.encode()
+        info = tarfile.TarInfo(g.TPU_LOCK)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def test_setup_script_installs_once_per_lock_hash(tmp_path: Path) -> None:
+    _fake_tools(tmp_path / "bin")
+    uv_log = tmp_path / "uv.log"
+
+    def setup(lock: str) -> list[str]:
+        _tarball(tmp_path / g.REMOTE_TARBALL, lock)
+        uv_log.unlink(missing_ok=True)
+        done = _remote(g.setup_command(), tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "gopher" / g.TPU_LOCK).read_text() == lock  # fresh code each time
+        return uv_log.read_text().splitlines() if uv_log.exists() else []
+
+    calls = setup("jax==0.10.2\n")
+    venv, lock = tmp_path / "gopher-venv", tmp_path / "gopher" / g.TPU_LOCK
+    assert calls == [
+        "uv --version",
+        f"uv python install {g.PYTHON_VERSION}",
+        f"uv venv --allow-existing --python {g.PYTHON_VERSION} {venv}",
+        f"uv pip sync --python {venv}/bin/python --require-hashes {lock}",
+        f"uv pip install --python {venv}/bin/python --no-deps -e {tmp_path / 'gopher'}",
+    ]
+    assert setup("jax==0.10.2\n") == []  # same lock: nothing to do
+    assert len(setup("jax==0.10.3\n")) == 5  # new lock: install again
+    assert len(list(venv.glob(".gopher-lock-*"))) == 1
+
+
+# --- the real gcloud, offline: valid lists reach the credentials check -----------------
+
+NO_ACCOUNT = "You do not currently have an active account selected"
+GCLOUD_CASES = {
+    "create-spot": g.create_argv(spec(provisioning="spot")),
+    "queued-guaranteed": g.create_argv(spec(provisioning="guaranteed")),
+    "queued-reserved": g.create_argv(spec(queued=True, provisioning="reserved")),
+    "queued-spot": g.create_argv(spec(queued=True, provisioning="spot", name="a b")),
+    "best-effort": g.create_argv(spec(provisioning="best-effort")),
+    "describe-queued": g.describe_argv(spec(queued=True)),
+    "delete-node": g.delete_argv(spec()),
+    "delete-queued": g.delete_argv(spec(queued=True)),
+    "stale-queued": g.stale_queued_argv(ZONE, PROJECT),
+    "scp": g.scp_argv(spec(), "/etc/hostname", g.REMOTE_TARBALL),
+    "ssh-run": g.ssh_argv(spec(name="it's"), g.run_command(NASTY)),
+}
+# The negative controls: the same check must be able to fail.
+GCLOUD_WRONG = {
+    "wrong-flag": [*g.create_argv(spec()), "--no-such-flag"],
+    "best-effort-without-alpha": [a for a in GCLOUD_CASES["best-effort"] if a != "alpha"],
+}
+
+
+@pytest.fixture(scope="module")
+def gcloud_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str]]:
+    binary = shutil.which("gcloud")
+    if binary is None:
+        pytest.skip("the Google Cloud SDK (gcloud) is not installed")
+    home = tmp_path_factory.mktemp("home")  # ssh/scp must not touch the real ~/.ssh
+
+    def call(argv: list[str]) -> tuple[int, str]:
+        env = {
+            **os.environ,
+            "HOME": str(home),
+            "CLOUDSDK_CONFIG": str(tmp_path_factory.mktemp("gcloud-config")),
+            "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
+            "NO_GCE_CHECK": "True",
+            "CLOUDSDK_CORE_CHECK_GCE_METADATA": "false",
+            "CLOUDSDK_CORE_DISABLE_USAGE_REPORTING": "true",
+        }
+        done = subprocess.run(
+            [binary, *argv[1:]], env=env, capture_output=True, text=True, timeout=120
+        )
+        return done.returncode, done.stderr
+
+    cases = {**GCLOUD_CASES, **GCLOUD_WRONG}
+    with ThreadPoolExecutor(2) as pool:  # gcloud takes ~1.5 s of CPU to start
+        return dict(zip(cases, pool.map(call, cases.values()), strict=True))
+
+
+@pytest.mark.parametrize("case", sorted(GCLOUD_CASES))
+def test_real_gcloud_accepts_the_argv(case: str, gcloud_results: dict) -> None:
+    status, stderr = gcloud_results[case]
+    if case == "best-effort" and "Invalid choice: 'alpha'" in stderr:
+        pytest.skip("the gcloud `alpha` component is not installed")
+    assert status != 0 and NO_ACCOUNT in stderr, stderr
+    assert "unrecognized arguments" not in stderr and "Invalid choice" not in stderr
+
+
+@pytest.mark.parametrize("case", sorted(GCLOUD_WRONG))
+def test_real_gcloud_rejects_a_wrong_flag(case: str, gcloud_results: dict) -> None:
+    status, stderr = gcloud_results[case]
+    assert status == 2 and "unrecognized arguments" in stderr, stderr
+    assert NO_ACCOUNT not in stderr
+
+
+# --- the restart loop against a scripted fake gcloud -----------------------------------
+
+FAKE_GCLOUD = """\
+import json, os, sys
+here = os.path.dirname(os.path.abspath(__file__))
+plan = json.load(open(os.path.join(here, "plan.json")))
+with open(os.path.join(here, "calls.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+
+def take(key):  # the next scripted value; the last one repeats
+    path = os.path.join(here, key + ".n")
+    n = int(open(path).read()) if os.path.exists(path) else 0
+    open(path, "w").write(str(n + 1))
+    return plan[key][min(n, len(plan[key]) - 1)]
+
+args = sys.argv[1:]
+if "describe" in args:
+    state = take("states")
+    if state == "NOT_FOUND":
+        sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND")
+    print(state)
+elif "ssh" in args and any("gopher-run" in a for a in args):
+    sys.exit(take("runs"))
+"""
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "gcloud"
+    script.write_text(f"#!{sys.executable}\n{FAKE_GCLOUD}")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    def start(states: list[str], runs: list[int]) -> Path:
+        (bin_dir / "plan.json").write_text(json.dumps({"states": states, "runs": runs}))
+        return bin_dir / "calls.jsonl"
+
+    return start
+
+
+def kinds(calls: Path) -> list[str]:
+    """Each gcloud call as a word: describe, delete, create, scp, setup, run."""
+    out = []
+    for line in calls.read_text().splitlines():
+        args = json.loads(line)
+        if "ssh" in args:
+            out.append("run" if any("gopher-run" in a for a in args) else "setup")
+        else:
+            out.append(next(a for a in ("describe", "delete", "create", "scp") if a in args))
+    return out
+
+
+def supervise(train: list[str], **kw) -> tuple[int, list[float]]:
+    slept: list[float] = []
+    status = tpu.supervise(
+        spec(), tpu.Runner(), train, "/dev/null", poll_s=7, sleep=slept.append, log=print, **kw
+    )
+    return status, slept
+
+
+def test_restart_loop_recreates_after_preemption_and_stops_when_done(fake_gcloud) -> None:
+    calls = fake_gcloud(["READY", "PREEMPTED", "SUSPENDED", "READY"], runs=[75, 0])
+    assert supervise(NASTY)[0] == 0
+    assert kinds(calls) == [
+        *["describe", "scp", "setup", "run"],  # first try: preempted (75)
+        *["describe", "delete", "create"],  # PREEMPTED
+        *["describe", "delete", "create"],  # SUSPENDED
+        *["describe", "scp", "setup", "run"],  # READY again: the same command, exits 0
+    ]
+    runs = [json.loads(x) for x in calls.read_text().splitlines() if "gopher-run" in x]
+    assert runs[0] == runs[1] == g.ssh_argv(spec(), g.run_command(NASTY))[1:]
+
+
+@pytest.mark.parametrize("final", [2, 3])
+def test_bad_input_and_divergence_are_not_retried(fake_gcloud, final: int) -> None:
+    calls = fake_gcloud(["READY"], runs=[final, 0])
+    assert supervise(NASTY)[0] == final
+    assert kinds(calls) == ["describe", "scp", "setup", "run"]
+
+
+def test_max_restarts_bounds_the_loop(fake_gcloud) -> None:
+    calls = fake_gcloud(["READY"], runs=[75])
+    assert supervise(NASTY, max_restarts=2)[0] == 75
+    assert kinds(calls).count("run") == 3
+
+
+def test_waits_while_provisioning_and_creates_a_missing_node(fake_gcloud) -> None:
+    calls = fake_gcloud(["NOT_FOUND", "CREATING", "READY"], runs=[0])
+    status, slept = supervise(NASTY)
+    assert status == 0 and slept == [7]
+    assert kinds(calls)[:4] == ["describe", "create", "describe", "describe"]
+
+
+def test_cli_supervise_end_to_end(fake_gcloud, tmp_path: Path) -> None:
+    calls = fake_gcloud(["READY"], runs=[0])
+    name = f"e2e-{os.getpid()}"
+    argv = ["supervise", name, f"--zone={ZONE}", "--poll-s=0", "--", *NASTY]
+    assert tpu.main(argv) == 0
+    tarball = Path(json.loads(calls.read_text().splitlines()[1])[4])
+    assert tarball.name == f"gopher-{name}.tar.gz"
+    with tarfile.open(tarball) as tar:  # the committed tree, with the lock setup installs
+        assert {"setup.py", g.TPU_LOCK, "launch/tpu.py"} <= set(tar.getnames())
+    tarball.unlink()
+
+
+# --- the CLI's dry run -----------------------------------------------------------------
+
+
+def dry(*argv: str) -> list[list[str]]:
+    out = io.StringIO()
+    # A gcloud that does not exist: a dry run must not call it.
+    argv = ["--gcloud=/nonexistent/gcloud", argv[0], "--dry-run", *argv[1:]]
+    assert tpu.main(argv, out=out) == 0
+    return [shlex.split(line) for line in out.getvalue().splitlines()]
+
+
+def test_dry_run_prints_the_exact_argv_lists() -> None:
+    s = g.TpuSpec(name="a b", zone=ZONE, provisioning="best-effort")
+    assert dry("create", "a b", f"--zone={ZONE}", "--best-effort") == [g.create_argv(s)]
+    assert dry("run", "a b", f"--zone={ZONE}", "--", *NASTY) == [
+        g.ssh_argv(s, g.run_command(NASTY))
+    ]
+    tar = str(Path(tpu.tempfile.gettempdir()) / "gopher-a b.tar.gz")
+    assert dry("setup", "a b", f"--zone={ZONE}") == [
+        g.archive_argv("HEAD", tar),
+        g.scp_argv(s, tar, g.REMOTE_TARBALL),
+        g.ssh_argv(s, g.setup_command()),
+    ]
+    supervised = dry("supervise", "a b", f"--zone={ZONE}", "--guaranteed", "--", *NASTY)
+    assert [a[4] if a[0] == "gcloud" else a[1] for a in supervised] == [
+        *["archive", "describe", "delete", "create", "scp", "ssh", "ssh"],
+    ]
+    assert supervised[3] == g.create_argv(spec(provisioning="guaranteed", name="a b", project=None))
+
+
+def test_dry_run_delete_covers_stale_queued_resources() -> None:
+    assert dry("delete", "--stale-queued", f"--zone={ZONE}") == [
+        g.stale_queued_argv(ZONE),
+        g.delete_queued_argv("QUEUED_RESOURCE", ZONE),
+    ]
+    assert dry("list", f"--zone={ZONE}") == g.list_argvs(ZONE)
