@@ -133,18 +133,19 @@ def _pmap_engine(model_cfg, train_cfg, parallel) -> Engine:
         remat=train_cfg.remat,
         donate=True,
     )
-    single = train_lib.make_train_functions(model_cfg, train_cfg, precision=train_cfg.precision)
 
     def eval_nll(state, batch):
+        # pmap's outputs are this process's rows [b, T]: fully addressable here.
         return np.asarray(jax.device_get(p.eval_step(state.params, batch)["nll"]))
 
     return Engine(
         init=p.init,
         train_step=p.train_step,
         eval_nll=eval_nll,
-        abstract_state=lambda: jax.eval_shape(single.init, jax.random.key(0)),
-        to_checkpoint=p.to_single_device,
-        from_checkpoint=p.from_single_device,
+        # Each shard is saved and restored on the device that holds it, on every process.
+        abstract_state=p.abstract_checkpoint,
+        to_checkpoint=p.to_checkpoint,
+        from_checkpoint=p.from_checkpoint,
         description=(
             f"pmap data parallel over {p.num_devices} devices with optimiser-state "
             f"partitioning by hand, remat {train_cfg.remat}, precision {train_cfg.precision}"

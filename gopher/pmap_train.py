@@ -9,14 +9,15 @@ parameters are all-gathered back into full copies (ZeRO-1: Gopher Sec. C, Rajbha
 al. 2020). Clipping uses the global gradient norm, summed over the shards, so the update is
 the one the single-device optax chain (gopher/optim.py) would make.
 
-`to_single_device` gathers the shards back into the `gopher.train.TrainState` layout that
-`make_train_functions` uses, so checkpoints and the jit path interoperate.
+`to_checkpoint` turns the state into the `gopher.train.TrainState` pytree that
+`make_train_functions` uses, with each shard left on its device (gopher/pmap_checkpoint.py),
+so checkpoints of either path restore on the other without gathering onto one device.
 
 Shape glossary:
   n: devices on the pmap axis    B: global batch, b = B / n per device
   T: sequence length             N: parameter count
-  P: N padded up to a multiple of n (so the flat vector splits evenly)
-  S: shard size P / n
+  s_l: leaf l's entries per device, its size / n rounded up (the leaf padded to n * s_l)
+  S: shard size, the sum of s_l      P: n * S, the flat vector (N plus padding)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import optax
 from jax import lax
 
 from gopher import model as model_lib
-from gopher import optim
+from gopher import optim, pmap_checkpoint
 from gopher import precision as precision_lib
 from gopher import train as train_lib
 from gopher.config import ModelConfig, TrainConfig
@@ -52,31 +53,43 @@ class PmapState(NamedTuple):
 
 
 class FlatLayout:
-    """How a parameter pytree maps onto one flat vector of P = N + padding entries."""
+    """How a parameter pytree maps onto one flat vector of P = n * S entries.
+
+    The vector is laid out by shard: device d's S entries are the d-th 1/n of every
+    leaf in turn (leaf l padded up to n * s_l entries), so each device's ZeRO-1 shard is
+    a contiguous row-major block of each leaf and can be checkpointed where it lives.
+    """
 
     def __init__(self, params_shape: Any, num_shards: int):
         leaves, self.treedef = jax.tree.flatten(params_shape)
+        self.num_shards = num_shards  # n
         self.shapes = [tuple(x.shape) for x in leaves]
         self.dtypes = [x.dtype for x in leaves]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.size = sum(self.sizes)  # N
-        self.shard_size = -(-self.size // num_shards)  # S
+        self.leaf_shard_sizes = [-(-s // num_shards) for s in self.sizes]  # s_l
+        self.offsets = np.cumsum([0, *self.leaf_shard_sizes[:-1]]).tolist()  # o_l in [S]
+        self.shard_size = sum(self.leaf_shard_sizes)  # S
         self.padded_size = self.shard_size * num_shards  # P
 
     def flatten(self, tree: Any, dtype) -> jax.Array:
-        """pytree -> [P] in `dtype`, zero-padded at the end."""
+        """pytree -> [P] in `dtype`: row d of [n, S] is every leaf's d-th 1/n."""
+        n, cols = self.num_shards, []
         leaves = self.treedef.flatten_up_to(tree)
-        parts = [x.astype(dtype).reshape(-1) for x in leaves]
-        parts.append(jnp.zeros((self.padded_size - self.size,), dtype))
-        return jnp.concatenate(parts)
+        for x, size, s in zip(leaves, self.sizes, self.leaf_shard_sizes, strict=True):
+            flat = jnp.pad(x.astype(dtype).reshape(-1), (0, n * s - size))
+            cols.append(flat.reshape(n, s))  # [n, s_l]
+        return jnp.concatenate(cols, axis=1).reshape(-1)  # [n, S] -> [P]
 
     def unflatten(self, flat: jax.Array, dtype=None) -> Any:
-        """[P] (or [N]) -> pytree; each leaf in `dtype`, or in its own dtype if None."""
-        out, offset = [], 0
-        for shape, size, leaf_dtype in zip(self.shapes, self.sizes, self.dtypes, strict=True):
-            leaf = flat[offset : offset + size].reshape(shape)
+        """[P] -> pytree; each leaf in `dtype`, or in its own dtype if None."""
+        rows = flat.reshape(self.num_shards, self.shard_size)  # [n, S]
+        out = []
+        for shape, size, s, o, leaf_dtype in zip(
+            self.shapes, self.sizes, self.leaf_shard_sizes, self.offsets, self.dtypes, strict=True
+        ):
+            leaf = rows[:, o : o + s].reshape(-1)[:size].reshape(shape)
             out.append(leaf.astype(dtype or leaf_dtype))
-            offset += size
         return jax.tree.unflatten(self.treedef, out)
 
 
@@ -89,8 +102,14 @@ class PmapTrainFunctions(NamedTuple):
     init: Callable[[jax.Array], PmapState]
     train_step: Callable[[PmapState, Any], tuple[PmapState, dict]]
     eval_step: Callable[[Any, Any], dict]  # (state.params, tokens [B, T+1]) -> {"nll": [B, T]}
-    to_single_device: Callable[[PmapState], train_lib.TrainState]
-    from_single_device: Callable[[train_lib.TrainState], PmapState]
+    # The checkpoint layout (TrainState, as the jit path saves) with each shard kept on
+    # its device (gopher/pmap_checkpoint.py); abstract_checkpoint gives its
+    # ShapeDtypeStructs with shardings, to restore onto.
+    to_checkpoint: Callable[[PmapState], train_lib.TrainState]
+    from_checkpoint: Callable[[train_lib.TrainState], PmapState]
+    abstract_checkpoint: Callable[[], train_lib.TrainState]
+    to_single_device: Callable[[PmapState], train_lib.TrainState]  # tests: one device
+    from_single_device: Callable[[train_lib.TrainState], PmapState]  # = from_checkpoint
     num_devices: int
     layout: FlatLayout
     forward: Any  # hk.Transformed
@@ -200,7 +219,6 @@ def make_pmap_train(
     step_p = jax.pmap(step, out_axes=(0, None), donate_argnums=(0,) if donate else (), **pmap_kw)
     # in_axes None broadcasts the argument; the dummy [n] argument gives pmap its axis size.
     init_p = jax.pmap(lambda key, _: partition(single.init(key)), in_axes=(None, 0), **pmap_kw)
-    partition_p = jax.pmap(lambda ts, _: partition(ts), in_axes=(None, 0), **pmap_kw)
     eval_p = jax.pmap(single.eval_step, **pmap_kw)
 
     def split_batch(tokens) -> jax.Array:  # [B, T+1] -> [n, b, T+1]
@@ -225,38 +243,29 @@ def make_pmap_train(
         out = eval_p(params, split_batch(tokens))  # [n, b, T]
         return {"nll": out["nll"].reshape(-1, out["nll"].shape[-1])}
 
-    def from_single_device(ts: train_lib.TrainState) -> PmapState:
-        return partition_p(ts, np.zeros(n_local, np.int32))
+    ckpt = pmap_checkpoint.CheckpointLayout(
+        layout, devices, state_shape, opt_treedef, is_moment, PmapState
+    )
 
     def to_single_device(state: PmapState) -> train_lib.TrainState:
-        """Gathers the shards into make_train_functions' TrainState, on one device."""
+        """The checkpoint layout gathered onto one device: for tests, on one process."""
         if jax.process_count() > 1:
             raise NotImplementedError(
-                "to_single_device gathers on one process; on several processes save the "
-                "sharded PmapState instead"
+                "to_single_device gathers on one process; use to_checkpoint, which keeps "
+                "each shard on its device"
             )
-        home = jax.devices()[0]
-
-        def first(x):  # the copy on the first device: [n, ...] -> [...]
-            return jax.device_put(x.addressable_data(0)[0], home)
-
-        def gather(x):  # [n, S] -> the full pytree, fp32
-            flat = jax.device_put(x, home).reshape(-1)
-            return layout.unflatten(flat, jnp.float32)
-
-        leaves = opt_treedef.flatten_up_to(state.opt_state)
-        parts = [
-            gather(x) if moment else first(x) for x, moment in zip(leaves, is_moment, strict=True)
-        ]
-        return train_lib.TrainState(
-            params=jax.tree.map(first, state.params),
-            opt_state=jax.tree.unflatten(opt_treedef, parts),
-            master=gather(state.master) if policy.fp32_master else None,
-            step=first(state.step),
-            rng=first(state.rng),
-            skipped=first(state.skipped),
-        )
+        return jax.device_put(ckpt.to_checkpoint(state), jax.devices()[0])
 
     return PmapTrainFunctions(
-        init, train_step, eval_step, to_single_device, from_single_device, n, layout, forward
+        init=init,
+        train_step=train_step,
+        eval_step=eval_step,
+        to_checkpoint=ckpt.to_checkpoint,
+        from_checkpoint=ckpt.from_checkpoint,
+        abstract_checkpoint=ckpt.abstract,
+        to_single_device=to_single_device,
+        from_single_device=ckpt.from_checkpoint,
+        num_devices=n,
+        layout=layout,
+        forward=forward,
     )
