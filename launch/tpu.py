@@ -14,7 +14,8 @@ Every command takes --dry-run: it prints the exact argument lists (shlex-quoted,
 and runs nothing. `supervise` is the restart loop: it waits for the node (recreating it when
 PREEMPTED, SUSPENDED, TERMINATED, FAILED or gone), re-runs setup, and runs the same command
 again, which resumes from its gs:// workdir. The train program's exit status decides: 0 done,
-2 bad input and 3 diverged are final, anything else (75 preempted, 255 ssh lost) is retried.
+2 bad input, 3 diverged, 4 restore failed and 130 interrupted are final; anything else
+(75 preempted, 6 a peer died, 255 ssh lost) is retried.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 READY = frozenset({"READY", "ACTIVE"})  # node / queued resource
 # States from which the node will not come back by itself: delete and create anew.
 GONE = frozenset({"PREEMPTED", "SUSPENDED", "TERMINATED", "FAILED", "STOPPED", "NOT_FOUND"})
-FINAL_EXITS = {0: "done", 2: "bad input", 3: "diverged"}  # experiments.train's statuses
+# experiments.train's statuses that a rerun cannot change. 4 (no checkpoint could be
+# restored) must never be retried: a fresh start would delete the unreadable checkpoints.
+FINAL_EXITS = {0: "done", 2: "bad input", 3: "diverged", 4: "restore failed", 130: "interrupted"}
 
 
 class Runner:
@@ -127,7 +130,7 @@ def supervise(
 ) -> int:
     """Runs `train_argv` until it finishes, re-creating and re-installing after preemption.
 
-    Returns the train command's last status: 0, 2 or 3 at once; any other status is
+    Returns the train command's last status: one of FINAL_EXITS at once; any other status is
     retried up to `max_restarts` times; 1 when the node could not be had.
     """
     restarts = 0

@@ -175,7 +175,6 @@ GCLOUD_CASES = {
     "queued-spot": g.create_argv(spec(queued=True, provisioning="spot", name="a b")),
     "best-effort": g.create_argv(spec(provisioning="best-effort")),
     "describe-queued": g.describe_argv(spec(queued=True)),
-    "delete-node": g.delete_argv(spec()),
     "delete-queued": g.delete_argv(spec(queued=True)),
     "stale-queued": g.stale_queued_argv(ZONE, PROJECT),
     "scp": g.scp_argv(spec(), "/etc/hostname", g.REMOTE_TARBALL),
@@ -306,8 +305,8 @@ def test_restart_loop_recreates_after_preemption_and_stops_when_done(fake_gcloud
     assert runs[0] == runs[1] == g.ssh_argv(spec(), g.run_command(NASTY))[1:]
 
 
-@pytest.mark.parametrize("final", [2, 3])
-def test_bad_input_and_divergence_are_not_retried(fake_gcloud, final: int) -> None:
+@pytest.mark.parametrize("final", [2, 3, 4])
+def test_bad_input_divergence_and_failed_restore_are_not_retried(fake_gcloud, final: int) -> None:
     calls = fake_gcloud(["READY"], runs=[final, 0])
     assert supervise(NASTY)[0] == final
     assert kinds(calls) == ["describe", "scp", "setup", "run"]
