@@ -227,18 +227,55 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(shared, reference, tmp_pa
     _assert_same_run(workdir, reference)
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(shared, reference, tmp_path):
-    workdir = str(tmp_path / "run")
-    _run(workdir, shared, "--config.train.stop_at_step=60")
-    latest = os.path.join(workdir, "checkpoints", "60", "state")
-    for dirpath, _, files in os.walk(latest):
+def _truncate(step_dir):
+    for dirpath, _, files in os.walk(os.path.join(step_dir, "state")):
         for name in files:
             with open(os.path.join(dirpath, name), "r+b") as f:
                 f.truncate(0)
+
+
+def _tree_bytes(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.relpath(os.path.join(dirpath, name), root)] = f.read()
+    return out
+
+
+RESTORE_FAILED_EXIT_CODE = 4  # experiments/train.py maps checkpoint.RestoreFailed to it
+
+
+def test_corrupt_checkpoints_fall_back_or_stop_never_start_over(shared, reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    ckdir = os.path.join(workdir, "checkpoints")
+    _run(workdir, shared, "--config.train.stop_at_step=60")
+    _truncate(os.path.join(ckdir, "60"))
+    damaged = _tree_bytes(os.path.join(ckdir, "60"))
     out = _run(workdir, shared)
     assert "checkpoint step 60" in out.stdout + out.stderr
     assert "previous good checkpoint, step 50" in out.stdout + out.stderr
     _assert_same_run(workdir, reference)
+    # The unreadable step was moved aside whole, not garbage-collected by max_to_keep.
+    (moved,) = os.listdir(os.path.join(workdir, "quarantine", "checkpoints"))
+    assert moved.startswith("60-")
+    assert _tree_bytes(os.path.join(workdir, "quarantine", "checkpoints", moved)) == damaged
+
+    # Every step unreadable: the run stops with an error naming them, and keeps them all.
+    steps = checkpoint_lib.Checkpointer(ckdir).steps()
+    for step in steps:
+        _truncate(os.path.join(ckdir, str(step)))
+    before = _tree_bytes(workdir)
+    out = _run(workdir, shared, check=False)
+    assert out.returncode == RESTORE_FAILED_EXIT_CODE, out.stderr[-3000:]
+    for step in steps:
+        assert f"step {step} (" in out.stderr
+    assert "restart_from_scratch" in out.stderr
+    after = _tree_bytes(workdir)
+    assert {k: v for k, v in after.items() if "checkpoints" in k or "quarantine" in k} == {
+        k: v for k, v in before.items() if "checkpoints" in k or "quarantine" in k
+    }
+    assert max(r["step"] for r in _records(workdir)) == STEPS  # trained nothing again
 
 
 def test_reshard_4x2_to_2x4_and_one_device(shared, tmp_path):
