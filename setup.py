@@ -20,12 +20,17 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "tensorboardX>=2.6",
         "array-record>=0.8.6",  # the embedded corpus's shards
+        "etils[epath]>=1.7",  # one path type for local and gs:// (what Orbax uses)
+        "gcsfs>=2024.2",  # epath's gs:// backend without TensorFlow
+        "google-crc32c>=1.5",  # TensorBoard event records' checksums
     ],
     extras_require={
         "dev": [
             "pytest>=8",
             "ruff>=0.17",
             "tensorflow-datasets>=4.9.10",
+            "gcp-storage-emulator>=2024.8",  # a GCS API server on 127.0.0.1 for tests
+            "tensorboard>=2.16",  # an independent reader of our event files in tests
         ],
         # Reading TFDS datasets (c4, wikipedia, pg19 ...) without TensorFlow.
         "data": ["tensorflow-datasets>=4.9.10"],

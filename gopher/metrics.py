@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import struct
 import time
+import uuid
 
 import numpy as np
 
+from gopher import paths
 from gopher.config import ModelConfig
 
 # Peak dense bf16 FLOP/s per chip, from the vendors' data sheets.
@@ -85,35 +89,145 @@ def bits_per_byte(nll_nats_sum: float, num_bytes: int) -> float:
     return nll_nats_sum / (math.log(2) * num_bytes)
 
 
-class MetricsWriter:
-    """One JSON object per line in WORKDIR/metrics.jsonl, plus TensorBoard event files."""
+def _masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C rotated and offset, so a CRC of CRCs is not trivial."""
+    import google_crc32c
 
-    def __init__(self, workdir: str, tensorboard: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
-        self._tb = None
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data: bytes) -> bytes:
+    """One TFRecord: length, CRC of the length, payload, CRC of the payload."""
+    header = struct.pack("<Q", len(data))
+    return (
+        header
+        + struct.pack("<I", _masked_crc32c(header))
+        + data
+        + struct.pack("<I", _masked_crc32c(data))
+    )
+
+
+class _AppendFile:
+    """Appends bytes to a local file (flushed per write) or to a GCS object.
+
+    GCS objects cannot be appended to; re-uploading the whole file on every flush
+    would cost O(run length) per metric. New bytes are buffered and appended at most
+    every `flush_every_s` (and on flush/close) by compose, one small upload each.
+    """
+
+    def __init__(self, path: str, flush_every_s: float):
+        self.path = path
+        self._gcs = paths.is_gcs(path)
+        self._flush_every_s = flush_every_s
+        self._buffer = bytearray()
+        self._last_flush = time.monotonic()
+        if self._gcs:
+            meta = paths.stat(path)  # a resumed run appends to the existing object
+            self._generation = None if meta is None else meta["generation"]
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._file = open(path, "ab")  # noqa: SIM115 (closed in close())
+
+    def write(self, data: bytes) -> None:
+        if not self._gcs:
+            self._file.write(data)
+            self._file.flush()
+            return
+        self._buffer += data
+        if time.monotonic() - self._last_flush >= self._flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._gcs or not self._buffer:
+            return
+        try:
+            self._generation = paths.append(self.path, bytes(self._buffer), self._generation)
+        except FileExistsError:  # changed by someone else (a restarted writer): append anyway
+            meta = paths.stat(self.path)
+            self._generation = None if meta is None else meta["generation"]
+            self._generation = paths.append(self.path, bytes(self._buffer), self._generation)
+        self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self._gcs:
+            self.flush()
+        else:
+            self._file.close()
+
+
+class MetricsWriter:
+    """One JSON object per line in WORKDIR/metrics.jsonl, plus TensorBoard event files.
+
+    WORKDIR may be local or gs://. Locally each record is appended and flushed at once;
+    on GCS records are buffered and appended every `flush_every_s` and on `flush()` /
+    `close()`. TensorBoard events are written as TFRecords of `Event` protos (one per
+    record, holding its scalars as `kind/name`) in WORKDIR/tensorboard/.
+    """
+
+    def __init__(self, workdir: str, tensorboard: bool = True, flush_every_s: float = 5.0):
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self._jsonl = _AppendFile(self.path, flush_every_s)
+        self._tb: _AppendFile | None = None
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                from tensorboardX.proto import event_pb2, summary_pb2
             except ImportError:  # TensorBoard is optional; JSON lines always work
-                self._tb = None
+                return
+            self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+            name = (
+                f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                f"{os.getpid()}.{uuid.uuid4().hex[:6]}"
+            )
+            self._tb = _AppendFile(paths.join(workdir, "tensorboard", name), flush_every_s)
+            first = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+            self._tb.write(tfrecord(first.SerializeToString()))
 
     def write(self, record: dict) -> None:
         clean = {
             k: (v.item() if isinstance(v, (np.floating, np.integer)) else v)
             for k, v in record.items()
         }
-        self._file.write(json.dumps(clean, sort_keys=True) + "\n")
-        self._file.flush()
+        self._jsonl.write((json.dumps(clean, sort_keys=True) + "\n").encode())
         if self._tb is not None and "step" in clean:
             kind = clean.get("kind", "train")
-            for k, v in clean.items():
-                if k not in ("step", "kind") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{kind}/{k}", v, clean["step"])
+            values = [
+                self._summary_pb2.Summary.Value(tag=f"{kind}/{k}", simple_value=float(v))
+                for k, v in clean.items()
+                if k not in ("step", "kind")
+                and isinstance(v, (int, float))
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+            ]
+            if values:
+                event = self._event_pb2.Event(
+                    wall_time=time.time(),
+                    step=int(clean["step"]),
+                    summary=self._summary_pb2.Summary(value=values),
+                )
+                self._tb.write(tfrecord(event.SerializeToString()))
+
+    def flush(self) -> None:
+        """Pushes buffered records to GCS now (a no-op locally, where writes are flushed)."""
+        self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.flush()
 
     def close(self) -> None:
-        self._file.close()
+        self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+class NullWriter:
+    """MetricsWriter's interface, writing nothing: for processes other than 0."""
+
+    def write(self, record: dict) -> None:
+        del record
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -37,12 +37,13 @@ magnitude faster than a step needs (experiments/bench_data.py) without worker pr
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from gopher import paths
 from gopher.data.packing import TokenDataset
 from gopher.data.sources import Document
 from gopher.data.tokenizer import Tokenizer
@@ -109,6 +110,14 @@ def feistel_permutation(
         out[outside] = encrypt(out[outside])
         outside = out >= np.uint64(n)
     return out
+
+
+def _load_tokens(corpus_dir: str, name: str) -> np.ndarray:
+    """A corpus token array: memory-mapped locally; read whole from a gs:// corpus."""
+    path = paths.join(corpus_dir, name)
+    if paths.is_remote(path):
+        return np.load(io.BytesIO(paths.resolve(path).read_bytes()))
+    return np.load(path, mmap_mode="r")
 
 
 class Source(NamedTuple):
@@ -230,12 +239,10 @@ class Mixture:
             if name not in manifest["sources"]:
                 continue  # reported by __init__
             entry = manifest["sources"][name]
-            train = np.load(os.path.join(corpus_dir, entry["train"]["tokens_file"]), mmap_mode="r")
-            heldout = np.load(
-                os.path.join(corpus_dir, entry["heldout"]["tokens_file"]), mmap_mode="r"
-            )
+            train = _load_tokens(corpus_dir, entry["train"]["tokens_file"])
+            heldout = _load_tokens(corpus_dir, entry["heldout"]["tokens_file"])
             sources.append(Source(name, train, heldout))
-        tokenizer = Tokenizer.load(os.path.join(corpus_dir, manifest["tokenizer"]["file"]))
+        tokenizer = Tokenizer.load(paths.join(corpus_dir, manifest["tokenizer"]["file"]))
         mixture = cls(
             sources,
             weights,

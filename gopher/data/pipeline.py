@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from gopher import paths
 from gopher.config import DataConfig, ModelConfig, TrainConfig
 from gopher.data.packing import TokenDataset
 from gopher.data.sources import (
@@ -51,8 +52,8 @@ def _documents(data: DataConfig, split: str) -> list[Document]:
 
 def _tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs) -> Tokenizer:
     """The configured tokenizer, or one trained on the training documents into the workdir."""
-    path = data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-    if os.path.isfile(path):
+    path = data.tokenizer_path or paths.join(workdir, "tokenizer.model")
+    if paths.resolve(path).is_file():
         tok = Tokenizer.load(path)
     elif data.tokenizer_path:
         raise ValueError(f"tokenizer {path!r} does not exist; fix --config.data.tokenizer_path")
@@ -89,7 +90,7 @@ def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch) -> Pipe
     train_docs = _documents(data_cfg, "train")
     heldout_docs = _documents(data_cfg, "heldout")
     tokenizer = _tokenizer(data_cfg, model_cfg.vocab_size, workdir, train_docs)
-    cache = data_cfg.cache_dir or os.path.join(workdir, "data")
+    cache = data_cfg.cache_dir or _token_cache_dir(workdir)
     train_ds = TokenDataset.from_documents(tokenizer, train_docs, train_cfg.seed, cache)
     heldout_ds = TokenDataset.from_documents(tokenizer, heldout_docs, train_cfg.seed, cache)
     b, t = train_cfg.batch_size, model_cfg.seq_len
@@ -120,6 +121,16 @@ def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch) -> Pipe
             f"({heldout_ds.num_tokens:,} tokens); unigram baseline {unigram:.3f} bits/byte"
         ),
     )
+
+
+def _token_cache_dir(workdir: str) -> str:
+    """Where tokenised text is cached: memory-mapped, so on local disk even for a gs://
+    workdir (keyed by content, so runs can share it)."""
+    if paths.is_remote(workdir):
+        from gopher.data.corpus import DEFAULT_CACHE_DIR
+
+        return os.path.join(DEFAULT_CACHE_DIR, "tokens")
+    return os.path.join(workdir, "data")
 
 
 def default_corpus_dir(vocab_size: int) -> str:
@@ -193,7 +204,7 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
 
     weights = parse_weights(data_cfg.mixture)  # before a build: a typo should not cost one
     corpus_dir = data_cfg.corpus_dir or default_corpus_dir(model_cfg.vocab_size)
-    if not os.path.isfile(os.path.join(corpus_dir, "manifest.json")):
+    if not paths.resolve(corpus_dir).joinpath("manifest.json").is_file():
         if data_cfg.corpus_dir:
             raise ValueError(
                 f"corpus {corpus_dir!r} has no manifest.json; build it with `python -m "

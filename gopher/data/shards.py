@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 
+from gopher import paths as path_layer
 from gopher.data.sources import Document
 
 
@@ -84,14 +85,13 @@ def corpus_shards(corpus_dir: str, source: str, split: str) -> list[str]:
 
 
 def load_manifest(corpus_dir: str) -> dict:
-    path = os.path.join(corpus_dir, "manifest.json")
-    if not os.path.isfile(path):
+    path = path_layer.resolve(corpus_dir) / "manifest.json"
+    if not path.is_file():
         raise ValueError(
             f"{path} does not exist; build the corpus with "
             f"`python -m experiments.prepare_data --out={corpus_dir}`"
         )
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(path.read_text())
 
 
 def corpus_documents(corpus_dir: str, source: str, split: str) -> list[Document]:

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from gopher import paths
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = -1, 0, 1, 2
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -88,13 +90,13 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str) -> Tokenizer:
         """Loads a model file written by `Tokenizer.train` (or any SentencePiece model)."""
-        if not os.path.isfile(path):
+        file = paths.resolve(path)
+        if not file.is_file():
             raise ValueError(
                 f"tokenizer model {path!r} does not exist; train one with Tokenizer.train "
                 "or fix the path"
             )
-        with open(path, "rb") as f:
-            return cls(f.read(), path)
+        return cls(file.read_bytes(), path)
 
     @classmethod
     def train(
@@ -152,12 +154,7 @@ class Tokenizer:
                 f"failed: {str(e).splitlines()[-1]}; lower vocab_size or give more text"
             ) from None
         model_bytes = model.getvalue()
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(model_bytes)
-        os.replace(tmp, path)  # atomic: readers never see a half-written model
+        paths.write_atomic(path, model_bytes)  # readers never see a half-written model
         return cls(model_bytes, path)
 
     @property

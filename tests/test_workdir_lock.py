@@ -1,0 +1,159 @@
+"""The workdir lock on a local disk: refusal, stale takeover, release, races."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from gopher import workdir as workdir_lib
+from gopher.workdir import WorkdirLock, WorkdirLocked
+
+
+def _fake_lock(workdir, host, pid, heartbeat_age_s, start_time=1.7e9):
+    info = {
+        "host": host,
+        "pid": pid,
+        "start_time": start_time,
+        "heartbeat_time": time.time() - heartbeat_age_s,
+        "run_id": "someone-else",
+    }
+    (workdir / "lock.json").write_text(json.dumps(info))
+    return info
+
+
+def _dead_pid() -> int:
+    p = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    return int(p.stdout)  # exited and reaped: the pid names no process
+
+
+def test_second_run_refused_with_holder_named(tmp_path):
+    with WorkdirLock(str(tmp_path)) as first:
+        info = json.loads((tmp_path / "lock.json").read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        assert info["run_id"] == first.run_id
+        with pytest.raises(WorkdirLocked) as e:
+            WorkdirLock(str(tmp_path)).acquire()
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert socket.gethostname() in msg and f"pid {os.getpid()}" in msg
+        assert time.strftime("%Y-%m-%d", time.gmtime(info["start_time"])) in msg
+        assert "--workdir" in msg
+        assert isinstance(e.value, ValueError)  # the CLI's one-line exit 2
+    assert not (tmp_path / "lock.json").exists()
+
+
+def test_lock_of_dead_pid_taken_over_with_warning(tmp_path):
+    _fake_lock(tmp_path, socket.gethostname(), _dead_pid(), heartbeat_age_s=1)
+    said = []
+    lock = WorkdirLock(str(tmp_path), say=said.append).acquire()
+    try:
+        assert len(said) == 1 and said[0].startswith("warning: taking over")
+        assert "no longer exists" in said[0]
+        assert json.loads((tmp_path / "lock.json").read_text())["run_id"] == lock.run_id
+    finally:
+        lock.release()
+
+
+def test_other_host_lock_stale_after_heartbeat_timeout(tmp_path):
+    _fake_lock(tmp_path, "other-host.example", 12345, heartbeat_age_s=120)
+    said = []
+    with WorkdirLock(str(tmp_path), stale_after_s=60, say=said.append) as lock:
+        assert "no heartbeat for 2.0 min" in said[0] and "other-host.example" in said[0]
+        assert json.loads((tmp_path / "lock.json").read_text())["run_id"] == lock.run_id
+
+
+def test_other_host_lock_with_fresh_heartbeat_refused(tmp_path):
+    # pid 1 exists here, but on another host a pid says nothing: only the heartbeat does.
+    _fake_lock(tmp_path, "other-host.example", _dead_pid(), heartbeat_age_s=5)
+    with pytest.raises(WorkdirLocked, match="other-host.example"):
+        WorkdirLock(str(tmp_path), stale_after_s=60).acquire()
+    assert json.loads((tmp_path / "lock.json").read_text())["run_id"] == "someone-else"
+
+
+def test_release_removes_only_our_own_lock(tmp_path):
+    lock = WorkdirLock(str(tmp_path), heartbeat_s=3600).acquire()
+    # Someone replaced it (e.g. took it over while we were stopped): not ours to delete.
+    _fake_lock(tmp_path, "other-host.example", 1, heartbeat_age_s=0)
+    lock.release()
+    assert json.loads((tmp_path / "lock.json").read_text())["run_id"] == "someone-else"
+
+
+def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path):
+    said = []
+    lock = WorkdirLock(str(tmp_path), heartbeat_s=0.05, say=said.append).acquire()
+    try:
+        first = json.loads((tmp_path / "lock.json").read_text())["heartbeat_time"]
+        time.sleep(0.3)
+        info = json.loads((tmp_path / "lock.json").read_text())
+        assert info["heartbeat_time"] > first and info["start_time"] == lock.start_time
+        with workdir_lib._guard(lock._guard_path):  # as a takeover would
+            _fake_lock(tmp_path, "other-host.example", 1, heartbeat_age_s=0)
+        time.sleep(0.3)
+        assert lock.lost and any("taken over" in s for s in said)
+    finally:
+        lock.release()
+    assert (tmp_path / "lock.json").exists()  # the other run's lock stays
+
+
+def test_threads_racing_exactly_one_wins(tmp_path):
+    results, barrier = [], threading.Barrier(8)
+
+    def contend():
+        barrier.wait()
+        try:
+            results.append(WorkdirLock(str(tmp_path), heartbeat_s=3600).acquire())
+        except WorkdirLocked:
+            results.append(None)
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    winners[0].release()
+
+
+_CONTEND = """
+import sys, time
+from gopher.workdir import WorkdirLock, WorkdirLocked
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+try:
+    WorkdirLock(sys.argv[1], heartbeat_s=3600).acquire()
+    print("won", flush=True)
+    time.sleep(2)
+except WorkdirLocked:
+    print("refused", flush=True)
+"""
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_processes_racing_exactly_one_wins(tmp_path, stale):
+    if stale:  # all of them find a dead run's lock and try to take it over at once
+        _fake_lock(tmp_path, socket.gethostname(), _dead_pid(), heartbeat_age_s=1)
+    go = time.time() + 1.5
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(workdir_lib.__file__))}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTEND, str(tmp_path), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=30) for p in procs]
+    verdicts = sorted(o[0].strip() for o in outs)
+    assert verdicts == ["refused"] * 3 + ["won"], outs
+    takeovers = sum("taking over" in o[1] for o in outs)
+    assert takeovers == (1 if stale else 0)
