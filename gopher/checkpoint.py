@@ -24,6 +24,7 @@ Starting over is explicit: `--config.train.restart_from_scratch=true` makes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -168,7 +169,9 @@ class Checkpointer:
             except Exception as e:  # a damaged step raises many kinds of error
                 last = attempt + 1 == self.restore_tries
                 if not is_transient(e) or last:
-                    e.tries = attempt + 1  # for the message
+                    # For the message; an exception type without a __dict__ refuses it.
+                    with contextlib.suppress(AttributeError):
+                        e.tries = attempt + 1
                     raise
                 wait = self.retry_backoff_s * 2**attempt
                 log.warning(
