@@ -7,7 +7,9 @@ setup(
     version="0.1.0",
     description="Reproduce DeepMind's Gopher model-size sweep (44M ... 280B) in JAX + Haiku",
     python_requires=">=3.11",
-    packages=find_packages(include=["gopher", "gopher.*", "experiments", "experiments.*"]),
+    packages=find_packages(
+        include=["gopher", "gopher.*", "experiments", "experiments.*", "launch", "launch.*"]
+    ),
     install_requires=[
         "jax>=0.10.2,<0.13",
         "dm-haiku>=0.0.17",

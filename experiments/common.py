@@ -12,6 +12,16 @@ from gopher import config as gopher_config
 def fail(message: str, code: int = 2):
     """Prints one line and exits now: background threads (Orbax's) print nothing more."""
     print(f"error: {message}", file=sys.stderr)
+    exit_now(code)
+
+
+def exit_now(code: int):
+    """Exits at once (Orbax's and jax's background threads cannot hold the process)."""
+    distributed = sys.modules.get("gopher.distributed")
+    if distributed is not None:
+        # Leave the job together with the others (they meet the same error): process 0
+        # going first would take the coordination service down under their feet.
+        distributed.shutdown(quiet=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -5,8 +5,16 @@ WORKDIR/tokenizer.model, WORKDIR/checkpoints/ and WORKDIR/tensorboard/. Restarti
 the same workdir resumes from the newest good checkpoint.
 
 Exit status: 0 done; 2 bad input (one line naming the value and the fix; --verbose for
-the traceback); 3 diverged (too many consecutive non-finite steps); 75 preempted
-(SIGTERM: a checkpoint was written; run the same command again to resume).
+the traceback); 3 diverged (too many consecutive non-finite steps); 4 no checkpoint could
+be restored (each step tried is named; nothing was deleted); 6 another process of the
+job died or hangs; 75 preempted (SIGTERM: a checkpoint was written; run the same command
+again to resume); 130 interrupted (Ctrl-C: a checkpoint was written; a second Ctrl-C
+exits at once).
+
+Several processes (one per host): on a Cloud TPU VM pod run the same command on every
+worker (jax finds the others); elsewhere pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or GOPHER_COORDINATOR_ADDRESS, GOPHER_NUM_PROCESSES,
+GOPHER_PROCESS_ID), as `python -m launch.local` does on one machine.
 """
 
 from __future__ import annotations
@@ -25,6 +33,13 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints, tokenizer.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process job."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
+RESTORE_FAILED_EXIT_CODE = 4
+INTERRUPTED_EXIT_CODE = 130
 
 
 def main(argv):
@@ -51,14 +66,27 @@ def main(argv):
         common.fail("--workdir is required; pass --workdir=DIR (it is created if missing)")
     with common.user_errors(_VERBOSE.value):
         model_cfg, train_cfg, data_cfg, parallel = common.configs_from_dict(_CONFIG.value)
-        from gopher import loop  # imported late so flag errors print before jax loads
+        # Imported late so that flag errors print before jax loads.
+        from gopher import checkpoint, distributed, loop
 
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         try:
             result = loop.run(model_cfg, train_cfg, data_cfg, _WORKDIR.value, parallel)
+        except KeyboardInterrupt:  # before the first step: there is nothing to checkpoint
+            common.fail(
+                "interrupted before training started; nothing was written that a rerun "
+                "does not redo",
+                code=INTERRUPTED_EXIT_CODE,
+            )
         except loop.Diverged as e:
             common.fail(str(e), code=loop.DIVERGED_EXIT_CODE)
+        except checkpoint.RestoreFailed as e:
+            common.fail(str(e), code=RESTORE_FAILED_EXIT_CODE)
+        except loop.Stopped as e:
+            common.exit_now(e.code)  # leaves the job with the others (common.exit_now)
+        distributed.shutdown()
     ev, tr = result["eval"], result["train"]
-    if ev:
+    if ev and result.get("chief", True):
         print(
             f"done: step {ev['step']}, train loss {tr.get('loss', float('nan')):.3f}, "
             f"held-out {ev['heldout_bpb']:.3f} bits/byte (unigram {result['unigram_bpb']:.3f}); "

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gopher import sharding
@@ -30,9 +31,35 @@ class Engine:
     to_checkpoint: Callable[[Any], Any]
     from_checkpoint: Callable[[Any], Any]
     description: str
-    # jit path: compile the step ahead of time for a batch shape; returns bytes per device
-    # {"temp", "argument", "output", "alias"} from XLA's memory analysis, or None.
+    # jit path: compile the step ahead of time for a global batch shape; returns bytes per
+    # device {"temp", "argument", "output", "alias"} from XLA's memory analysis, or None.
     precompile: Callable[[tuple[int, int]], dict | None] = lambda shape: None
+    # The rows [lo, hi) of a global batch of B rows that this process feeds.
+    local_rows: Callable[[int], tuple[int, int]] = lambda b: _even_rows(b)
+    # (state, this process's rows [b, T+1]) -> (NLL sum in nats, target tokens) over the
+    # whole global batch of train_cfg.batch_size rows, i.e. summed over every host's rows.
+    eval_sums: Callable[[Any, np.ndarray], tuple[float, int]] | None = None
+
+
+def _even_rows(global_batch: int) -> tuple[int, int]:
+    """The data axis split evenly over processes, in process order."""
+    local = global_batch // jax.process_count()
+    return jax.process_index() * local, (jax.process_index() + 1) * local
+
+
+def _sums_from_local_nll(eval_nll: Callable) -> Callable:
+    """eval_sums for an engine whose eval_nll gives this process's rows (pmap)."""
+
+    def eval_sums(state, batch):
+        nll = eval_nll(state, batch).astype(np.float64)
+        local = np.array([nll.sum(), nll.size], np.float64)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            local = np.asarray(multihost_utils.process_allgather(local)).sum(0)
+        return float(local[0]), int(local[1])
+
+    return eval_sums
 
 
 def available_bytes_per_device() -> int | None:
@@ -60,8 +87,12 @@ def build(
     parallel: ParallelConfig,
 ) -> Engine:
     if parallel.mode == "pmap":
-        return _pmap_engine(model_cfg, train_cfg, parallel)
-    return _jit_engine(model_cfg, train_cfg, parallel)
+        engine = _pmap_engine(model_cfg, train_cfg, parallel)
+    else:
+        engine = _jit_engine(model_cfg, train_cfg, parallel)
+    if engine.eval_sums is None:
+        engine.eval_sums = _sums_from_local_nll(engine.eval_nll)
+    return engine
 
 
 def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
@@ -78,17 +109,28 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
     sizes = sharding.axis_sizes(mesh)
 
     compiled = {}
+    # Sums over the global [B, T] NLL inside one program: the result is replicated, so
+    # every host reads the total without gathering rows it does not hold.
+    nll_sums = jax.jit(lambda nll: (jnp.sum(nll.astype(jnp.float32)), nll.size))
 
-    def step(state, batch):
-        fn = compiled.get(batch.shape, sharded.train_step)
-        return fn(state, sharding.make_global_batch(batch, mesh))
+    def step(state, batch, global_batch=None):
+        global_batch = global_batch or train_cfg.batch_size
+        tokens = sharding.make_global_batch(batch, mesh, global_batch)
+        fn = compiled.get(tokens.shape, sharded.train_step)
+        return fn(state, tokens)
 
     def eval_nll(state, batch):
         out = sharded.eval_step(state.params, sharding.make_global_batch(batch, mesh))
         return np.asarray(jax.device_get(out["nll"]))
 
+    def eval_sums(state, batch, global_batch=None):
+        global_batch = global_batch or train_cfg.batch_size
+        tokens = sharding.make_global_batch(batch, mesh, global_batch)
+        total, count = nll_sums(sharded.eval_step(state.params, tokens)["nll"])
+        return float(total), int(count)
+
     def precompile(shape):
-        sharding.check_batch_size(shape[0] * jax.process_count(), mesh)
+        sharding.check_batch_size(shape[0], mesh)
         abstract = sharding.abstract_state_with_shardings(fns, sharded)
         tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
         exe = sharded.train_step.lower(abstract, tokens).compile()
@@ -107,6 +149,10 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         }
 
     zero = {0: "off", 1: "ZeRO-1", 3: "FSDP"}[parallel.zero]
+    hosts = ""
+    if jax.process_count() > 1:  # which process holds each device, in mesh order
+        layout = np.vectorize(lambda d: d.process_index)(mesh.devices).tolist()
+        hosts = f"; processes of the mesh's devices {layout}"
     return Engine(
         init=sharded.init,
         train_step=step,
@@ -117,9 +163,11 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         description=(
             f"jit over mesh replica={sizes['replica']} data={sizes['data']} "
             f"model={sizes['model']} ({jax.device_count()} devices), optimiser-state "
-            f"partitioning {zero}, remat {train_cfg.remat}, precision {train_cfg.precision}"
+            f"partitioning {zero}, remat {train_cfg.remat}, precision {train_cfg.precision}{hosts}"
         ),
         precompile=precompile,
+        local_rows=lambda b: sharding.local_rows(mesh, b),
+        eval_sums=eval_sums,
     )
 
 

@@ -5,9 +5,18 @@ pure functions of gopher/train.py behind an Engine (gopher/engine.py). Like nano
 the loop dispatches step N before it reads step N-1's metrics, so reading them does
 not stall the device.
 
-A run in an existing workdir resumes from its newest good checkpoint and appends to
-metrics.jsonl; the steps redone after that checkpoint are logged again with the same
-values. SIGTERM (a TPU VM preemption) checkpoints and exits with PREEMPTED_EXIT_CODE.
+The pieces, in the order a run meets them:
+  open_workdir      check it, take the workdir lock, record (or check) the experiment
+  build_data        this process's rows of the data; every process agrees on it
+  restore_or_init   the newest good checkpoint, or a fresh state (never a silent restart)
+  StepLog           reads a step's metrics: non-finite guard, tokens/s, MFU, the log line
+  evaluate          held-out bits per byte per source, summed over every host's rows
+  Saver             checkpoint cadence and the one-line disk-full error
+  train_steps       the step loop itself
+With several processes only process 0 writes metrics, TensorBoard, the lock and the
+config; checkpoints go through Orbax's multi-process protocol. A run in an existing
+workdir resumes and appends to metrics.jsonl; the steps redone after its checkpoint are
+logged again with the same values. SIGTERM / SIGINT checkpoint and exit (gopher/stopping).
 """
 
 from __future__ import annotations
@@ -15,63 +24,98 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
+from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from gopher import checkpoint as checkpoint_lib
+from gopher import distributed
 from gopher import engine as engine_lib
 from gopher import metrics as metrics_lib
 from gopher import workdir as workdir_lib
 from gopher.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
-from gopher.data.pipeline import build_pipeline
+from gopher.data.pipeline import Pipeline, build_pipeline
+from gopher.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stopper, Watchdog
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again": restart the same command to resume
 DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
+__all__ = ["DIVERGED_EXIT_CODE", "INTERRUPTED_EXIT_CODE", "PREEMPTED_EXIT_CODE", "run"]
 
 
-class Preempted(SystemExit):
-    def __init__(self):
-        super().__init__(PREEMPTED_EXIT_CODE)
+class Stopped(SystemExit):
+    """The run checkpointed and stopped on a signal; the exit code says which."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+
+
+Preempted = Stopped  # the name older callers use
 
 
 class Diverged(RuntimeError):
     pass
 
 
-def evaluate(engine, state, eval_sets: dict) -> dict:
-    """Held-out loss and bits per byte per source, and over all of them (byte-weighted)."""
-    out, total_nll, total_bytes, total_tokens = {}, 0.0, 0, 0
-    for source, windows in eval_sets.items():
-        nll_sum, tokens, num_bytes = 0.0, 0, 0
-        for batch, target_bytes in windows:
-            nll = engine.eval_nll(state, batch).astype(np.float64)
-            nll_sum += float(nll.sum())
-            tokens += nll.size
-            num_bytes += target_bytes
-        out[f"heldout/{source}/bpb"] = metrics_lib.bits_per_byte(nll_sum, num_bytes)
-        total_nll, total_bytes, total_tokens = (
-            total_nll + nll_sum,
-            total_bytes + num_bytes,
-            total_tokens + tokens,
-        )
-    out["heldout_loss"] = total_nll / total_tokens
-    out["heldout_bpb"] = metrics_lib.bits_per_byte(total_nll, total_bytes)
-    return out
+@dataclasses.dataclass
+class Run:
+    """Everything a run holds once it is set up."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    workdir: str
+    data: Pipeline
+    engine: engine_lib.Engine
+    ckpt: checkpoint_lib.Checkpointer
+    writer: Any  # metrics_lib.MetricsWriter on process 0, a writer of nothing elsewhere
+    say: Any
+    show_progress: bool
+    lock: Any = None  # workdir_lib.WorkdirLock on process 0
+
+    def check_lock(self) -> None:
+        """Stops before writing if another run took the workdir over (a stale heartbeat)."""
+        if self.lock is not None and self.lock.lost:
+            raise ValueError(
+                f"another run took over the lock of {self.workdir} (this run's heartbeat "
+                "was stale); stopping without writing: run one job per workdir"
+            )
+
+    @property
+    def end(self) -> int:
+        t = self.train_cfg
+        return min(t.stop_at_step or t.steps, t.steps)
 
 
-def _peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
-    dev = jax.devices()[0]
-    peak = metrics_lib.peak_flops_per_device(dev.device_kind, train_cfg.peak_flops)
-    if peak is not None:
-        return peak * jax.device_count(), "configured" if train_cfg.peak_flops else dev.device_kind
-    if dev.platform == "cpu":
-        # Simulated CPU devices share the host's cores: the host's matmul peak is the total.
-        return metrics_lib.measure_cpu_peak_flops(), "measured CPU matmul"
-    return None, "unknown (set --config.train.peak_flops)"
+# ------------------------------------------------------------------------ set-up
+
+
+def open_workdir(workdir: str, config: dict, chief: bool):
+    """Checks the workdir; on process 0 takes its lock and records the experiment."""
+    workdir_lib.check_writable(workdir)
+    if not chief:
+        return None
+    lock = workdir_lib.WorkdirLock(workdir)
+    lock.acquire()
+    try:
+        workdir_lib.record_config(workdir, config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pipeline:
+    """This process's rows of the data, built by process 0 first (it may train the
+    tokenizer or build the corpus into a shared place), then checked to be the same data
+    on every process."""
+    data = distributed.chief_first(
+        "data", lambda: build_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say)
+    )
+    distributed.check_same(
+        {"tokenizer sha256": data.tokenizer.sha256, "data sha256": data.fingerprint}
+    )
+    return data
 
 
 def check_memory(engine, model_cfg: ModelConfig, train_cfg: TrainConfig, say) -> None:
@@ -92,26 +136,255 @@ def check_memory(engine, model_cfg: ModelConfig, train_cfg: TrainConfig, say) ->
         )
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps."""
+def restore_or_init(r: Run) -> tuple[int, Any]:
+    """(start step, state): the newest checkpoint that restores, or step 0 for a new run.
 
-    def __init__(self):
-        self.raised = False
-        self._old = None
+    A checkpoint directory whose every step fails raises checkpoint_lib.RestoreFailed:
+    training from scratch over a run's checkpoints would let max_to_keep delete them.
+    """
+    restored = r.ckpt.restore_latest(r.engine.abstract_state())
+    if restored is None:
+        return 0, r.engine.init(jax.random.key(r.train_cfg.seed))
+    start, ck_state, meta = restored
+    sha = r.data.tokenizer.sha256
+    if meta.get("tokenizer_sha256") != sha:
+        raise ValueError(
+            f"checkpoint step {start} in {r.ckpt.directory} was trained with tokenizer "
+            f"{meta.get('tokenizer_sha256', '?')[:12]} but {r.data.tokenizer.path} is "
+            f"{sha[:12]}; use that run's tokenizer or a new --workdir"
+        )
+    r.data.restore(meta["data"])
+    r.say(f"resumed from checkpoint step {start} in {r.ckpt.directory}")
+    return start, r.engine.from_checkpoint(ck_state)
 
-    def __enter__(self):
+
+def _peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
+    dev = jax.devices()[0]
+    peak = metrics_lib.peak_flops_per_device(dev.device_kind, train_cfg.peak_flops)
+    if peak is not None:
+        return peak * jax.device_count(), "configured" if train_cfg.peak_flops else dev.device_kind
+    if dev.platform == "cpu":
+        # Simulated CPU devices share their host's cores: each host's matmul peak counts.
+        return metrics_lib.measure_cpu_peak_flops() * jax.process_count(), "measured CPU matmul"
+    return None, "unknown (set --config.train.peak_flops)"
+
+
+# ----------------------------------------------------------------------- logging
+
+
+class StepLog:
+    """Reads a finished step's metrics: the non-finite guard, speed, MFU and the log."""
+
+    def __init__(self, r: Run, start: int):
+        self.r, self.start = r, start
+        t = r.train_cfg
+        self.tokens_per_step = t.batch_size * r.model_cfg.seq_len
+        self.flops = metrics_lib.flops_per_token(r.model_cfg)
+        self.flops_causal = metrics_lib.flops_per_token(r.model_cfg, causal=True)
+        self.peak, source = _peak_flops(t)
+        r.say(f"MFU peak: {self.peak / 1e12 if self.peak else float('nan'):.2f} TFLOP/s ({source})")
+        self.bad_run = 0
+        self.last: dict = {}
+        self.clock = (start, time.perf_counter())
+        self.bar = tqdm(
+            total=t.steps, initial=start, disable=not r.show_progress, dynamic_ncols=True
+        )
+
+    def restart_clock(self, step: int, extra_s: float = 0.0) -> None:
+        """Time from here on counts toward tokens/s (eval and first-step compile do not)."""
+        self.clock = (step, time.perf_counter() if not extra_s else self.clock[1] + extra_s)
+
+    def read(self, step: int, metrics) -> None:
+        rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        self._guard(step, rec)
+        if step % self.r.train_cfg.log_every and step != self.r.end:
+            return
+        now = time.perf_counter()
+        tps = self.tokens_per_step * (step - self.clock[0]) / max(now - self.clock[1], 1e-9)
+        self.clock = (step, now)
+        rec.update(step=step, kind="train", tokens_per_sec=tps)
+        if step - 1 == self.start:  # includes compilation: not a speed measurement
+            rec["tokens_per_sec"] = float("nan")
+        else:
+            rec["mfu"] = metrics_lib.mfu(tps, self.flops, self.peak)
+            rec["mfu_causal"] = metrics_lib.mfu(tps, self.flops_causal, self.peak)
+            rec["step_time_s"] = self.tokens_per_step / max(tps, 1e-9)
+        rec["bpt"] = rec["loss"] / math.log(2)  # bits per token
+        rec.update(self.r.data.stats())
+        self.r.writer.write({k: v for k, v in rec.items() if v is not None})
+        self.last = rec
+        mfu = (rec.get("mfu") or 0) * 100
+        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1f}%")
+
+    def _guard(self, step: int, rec: dict) -> None:
+        finite = math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
+        self.bad_run = 0 if finite else self.bad_run + 1
+        if not finite:
+            self.r.say(
+                f"step {step}: non-finite loss {rec['loss']} / grad norm {rec['grad_norm']}; "
+                f"update skipped ({int(rec['skipped'])} skipped so far)"
+            )
+        if self.bad_run >= self.r.train_cfg.max_bad_steps:
+            raise Diverged(
+                f"{self.bad_run} consecutive steps (to step {step}) had a non-finite loss or "
+                f"gradient norm; stopping. The last good checkpoint in {self.r.ckpt.directory} "
+                f"is intact; lower --config.train.max_lr or check the data"
+            )
+
+
+# -------------------------------------------------------------------- evaluation
+
+
+def evaluate(engine, state, eval_sets: dict) -> dict:
+    """Held-out loss and bits per byte per source, and over all of them (byte-weighted).
+
+    Each eval batch's NLL is summed over the whole global batch inside the program, so
+    every host gets the total of every host's rows; the byte counts are the global
+    batch's, which every host reads alike.
+    """
+    out, total_nll, total_bytes, total_tokens = {}, 0.0, 0, 0
+    for source, windows in eval_sets.items():
+        nll_sum, tokens, num_bytes = 0.0, 0, 0
+        for batch, target_bytes in windows:
+            s, n = engine.eval_sums(state, batch)
+            nll_sum, tokens, num_bytes = nll_sum + s, tokens + n, num_bytes + target_bytes
+        out[f"heldout/{source}/bpb"] = metrics_lib.bits_per_byte(nll_sum, num_bytes)
+        total_nll += nll_sum
+        total_bytes += num_bytes
+        total_tokens += tokens
+    out["heldout_loss"] = total_nll / total_tokens
+    out["heldout_bpb"] = metrics_lib.bits_per_byte(total_nll, total_bytes)
+    return out
+
+
+def run_eval(r: Run, step: int, state) -> dict:
+    ev = evaluate(r.engine, state, r.data.eval_sets)
+    record = {"step": step, "kind": "eval", "heldout_unigram_bpb": r.data.unigram_bpb, **ev}
+    r.writer.write(record)
+    per_source = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in ev.items() if k.count("/") == 2)
+    r.say(
+        f"step {step}: held-out {ev['heldout_bpb']:.3f} bits/byte "
+        f"(unigram {r.data.unigram_bpb:.3f}; {per_source})"
+    )
+    return record
+
+
+# ------------------------------------------------------------------- checkpoints
+
+
+class Saver:
+    """Checkpoint cadence; a full disk becomes one line that says the last one is intact."""
+
+    def __init__(self, r: Run):
+        self.r = r
+        self.block_times: list[float] = []
+
+    def meta(self, step: int) -> dict:
+        return {
+            "step": step,
+            "data": self.r.data.state(),
+            "tokenizer_sha256": self.r.data.tokenizer.sha256,
+            "model": dataclasses.asdict(self.r.model_cfg),
+        }
+
+    def due(self, step: int) -> bool:
+        return step % self.r.train_cfg.checkpoint_every == 0 or step == self.r.end
+
+    def save(self, step: int, state, force: bool) -> float:
+        """Saves (waiting for it when `force`); returns the seconds the loop was blocked."""
+        t0 = time.perf_counter()
+        ckpt = self.r.ckpt
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._old = None
-        return self
+            ckpt.save(step, self.r.engine.to_checkpoint(state), self.meta(step), force=force)
+            if force:
+                ckpt.wait()
+        except Exception as e:  # Orbax reports a full disk as OSError or RESOURCE_EXHAUSTED
+            text = str(e)
+            if (
+                not isinstance(e, OSError)
+                and "No space left" not in text
+                and "EXHAUSTED" not in text
+            ):
+                raise
+            reason = "no space left on device" if "space" in text else text[:120]
+            raise ValueError(
+                f"checkpoint step {step} could not be written to {ckpt.directory} ({reason}); "
+                "free disk space and restart: the previous checkpoint is intact"
+            ) from None
+        blocked = time.perf_counter() - t0
+        if not force:
+            self.block_times.append(blocked)
+        return blocked
 
-    def _handle(self, signum, frame):
-        self.raised = True
 
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+# ---------------------------------------------------------------- the step loop
+
+
+def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog) -> dict:
+    """Steps start+1 .. end; returns the last train and eval records and the state."""
+    t, end = r.train_cfg, r.end
+    log, saver = StepLog(r, start), Saver(r)
+    evals: dict = {}
+    prev = None  # (step, metrics on device) of the previous step, read one step late
+    profiling = False
+
+    def flush():
+        nonlocal prev
+        if prev is not None:
+            log.read(*prev)
+            prev = None
+
+    try:
+        for step in range(start + 1, end + 1):
+            if t.profile_steps and step == t.profile_steps[0]:
+                jax.profiler.start_trace(os.path.join(r.workdir, "profile"))
+                profiling = True
+            state, metrics = r.engine.train_step(state, r.data.next_batch())
+            flush()
+            prev = (step, metrics)
+            if step == start + 1:  # the compile step: read now, time from here on
+                flush()
+                log.restart_clock(step)
+            watchdog.tick(step)
+            log.bar.update(1)
+            if profiling and step == t.profile_steps[1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                profiling = False
+                r.say(f"profile of steps {t.profile_steps} in {r.workdir}/profile")
+            if step % t.eval_every == 0 or step == end:
+                flush()
+                evals = run_eval(r, step, state)
+                log.restart_clock(step)
+            stop = stopper.reached(step)
+            if saver.due(step) or stop:
+                r.check_lock()
+                flush()  # a diverged run stops before it saves
+                log.restart_clock(step, extra_s=saver.save(step, state, force=step == end or stop))
+            if stop:
+                code = Stopper.exit_code(stop)
+                r.say(f"{stop}: checkpointed step {step}; exiting with {code} (rerun to resume)")
+                raise Stopped(code)
+        flush()
+    finally:
+        if profiling:
+            jax.profiler.stop_trace()
+        log.bar.close()
+    result = {"train": log.last, "eval": evals, "unigram_bpb": r.data.unigram_bpb}
+    if saver.block_times:
+        result["checkpoint_block_s"] = float(np.mean(saver.block_times))
+    result["state"] = state
+    result["chief"] = jax.process_index() == 0
+    return result
+
+
+def _fingerprint_config(model_cfg, train_cfg, data_cfg, parallel) -> dict:
+    return {
+        "model": dataclasses.asdict(model_cfg),
+        "train": dataclasses.asdict(train_cfg),
+        "data": dataclasses.asdict(data_cfg),
+        "parallel": dataclasses.asdict(parallel),
+    }
 
 
 def run(
@@ -124,199 +397,48 @@ def run(
 ) -> dict:
     """Trains (or resumes) to train_cfg.steps; returns the last train and eval metrics."""
     parallel = parallel or ParallelConfig(data=1)
-    workdir_lib.check_writable(workdir)
-    workdir_lib.record_config(
-        workdir,
-        {
-            "model": dataclasses.asdict(model_cfg),
-            "train": dataclasses.asdict(train_cfg),
-            "data": dataclasses.asdict(data_cfg),
-            "parallel": dataclasses.asdict(parallel),
-        },
-    )
-    say = tqdm.write if show_progress else print
-    local_batch = train_cfg.batch_size // jax.process_count()
-    data = build_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch, say)
-    say(data.summary)
-    engine = engine_lib.build(model_cfg, train_cfg, parallel)
-    say(
-        f"model: {model_cfg.name}, {model_cfg.param_count_formula():,} params; {engine.description}"
-    )
-
-    check_memory(engine, model_cfg, train_cfg, say)
-
-    ckpt = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        max_to_keep=train_cfg.max_to_keep,
-        async_save=train_cfg.async_checkpoint,
-    )
-    restored = ckpt.restore_latest(engine.abstract_state())
-    if restored is not None:
-        start, ck_state, meta = restored
-        if meta.get("tokenizer_sha256") != data.tokenizer.sha256:
-            raise ValueError(
-                f"checkpoint step {start} in {ckpt.directory} was trained with tokenizer "
-                f"{meta.get('tokenizer_sha256', '?')[:12]} but {data.tokenizer.path} is "
-                f"{data.tokenizer.sha256[:12]}; use that run's tokenizer or a new --workdir"
-            )
-        state = engine.from_checkpoint(ck_state)
-        data.restore(meta["data"])
-        say(f"resumed from checkpoint step {start} in {ckpt.directory}")
-    else:
-        start = 0
-        state = engine.init(jax.random.key(train_cfg.seed))
-
-    writer = metrics_lib.MetricsWriter(workdir, tensorboard=train_cfg.tensorboard)
-    if start == 0:
-        writer.write({"step": 0, "kind": "baseline", "heldout_unigram_bpb": data.unigram_bpb})
-    b, t = train_cfg.batch_size, model_cfg.seq_len
-    flops_token = metrics_lib.flops_per_token(model_cfg, t)
-    flops_token_causal = metrics_lib.flops_per_token(model_cfg, t, causal=True)
-    peak, peak_source = _peak_flops(train_cfg)
-
-    def meta(step):
-        return {
-            "step": step,
-            "data": data.state(),
-            "tokenizer_sha256": data.tokenizer.sha256,
-            "model": dataclasses.asdict(model_cfg),
-        }
-
-    def save(step, state, force=False):
-        t0 = time.perf_counter()
-        try:
-            saved = ckpt.save(step, engine.to_checkpoint(state), meta(step), force=force)
-            if force:
-                ckpt.wait()
-        except Exception as e:  # Orbax reports a full disk as OSError or RESOURCE_EXHAUSTED
-            text = str(e)
-            if (
-                not isinstance(e, OSError)
-                and "No space left" not in text
-                and "EXHAUSTED" not in text
-            ):
-                raise
-            raise ValueError(
-                f"checkpoint step {step} could not be written to {ckpt.directory} "
-                f"({'no space left on device' if 'space' in text else text[:120]}); free disk "
-                f"space and restart: the previous checkpoint is intact"
-            ) from None
-        return saved, time.perf_counter() - t0
-
-    end = min(train_cfg.stop_at_step or train_cfg.steps, train_cfg.steps)
-    result = {"train": {}, "eval": {}, "unigram_bpb": data.unigram_bpb}
-    clock = {"step": start, "time": time.perf_counter()}
-    prev = None  # (step, metrics on device) of the previous step, read one step late
-    bad_run = 0
-    block_times: list[float] = []
-    profiling = False
-    bar = tqdm(total=train_cfg.steps, initial=start, disable=not show_progress, dynamic_ncols=True)
-
-    def read(step, metrics):
-        """Reads step's metrics (it has finished by now); logs every log_every steps."""
-        nonlocal bad_run
-        rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        finite = math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
-        bad_run = 0 if finite else bad_run + 1
-        if not finite:
-            say(
-                f"step {step}: non-finite loss {rec['loss']} / grad norm {rec['grad_norm']}; "
-                f"update skipped ({int(rec['skipped'])} skipped so far)"
-            )
-        if bad_run >= train_cfg.max_bad_steps:
-            raise Diverged(
-                f"{bad_run} consecutive steps (to step {step}) had a non-finite loss or "
-                f"gradient norm; stopping. The last good checkpoint in {ckpt.directory} is "
-                f"intact; lower --config.train.max_lr or check the data"
-            )
-        if step % train_cfg.log_every and step != end:
-            return
-        now = time.perf_counter()
-        tps = b * t * (step - clock["step"]) / max(now - clock["time"], 1e-9)
-        clock.update(step=step, time=now)
-        rec.update(step=step, kind="train", tokens_per_sec=tps)
-        if step - 1 == start:  # includes compilation: not a speed measurement
-            rec["tokens_per_sec"] = float("nan")
-        else:
-            rec["mfu"] = metrics_lib.mfu(tps, flops_token, peak)
-            rec["mfu_causal"] = metrics_lib.mfu(tps, flops_token_causal, peak)
-            rec["step_time_s"] = b * t / max(tps, 1e-9)
-        rec["bpt"] = rec["loss"] / math.log(2)  # bits per token
-        rec.update(data.stats())
-        writer.write({k: v for k, v in rec.items() if v is not None})
-        result["train"] = rec
-        bar.set_postfix(
-            loss=f"{rec['loss']:.3f}",
-            tok_s=f"{tps:,.0f}",
-            mfu=f"{(rec.get('mfu') or 0) * 100:.1f}%",
-        )
-
-    say(f"MFU peak: {peak / 1e12 if peak else float('nan'):.2f} TFLOP/s ({peak_source})")
+    chief = jax.process_index() == 0
+    show_progress = show_progress and chief
+    say = (tqdm.write if show_progress else print) if chief else (lambda *a, **k: None)
+    config = _fingerprint_config(model_cfg, train_cfg, data_cfg, parallel)
+    lock = open_workdir(workdir, config, chief)
+    writer = ckpt = None
     try:
-        with _SigtermFlag() as sigterm:
-            for step in range(start + 1, end + 1):
-                if train_cfg.profile_steps and step == train_cfg.profile_steps[0]:
-                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
-                    profiling = True
-                batch = data.next_batch()
-                state, metrics = engine.train_step(state, batch)
-                if prev is not None:
-                    read(*prev)
-                prev = (step, metrics)
-                if step == start + 1:
-                    read(*prev)
-                    prev = None
-                    clock.update(step=step, time=time.perf_counter())
-                bar.update(1)
-                if profiling and step == train_cfg.profile_steps[1]:
-                    jax.block_until_ready(metrics)
-                    jax.profiler.stop_trace()
-                    profiling = False
-                    say(f"profile of steps {train_cfg.profile_steps} in {workdir}/profile")
-                last = step == end
-                if step % train_cfg.eval_every == 0 or last:
-                    if prev is not None:
-                        read(*prev)
-                        prev = None
-                    ev = evaluate(engine, state, data.eval_sets)
-                    result["eval"] = {
-                        "step": step,
-                        "kind": "eval",
-                        "heldout_unigram_bpb": data.unigram_bpb,
-                        **ev,
-                    }
-                    writer.write(result["eval"])
-                    per_source = ", ".join(
-                        f"{k.split('/')[1]} {v:.3f}" for k, v in ev.items() if k.count("/") == 2
-                    )
-                    say(
-                        f"step {step}: held-out {ev['heldout_bpb']:.3f} bits/byte "
-                        f"(unigram {data.unigram_bpb:.3f}; {per_source})"
-                    )
-                    clock.update(step=step, time=time.perf_counter())
-                if step % train_cfg.checkpoint_every == 0 or last or sigterm.raised:
-                    if prev is not None:  # a diverged run stops before it saves
-                        read(*prev)
-                        prev = None
-                    _, blocked = save(step, state, force=last or sigterm.raised)
-                    if not (last or sigterm.raised):
-                        block_times.append(blocked)
-                    clock["time"] += blocked
-                if sigterm.raised:
-                    say(f"SIGTERM: checkpointed step {step}; exiting with {PREEMPTED_EXIT_CODE}")
-                    raise Preempted()
-            if prev is not None:
-                read(*prev)
+        engine = engine_lib.build(model_cfg, train_cfg, parallel)
+        rows = engine.local_rows(train_cfg.batch_size)
+        data = build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say)
+        say(data.summary)
+        say(
+            f"model: {model_cfg.name}, {model_cfg.param_count_formula():,} params; "
+            f"{engine.description}"
+        )
+        check_memory(engine, model_cfg, train_cfg, say)
+        directory = checkpoint_lib.checkpoint_directory(workdir, train_cfg.restart_from_scratch)
+        ckpt = checkpoint_lib.Checkpointer(
+            directory, max_to_keep=train_cfg.max_to_keep, async_save=train_cfg.async_checkpoint
+        )
+        writer = (
+            metrics_lib.MetricsWriter(workdir, tensorboard=train_cfg.tensorboard)
+            if chief
+            else metrics_lib.NullWriter()
+        )
+        r = Run(model_cfg, train_cfg, workdir, data, engine, ckpt, writer, say, show_progress, lock)
+        start, state = restore_or_init(r)
+        if start == 0:
+            writer.write({"step": 0, "kind": "baseline", "heldout_unigram_bpb": data.unigram_bpb})
+        with Stopper() as stopper, Watchdog(train_cfg.watchdog_s) as watchdog:
+            return train_steps(r, start, state, stopper, watchdog)
     finally:
-        if profiling:
-            jax.profiler.stop_trace()
-        bar.close()
+        _close(writer, ckpt, lock, say)
+
+
+def _close(writer, ckpt, lock, say) -> None:
+    if writer is not None:
         writer.close()
+    if ckpt is not None:
         try:
             ckpt.close()
         except Exception as e:  # e.g. a full disk: the error that stopped the run matters
             say(f"warning: closing the checkpointer failed: {str(e)[:200]}")
-    if block_times:
-        result["checkpoint_block_s"] = float(np.mean(block_times))
-    result["state"] = state
-    return result
+    if lock is not None:
+        lock.release()

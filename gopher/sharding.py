@@ -99,12 +99,23 @@ def make_mesh(parallel: ParallelConfig, devices: Sequence[Any] | None = None) ->
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(parallel, len(devices))
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if parallel.device_order == "interleave":
+        # Devices of different processes alternate along the flattened mesh, so every
+        # model group (the last axis) holds devices of several processes.
+        order = sorted(devices, key=lambda d: (_local_position(d, devices), d.process_index))
+        return Mesh(np.asarray(order).reshape(shape), MESH_AXES, axis_types=axis_types)
     try:  # topology-aware device order on TPU
         return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         # make_mesh is strict about some device sets (multi-slice, deviceless
         # topologies); a plain reshape is always valid.
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def _local_position(device: Any, devices: Sequence[Any]) -> int:
+    """The index of `device` among the devices of its own process."""
+    mine = [d for d in devices if d.process_index == device.process_index]
+    return mine.index(device)
 
 
 def axis_sizes(mesh: Any) -> dict[str, int]:
@@ -300,21 +311,48 @@ def check_batch_size(global_b: int, mesh: Mesh) -> None:
         )
 
 
-def make_global_batch(np_batch: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host batch [B_local, T+1] -> a global jax.Array [B, T+1] split over data.
+def local_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """The rows [lo, hi) of a global [B, T+1] batch that this process's devices hold.
 
-    Each process passes its own slice; B = B_local * process count.
+    With the data axis split across processes each process holds B / processes rows;
+    when a model group spans processes (several processes share a data index), those
+    processes hold the same rows.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+    lo, hi = min(starts), max(stops)
+    covered = np.zeros(global_batch, bool)
+    for a, b in zip(starts, stops, strict=True):
+        covered[a:b] = True
+    if not covered[lo:hi].all():  # never with the ("replica", "data") row-major mesh
+        raise ValueError(
+            f"process {jax.process_index()} holds non-contiguous batch rows; use "
+            "--config.parallel.device_order=auto"
+        )
+    return lo, hi
+
+
+def make_global_batch(
+    np_batch: np.ndarray, mesh: Mesh, global_batch: int | None = None
+) -> jax.Array:
+    """This process's rows [lo, hi) of a [B, T+1] batch -> the global jax.Array [B, T+1].
+
+    `global_batch` (B) defaults to the rows times the process count (the data axis
+    split evenly over processes).
     """
     sizes = axis_sizes(mesh)
     n = sizes["replica"] * sizes["data"]
-    global_b = np_batch.shape[0] * jax.process_count()
+    global_b = global_batch or np_batch.shape[0] * jax.process_count()
     if global_b % n:
         fix = -(-global_b // n) * n
         raise ValueError(
             f"global batch {global_b} is not divisible by replica*data = "
             f"{sizes['replica']}*{sizes['data']} = {n}; use --config.train.batch_size={fix}"
         )
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), np_batch)
+    return jax.make_array_from_process_local_data(
+        batch_sharding(mesh), np_batch, (global_b, *np_batch.shape[1:])
+    )
 
 
 # ----------------------------------------------------------------- the jit path

@@ -200,7 +200,11 @@ def test_tiny_300_steps_killed_five_times_is_bit_identical(shared, tmp_path):
     _assert_same_run(workdir, ref, steps=steps, preset="tiny", seq_len=128)
 
 
-def test_sigterm_checkpoints_and_exits_75_then_resumes(shared, reference, tmp_path):
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_signal_checkpoints_and_exits_then_resumes(shared, reference, tmp_path, sig, code):
+    """SIGTERM (preemption) exits 75, Ctrl-C 130; both checkpoint, and resume bit-identically."""
     workdir = str(tmp_path / "run")
     proc = subprocess.Popen(
         _cmd(workdir, shared),
@@ -216,13 +220,14 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(shared, reference, tmp_pa
             break
         time.sleep(0.05)
     sent = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 75, output[-2000:]
+    assert proc.returncode == code, output[-2000:]
     assert time.time() - sent < 30
     step = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints")).steps()[-1]
-    assert step >= 33 and step % 10 != 0  # the SIGTERM checkpoint, not a periodic one
-    assert f"SIGTERM: checkpointed step {step}" in output
+    assert step >= 33 and step % 10 != 0  # the signal's checkpoint, not a periodic one
+    assert f"{sig.name}: checkpointed step {step}" in output
+    assert "uncaught" not in output and "KeyboardInterrupt" not in output
     _run(workdir, shared)
     _assert_same_run(workdir, reference)
 
@@ -318,3 +323,24 @@ def test_injected_nan_is_skipped_and_persistent_nan_stops(shared, tmp_path):
     assert out.returncode == 3
     assert "3 consecutive steps (to step 14)" in out.stderr
     assert checkpoint_lib.Checkpointer(os.path.join(always, "checkpoints")).steps() == [10]
+
+
+def test_second_ctrl_c_exits_at_once():
+    """The first Ctrl-C asks for a checkpoint at the step's end; a second exits at once."""
+    code = (
+        "import os, signal, time\n"
+        "from gopher.stopping import Stopper\n"
+        "with Stopper() as s:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "    print('first:', s.reached(1), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(1), capture_output=True, text=True
+    )
+    assert out.returncode == 130, out.stderr
+    assert "first: SIGINT" in out.stdout and "not reached" not in out.stdout
+    assert "second Ctrl-C: exiting now" in out.stderr

@@ -182,6 +182,7 @@ class Mixture:
         self.sources = [by_name[n] for n in self.names]
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.local_batch_size = batch_size // self.process_count
+        self.row_range: tuple[int, int] | None = None  # set_rows(): overrides the even split
         self.token_byte_lengths = np.asarray(token_byte_lengths, np.int64)
         self.num_windows = np.array([(len(s.train) - 1) // seq_len for s in self.sources])
         empty = [n for n, w in zip(self.names, self.num_windows, strict=True) if w < 1]
@@ -340,9 +341,7 @@ class Mixture:
         Cheap for the state's step and the steps after it; an earlier step replays the
         source draws from step 0 (no token reads), O(step) small generator calls.
         """
-        windows = self._windows_at(step)
-        lo = self.process_index * self.local_batch_size
-        return self._rows(step, windows, np.arange(lo, lo + self.local_batch_size))
+        return self._rows(step, self._windows_at(step), self._local_rows())
 
     def global_batch_at(self, step: int) -> np.ndarray:
         """[B, T+1] int32: every host's rows of `step` (for tests and single-host use)."""
@@ -363,8 +362,18 @@ class Mixture:
         return self
 
     def _local_rows(self) -> np.ndarray:
+        if self.row_range is not None:
+            return np.arange(*self.row_range)
         lo = self.process_index * self.local_batch_size
         return np.arange(lo, lo + self.local_batch_size)
+
+    def set_rows(self, lo: int, hi: int) -> None:
+        """Feeds global rows [lo, hi) instead of the even split by process: the rows the
+        mesh's data axis puts on this process's devices (processes that share a data index
+        because a model group spans them feed the same rows)."""
+        if not 0 <= lo < hi <= self.batch_size:
+            raise ValueError(f"rows [{lo}, {hi}) outside the batch of {self.batch_size}")
+        self.row_range = (lo, hi)
 
     # --- state and accounting ---------------------------------------------------------
 

@@ -14,10 +14,11 @@ windows per source with their UTF-8 byte counts, and a unigram baseline in bits 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from collections.abc import Callable
 
-import jax
 import numpy as np
 
 from gopher import paths
@@ -42,6 +43,18 @@ class Pipeline:
     eval_sets: dict[str, list]  # source -> [(batch [B, T+1], target bytes)]
     unigram_bpb: float
     summary: str
+    fingerprint: str = ""  # sha256 of the data itself: every host of a job must agree
+
+
+def data_fingerprint(*arrays, manifest: dict | None = None) -> str:
+    """sha256 of a data source: its corpus manifest (which holds its files' hashes), or
+    its token arrays."""
+    h = hashlib.sha256()
+    if manifest is not None:
+        h.update(json.dumps(manifest, sort_keys=True).encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def _documents(data: DataConfig, split: str) -> list[Document]:
@@ -86,7 +99,14 @@ def _no_eval_error(b, t):
     )
 
 
-def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch) -> Pipeline:
+def _local_windows(windows: list, rows) -> list:
+    """This process's rows of global held-out [B, T+1] windows, each kept with the UTF-8
+    bytes of the whole global batch's targets (every host reads the same windows)."""
+    lo, hi = rows
+    return [(w[lo:hi], n) for w, n in windows]
+
+
+def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows) -> Pipeline:
     train_docs = _documents(data_cfg, "train")
     heldout_docs = _documents(data_cfg, "heldout")
     tokenizer = _tokenizer(data_cfg, model_cfg.vocab_size, workdir, train_docs)
@@ -97,16 +117,16 @@ def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch) -> Pipe
     windows = list(heldout_ds.eval_batches(b, t, train_cfg.eval_batches))
     if not windows:
         raise _no_eval_error(b, t)
-    eval_sets = {data_cfg.source: windows}
+    unigram = _unigram([train_ds.tokens], {data_cfg.source: windows}, tokenizer.vocab_size)
+    eval_sets = {data_cfg.source: _local_windows(windows, rows)}
     position = {"step": 0}
 
-    lo = jax.process_index() * local_batch
+    lo, hi = rows
 
     def next_batch():  # this host's rows of the global batch
         position["step"] += 1
-        return train_ds.batch_at(position["step"], b, t)[lo : lo + local_batch]
+        return train_ds.batch_at(position["step"], b, t)[lo:hi]
 
-    unigram = _unigram([train_ds.tokens], eval_sets, tokenizer.vocab_size)
     return Pipeline(
         tokenizer=tokenizer,
         next_batch=next_batch,
@@ -115,6 +135,7 @@ def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch) -> Pipe
         stats=lambda: {f"data/{data_cfg.source}/tokens": position["step"] * b * t},
         eval_sets=eval_sets,
         unigram_bpb=unigram,
+        fingerprint=data_fingerprint(train_ds.tokens, heldout_ds.tokens),
         summary=(
             f"data: {data_cfg.source}, {len(train_docs)} train docs "
             f"({train_ds.num_tokens:,} tokens), {len(heldout_docs)} held-out docs "
@@ -199,7 +220,7 @@ def parse_weights(text: str) -> str | dict[str, float] | None:
     return weights
 
 
-def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
+def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pipeline:
     from gopher.data.mixture import Mixture
 
     weights = parse_weights(data_cfg.mixture)  # before a build: a typo should not cost one
@@ -222,14 +243,16 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
         seed=train_cfg.seed,
         vocab_size=model_cfg.vocab_size,
     )
+    mix.set_rows(*rows)
     eval_sets = {}
     for source in mix.heldout_sources:
-        windows = list(mix.eval_batches(source, b, t, train_cfg.eval_batches))
+        windows = list(mix.eval_dataset(source).eval_batches(b, t, train_cfg.eval_batches))
         if windows:
             eval_sets[source] = windows
     if not eval_sets:
         raise _no_eval_error(b, t)
     unigram = _unigram([s.train for s in mix.sources], eval_sets, mix.tokenizer.vocab_size)
+    eval_sets = {source: _local_windows(windows, rows) for source, windows in eval_sets.items()}
     manifest = mix.manifest or {}
     total = manifest.get("total", {})
     return Pipeline(
@@ -240,6 +263,7 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say) -> Pipeline:
         stats=mix.stats,
         eval_sets=eval_sets,
         unigram_bpb=unigram,
+        fingerprint=data_fingerprint(manifest=manifest),
         summary=(
             f"data: embedded corpus {corpus_dir}: {len(mix.names)} sources, "
             f"{total.get('bytes', 0) / 1e6:.1f} MB, {total.get('tokens', 0):,} tokens; weights "
@@ -254,9 +278,12 @@ def build_pipeline(
     train_cfg: TrainConfig,
     data_cfg: DataConfig,
     workdir: str,
-    local_batch: int,
+    rows: tuple[int, int] | None = None,
     say=print,
 ) -> Pipeline:
+    """The configured data; `rows` = [lo, hi): the global batch rows this process feeds
+    (default: all of them, one process)."""
+    rows = rows or (0, train_cfg.batch_size)
     if data_cfg.source == "embedded":
-        return _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, say)
-    return _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, local_batch)
+        return _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say)
+    return _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows)

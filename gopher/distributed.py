@@ -1,0 +1,236 @@
+"""Multi-host jobs: start-up, the chief process, agreement checks, and dead-peer detection.
+
+A job is one process per host (a TPU VM worker, or a `launch.local` process on one
+machine). `initialize()` joins the processes through `jax.distributed` when the job has
+several: an explicit coordinator (`--coordinator_address` / `GOPHER_COORDINATOR_ADDRESS`,
+with the process count and index) for CPU and GPU clusters, or a Cloud TPU VM pod, which
+jax detects by itself. Afterwards every process sees every device; each feeds only the
+batch rows its own devices hold (gopher/sharding.py `local_rows`).
+
+What jax does not do here:
+- Agreement: `check_same` refuses to start when processes were given different data
+  (tokenizer, corpus manifest): they would train on different streams without an error.
+- A dead peer: jax's coordination service notices a missing heartbeat only after its
+  timeout and then aborts with a C++ stack trace. `PeerMonitor` keeps a heartbeat counter
+  per process in the coordination service's key-value store; when a peer's counter stops
+  for `peer_timeout_s`, or the coordinator itself is gone, the process exits with
+  PEER_LOST_EXIT_CODE and one line saying which process stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+
+import jax
+
+PEER_LOST_EXIT_CODE = 6  # another process of the job died or hangs: restart the whole job
+
+# jax's defaults (100 s heartbeat, 300 s shutdown) let a job hang for minutes after a
+# process dies; ours notice within ~PEER_TIMEOUT_S (env GOPHER_PEER_TIMEOUT_S).
+HEARTBEAT_TIMEOUT_S = 90
+SHUTDOWN_TIMEOUT_S = 60
+PEER_TIMEOUT_S = 45
+BEAT_EVERY_S = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    process_index: int
+    process_count: int
+    coordinator: str | None  # None: one process, or addresses jax found by itself
+
+    @property
+    def chief(self) -> bool:
+        return self.process_index == 0
+
+    @property
+    def multi(self) -> bool:
+        return self.process_count > 1
+
+
+_MONITOR: PeerMonitor | None = None
+
+
+def _tpu_pod() -> bool:
+    """A Cloud TPU VM pod slice of several hosts (jax finds the coordinator itself)."""
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h.strip()]) > 1
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> Job:
+    """Joins the job's processes (before any other jax call); one process: does nothing."""
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("GOPHER_COORDINATOR_ADDRESS") or None
+    if num_processes is None and env.get("GOPHER_NUM_PROCESSES"):
+        num_processes = int(env["GOPHER_NUM_PROCESSES"])
+    if process_id is None and env.get("GOPHER_PROCESS_ID"):
+        process_id = int(env["GOPHER_PROCESS_ID"])
+    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    if not explicit and not _tpu_pod():
+        return Job(0, 1, None)
+    if explicit and (coordinator_address is None or num_processes is None or process_id is None):
+        raise ValueError(
+            f"a multi-process job needs a coordinator address, the process count and this "
+            f"process's index (got {coordinator_address!r}, {num_processes!r}, {process_id!r}); "
+            "pass all of --coordinator_address, --num_processes and --process_id"
+        )
+    if explicit and not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"--process_id={process_id} is outside [0, {num_processes}); number the "
+            "processes 0 .. num_processes - 1"
+        )
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes,
+        process_id,
+        initialization_timeout=int(env.get("GOPHER_INIT_TIMEOUT_S", 300)),
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+        shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S,
+    )
+    job = Job(jax.process_index(), jax.process_count(), coordinator_address)
+    global _MONITOR
+    _MONITOR = PeerMonitor(job, float(env.get("GOPHER_PEER_TIMEOUT_S", PEER_TIMEOUT_S)))
+    _MONITOR.start()
+    return job
+
+
+def current() -> Job:
+    return Job(jax.process_index(), jax.process_count(), None)
+
+
+def shutdown(quiet: bool = False) -> None:
+    """Stops the peer monitor, then leaves the job (waits up to SHUTDOWN_TIMEOUT_S for the
+    others to leave too). `quiet`: on the way out after an error, ignore a failed leave."""
+    stop_monitor()
+    if _MONITOR is None:  # one process, or never joined
+        return
+    try:
+        jax.distributed.shutdown()
+    except Exception:
+        if not quiet:
+            raise
+
+
+def stop_monitor() -> None:
+    """Before an exit that other processes will also see: it is not a peer dying."""
+    if _MONITOR is not None:
+        _MONITOR.stop()
+
+
+def _client():
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialised")
+    return client
+
+
+def barrier(name: str, timeout_s: float = 600) -> None:
+    """Waits until every process reaches `name` (no device program involved)."""
+    if jax.process_count() > 1:
+        _client().wait_at_barrier(f"gopher/{name}", int(timeout_s * 1000))
+
+
+def chief_first(name: str, fn):
+    """Runs fn on process 0, then on the others (which may read what it wrote)."""
+    if jax.process_index() == 0:
+        out = fn()
+        barrier(name)
+        return out
+    barrier(name)
+    return fn()
+
+
+def check_same(values: dict[str, str], timeout_s: float = 300) -> None:
+    """Raises ValueError unless every process passed the same `values` as process 0."""
+    if jax.process_count() <= 1:
+        return
+    client, me = _client(), jax.process_index()
+    for name, value in values.items():
+        client.key_value_set(f"gopher/same/{name}/{me}", str(value))
+    for name in values:
+        ours = str(values[name])
+        theirs = {
+            p: client.blocking_key_value_get(f"gopher/same/{name}/{p}", int(timeout_s * 1000))
+            for p in range(jax.process_count())
+        }
+        bad = {p: v for p, v in theirs.items() if v != theirs[0]}
+        if bad:
+            p, v = next(iter(bad.items()))
+            raise ValueError(
+                f"process {p}'s {name} is {v[:16]} but process 0's is {theirs[0][:16]} (this "
+                f"is process {me}: {ours[:16]}); give every process the same data, e.g. build "
+                "the corpus once before the job and pass --config.data.corpus_dir / "
+                "--config.data.tokenizer_path"
+            )
+
+
+class PeerMonitor:
+    """A heartbeat per process in the coordination service; exits when a peer stops."""
+
+    def __init__(self, job: Job, peer_timeout_s: float, beat_every_s: float = BEAT_EVERY_S):
+        self.job, self.timeout, self.every = job, peer_timeout_s, beat_every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gopher-peer-monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _fail(self, message: str) -> None:
+        if self._stop.is_set():  # the job is ending on purpose
+            return
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(PEER_LOST_EXIT_CODE)
+
+    def _run(self) -> None:
+        me, n = self.job.process_index, self.job.process_count
+        seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
+        beat = 0
+        while not self._stop.wait(self.every):
+            beat += 1
+            try:
+                client = _client()
+                client.key_value_set(f"gopher/beat/{me}", str(beat), allow_overwrite=True)
+                values = {p: _try_get(client, f"gopher/beat/{p}") for p in seen}
+            except Exception as e:  # the coordinator (process 0) is unreachable
+                where = self.job.coordinator or "process 0"
+                self._fail(
+                    f"process {me} lost the job's coordinator ({where}: "
+                    f"{str(e).splitlines()[0][:120]}); process 0 probably died: see its log. "
+                    f"Exiting with {PEER_LOST_EXIT_CODE}; restart the job to resume"
+                )
+                return
+            now = time.monotonic()
+            for p, value in values.items():
+                if value != seen[p][0]:
+                    seen[p] = (value, now)
+                elif now - seen[p][1] > self.timeout:
+                    self._fail(
+                        f"process {p} has sent no heartbeat for {now - seen[p][1]:.0f} s "
+                        f"(this is process {me}); it died or hangs: see its log. Exiting with "
+                        f"{PEER_LOST_EXIT_CODE}; restart the job to resume"
+                    )
+                    return
+
+
+def _try_get(client, key: str) -> str | None:
+    """The key's value, or None when no process has written it yet."""
+    try:
+        return client.key_value_try_get(key)
+    except Exception as e:
+        if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+            return None
+        raise

@@ -1,0 +1,1 @@
+"""Launchers: a local multi-process job (local.py) and Cloud TPU VM pods."""

@@ -1,0 +1,226 @@
+"""Multi-process jobs on one machine: real `jax.distributed`, gloo collectives, own HOMEs.
+
+The oracle is one process with all 8 devices: a 2-process x 4-device job must log the
+same losses and held-out bits per byte, and its checkpoint must resume on one process to
+the numbers of an uninterrupted run. Kill tests start the processes by hand (no
+launcher) and check that the survivor exits, non-zero and saying why, within 120 s.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS, STOP = 20, 12
+
+
+def _env(devices: int, **extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _train_args(workdir, shared, *overrides, preset="tiny"):
+    return [
+        "-m",
+        "experiments.train",
+        f"--config=experiments/configs/gopher.py:{preset}",
+        f"--workdir={workdir}",
+        "--config.data.source=stdlib",
+        "--config.data.tokenizer_sample_bytes=1000000",
+        f"--config.data.cache_dir={shared}/cache",
+        f"--config.train.steps={STEPS}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=10",
+        "--config.train.eval_batches=2",
+        "--config.train.checkpoint_every=10",
+        "--config.train.tensorboard=false",
+        *overrides,
+    ]
+
+
+def _records(workdir, kind):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+    return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+def _one_process(workdir, shared, *overrides):
+    out = subprocess.run(
+        [sys.executable, *_train_args(workdir, shared, *overrides)],
+        cwd=ROOT,
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, 8 devices, a (4, 2) mesh, 20 uninterrupted steps."""
+    shared = tmp_path_factory.mktemp("shared")
+    workdir = shared / "reference"
+    _one_process(workdir, shared, "--config.parallel.data=4", "--config.parallel.model=2")
+    return shared, _records(workdir, "train"), _records(workdir, "eval")
+
+
+def _close(a, b, rtol=1e-5):
+    return abs(a - b) <= rtol * abs(b)
+
+
+@pytest.mark.parametrize("data, model, order", [(4, 2, "auto"), (2, 4, "interleave")])
+def test_two_processes_match_one_and_resume_on_one(reference, tmp_path, data, model, order):
+    shared, ref_train, ref_eval = reference
+    workdir = tmp_path / "run"
+    mesh = [
+        f"--config.parallel.data={data}",
+        f"--config.parallel.model={model}",
+        f"--config.parallel.device_order={order}",
+        f"--config.data.tokenizer_path={shared}/reference/tokenizer.model",
+    ]
+    job = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--processes=2", "--devices-per-process=4"]
+        + [f"--logdir={tmp_path}/logs", "--", "python"]
+        + _train_args(workdir, shared, *mesh, f"--config.train.stop_at_step={STOP}"),
+        cwd=ROOT,
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 0, job.stdout[-4000:]
+    # Each process kept its own log, prefixed output, and its own HOME.
+    logs = [(tmp_path / "logs" / f"process-{i}.log").read_text() for i in (0, 1)]
+    assert "[1] " in job.stdout and all(logs)
+    layout = json.loads(logs[0].split("processes of the mesh's devices ")[1].splitlines()[0])
+    groups = np.asarray(layout).reshape(-1, model)  # one row per model-axis group
+    if order == "interleave":  # every model group holds devices of both processes
+        assert all(set(g) == {0, 1} for g in groups), layout
+    else:
+        assert all(len(set(g)) == 1 for g in groups), layout
+
+    train, evals = _records(workdir, "train"), _records(workdir, "eval")
+    assert sorted(train) == list(range(1, STOP + 1))
+    for step, rec in train.items():
+        assert _close(rec["loss"], ref_train[step]["loss"]), (step, rec["loss"])
+    assert _close(evals[10]["heldout_bpb"], ref_eval[10]["heldout_bpb"])
+
+    # The 2-process checkpoint (step 12) resumes on one process with 8 devices.
+    _one_process(workdir, shared, *mesh)
+    train, evals = _records(workdir, "train"), _records(workdir, "eval")
+    assert sorted(train) == list(range(1, STEPS + 1))
+    for step in range(STOP + 1, STEPS + 1):
+        assert _close(train[step]["loss"], ref_train[step]["loss"]), step
+    assert _close(evals[20]["heldout_bpb"], ref_eval[20]["heldout_bpb"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(tmp_path, port, index, args):
+    """Process `index` of a 2-process job, started by hand with its own HOME."""
+    home = tmp_path / f"home-{index}"
+    home.mkdir(exist_ok=True)
+    env = _env(
+        4,
+        HOME=str(home),
+        GOPHER_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        GOPHER_NUM_PROCESSES="2",
+        GOPHER_PROCESS_ID=str(index),
+    )
+    err = open(tmp_path / f"stderr-{index}", "w")  # noqa: SIM115 (closed by the caller)
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
+    ), err
+
+
+def _test_tokenizer(tmp_path, name, text):
+    from gopher.data.tokenizer import Tokenizer
+
+    return Tokenizer.train([text], 512, str(tmp_path / f"{name}.model")).path
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "process-1"])
+def test_survivor_exits_when_a_process_dies(tmp_path, victim):
+    from gopher.data.sources import stdlib_documents
+
+    text = "\n".join(d.text for d in stdlib_documents("train", 0.05)[:60])
+    tok = _test_tokenizer(tmp_path, "tok", text)
+    args = _train_args(
+        tmp_path / "run",
+        tmp_path,
+        f"--config.data.tokenizer_path={tok}",
+        "--config.train.steps=100000",
+        "--config.train.eval_every=100000",
+        "--config.train.checkpoint_every=100000",
+        preset="test",
+    )
+    port = _free_port()
+    procs = [_spawn(tmp_path, port, i, args) for i in (0, 1)]
+    try:
+        deadline = time.monotonic() + 300
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
+            assert time.monotonic() < deadline, "the job never started training"
+            assert all(p.poll() is None for p, _ in procs), "a process exited early"
+            time.sleep(0.5)
+        procs[victim][0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        survivor, err = procs[1 - victim]
+        code = survivor.wait(timeout=180)
+        took = time.monotonic() - killed
+    finally:
+        for p, f in procs:
+            if p.poll() is None:
+                p.kill()
+            f.close()
+    stderr = (tmp_path / f"stderr-{1 - victim}").read_text()
+    assert code != 0 and took < 120, (code, took, stderr[-2000:])
+    if victim == 1:  # our heartbeat monitor names the process that stopped
+        assert "process 1 has sent no heartbeat" in stderr, stderr[-2000:]
+    else:  # the coordination service itself is gone: jax or our monitor says so
+        assert "another task died" in stderr or "lost the job's coordinator" in stderr
+
+
+def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
+    from gopher.data.sources import stdlib_documents
+
+    docs = stdlib_documents("train", 0.05)
+    toks = [
+        _test_tokenizer(tmp_path, f"tok{i}", "\n".join(d.text for d in docs[i * 40 : i * 40 + 40]))
+        for i in (0, 1)
+    ]
+    port = _free_port()
+    procs = []
+    for i in (0, 1):
+        args = _train_args(
+            tmp_path / "run", tmp_path, f"--config.data.tokenizer_path={toks[i]}", preset="test"
+        )
+        procs.append(_spawn(tmp_path, port, i, args))
+    try:
+        codes = [p.wait(timeout=300) for p, _ in procs]
+    finally:
+        for p, f in procs:
+            if p.poll() is None:
+                p.kill()
+            f.close()
+    stderr = [(tmp_path / f"stderr-{i}").read_text() for i in (0, 1)]
+    assert codes == [2, 2], (codes, stderr[0][-1500:], stderr[1][-1500:])
+    for text in stderr:
+        assert "tokenizer sha256" in text and "give every process the same data" in text
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir()
+    )
