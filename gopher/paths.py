@@ -128,7 +128,7 @@ def check_access(url: str) -> None:
     bucket = split_gcs(url)[0]
     probe = f"{url.rstrip('/')}/.write-test-{uuid.uuid4().hex[:12]}"
     try:
-        write(probe, b"", if_generation_match=0)
+        write(probe, b"gopher write test", if_generation_match=0)
         delete(probe)
     except FileNotFoundError:
         raise ValueError(
@@ -152,6 +152,10 @@ def _configure_gcsfs() -> None:
         import fsspec
 
         fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+
+
+# Orbax may open gs:// paths through epath before any call here does.
+_configure_gcsfs()
 
 
 def gcs_filesystem() -> Any:

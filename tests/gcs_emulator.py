@@ -3,7 +3,8 @@
 The emulator ignores generation preconditions, which the workdir lock and the
 append-by-compose writer rely on, so `Emulator` enforces `ifGenerationMatch` the way
 GCS documents it (HTTP 412 when the live generation differs; 0 means "absent") before
-the emulator sees a request, and logs every request for tests to count. The server
+the emulator sees a request, adds the x-goog-generation header GCS sends with each
+download (tensorstore rejects a read without it), and logs every request for tests. The server
 handles one request at a time, so check-then-write is atomic, as on GCS.
 
 Clients find it through STORAGE_EMULATOR_HOST (gcsfs, google-cloud-storage) and
@@ -14,6 +15,7 @@ credentials.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -67,25 +69,38 @@ def _handle(router, method):
     emu.requests.append(Request(method, url.path, query, length))
     want = query.get("ifGenerationMatch", [None])[0]
     target = _target(url.path, query)
-    if want is not None and target is not None:
-        try:
-            live = emu.server._storage.get_file_obj(*target)["generation"]
-        except NotFound:
-            live = "0"
-        if str(live) != str(want):
-            if length:
-                handler.rfile.read(length)  # drain the body so the client sees our reply
-            body = json.dumps({"error": {"code": 412, "message": "Precondition Failed"}})
-            handler.send_response(HTTPStatus.PRECONDITION_FAILED)
-            handler.send_header("Content-Type", "application/json")
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body.encode())
-            return None
+    live = "0"
+    if target is not None:
+        with contextlib.suppress(NotFound):
+            live = str(emu.server._storage.get_file_obj(*target)["generation"])
+    handler.gopher_generation = live  # for the x-goog-generation header of a download
+    if want is not None and target is not None and live != str(want):
+        if length:
+            handler.rfile.read(length)  # drain the body so the client sees our reply
+        body = json.dumps({"error": {"code": 412, "message": "Precondition Failed"}})
+        handler.send_response(HTTPStatus.PRECONDITION_FAILED)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body.encode())
+        return None
     return _original_handle(router, method)
 
 
 emulator_server.Router.handle = _handle
+_original_write_file = emulator_server.Response.write_file
+
+
+def _write_file(response, content, content_type="application/octet-stream"):
+    # GCS names the version it served; tensorstore (Orbax) needs it to read-modify-write.
+    generation = getattr(response._handler, "gopher_generation", "0")
+    if generation != "0":
+        response["x-goog-generation"] = generation
+        response["x-goog-metageneration"] = "1"
+    _original_write_file(response, content, content_type)
+
+
+emulator_server.Response.write_file = _write_file
 
 
 class Emulator:
