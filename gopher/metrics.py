@@ -161,12 +161,15 @@ class MetricsWriter:
     """One JSON object per line in WORKDIR/metrics.jsonl, plus TensorBoard event files.
 
     WORKDIR may be local or gs://. Locally each record is appended and flushed at once;
-    on GCS records are buffered and appended every `flush_every_s` and on `flush()` /
-    `close()`. TensorBoard events are written as TFRecords of `Event` protos (one per
+    on GCS records are buffered and appended every `flush_every_s` (default 5 s, or
+    $GOPHER_METRICS_FLUSH_S) and on `flush()` / `close()`: call `flush()` after each
+    checkpoint, so that a killed run keeps every record up to its last checkpoint. TensorBoard events are written as TFRecords of `Event` protos (one per
     record, holding its scalars as `kind/name`) in WORKDIR/tensorboard/.
     """
 
-    def __init__(self, workdir: str, tensorboard: bool = True, flush_every_s: float = 5.0):
+    def __init__(self, workdir: str, tensorboard: bool = True, flush_every_s: float | None = None):
+        if flush_every_s is None:  # GOPHER_METRICS_FLUSH_S=0: every record at once
+            flush_every_s = float(os.environ.get("GOPHER_METRICS_FLUSH_S", 5.0))
         self.path = paths.join(workdir, "metrics.jsonl")
         self._jsonl = _AppendFile(self.path, flush_every_s)
         self._tb: _AppendFile | None = None

@@ -21,6 +21,7 @@ import json
 import logging
 import socket
 import socketserver
+from collections.abc import Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -66,7 +67,10 @@ def _handle(router, method):
     url = urlsplit(handler.path)
     query = parse_qs(url.query)
     length = int(handler.headers.get("Content-Length") or 0)
-    emu.requests.append(Request(method, url.path, query, length))
+    request = Request(method, url.path, query, length)
+    emu.requests.append(request)
+    if emu.on_request is not None:
+        emu.on_request(request)
     want = query.get("ifGenerationMatch", [None])[0]
     target = _target(url.path, query)
     live = "0"
@@ -113,6 +117,8 @@ class Emulator:
         self.bucket = bucket
         self.url = f"http://127.0.0.1:{self.port}"
         self.requests: list[Request] = []
+        # Called with each request before it is served (a test may kill a client there).
+        self.on_request: Callable[[Request], None] | None = None
         self.server = emulator_server.create_server(
             "127.0.0.1", self.port, in_memory=True, default_bucket=bucket
         )
