@@ -294,6 +294,9 @@ class Saver:
         """Saves (waiting for it when `force`); returns the seconds the loop was blocked."""
         t0 = time.perf_counter()
         ckpt = self.r.ckpt
+        # Metrics up to this step reach storage before the checkpoint that covers them (a
+        # GCS writer buffers): a kill after the save then loses no logged step.
+        self.r.writer.flush()
         try:
             ckpt.save(step, self.r.engine.to_checkpoint(state), self.meta(step), force=force)
             if force:

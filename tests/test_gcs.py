@@ -247,12 +247,6 @@ def _losses(lines):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    reason="the loop must call writer.flush() after each checkpoint: metrics buffered on GCS "
-    "before the last checkpoint die with a SIGKILL (passes with GOPHER_METRICS_FLUSH_S=0)",
-    strict=False,
-)
 def test_train_on_gcs_resumes(emulator, tmp_path):
     """20 steps on gs://, SIGKILLed while writing checkpoint 15, resumed: bit-identical."""
     home, cwd = tmp_path / "home", tmp_path / "cwd"

@@ -33,7 +33,9 @@ def _train_args(workdir, shared, *overrides, preset="tiny"):
         "experiments.train",
         f"--config=experiments/configs/gopher.py:{preset}",
         f"--workdir={workdir}",
-        "--config.data.source=stdlib",
+        "--config.data.source=files",
+        f"--config.data.paths={shared}/text",
+        "--config.data.heldout_fraction=0.1",
         "--config.data.tokenizer_sample_bytes=1000000",
         f"--config.data.cache_dir={shared}/cache",
         f"--config.train.steps={STEPS}",
@@ -50,6 +52,19 @@ def _records(workdir, kind):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(x) for x in f if x.strip()]
     return {r["step"]: r for r in rows if r["kind"] == kind}
+
+
+def _write_text(shared, megabytes: float = 1.5) -> None:
+    """Real text (the stdlib's docs and sources), small enough to tokenise in seconds."""
+    from gopher.data.sources import stdlib_documents
+
+    out, total = shared / "text", 0
+    out.mkdir(exist_ok=True)
+    for i, doc in enumerate(stdlib_documents("train", 0.05)):
+        (out / f"doc{i:04d}.txt").write_text(doc.text, encoding="utf-8")
+        total += len(doc.text.encode())
+        if total > megabytes * 1e6:
+            break
 
 
 def _one_process(workdir, shared, *overrides):
@@ -69,6 +84,7 @@ def _one_process(workdir, shared, *overrides):
 def reference(tmp_path_factory):
     """One process, 8 devices, a (4, 2) mesh, 20 uninterrupted steps."""
     shared = tmp_path_factory.mktemp("shared")
+    _write_text(shared)
     workdir = shared / "reference"
     _one_process(workdir, shared, "--config.parallel.data=4", "--config.parallel.model=2")
     return shared, _records(workdir, "train"), _records(workdir, "eval")
@@ -143,8 +159,16 @@ def _spawn(tmp_path, port, index, args):
     )
     err = open(tmp_path / f"stderr-{index}", "w")  # noqa: SIM115 (closed by the caller)
     return subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=err, stderr=subprocess.STDOUT
     ), err
+
+
+def _wait_for_training(procs, metrics, steps=3, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and metrics.read_text().count('"train"') >= steps):
+        assert time.monotonic() < deadline, "the job never started training"
+        assert all(p.poll() is None for p, _ in procs), "a process exited early"
+        time.sleep(0.2)
 
 
 def _test_tokenizer(tmp_path, name, text):
@@ -159,6 +183,7 @@ def test_survivor_exits_when_a_process_dies(tmp_path, victim):
 
     text = "\n".join(d.text for d in stdlib_documents("train", 0.05)[:60])
     tok = _test_tokenizer(tmp_path, "tok", text)
+    _write_text(tmp_path, 0.5)
     args = _train_args(
         tmp_path / "run",
         tmp_path,
@@ -171,12 +196,7 @@ def test_survivor_exits_when_a_process_dies(tmp_path, victim):
     port = _free_port()
     procs = [_spawn(tmp_path, port, i, args) for i in (0, 1)]
     try:
-        deadline = time.monotonic() + 300
-        metrics = tmp_path / "run" / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
-            assert time.monotonic() < deadline, "the job never started training"
-            assert all(p.poll() is None for p, _ in procs), "a process exited early"
-            time.sleep(0.5)
+        _wait_for_training(procs, tmp_path / "run" / "metrics.jsonl")
         procs[victim][0].send_signal(signal.SIGKILL)
         killed = time.monotonic()
         survivor, err = procs[1 - victim]
@@ -199,6 +219,7 @@ def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
     from gopher.data.sources import stdlib_documents
 
     docs = stdlib_documents("train", 0.05)
+    _write_text(tmp_path, 0.5)
     toks = [
         _test_tokenizer(tmp_path, f"tok{i}", "\n".join(d.text for d in docs[i * 40 : i * 40 + 40]))
         for i in (0, 1)
@@ -224,3 +245,37 @@ def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir()
     )
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """jax's preemption sync point: process 1 alone gets SIGTERM; both checkpoint one step."""
+    from gopher import checkpoint as checkpoint_lib
+    from gopher.data.sources import stdlib_documents
+
+    text = "\n".join(d.text for d in stdlib_documents("train", 0.05)[:60])
+    tok = _test_tokenizer(tmp_path, "tok", text)
+    _write_text(tmp_path, 0.5)
+    args = _train_args(
+        tmp_path / "run",
+        tmp_path,
+        f"--config.data.tokenizer_path={tok}",
+        "--config.train.steps=100000",
+        "--config.train.eval_every=100000",
+        "--config.train.checkpoint_every=100000",
+        preset="test",
+    )
+    port = _free_port()
+    procs = [_spawn(tmp_path, port, i, args) for i in (0, 1)]
+    try:
+        _wait_for_training(procs, tmp_path / "run" / "metrics.jsonl")
+        procs[1][0].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p, _ in procs]
+    finally:
+        for p, f in procs:
+            if p.poll() is None:
+                p.kill()
+            f.close()
+    logs = [(tmp_path / f"stderr-{i}").read_text() for i in (0, 1)]
+    assert codes == [75, 75], (codes, logs[0][-1500:], logs[1][-1500:])
+    steps = checkpoint_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).steps()
+    assert len(steps) == 1 and f"SIGTERM: checkpointed step {steps[0]};" in logs[0]
