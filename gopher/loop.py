@@ -185,10 +185,23 @@ class StepLog:
         r.say(f"MFU peak: {self.peak / 1e12 if self.peak else float('nan'):.2f} TFLOP/s ({source})")
         self.bad_run = 0
         self.last: dict = {}
+        self.pending = None  # (step, metrics on device) of the last dispatched step
         self.clock = (start, time.perf_counter())
         self.bar = tqdm(
             total=t.steps, initial=start, disable=not r.show_progress, dynamic_ncols=True
         )
+
+    def hold(self, step: int, metrics) -> None:
+        """Keeps a dispatched step's metrics, to be read one step later (no device stall)."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        """Reads the held step's metrics now (before an eval, a checkpoint or the end)."""
+        if self.pending is not None:
+            step, metrics = self.pending
+            self.pending = None
+            self.read(step, metrics)
 
     def restart_clock(self, step: int, extra_s: float = 0.0) -> None:
         """Time from here on counts toward tokens/s (eval and first-step compile do not)."""
@@ -328,25 +341,16 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
     t, end = r.train_cfg, r.end
     log, saver = StepLog(r, start), Saver(r)
     evals: dict = {}
-    prev = None  # (step, metrics on device) of the previous step, read one step late
     profiling = False
-
-    def flush():
-        nonlocal prev
-        if prev is not None:
-            log.read(*prev)
-            prev = None
-
     try:
         for step in range(start + 1, end + 1):
             if t.profile_steps and step == t.profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(r.workdir, "profile"))
                 profiling = True
             state, metrics = r.engine.train_step(state, r.data.next_batch())
-            flush()
-            prev = (step, metrics)
+            log.hold(step, metrics)
             if step == start + 1:  # the compile step: read now, time from here on
-                flush()
+                log.flush()
                 log.restart_clock(step)
             watchdog.tick(step)
             log.bar.update(1)
@@ -356,19 +360,19 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
                 profiling = False
                 r.say(f"profile of steps {t.profile_steps} in {r.workdir}/profile")
             if step % t.eval_every == 0 or step == end:
-                flush()
+                log.flush()
                 evals = run_eval(r, step, state)
                 log.restart_clock(step)
             stop = stopper.reached(step)
             if saver.due(step) or stop:
                 r.check_lock()
-                flush()  # a diverged run stops before it saves
+                log.flush()  # a diverged run stops before it saves
                 log.restart_clock(step, extra_s=saver.save(step, state, force=step == end or stop))
             if stop:
                 code = Stopper.exit_code(stop)
                 r.say(f"{stop}: checkpointed step {step}; exiting with {code} (rerun to resume)")
                 raise Stopped(code)
-        flush()
+        log.flush()
     finally:
         if profiling:
             jax.profiler.stop_trace()

@@ -177,8 +177,8 @@ def _test_tokenizer(tmp_path, name, text):
     return Tokenizer.train([text], 512, str(tmp_path / f"{name}.model")).path
 
 
-@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "process-1"])
-def test_survivor_exits_when_a_process_dies(tmp_path, victim):
+def _start_long_job(tmp_path):
+    """A 2-process `test` job, started by hand, that would train for a long time."""
     from gopher.data.sources import stdlib_documents
 
     text = "\n".join(d.text for d in stdlib_documents("train", 0.05)[:60])
@@ -194,7 +194,19 @@ def test_survivor_exits_when_a_process_dies(tmp_path, victim):
         preset="test",
     )
     port = _free_port()
-    procs = [_spawn(tmp_path, port, i, args) for i in (0, 1)]
+    return [_spawn(tmp_path, port, i, args) for i in (0, 1)]
+
+
+def _stop(procs) -> None:
+    for p, f in procs:
+        if p.poll() is None:
+            p.kill()
+        f.close()
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "process-1"])
+def test_survivor_exits_when_a_process_dies(tmp_path, victim):
+    procs = _start_long_job(tmp_path)
     try:
         _wait_for_training(procs, tmp_path / "run" / "metrics.jsonl")
         procs[victim][0].send_signal(signal.SIGKILL)
@@ -203,10 +215,7 @@ def test_survivor_exits_when_a_process_dies(tmp_path, victim):
         code = survivor.wait(timeout=180)
         took = time.monotonic() - killed
     finally:
-        for p, f in procs:
-            if p.poll() is None:
-                p.kill()
-            f.close()
+        _stop(procs)
     stderr = (tmp_path / f"stderr-{1 - victim}").read_text()
     assert code != 0 and took < 120, (code, took, stderr[-2000:])
     if victim == 1:  # our heartbeat monitor names the process that stopped
@@ -234,10 +243,7 @@ def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
     try:
         codes = [p.wait(timeout=300) for p, _ in procs]
     finally:
-        for p, f in procs:
-            if p.poll() is None:
-                p.kill()
-            f.close()
+        _stop(procs)
     stderr = [(tmp_path / f"stderr-{i}").read_text() for i in (0, 1)]
     assert codes == [2, 2], (codes, stderr[0][-1500:], stderr[1][-1500:])
     for text in stderr:
@@ -250,31 +256,14 @@ def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
 def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
     """jax's preemption sync point: process 1 alone gets SIGTERM; both checkpoint one step."""
     from gopher import checkpoint as checkpoint_lib
-    from gopher.data.sources import stdlib_documents
 
-    text = "\n".join(d.text for d in stdlib_documents("train", 0.05)[:60])
-    tok = _test_tokenizer(tmp_path, "tok", text)
-    _write_text(tmp_path, 0.5)
-    args = _train_args(
-        tmp_path / "run",
-        tmp_path,
-        f"--config.data.tokenizer_path={tok}",
-        "--config.train.steps=100000",
-        "--config.train.eval_every=100000",
-        "--config.train.checkpoint_every=100000",
-        preset="test",
-    )
-    port = _free_port()
-    procs = [_spawn(tmp_path, port, i, args) for i in (0, 1)]
+    procs = _start_long_job(tmp_path)
     try:
         _wait_for_training(procs, tmp_path / "run" / "metrics.jsonl")
         procs[1][0].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=120) for p, _ in procs]
     finally:
-        for p, f in procs:
-            if p.poll() is None:
-                p.kill()
-            f.close()
+        _stop(procs)
     logs = [(tmp_path / f"stderr-{i}").read_text() for i in (0, 1)]
     assert codes == [75, 75], (codes, logs[0][-1500:], logs[1][-1500:])
     steps = checkpoint_lib.Checkpointer(str(tmp_path / "run" / "checkpoints")).steps()

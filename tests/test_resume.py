@@ -344,3 +344,32 @@ def test_second_ctrl_c_exits_at_once():
     assert out.returncode == 130, out.stderr
     assert "first: SIGINT" in out.stdout and "not reached" not in out.stdout
     assert "second Ctrl-C: exiting now" in out.stderr
+
+
+def test_second_run_on_a_locked_workdir_refuses_and_the_first_is_unharmed(
+    shared, reference, tmp_path
+):
+    """A launcher restarting a job whose old process still runs: the newcomer must not train."""
+    workdir = str(tmp_path / "run")
+    first = subprocess.Popen(
+        _cmd(workdir, shared),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    while first.poll() is None and not _records(workdir):
+        time.sleep(0.05)
+    started = time.time()
+    second = subprocess.run(
+        _cmd(workdir, shared), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    took = time.time() - started
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "lock" in lines[0], lines
+    assert took < 30  # refused before building data or compiling anything
+    _assert_same_run(workdir, reference)
