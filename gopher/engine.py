@@ -166,7 +166,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
             f"partitioning {zero}, remat {train_cfg.remat}, precision {train_cfg.precision}{hosts}"
         ),
         precompile=precompile,
-        local_rows=lambda b: sharding.local_rows(mesh, b),
+        local_rows=lambda b: sharding.local_rows(mesh, b),  # checks that B divides
         eval_sums=eval_sums,
     )
 

@@ -318,6 +318,7 @@ def local_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
     when a model group spans processes (several processes share a data index), those
     processes hold the same rows.
     """
+    check_batch_size(global_batch, mesh)
     index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1))
     starts = [idx[0].start or 0 for idx in index_map.values()]
     stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
@@ -341,15 +342,8 @@ def make_global_batch(
     `global_batch` (B) defaults to the rows times the process count (the data axis
     split evenly over processes).
     """
-    sizes = axis_sizes(mesh)
-    n = sizes["replica"] * sizes["data"]
     global_b = global_batch or np_batch.shape[0] * jax.process_count()
-    if global_b % n:
-        fix = -(-global_b // n) * n
-        raise ValueError(
-            f"global batch {global_b} is not divisible by replica*data = "
-            f"{sizes['replica']}*{sizes['data']} = {n}; use --config.train.batch_size={fix}"
-        )
+    check_batch_size(global_b, mesh)
     return jax.make_array_from_process_local_data(
         batch_sharding(mesh), np_batch, (global_b, *np_batch.shape[1:])
     )

@@ -71,6 +71,7 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
     _one_line_error(out, "global batch 6", "--config.train.batch_size=8")
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_seq_len_too_long_for_memory(tmp_path):
     out = _train(tmp_path, "--config.model.seq_len=65536", devices=1)
     _one_line_error(out, "seq_len 65536", "GiB", "--config.model.seq_len")
@@ -88,6 +89,7 @@ def test_missing_and_empty_data_path(tmp_path):
     _one_line_error(out, "empty")
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_tokenizer_mismatch_with_checkpoint(trained, tmp_path):
     workdir, cache = trained
     copy = tmp_path / "run"

@@ -72,6 +72,7 @@ def _lm(cfg, remat="none"):
     return model.build_forward(cfg, remat=remat)
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_causality_gradient_is_exactly_zero():
     cfg = config.get_preset("test")
     fwd = _lm(cfg)
@@ -119,7 +120,7 @@ def test_cross_entropy_matches_log_softmax_oracle():
     np.testing.assert_allclose(model.cross_entropy(logits, targets), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "dots_saveable"])
 def test_remat_does_not_change_gradients(remat):
     cfg = config.get_preset("test")
     tokens = jax.random.randint(jax.random.key(0), (2, 17), 0, cfg.vocab_size)
@@ -191,7 +192,7 @@ def dense_relative_attention(x, p, num_heads, key_size):
     return out.reshape(b, t, d) @ p["o"]["w"]
 
 
-@pytest.mark.parametrize("query_chunk", [4, 16])
+@pytest.mark.parametrize("query_chunk", [pytest.param(4, marks=pytest.mark.slow), 16])
 def test_attention_gradients_match_autodiff_of_dense_reference(query_chunk):
     # The chunked attention has a hand-written backward pass; autodiff of the plain
     # formula is its oracle, for the input and for every parameter.
@@ -215,6 +216,7 @@ def test_attention_gradients_match_autodiff_of_dense_reference(query_chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_block_gradients_match_autodiff_of_plain_mlp_and_rms_norm():
     # RMSNorm and the MLP also have hand-written backward passes; compare a whole block
     # against the same maths written with jax.nn.gelu and hk.RMSNorm's formula.

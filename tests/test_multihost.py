@@ -36,7 +36,7 @@ def _train_args(workdir, shared, *overrides, preset="tiny"):
         "--config.data.source=files",
         f"--config.data.paths={shared}/text",
         "--config.data.heldout_fraction=0.1",
-        "--config.data.tokenizer_sample_bytes=1000000",
+        "--config.data.tokenizer_sample_bytes=500000",
         f"--config.data.cache_dir={shared}/cache",
         f"--config.train.steps={STEPS}",
         "--config.train.log_every=1",
@@ -84,7 +84,7 @@ def _one_process(workdir, shared, *overrides):
 def reference(tmp_path_factory):
     """One process, 8 devices, a (4, 2) mesh, 20 uninterrupted steps."""
     shared = tmp_path_factory.mktemp("shared")
-    _write_text(shared)
+    _write_text(shared, 1.0)
     workdir = shared / "reference"
     _one_process(workdir, shared, "--config.parallel.data=4", "--config.parallel.model=2")
     return shared, _records(workdir, "train"), _records(workdir, "eval")
@@ -94,7 +94,12 @@ def _close(a, b, rtol=1e-5):
     return abs(a - b) <= rtol * abs(b)
 
 
-@pytest.mark.parametrize("data, model, order", [(4, 2, "auto"), (2, 4, "interleave")])
+@pytest.mark.parametrize(
+    "data, model, order",
+    # (2, 4) with model groups across processes: gloo all-reduces in every layer make it the
+    # slowest test (about 140 s on 2 cores); it runs in `make test-all`.
+    [(4, 2, "auto"), pytest.param(2, 4, "interleave", marks=pytest.mark.slow)],
+)
 def test_two_processes_match_one_and_resume_on_one(reference, tmp_path, data, model, order):
     shared, ref_train, ref_eval = reference
     workdir = tmp_path / "run"

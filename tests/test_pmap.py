@@ -150,6 +150,7 @@ def test_nonfinite_gradient_skips_the_update_on_every_device(fp32_runs):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_uneven_split_pads_and_a_bad_batch_names_the_numbers():
     # 3 devices: N is not a multiple of 3, so the flat vector is padded.
     pf = pmap_train.make_pmap_train(MODEL, TRAIN, devices=jax.devices()[:3])
@@ -166,6 +167,7 @@ def test_uneven_split_pads_and_a_bad_batch_names_the_numbers():
         assert abs(p - s) / abs(s) < 1e-4
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_bf16_master_partitions_the_master_and_tracks_fp32(fp32_runs):
     _, _, fp32_losses, *_ = fp32_runs
     pf = pmap_train.make_pmap_train(MODEL, TRAIN, precision="bf16_master")
@@ -182,6 +184,7 @@ def test_bf16_master_partitions_the_master_and_tracks_fp32(fp32_runs):
         assert abs(b - f) / f < 0.05
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_bf16_sr_rounds_each_shard_and_trains(fp32_runs):
     _, _, fp32_losses, *_ = fp32_runs
     pf = pmap_train.make_pmap_train(MODEL, TRAIN, precision="bf16_sr")
@@ -241,6 +244,7 @@ def test_pmap_checkpoint_restores_on_a_4x2_jit_mesh_and_back(fp32_runs, tmp_path
     ck.close()
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_bf16_master_checkpoint_round_trip_and_padded_leaves():
     # 3 devices: most leaves do not split into 3 row-major blocks and are gathered.
     pf = pmap_train.make_pmap_train(
@@ -298,6 +302,7 @@ print(pid, "OK", flush=True)
 """
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_two_processes_save_their_own_shards_and_restore_on_either_path(tmp_path):
     """2 processes x 4 CPU devices (gloo): each writes only its addressable shards; the
     checkpoint restores bit for bit on pmap and trains on identically on a 4x2 jit mesh."""

@@ -154,6 +154,7 @@ def _kill_at(cmd, workdir, kill_at):
     proc.wait()
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_sigkill_at_five_random_steps_resumes_bit_identically(shared, reference, tmp_path):
     workdir = str(tmp_path / "run")
     for kill_at in sorted(random.Random(0).sample(range(8, STEPS - 5), 5)):
@@ -201,7 +202,9 @@ def test_tiny_300_steps_killed_five_times_is_bit_identical(shared, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "sig, code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+    "sig, code",
+    [pytest.param(signal.SIGTERM, 75, marks=pytest.mark.slow), (signal.SIGINT, 130)],
+    ids=["SIGTERM", "SIGINT"],  # the multi-host suite sends SIGTERM too
 )
 def test_signal_checkpoints_and_exits_then_resumes(shared, reference, tmp_path, sig, code):
     """SIGTERM (preemption) exits 75, Ctrl-C 130; both checkpoint, and resume bit-identically."""
@@ -283,6 +286,7 @@ def test_corrupt_checkpoints_fall_back_or_stop_never_start_over(shared, referenc
     assert max(r["step"] for r in _records(workdir)) == STEPS  # trained nothing again
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_reshard_4x2_to_2x4_and_one_device(shared, tmp_path):
     base = str(tmp_path / "base")
     mesh_4x2 = ["--config.parallel.data=4", "--config.parallel.model=2"]
@@ -304,6 +308,7 @@ def test_reshard_4x2_to_2x4_and_one_device(shared, tmp_path):
             assert abs(got - want) / want < 1e-5, (name, step, got, want)
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_injected_nan_is_skipped_and_persistent_nan_stops(shared, tmp_path):
     once = str(tmp_path / "once")
     _run(once, shared, "--config.train.steps=20", "--config.train.inject_nan_steps=(7,)")
