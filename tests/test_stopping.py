@@ -1,0 +1,31 @@
+"""The hang watchdog: a step that takes too long gets every thread's stack dumped."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_watchdog_dumps_every_threads_stack_when_a_step_hangs():
+    code = (
+        "import threading, time\n"
+        "from gopher.stopping import Watchdog\n"
+        "def stuck_in_io():\n"
+        "    time.sleep(30)\n"
+        "threading.Thread(target=stuck_in_io, name='io', daemon=True).start()\n"
+        "with Watchdog(1.0) as w:\n"
+        "    w.tick(7)\n"
+        "    time.sleep(3)\n"
+        "    w.tick(8)\n"
+        "    time.sleep(0.5)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    # One dump for the hang after step 7 (not one every poll), none after step 8.
+    assert out.stderr.count("watchdog: no step finished") == 1, out.stderr
+    assert "after step 7" in out.stderr
+    assert "stuck_in_io" in out.stderr  # the other thread's stack is in the dump too
