@@ -151,12 +151,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(tmp_path, port, index, args):
+def _spawn(tmp_path, port, index, args, **extra):
     """Process `index` of a 2-process job, started by hand with its own HOME."""
     home = tmp_path / f"home-{index}"
     home.mkdir(exist_ok=True)
     env = _env(
         4,
+        **extra,
         HOME=str(home),
         GOPHER_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
         GOPHER_NUM_PROCESSES="2",
@@ -182,7 +183,7 @@ def _test_tokenizer(tmp_path, name, text):
     return Tokenizer.train([text], 512, str(tmp_path / f"{name}.model")).path
 
 
-def _start_long_job(tmp_path):
+def _start_long_job(tmp_path, **env):
     """A 2-process `test` job, started by hand, that would train for a long time."""
     from gopher.data.sources import stdlib_documents
 
@@ -199,7 +200,7 @@ def _start_long_job(tmp_path):
         preset="test",
     )
     port = _free_port()
-    return [_spawn(tmp_path, port, i, args) for i in (0, 1)]
+    return [_spawn(tmp_path, port, i, args, **env) for i in (0, 1)]
 
 
 def _stop(procs) -> None:
@@ -211,7 +212,9 @@ def _stop(procs) -> None:
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "process-1"])
 def test_survivor_exits_when_a_process_dies(tmp_path, victim):
-    procs = _start_long_job(tmp_path)
+    # The default peer timeout is distributed.PEER_TIMEOUT_S = 45 s (the survivor of a
+    # killed process 1 then exits in about 47 s); a shorter one keeps the suite short.
+    procs = _start_long_job(tmp_path, GOPHER_PEER_TIMEOUT_S="20")
     try:
         _wait_for_training(procs, tmp_path / "run" / "metrics.jsonl")
         procs[victim][0].send_signal(signal.SIGKILL)
