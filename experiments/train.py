@@ -39,7 +39,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 RESTORE_FAILED_EXIT_CODE = 4
-INTERRUPTED_EXIT_CODE = 130
 
 
 def main(argv):
@@ -76,7 +75,7 @@ def main(argv):
             common.fail(
                 "interrupted before training started; nothing was written that a rerun "
                 "does not redo",
-                code=INTERRUPTED_EXIT_CODE,
+                code=loop.INTERRUPTED_EXIT_CODE,
             )
         except loop.Diverged as e:
             common.fail(str(e), code=loop.DIVERGED_EXIT_CODE)

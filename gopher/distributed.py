@@ -43,14 +43,6 @@ class Job:
     process_count: int
     coordinator: str | None  # None: one process, or addresses jax found by itself
 
-    @property
-    def chief(self) -> bool:
-        return self.process_index == 0
-
-    @property
-    def multi(self) -> bool:
-        return self.process_count > 1
-
 
 _MONITOR: PeerMonitor | None = None
 
@@ -100,10 +92,6 @@ def initialize(
     _MONITOR = PeerMonitor(job, float(env.get("GOPHER_PEER_TIMEOUT_S", PEER_TIMEOUT_S)))
     _MONITOR.start()
     return job
-
-
-def current() -> Job:
-    return Job(jax.process_index(), jax.process_count(), None)
 
 
 def shutdown(quiet: bool = False) -> None:

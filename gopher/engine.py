@@ -26,7 +26,9 @@ from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 class Engine:
     init: Callable[[jax.Array], Any]
     train_step: Callable[[Any, np.ndarray], tuple[Any, dict]]
-    eval_nll: Callable[[Any, np.ndarray], np.ndarray]  # (state, [B, T+1]) -> [B, T]
+    # (state, this process's rows [b, T+1]) -> (NLL sum in nats, target tokens) over the
+    # whole global batch of train_cfg.batch_size rows, i.e. summed over every host's rows.
+    eval_sums: Callable[[Any, np.ndarray], tuple[float, int]]
     abstract_state: Callable[[], Any]  # checkpoint-layout ShapeDtypeStructs with shardings
     to_checkpoint: Callable[[Any], Any]
     from_checkpoint: Callable[[Any], Any]
@@ -36,9 +38,6 @@ class Engine:
     precompile: Callable[[tuple[int, int]], dict | None] = lambda shape: None
     # The rows [lo, hi) of a global batch of B rows that this process feeds.
     local_rows: Callable[[int], tuple[int, int]] = lambda b: _even_rows(b)
-    # (state, this process's rows [b, T+1]) -> (NLL sum in nats, target tokens) over the
-    # whole global batch of train_cfg.batch_size rows, i.e. summed over every host's rows.
-    eval_sums: Callable[[Any, np.ndarray], tuple[float, int]] | None = None
 
 
 def _even_rows(global_batch: int) -> tuple[int, int]:
@@ -87,12 +86,8 @@ def build(
     parallel: ParallelConfig,
 ) -> Engine:
     if parallel.mode == "pmap":
-        engine = _pmap_engine(model_cfg, train_cfg, parallel)
-    else:
-        engine = _jit_engine(model_cfg, train_cfg, parallel)
-    if engine.eval_sums is None:
-        engine.eval_sums = _sums_from_local_nll(engine.eval_nll)
-    return engine
+        return _pmap_engine(model_cfg, train_cfg, parallel)
+    return _jit_engine(model_cfg, train_cfg, parallel)
 
 
 def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
@@ -113,19 +108,13 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
     # every host reads the total without gathering rows it does not hold.
     nll_sums = jax.jit(lambda nll: (jnp.sum(nll.astype(jnp.float32)), nll.size))
 
-    def step(state, batch, global_batch=None):
-        global_batch = global_batch or train_cfg.batch_size
-        tokens = sharding.make_global_batch(batch, mesh, global_batch)
+    def step(state, batch):
+        tokens = sharding.make_global_batch(batch, mesh, train_cfg.batch_size)
         fn = compiled.get(tokens.shape, sharded.train_step)
         return fn(state, tokens)
 
-    def eval_nll(state, batch):
-        out = sharded.eval_step(state.params, sharding.make_global_batch(batch, mesh))
-        return np.asarray(jax.device_get(out["nll"]))
-
-    def eval_sums(state, batch, global_batch=None):
-        global_batch = global_batch or train_cfg.batch_size
-        tokens = sharding.make_global_batch(batch, mesh, global_batch)
+    def eval_sums(state, batch):
+        tokens = sharding.make_global_batch(batch, mesh, train_cfg.batch_size)
         total, count = nll_sums(sharded.eval_step(state.params, tokens)["nll"])
         return float(total), int(count)
 
@@ -156,7 +145,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
     return Engine(
         init=sharded.init,
         train_step=step,
-        eval_nll=eval_nll,
+        eval_sums=eval_sums,
         abstract_state=lambda: sharding.abstract_state_with_shardings(fns, sharded),
         to_checkpoint=lambda s: s,
         from_checkpoint=lambda s: s,
@@ -167,7 +156,6 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         ),
         precompile=precompile,
         local_rows=lambda b: sharding.local_rows(mesh, b),  # checks that B divides
-        eval_sums=eval_sums,
     )
 
 
@@ -189,7 +177,7 @@ def _pmap_engine(model_cfg, train_cfg, parallel) -> Engine:
     return Engine(
         init=p.init,
         train_step=p.train_step,
-        eval_nll=eval_nll,
+        eval_sums=_sums_from_local_nll(eval_nll),
         # Each shard is saved and restored on the device that holds it, on every process.
         abstract_state=p.abstract_checkpoint,
         to_checkpoint=p.to_checkpoint,

@@ -51,9 +51,6 @@ class Stopped(SystemExit):
         super().__init__(code)
 
 
-Preempted = Stopped  # the name older callers use
-
-
 class Diverged(RuntimeError):
     pass
 
@@ -203,9 +200,13 @@ class StepLog:
             self.pending = None
             self.read(step, metrics)
 
-    def restart_clock(self, step: int, extra_s: float = 0.0) -> None:
+    def restart_clock(self, step: int) -> None:
         """Time from here on counts toward tokens/s (eval and first-step compile do not)."""
-        self.clock = (step, time.perf_counter() if not extra_s else self.clock[1] + extra_s)
+        self.clock = (step, time.perf_counter())
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` (the loop blocked on a checkpoint) out of the next tokens/s."""
+        self.clock = (self.clock[0], self.clock[1] + seconds)
 
     def read(self, step: int, metrics) -> None:
         rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -367,7 +368,7 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
             if saver.due(step) or stop:
                 r.check_lock()
                 log.flush()  # a diverged run stops before it saves
-                log.restart_clock(step, extra_s=saver.save(step, state, force=step == end or stop))
+                log.exclude(saver.save(step, state, force=step == end or stop))
             if stop:
                 code = Stopper.exit_code(stop)
                 r.say(f"{stop}: checkpointed step {step}; exiting with {code} (rerun to resume)")
@@ -385,7 +386,7 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
     return result
 
 
-def _fingerprint_config(model_cfg, train_cfg, data_cfg, parallel) -> dict:
+def _config_record(model_cfg, train_cfg, data_cfg, parallel) -> dict:
     return {
         "model": dataclasses.asdict(model_cfg),
         "train": dataclasses.asdict(train_cfg),
@@ -407,7 +408,7 @@ def run(
     chief = jax.process_index() == 0
     show_progress = show_progress and chief
     say = (tqdm.write if show_progress else print) if chief else (lambda *a, **k: None)
-    config = _fingerprint_config(model_cfg, train_cfg, data_cfg, parallel)
+    config = _config_record(model_cfg, train_cfg, data_cfg, parallel)
     lock = open_workdir(workdir, config, chief)
     writer = ckpt = None
     try:

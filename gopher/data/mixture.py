@@ -182,7 +182,8 @@ class Mixture:
         self.sources = [by_name[n] for n in self.names]
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.local_batch_size = batch_size // self.process_count
-        self.row_range: tuple[int, int] | None = None  # set_rows(): overrides the even split
+        lo = self.process_index * self.local_batch_size
+        self.row_range = (lo, lo + self.local_batch_size)  # this host's rows; see set_rows
         self.token_byte_lengths = np.asarray(token_byte_lengths, np.int64)
         self.num_windows = np.array([(len(s.train) - 1) // seq_len for s in self.sources])
         empty = [n for n, w in zip(self.names, self.num_windows, strict=True) if w < 1]
@@ -362,10 +363,7 @@ class Mixture:
         return self
 
     def _local_rows(self) -> np.ndarray:
-        if self.row_range is not None:
-            return np.arange(*self.row_range)
-        lo = self.process_index * self.local_batch_size
-        return np.arange(lo, lo + self.local_batch_size)
+        return np.arange(*self.row_range)
 
     def set_rows(self, lo: int, hi: int) -> None:
         """Feeds global rows [lo, hi) instead of the even split by process: the rows the
