@@ -153,6 +153,9 @@ class TrainConfig:
     eval_batches: int = 8
     precision: str = "fp32"  # fp32 | mixed | bf16 | bf16_sr | bf16_master (Gopher App. C)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # Gradient accumulation: the batch is split into this many microbatches, run one
+    # after another inside the jitted step (lax.scan); the gradient is reduced once.
+    microbatches: int = 1
     stop_at_step: int = (
         0  # end this run early at this step (0: at `steps`); the schedule keeps `steps`
     )
@@ -181,6 +184,7 @@ class TrainConfig:
             "checkpoint_every",
             "max_to_keep",
             "max_bad_steps",
+            "microbatches",
         )
         if self.profile_steps and (
             len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]
