@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gopher import config, model
+from gopher import attention, config, model
 
 
 def naive_relative_attention(x, p, num_heads, key_size):
@@ -40,9 +40,9 @@ def test_relative_attention_matches_naive_oracle():
     t = 11
 
     def f(x):
-        rel = model.sinusoid_relative_encodings(t, cfg.d_model)
+        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
         mask = jnp.tril(jnp.ones((t, t), bool))
-        return model.RelativeAttention(cfg, 0.02, name="attn")(x, rel, mask)
+        return attention.RelativeAttention(cfg, 0.02, name="attn")(x, rel, mask)
 
     fn = hk.without_apply_rng(hk.transform(f))
     x = jax.random.normal(jax.random.key(0), (2, t, cfg.d_model))
@@ -61,7 +61,7 @@ def test_relative_attention_matches_naive_oracle():
 def test_rel_shift_against_index_formula():
     t = 7
     x = jnp.arange(t * t, dtype=jnp.float32).reshape(1, t, t)
-    y = np.asarray(model.rel_shift(x))[0]
+    y = np.asarray(attention.rel_shift(x))[0]
     for i in range(t):
         for j in range(i + 1):
             # column m of x holds distance t-1-m; we want distance i-j.
@@ -148,9 +148,9 @@ def test_param_count_matches_closed_form_for_every_table_preset():
 
 def _attention_fn(cfg, t, query_chunk):
     def f(x):
-        rel = model.sinusoid_relative_encodings(t, cfg.d_model)
+        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
         mask = jnp.tril(jnp.ones((t, t), bool))
-        attn = model.RelativeAttention(cfg, 0.02, name="attn", query_chunk=query_chunk)
+        attn = attention.RelativeAttention(cfg, 0.02, name="attn", query_chunk=query_chunk)
         return attn(x, rel, mask)
 
     return hk.without_apply_rng(hk.transform(f))
@@ -183,9 +183,9 @@ def dense_relative_attention(x, p, num_heads, key_size):
     q = (x @ p["q"]["w"]).reshape(b, t, num_heads, key_size)
     k = (x @ p["k"]["w"]).reshape(b, t, num_heads, key_size)
     v = (x @ p["v"]["w"]).reshape(b, t, num_heads, key_size)
-    r = (model.sinusoid_relative_encodings(t, d) @ p["r"]["w"]).reshape(t, num_heads, key_size)
+    r = (attention.sinusoid_relative_encodings(t, d) @ p["r"]["w"]).reshape(t, num_heads, key_size)
     content = jnp.einsum("bihk,bjhk->bhij", q + p["u_bias"], k)
-    position = model.rel_shift(jnp.einsum("bihk,jhk->bhij", q + p["v_bias"], r))
+    position = attention.rel_shift(jnp.einsum("bihk,jhk->bhij", q + p["v_bias"], r))
     scores = (content + position) / math.sqrt(key_size)
     scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
     out = jnp.einsum("bhij,bjhk->bihk", jax.nn.softmax(scores, axis=-1), v)
@@ -224,7 +224,7 @@ def test_block_gradients_match_autodiff_of_plain_mlp_and_rms_norm():
     t = 9
 
     def block(x):
-        rel = model.sinusoid_relative_encodings(t, cfg.d_model)
+        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
         return model.Block(cfg, name="block")(x, rel, jnp.tril(jnp.ones((t, t), bool)))
 
     fn = hk.without_apply_rng(hk.transform(block))

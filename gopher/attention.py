@@ -1,0 +1,277 @@
+"""Transformer-XL relative attention (Gopher's position scheme) with its custom VJP.
+
+    score(i, j) = [(q_i + u) . k_j + (q_i + v) . (W_R R)_{i-j}] / sqrt(K)
+
+R is the fixed sinusoid table over distances and W_R a per-layer projection of it
+(the 13th d^2 of each block). Computed as Transformer-XL does: content scores
+(q+u) k^T plus position scores (q+v) (W_R R)^T shifted so that column j holds
+distance i-j; the causal mask removes what the shift leaves above the diagonal.
+
+Layout: heads are their own dimension, [B, H, T, K], everywhere inside attention.
+With the batch split over the data axes and the heads over "model" (q, k, v and W_R
+are column-parallel), every score, softmax and gradient stays on the rank that owns
+its heads: the model axis splits attention's work instead of replicating it, and the
+only model-axis collectives are the row-parallel output projection's (Megatron).
+
+Speed (XLA CPU; experiments/bench.py): the attention runs one query chunk at a time,
+skipping key blocks that the causal mask removes, and its backward pass recomputes
+each chunk's scores from the saved log-sum-exp (as flash attention does) instead of
+keeping [B, H, T, T] probabilities.
+
+Shape glossary:
+  B: batch size   T: sequence length (queries = keys, no memory)   H: heads
+  K: key size     C: query chunk length   S: keys a query chunk sees (end of the chunk)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from gopher.config import ModelConfig
+from gopher.layers import Dense, sum_over_batch
+
+# Queries per attention chunk: small enough that chunks skip most of the fully
+# masked key blocks and keep [B, H, C, S] scores small, large enough that per-op
+# overhead does not dominate (128 beat 64, 96 and 256 at T=512). Each chunk is
+# unrolled into the graph, so long sequences use longer chunks to bound compile time.
+QUERY_CHUNK = 128
+MAX_QUERY_CHUNKS = 16
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def sinusoid_relative_encodings(klen: int, dim: int) -> jax.Array:
+    """Transformer-XL's fixed table R over distances klen-1 ... 0.  # [klen, dim]"""
+    positions = jnp.arange(klen - 1, -1, -1, dtype=jnp.float32)
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions[:, None] * inv_freq[None, :]  # [klen, dim/2]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def rel_shift(x: jax.Array) -> jax.Array:
+    """Turns scores against distances (T-1 ... 0) into scores against key positions.
+
+    x[..., i, m] scores query i against distance T-1-m; the result's [..., i, j]
+    scores query i against distance i-j for j <= i. Pad one zero column, view as
+    [T+1, T], drop the first row, view back. Entries above the diagonal are garbage
+    that the causal mask removes. (The attention below does the same shift per query
+    chunk with `_skew`, which needs no padded copy.)
+    """
+    *lead, q, k = x.shape
+    x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (1, 0)])  # [..., T, T+1]
+    x = x.reshape(*lead, k + 1, q)[..., 1:, :]  # [..., T, T]
+    return x.reshape(*lead, q, k)
+
+
+def _skew(position: jax.Array, s: int) -> jax.Array:
+    """rel_shift for one query chunk, as a view: [..., C, S+1] -> [..., C, S].
+
+    position[..., i, m] scores chunk query i against distance S-m (column 0 is a
+    spare distance that only masked entries read). Query i sits at a = S-C+i, so its
+    score against key j (distance a-j) is column j+C-i: in the flattened row-major
+    buffer that is element C + i*S + j, a plain slice.
+    """
+    *lead, c, _ = position.shape
+    flat = position.reshape(*lead, c * (s + 1))
+    return flat[..., c : c + c * s].reshape(*lead, c, s)
+
+
+def _unskew(ds: jax.Array) -> jax.Array:
+    """The transpose of `_skew` on causal entries: [..., C, S] -> [..., C, S+1].
+
+    Row i moves right by C-i. Padding each row with C zeros in front and viewing the
+    flattened buffer with rows one longer shears row i by i; slicing keeps S+1 columns.
+    """
+    *lead, c, s = ds.shape
+    width = s + c
+    no_pad = [(0, 0)] * len(lead)
+    sheared = jnp.pad(ds, no_pad + [(0, 0), (c, 0)])  # [..., C, S+C]
+    flat = jnp.pad(sheared.reshape(*lead, c * width), no_pad + [(0, c)])
+    return flat.reshape(*lead, c, width + 1)[..., : s + 1]
+
+
+def _query_chunks(t: int, chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk, t)) for a in range(0, t, chunk)]
+
+
+def _to_heads(x: jax.Array, h: int) -> jax.Array:
+    """[B, T, H*K] -> [B, H, T, K]"""
+    b, t, d = x.shape
+    return x.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
+
+
+def _from_heads(x: jax.Array) -> jax.Array:
+    """[B, H, T, K] -> [B, T, H*K]"""
+    b, h, t, kd = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * kd)
+
+
+def _prepare(q, k, v, r, u, v_bias):
+    """Heads split out; r [H, T+1, K] broadcast over the batch, u and v_bias added to q."""
+    b, h = q.shape[0], r.shape[0]
+    q, k, v = (_to_heads(x, h) for x in (q, k, v))  # [B, H, T, K]
+    return q + u, q + v_bias, k, v, jnp.broadcast_to(r, (b, *r.shape))
+
+
+def _chunk_scores(qu, qv, k, r, mask, a: int, s: int) -> jax.Array:
+    """fp32 scores of queries a..s-1 against keys 0..s-1, masked.  # [B, H, C, S]
+
+    qu = q + u and qv = q + v_bias [B, H, T, K]; r [B, H, T+1, K] over distances T ... 0.
+    """
+    t = k.shape[2]
+    content = jnp.einsum(
+        "bhik,bhjk->bhij", qu[:, :, a:s], k[:, :, :s], preferred_element_type=jnp.float32
+    )  # [B, H, C, S]
+    position = jnp.einsum(
+        "bhik,bhjk->bhij", qv[:, :, a:s], r[:, :, t - s :], preferred_element_type=jnp.float32
+    )  # [B, H, C, S+1] against distances S ... 0
+    scores = content + _skew(position, s)
+    c = s - a
+    causal = jax.lax.broadcasted_iota(jnp.int32, (c, s), 1) <= (
+        jax.lax.broadcasted_iota(jnp.int32, (c, s), 0) + a
+    )
+    return jnp.where(causal & mask[a:s, :s], scores, _MASKED)
+
+
+def _attention_forward(q, k, v, r, u, v_bias, mask, chunk):
+    t = q.shape[1]
+    qu, qv, k, v, r = _prepare(q, k, v, r, u, v_bias)
+    outs, lses = [], []
+    for a, s in _query_chunks(t, chunk):
+        scores = _chunk_scores(qu, qv, k, r, mask, a, s)
+        m = jnp.max(scores, axis=-1, keepdims=True)
+        p = jnp.exp(scores - m)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum(
+            "bhij,bhjk->bhik", p.astype(v.dtype), v[:, :, :s], preferred_element_type=jnp.float32
+        )
+        outs.append((o / total).astype(v.dtype))  # [B, H, C, K]
+        lses.append((m + jnp.log(total))[..., 0])  # [B, H, C]
+    return _from_heads(jnp.concatenate(outs, axis=2)), jnp.concatenate(lses, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def relative_attention(q, k, v, r, u, v_bias, mask, chunk):
+    """softmax((q+u) k^T + skew((q+v_bias) r^T)) v, causal, one query chunk at a time.
+
+    q (pre-scaled by 1/sqrt(K)), k, v: [B, T, H*K]; r: [H, T+1, K] projected
+    encodings over distances T ... 0; u, v_bias: [H, 1, K] (pre-scaled); mask: [T, T]
+    bool. Returns [B, T, H*K]. Its residuals are its inputs and output in the layouts
+    the projections around it keep anyway, plus the log-sum-exp [B, H, T]: the
+    backward pass recomputes each chunk's scores instead of keeping probabilities.
+    """
+    return _attention_forward(q, k, v, r, u, v_bias, mask, chunk)[0]
+
+
+def _relative_attention_fwd(q, k, v, r, u, v_bias, mask, chunk):
+    out, lse = _attention_forward(q, k, v, r, u, v_bias, mask, chunk)
+    return out, (q, k, v, r, u, v_bias, mask, out, lse)
+
+
+def _relative_attention_bwd(chunk, residuals, d_out):
+    q_in, k_in, v_in, r_in, u_in, vb_in, mask, out, lse = residuals
+    (b, t, _), (h, _, kd) = q_in.shape, r_in.shape
+    dt, f32 = q_in.dtype, jnp.float32
+    qu, qv, k, v, r = _prepare(q_in, k_in, v_in, r_in, u_in, vb_in)
+
+    def t_(x):  # [B, H, a, b] -> [B, H, b, a], materialized: XLA would fold a bare
+        # transpose into the matmul as a contraction over a major dim, slower on CPU.
+        return jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))
+
+    out, d_out = _to_heads(out, h), _to_heads(d_out, h)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [B, H, T]
+    qu_t, qv_t, do_t = t_(qu), t_(qv), t_(d_out)  # [B, H, K, T]
+    # Key-side gradients accumulate transposed ([B, H, K, keys]), the fast matmul form.
+    dk_t = jnp.zeros((b, h, kd, t), f32)
+    dv_t = jnp.zeros((b, h, kd, t), f32)
+    dr_t = jnp.zeros((b, h, kd, t + 1), f32)
+    dq_content, dq_position = [], []
+    for a, s in _query_chunks(t, chunk):
+        k_s, v_s, r_s = k[:, :, :s], v[:, :, :s], r[:, :, t - s :]
+        p = jnp.exp(_chunk_scores(qu, qv, k, r, mask, a, s) - lse[:, :, a:s, None])
+        dv_t = dv_t.at[..., :s].add(
+            jnp.einsum("bhki,bhij->bhkj", do_t[..., a:s], p.astype(dt), preferred_element_type=f32)
+        )
+        dp = jnp.einsum("bhik,bhjk->bhij", d_out[:, :, a:s], v_s, preferred_element_type=f32)
+        ds = (p * (dp - delta[:, :, a:s, None])).astype(dt)  # d scores  [B, H, C, S]
+        dq_content.append(jnp.einsum("bhij,bhjk->bhik", ds, k_s, preferred_element_type=f32))
+        dk_t = dk_t.at[..., :s].add(
+            jnp.einsum("bhki,bhij->bhkj", qu_t[..., a:s], ds, preferred_element_type=f32)
+        )
+        d_pos = _unskew(ds)  # [B, H, C, S+1]
+        dq_position.append(jnp.einsum("bhij,bhjk->bhik", d_pos, r_s, preferred_element_type=f32))
+        dr_t = dr_t.at[..., t - s :].add(
+            jnp.einsum("bhki,bhij->bhkj", qv_t[..., a:s], d_pos, preferred_element_type=f32)
+        )
+    dqc = jnp.concatenate(dq_content, axis=2)  # [B, H, T, K]
+    dqp = jnp.concatenate(dq_position, axis=2)
+    dr = jnp.swapaxes(sum_over_batch(dr_t), 1, 2)  # [H, T+1, K]
+    return (
+        _from_heads(dqc + dqp).astype(dt),
+        _from_heads(jnp.swapaxes(dk_t, 2, 3)).astype(k_in.dtype),
+        _from_heads(jnp.swapaxes(dv_t, 2, 3)).astype(v_in.dtype),
+        dr.astype(r_in.dtype),
+        sum_over_batch(jnp.sum(dqc, axis=2))[:, None, :].astype(u_in.dtype),
+        sum_over_batch(jnp.sum(dqp, axis=2))[:, None, :].astype(vb_in.dtype),
+        None,
+    )
+
+
+relative_attention.defvjp(_relative_attention_fwd, _relative_attention_bwd)
+
+
+class RelativeAttention(hk.Module):
+    """Causal multi-head attention with Transformer-XL relative positions.
+
+    score(i, j) = [(q_i + u) . k_j + (q_i + v) . (W_R R_{i-j})] / sqrt(K)
+
+    `mask` [T, T] is True where query i may attend to key j; it is combined with
+    the causal mask (entries above the diagonal are never attended).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        out_stddev: float,
+        name: str | None = None,
+        *,
+        query_chunk: int = QUERY_CHUNK,
+    ):
+        super().__init__(name=name)
+        self.config = config
+        self.out_stddev = out_stddev
+        self.query_chunk = query_chunk
+
+    def __call__(self, x: jax.Array, rel_enc: jax.Array, mask: jax.Array) -> jax.Array:
+        c = self.config
+        t = x.shape[1]
+        h, k = c.num_heads, c.key_size
+        dt = x.dtype
+        scale = 1.0 / math.sqrt(k)
+        q = Dense(h * k, c.init_scale, name="q")(x)  # [B, T, H*K]
+        kk = Dense(h * k, c.init_scale, name="k")(x)
+        v = Dense(h * k, c.init_scale, name="v")(x)
+        # W_R: the per-layer projection of the fixed sinusoids (the 13th d^2).
+        r = Dense(h * k, c.init_scale, name="r")(rel_enc.astype(dt))  # [T, H*K]
+        u_bias = hk.get_parameter("u_bias", [h, k], jnp.float32, init=jnp.zeros)
+        v_bias = hk.get_parameter("v_bias", [h, k], jnp.float32, init=jnp.zeros)
+
+        # A spare row in front (distance T, read only by masked entries) gives each
+        # query chunk the S+1 distances that `_skew` slices from.
+        r = jnp.pad(r.reshape(t, h, k), [(1, 0), (0, 0), (0, 0)]).transpose(1, 0, 2)
+        out = relative_attention(
+            q * scale,
+            kk,
+            v,
+            r,  # [H, T+1, K]
+            (u_bias * scale).astype(dt)[:, None, :],  # [H, 1, K]
+            (v_bias * scale).astype(dt)[:, None, :],
+            mask,
+            max(self.query_chunk, -(-t // MAX_QUERY_CHUNKS)),
+        )  # [B, T, H*K]
+        return Dense(c.d_model, self.out_stddev, name="o")(out)

@@ -1,0 +1,126 @@
+"""The model's building blocks with hand-written backward passes (jax.custom_vjp).
+
+Each is tested against autodiff of its plain formula (tests/test_model.py):
+- the MLP keeps its input and pre-activation and recomputes the gelu;
+- RMSNorm keeps its input and the per-row inverse norm;
+- Dense is a bias-free linear map whose fp32 weights are cast to the input's dtype.
+Left to autodiff, XLA kept several activation-sized residuals per layer; scratch
+memory is fresh memory on every step, and its page faults took much of the step
+time on XLA CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+
+def sum_over_batch(x: jax.Array) -> jax.Array:
+    """x.sum(0) as a matmul with ones: XLA CPU's reduce over a major dim is ~50x slower."""
+    ones = jnp.ones((x.shape[0],), x.dtype)
+    return jnp.einsum("b,b...->...", ones, x, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def mlp(x: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+    """gelu(x w_in) w_out  (gelu in its tanh form), [..., D] -> [..., D].
+
+    The backward pass keeps only x and the pre-activation and recomputes the gelu;
+    left to autodiff, XLA kept five [B, T, F] residuals per layer and wrote the
+    gelu gradient transposed, which cost more than the MLP's matmuls.
+    """
+    return jnp.dot(jax.nn.gelu(jnp.dot(x, w_in)), w_out)
+
+
+def _mlp_fwd(x, w_in, w_out):
+    pre = jnp.dot(x, w_in)  # [..., F]
+    return jnp.dot(jax.nn.gelu(pre), w_out), (x, pre, w_in, w_out)
+
+
+def _mlp_bwd(residuals, dy):
+    x, pre, w_in, w_out = residuals
+    lead = x.shape[:-1]
+    x, pre, dy = (a.reshape(-1, a.shape[-1]) for a in (x, pre, dy))  # [B*T, .]
+    act, gelu_vjp = jax.vjp(jax.nn.gelu, pre)
+    dw_out = jnp.einsum("nf,nd->fd", act, dy)
+    (d_pre,) = gelu_vjp(jnp.einsum("nd,fd->nf", dy, w_out))
+    dw_in = jnp.einsum("nd,nf->df", x, d_pre)
+    dx = jnp.einsum("nf,df->nd", d_pre, w_in)
+    return dx.reshape(*lead, -1), dw_in, dw_out
+
+
+mlp.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+class Dense(hk.Module):
+    """A bias-free linear map whose weights are cast to the activations' dtype.
+
+    Parameters are created in fp32 (the precision policy decides what is stored);
+    the matmul runs in the dtype of the input.
+    """
+
+    def __init__(self, output_size: int, stddev: float, name: str | None = None):
+        super().__init__(name=name)
+        self.output_size = output_size
+        self.stddev = stddev
+
+    def weight(self, input_size: int) -> jax.Array:
+        """The [input_size, output_size] parameter `w`."""
+        return hk.get_parameter(
+            "w",
+            [input_size, self.output_size],
+            jnp.float32,
+            init=hk.initializers.TruncatedNormal(self.stddev),
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x, self.weight(x.shape[-1]).astype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x * scale / sqrt(mean(x^2) + eps) over the last axis, as hk.RMSNorm computes it.
+
+    The backward pass keeps x and the per-row inverse norm [..., 1]; autodiff kept
+    six arrays the size of x (scale and inverse norm broadcast to it, products).
+    """
+    return x * scale * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def _rms_norm_fwd(x, scale, eps):
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return x * scale * inv, (x, scale, inv)
+
+
+def _rms_norm_bwd(eps, residuals, dy):
+    del eps
+    x, scale, inv = residuals
+    g = dy * scale
+    mean_gx = jnp.mean(g * x, axis=-1, keepdims=True)
+    dx = inv * g - (inv**3 * mean_gx) * x
+    d_scale = sum_over_batch((dy * x * inv).reshape(-1, x.shape[-1]))
+    return dx, d_scale.astype(scale.dtype)
+
+
+_rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+class RMSNorm(hk.Module):
+    """hk.RMSNorm's parameters (`scale` [D], ones) and maths, with `_rms_norm`'s backward."""
+
+    def __init__(self, eps: float, name: str | None = None):
+        super().__init__(name=name)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = hk.get_parameter("scale", x.shape[-1:], x.dtype, init=jnp.ones)
+        return _rms_norm(x, scale, self.eps)
+
+
+def rms_norm(x: jax.Array, eps: float, name: str) -> jax.Array:
+    """RMSNorm computed in fp32 and returned in the input dtype."""
+    y = RMSNorm(eps, name=name)(x.astype(jnp.float32))
+    return y.astype(x.dtype)
