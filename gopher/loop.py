@@ -157,7 +157,7 @@ def restore_or_init(r: Run) -> tuple[int, Any]:
 
 def _peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
     dev = jax.devices()[0]
-    peak = metrics_lib.peak_flops_per_device(dev.device_kind, train_cfg.peak_flops)
+    peak = metrics_lib.device_peak_flops(dev, train_cfg.peak_flops)
     if peak is not None:
         return peak * jax.device_count(), "configured" if train_cfg.peak_flops else dev.device_kind
     if dev.platform == "cpu":

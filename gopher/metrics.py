@@ -22,19 +22,27 @@ import numpy as np
 from gopher import paths
 from gopher.config import ModelConfig
 
-# Peak dense bf16 FLOP/s per chip, from the vendors' data sheets.
+# Peak dense bf16 FLOP/s per *device*, by the device_kind that jax devices report, from
+# the vendors' data sheets. A TPU v2 / v3 chip has two TensorCores that jax shows as two
+# devices, so a "TPU v3" device is half a 123 TFLOP/s chip; TPU v4 and v5p chips are one
+# megacore device each (both cores), v5e / v6e chips have one core.
 PEAK_FLOPS = {
-    "tpu v3": 123e12,
-    "tpu v4": 275e12,
+    "tpu v2": 22.5e12,  # 45 per chip
+    "tpu v3": 61.5e12,  # 123 per chip
+    "tpu v4": 275e12,  # megacore chip
     "tpu v5 lite": 197e12,  # v5e
     "tpu v5e": 197e12,
-    "tpu v5p": 459e12,
-    "tpu v5": 459e12,
+    "tpu v5p": 459e12,  # megacore chip
+    "tpu v5": 459e12,  # how libtpu names v5p devices
     "tpu v6 lite": 918e12,  # v6e (Trillium)
     "h100": 989e12,
     "h200": 989e12,
     "a100": 312e12,
 }
+# Kinds whose table figure is a two-core megacore device. A v4 run without megacore
+# (libtpu's chip_config_name "default") shows each core as a device of the same
+# device_kind with num_cores == 1: half the figure.
+MEGACORE_KINDS = ("tpu v4", "tpu v5p", "tpu v5")
 
 
 def param_count(config: ModelConfig) -> int:
@@ -51,15 +59,26 @@ def flops_per_token(config: ModelConfig, seq_len: int | None = None, causal: boo
     return 6 * param_count(config) + attention
 
 
-def peak_flops_per_device(device_kind: str, override: float | None = None) -> float | None:
-    """Peak FLOP/s of one device: the user's figure, the table's, or None if unknown."""
+def peak_flops_per_device(
+    device_kind: str, override: float | None = None, num_cores: int | None = None
+) -> float | None:
+    """Peak FLOP/s of one device: the user's figure, else the table's for `device_kind`
+    (scaled by num_cores / 2 for a megacore kind shown per core), else None."""
     if override:
         return float(override)
     kind = device_kind.lower()
     for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
         if name in kind:
+            if num_cores is not None and name in MEGACORE_KINDS:
+                return peak * num_cores / 2
             return peak
     return None
+
+
+def device_peak_flops(device, override: float | None = None) -> float | None:
+    """peak_flops_per_device for a jax device, reading its device_kind and (TPU) num_cores."""
+    cores = getattr(device, "num_cores", None) if device.platform == "tpu" else None
+    return peak_flops_per_device(device.device_kind, override, cores)
 
 
 def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:

@@ -1,0 +1,401 @@
+"""Ahead-of-time planning: compile the real train step for a device topology and read
+what XLA says it needs, without the hardware.
+
+  devices = topology_devices("v3:32x32")          # libtpu's deviceless TPU devices
+  mesh = physical_mesh(devices, (1, 128, 16))
+  report = plan(model_cfg, train_cfg, ParallelConfig(data=128, model=16, zero=1), mesh)
+
+`plan` jits the train step with `sharding.shard_train` (state donated), lowers it on
+ShapeDtypeStructs of the state carrying their shardings and a [B, T+1] int32 token
+batch split over the batch axes, compiles it, and reports per device:
+  params, opt_state  bytes of the state's shards (opt_state includes the fp32 master),
+                     from the shardings' shard shapes;
+  temp, total        from the executable's memory_analysis(): total = arguments +
+                     outputs - aliases + temporaries (what the donated step holds);
+and the model FLOPs per step (metrics.flops_per_token x B x T), the step time at a given
+MFU, and a roofline step time: max(FLOPs / peak, bytes accessed / HBM bandwidth) from
+cost_analysis() (FLOPs: the lowered module's matmuls, see `roofline`) plus the HLO's
+collective bytes over the links (ICI within a slice,
+DCN between slices), communication assumed not overlapped with compute.
+A program that does not fit fails to compile on TPU with RESOURCE_EXHAUSTED; its
+temporaries are then read from the error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from gopher import hlo_stats, metrics, sharding
+from gopher import train as train_lib
+from gopher.config import ModelConfig, ParallelConfig, TrainConfig
+from gopher.topology import CHIPS, TPU_FIX, GiB, libtpu_available, parse_topology
+
+
+def topology_devices(text: str, slices: int = 1, megacore: bool = True) -> list[Any]:
+    """Devices of `text` ('v3:32x32', 'cpu:8') over `slices` slices: libtpu's
+    compile-only TPU devices (v4 as megacore devices unless `megacore` is False), or
+    the first N CPU devices (set XLA_FLAGS' device count before jax starts)."""
+    gen, shape = parse_topology(text)
+    if gen == "cpu":
+        n = int(shape) * slices
+        if jax.device_count() < n:
+            raise ValueError(
+                f"--topology={text} x {slices} slices needs {n} CPU devices but jax has "
+                f"{jax.device_count()}; set XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+            )
+        return jax.devices()[:n]
+    if not libtpu_available():
+        raise ValueError(f"--topology={text} needs libtpu, which is not importable; {TPU_FIX}")
+    from jax.experimental import topologies
+
+    kw = {"chip_config_name": "megacore"} if gen == "v4" and megacore else {}
+    if slices > 1:
+        kw["num_slices"] = slices
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{gen}:{shape}", **kw
+    ).devices
+
+
+def physical_mesh(devices: Sequence[Any], shape: tuple[int, int, int]) -> Mesh:
+    """Mesh(replica, data, model) in physical order: `create_device_mesh` within one
+    slice (the model axis on neighbouring cores / chips), `create_hybrid_device_mesh`
+    with the replica axis over slices; CPU devices through sharding.make_mesh."""
+    if devices[0].platform == "cpu":
+        r, d, m = shape
+        return sharding.make_mesh(ParallelConfig(replica=r, data=d, model=m), devices)
+    from jax.experimental import mesh_utils
+
+    slices = len({getattr(dev, "slice_index", 0) for dev in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise ValueError(
+                f"mesh replica={shape[0]} does not divide over {slices} slices; use "
+                f"--replica={slices}"
+            )
+        ici = (shape[0] // slices, shape[1], shape[2])
+        grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    else:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Per-device figures of the devices a mesh holds."""
+
+    kind: str  # device_kind as the devices report it
+    peak_flops: float | None
+    hbm_bytes: float
+    hbm_bw: float | None
+    ici_bw: float | None
+    dcn_bw: float | None
+    devices_per_chip: int
+
+
+def hardware(devices: Sequence[Any], generation: str) -> Hardware:
+    """The chip table divided by devices per chip (2 for v3 cores and non-megacore v4);
+    CPU devices share the host's RAM and have no link figures."""
+    dev = devices[0]
+    if generation == "cpu":
+        ram = os_ram_bytes()
+        return Hardware(dev.device_kind, None, ram / len(devices), None, None, None, 1)
+    chips = {(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}
+    per_chip = len(devices) // len(chips)
+    chip = CHIPS[generation]
+    return Hardware(
+        kind=dev.device_kind,
+        peak_flops=metrics.device_peak_flops(dev),
+        hbm_bytes=chip.hbm_bytes / per_chip,
+        hbm_bw=chip.hbm_bw / per_chip,
+        ici_bw=chip.ici_bw / per_chip,
+        dcn_bw=chip.dcn_bw / per_chip,
+        devices_per_chip=per_chip,
+    )
+
+
+def os_ram_bytes() -> int:
+    import os
+
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def leaf_bytes(tree: Any) -> int:
+    """Bytes of one device's shards of ShapeDtypeStructs carrying NamedShardings."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def check_batch(batch: int, microbatches: int, mesh: Mesh) -> None:
+    """One-line error unless each of the `microbatches` spans the batch axes evenly."""
+    sizes = sharding.axis_sizes(mesh)
+    n = sizes["replica"] * sizes["data"]
+    if batch % (microbatches * n):
+        raise ValueError(
+            f"batch {batch} in {microbatches} microbatch(es) does not split over replica*data"
+            f" = {n}; use a --batch that {microbatches * n} divides, e.g. "
+            f"--batch={-(-batch // (microbatches * n)) * microbatches * n}"
+        )
+
+
+_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
+
+
+def plan(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    parallel: ParallelConfig,
+    mesh: Mesh,
+    hw: Hardware,
+    mfu: float = 0.4,
+) -> dict:
+    """Compiles one train step on `mesh` and reports its memory, FLOPs and step time
+    (see the module docstring); `train_cfg` holds batch, precision, remat, microbatches."""
+    check_batch(train_cfg.batch_size, train_cfg.microbatches, mesh)
+    fns = train_lib.make_train_functions(
+        model_cfg,
+        train_cfg,
+        precision=train_cfg.precision,
+        remat=train_cfg.remat,
+        activation_constraint=sharding.activation_constraint(mesh),
+    )
+    sharded = sharding.shard_train(fns, mesh, parallel, model_cfg)
+    state = sharding.abstract_state_with_shardings(fns, sharded)
+    tokens = jax.ShapeDtypeStruct(
+        (train_cfg.batch_size, model_cfg.seq_len + 1), np.int32, sharding=sharded.batch_sharding
+    )
+    report = describe(model_cfg, train_cfg, parallel, mesh, hw, mfu)
+    report["per_device_bytes"] = {
+        "params": leaf_bytes(state.params),
+        "opt_state": leaf_bytes((state.opt_state, state.master)),
+        "state": leaf_bytes(state),
+    }
+    start = time.perf_counter()
+    lowered = sharded.train_step.lower(state, tokens)
+    report["matmul_flops_per_device"] = hlo_stats.dot_flops(lowered.as_text()) / mesh.devices.size
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        report["compile_seconds"] = time.perf_counter() - start
+        return _out_of_memory(report, str(e))
+    report["compile_seconds"] = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    xla = {
+        "argument": int(mem.argument_size_in_bytes),
+        "output": int(mem.output_size_in_bytes),
+        "alias": int(mem.alias_size_in_bytes),
+        "temp": int(mem.temp_size_in_bytes),
+        "code": int(mem.generated_code_size_in_bytes),
+    }
+    total = xla["argument"] + xla["output"] - xla["alias"] + xla["temp"]
+    report["memory_analysis"] = xla
+    report["per_device_bytes"].update(temp=xla["temp"], total=total)
+    report["fits"] = total <= hw.hbm_bytes
+    report.update(roofline(compiled, mesh, hw, report))
+    report["notes"] = list(sharded.notes)
+    return report
+
+
+def describe(model_cfg, train_cfg, parallel, mesh, hw, mfu) -> dict:
+    """The configuration, the hardware and the step time at `mfu` (no compile)."""
+    sizes = sharding.axis_sizes(mesh)
+    tokens = train_cfg.batch_size * model_cfg.seq_len
+    flops = metrics.flops_per_token(model_cfg) * tokens
+    n = mesh.devices.size
+    step_at_mfu = flops / (mfu * hw.peak_flops * n) if hw.peak_flops else None
+    return {
+        "model": model_cfg.name,
+        "mesh": {"replica": sizes["replica"], "data": sizes["data"], "model": sizes["model"]},
+        "devices": n,
+        "device_kind": hw.kind,
+        "zero": parallel.zero,
+        "remat": train_cfg.remat,
+        "precision": train_cfg.precision,
+        "microbatches": train_cfg.microbatches,
+        "batch": train_cfg.batch_size,
+        "seq_len": model_cfg.seq_len,
+        "hbm_bytes": int(hw.hbm_bytes),
+        "peak_flops_per_device": hw.peak_flops,
+        "model_flops_per_step": flops,
+        "mfu": mfu,
+        "step_seconds_at_mfu": step_at_mfu,
+    }
+
+
+def _out_of_memory(report: dict, message: str) -> dict:
+    """A report for a step XLA refused to compile: temporaries from the error text."""
+    m = _OOM.search(message)
+    if "RESOURCE_EXHAUSTED" not in message or not m:
+        raise ValueError(f"compile failed: {message.splitlines()[0]}")
+    temp = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    per = report["per_device_bytes"]
+    # The arguments are the state plus the tokens; with the state donated the outputs
+    # add nothing beyond it, so the total is the state plus the temporaries.
+    per.update(temp=temp, total=per["state"] + temp)
+    report.update(fits=False, compile_error=message.splitlines()[0][:300])
+    return report
+
+
+def roofline(compiled: Any, mesh: Mesh, hw: Hardware, report: dict) -> dict:
+    """Step time: max(matmul FLOPs / peak, bytes accessed / HBM bandwidth) + collective
+    bytes / link bandwidth, per device. The FLOPs are the lowered module's matmuls
+    (hlo_stats.dot_flops, loops counted per trip) split evenly over the devices;
+    cost_analysis()'s own FLOPs and bytes leave out while-loop bodies (the layers), so
+    its bytes make the HBM term a lower bound."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    accessed = float(cost.get("bytes accessed", 0.0))
+    slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
+    comm = hlo_stats.collective_bytes(compiled.as_text(), slice_of)
+    out = {
+        "cost_analysis_flops_per_device": float(cost.get("flops", 0.0)),
+        "cost_analysis_bytes_accessed_per_device": accessed,
+        "collective_bytes_per_device": comm,
+    }
+    if hw.peak_flops is None:
+        return out
+    compute = max(report["matmul_flops_per_device"] / hw.peak_flops, accessed / hw.hbm_bw)
+    links = comm["ici"] / hw.ici_bw + comm["dcn"] / hw.dcn_bw
+    step = compute + links
+    out.update(
+        roofline_compute_seconds=compute,
+        roofline_collective_seconds=links,
+        roofline_step_seconds=step,
+        roofline_mfu=report["model_flops_per_step"] / (step * hw.peak_flops * mesh.devices.size),
+        roofline_tokens_per_second=report["batch"] * report["seq_len"] / step,
+    )
+    return out
+
+
+# ------------------------------------------------------------------------- search
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """What a search tries: model axis sizes (None: every divisor of the heads that
+    divides a slice), ZeRO settings, remat policies and microbatch counts."""
+
+    models: tuple[int, ...] | None = None
+    zeros: tuple[int, ...] = (1,)
+    remats: tuple[str, ...] = ("full",)
+    microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+def model_axis_sizes(model_cfg: ModelConfig, per_slice: int) -> list[int]:
+    """Model axis sizes that divide both the heads and one slice's devices, ascending."""
+    h = model_cfg.num_heads
+    return [m for m in range(1, h + 1) if h % m == 0 and per_slice % m == 0]
+
+
+def state_bytes(model_cfg, train_cfg, parallel: ParallelConfig, mesh: Mesh) -> int:
+    """Per-device bytes of the train state under `parallel` (shard arithmetic, no compile)."""
+    fns = train_lib.make_train_functions(model_cfg, train_cfg, precision=train_cfg.precision)
+    abstract = jax.eval_shape(fns.init, jax.random.key(0))
+    specs = sharding.state_partition_specs(abstract, mesh, parallel.zero).specs
+    return sharding.abstract_bytes_per_device(abstract, specs, mesh)
+
+
+def search(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    devices: Sequence[Any],
+    hw: Hardware,
+    space: Space,
+    mfu: float = 0.4,
+    max_compiles: int = 50,
+    time_budget: float = 540.0,
+    max_fits: int | None = None,
+    log=lambda line: None,
+) -> dict:
+    """Plans every (mesh, zero, remat) of `space` at its fewest fitting microbatches.
+
+    Pruned before compiling: batches that do not split over replica*data per microbatch,
+    and states whose bytes alone exceed HBM. More microbatches do the same FLOPs in
+    smaller pieces, so a count is tried only when the one before it did not fit. Stops
+    after `max_compiles` compiles, `time_budget` seconds, or `max_fits` fitting plans.
+    Returns {"fits": [plans, best roofline throughput first], "tried": [...], "pruned":
+    [reasons], "compiles", "seconds", "stopped"}.
+    """
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    per_slice = len(devices) // slices
+    start, tried, pruned, stopped = time.perf_counter(), [], [], ""
+    for m in space.models or model_axis_sizes(model_cfg, per_slice):
+        shape = (slices, per_slice // m, m)
+        mesh = physical_mesh(devices, shape)
+        for zero in space.zeros:
+            parallel = ParallelConfig(replica=slices, data=shape[1], model=m, zero=zero)
+            need = state_bytes(model_cfg, train_cfg, parallel, mesh)
+            if need > hw.hbm_bytes:
+                pruned.append(f"mesh {shape} zero {zero}: state {need / GiB:.2f} GiB > HBM")
+                continue
+            for remat in space.remats:
+                for k in space.microbatches:
+                    cfg = dataclasses.replace(train_cfg, remat=remat, microbatches=k)
+                    try:
+                        check_batch(cfg.batch_size, k, mesh)
+                    except ValueError as e:
+                        pruned.append(f"mesh {shape} K={k}: {e}")
+                        continue
+                    if len(tried) >= max_compiles or time.perf_counter() - start > time_budget:
+                        stopped = (
+                            f"after {len(tried)} compiles, {time.perf_counter() - start:.0f} s"
+                        )
+                        return _ranked(tried, pruned, start, stopped)
+                    result = plan(model_cfg, cfg, parallel, mesh, hw, mfu)
+                    tried.append(result)
+                    log(summary_line(result))
+                    if result["fits"]:
+                        break
+                fits = sum(r["fits"] for r in tried)
+                if max_fits and fits >= max_fits:
+                    return _ranked(tried, pruned, start, f"after {fits} fitting plan(s)")
+    return _ranked(tried, pruned, start, stopped or "space exhausted")
+
+
+def _ranked(tried: list[dict], pruned: list[str], start: float, stopped: str) -> dict:
+    """The search's result: fitting plans by roofline tokens/s (fewest FLOPs on CPU)."""
+
+    def key(r):
+        step = r.get("roofline_step_seconds")
+        return (step is None, step or r.get("matmul_flops_per_device", 0.0))
+
+    fits = sorted((r for r in tried if r["fits"]), key=key)
+    return {
+        "fits": fits,
+        "tried": tried,
+        "pruned": pruned,
+        "compiles": len(tried),
+        "seconds": time.perf_counter() - start,
+        "stopped": stopped,
+    }
+
+
+def summary_line(r: dict) -> str:
+    """One line per plan: configuration, per-device GiB against HBM, times."""
+    mesh = r["mesh"]
+    per = r["per_device_bytes"]
+    step = r.get("roofline_step_seconds")
+    return (
+        f"{r['model']:>5} mesh r{mesh['replica']} d{mesh['data']} m{mesh['model']} "
+        f"zero {r['zero']} remat {r['remat']} K={r['microbatches']} {r['precision']}: "
+        f"params {per['params'] / GiB:.2f} opt {per['opt_state'] / GiB:.2f} "
+        f"temp {per['temp'] / GiB:.2f} total {per['total'] / GiB:.2f} / "
+        f"{r['hbm_bytes'] / GiB:.2f} GiB {'fits' if r['fits'] else 'DOES NOT FIT'}; "
+        f"compile {r['compile_seconds']:.1f} s"
+        + (f"; roofline step {step:.3f} s (MFU {r['roofline_mfu']:.2f})" if step else "")
+        + (
+            f"; step at MFU {r['mfu']:.2f}: {r['step_seconds_at_mfu']:.3f} s"
+            if r["step_seconds_at_mfu"]
+            else ""
+        )
+    )

@@ -1,0 +1,84 @@
+"""TPU generations, topology names and the environment a deviceless compile needs.
+
+Nothing here imports jax: `prepare_environment` must run before jax is first imported
+(jax reads JAX_PLATFORMS at import and XLA_FLAGS when its CPU backend starts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """Per-chip figures of one TPU generation (divide by devices per chip for a device).
+
+    Sources: Google Cloud TPU system-architecture pages (vendor data sheets) for
+    v4, v5e, v5p, v6e; v2 / v3 from the same pages' older revisions and Norrie et al.
+    2021 (IEEE Micro, "The design process for Google's training chips: TPUv2 and
+    TPUv3") for their ICI links. ICI is the chip's bidirectional interconnect
+    bandwidth; DCN the data-centre network per chip (the host's NICs shared by its
+    chips), marked `dcn_assumed` where no data sheet gives it.
+    """
+
+    hbm_bytes: float
+    hbm_bw: float  # bytes/s
+    ici_bw: float  # bytes/s, bidirectional, all links of the chip
+    dcn_bw: float  # bytes/s per chip
+    dcn_assumed: bool = False
+
+
+CHIPS = {
+    "v2": Chip(16 * GiB, 700e9, 4 * 496e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
+    "v3": Chip(32 * GiB, 900e9, 4 * 656e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
+    "v4": Chip(32 * GiB, 1200e9, 2400e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
+    "v5e": Chip(16 * GiB, 819e9, 400e9, 200e9 / 8 / 8),  # 2 x 100 Gbps NICs per 8 chips
+    "v5p": Chip(95 * GiB, 2765e9, 1200e9, 50e9 / 8),
+    "v6e": Chip(32 * GiB, 1638e9, 800e9, 400e9 / 8 / 8, dcn_assumed=True),
+}
+GENERATIONS = tuple(CHIPS) + ("cpu",)
+TPU_FIX = "install libtpu with `pip install -e .[tpu]` (or put it on PYTHONPATH)"
+
+
+def parse_topology(text: str) -> tuple[str, str]:
+    """'v3:32x32' -> ('v3', '32x32'); 'cpu:8' -> ('cpu', '8'). One-line error otherwise."""
+    gen, _, shape = text.partition(":")
+    ok = gen in GENERATIONS and (
+        shape.isdigit() if gen == "cpu" else bool(re.fullmatch(r"\d+(x\d+){1,2}", shape))
+    )
+    if not ok:
+        raise ValueError(
+            f"--topology={text!r} is not a topology; use GENERATION:SHAPE with a generation "
+            f"in {', '.join(GENERATIONS)}, e.g. --topology=v3:32x32, v4:8x8x16 or cpu:8"
+        )
+    return gen, shape
+
+
+def libtpu_available() -> bool:
+    """Whether libtpu is importable (installed, or on PYTHONPATH)."""
+    spec = importlib.util.find_spec("libtpu")
+    return spec is not None and spec.origin is not None  # not a bare namespace directory
+
+
+def prepare_environment(topology: str, slices: int = 1) -> str:
+    """Sets up, before jax is imported, what compiling for `topology` needs; returns
+    its generation. TPU: JAX_PLATFORMS=cpu (if unset; the host keeps its CPU backend
+    and libtpu compiles deviceless) and TPU_WORKER_HOSTNAMES=localhost (one host).
+    cpu:N: N x slices fake CPU devices via XLA_FLAGS, unless XLA_FLAGS sets a count."""
+    gen, shape = parse_topology(topology)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if gen == "cpu":
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            n = int(shape) * slices
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}"
+        return gen
+    if not libtpu_available():
+        raise ValueError(f"--topology={topology} needs libtpu, which is not importable; {TPU_FIX}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    return gen
