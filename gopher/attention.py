@@ -253,9 +253,15 @@ class RelativeAttention(hk.Module):
         h, k = c.num_heads, c.key_size
         dt = x.dtype
         scale = 1.0 / math.sqrt(k)
-        q = Dense(h * k, c.init_scale, name="q")(x)  # [B, T, H*K]
-        kk = Dense(h * k, c.init_scale, name="k")(x)
-        v = Dense(h * k, c.init_scale, name="v")(x)
+        # q, k and v in one matmul against their stacked weights [D, 3, H*K]: the
+        # backward pass then sums the three input gradients before the model axis's
+        # all-reduce (one all-reduce, not three).
+        w_qkv = jnp.stack(
+            [Dense(h * k, c.init_scale, name=n).weight(x.shape[-1]) for n in ("q", "k", "v")],
+            axis=1,
+        ).astype(dt)
+        qkv = jnp.einsum("btd,dch->cbth", x, w_qkv)  # [3, B, T, H*K]
+        q, kk, v = qkv[0], qkv[1], qkv[2]
         # W_R: the per-layer projection of the fixed sinusoids (the 13th d^2).
         r = Dense(h * k, c.init_scale, name="r")(rel_enc.astype(dt))  # [T, H*K]
         u_bias = hk.get_parameter("u_bias", [h, k], jnp.float32, init=jnp.zeros)

@@ -25,7 +25,8 @@ from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 @dataclasses.dataclass
 class Engine:
     init: Callable[[jax.Array], Any]
-    train_step: Callable[[Any, np.ndarray], tuple[Any, dict]]
+    # (state, this process's rows [b, T+1], global_batch=None: B, default train_cfg's)
+    train_step: Callable[..., tuple[Any, dict]]
     # (state, this process's rows [b, T+1]) -> (NLL sum in nats, target tokens) over the
     # whole global batch of train_cfg.batch_size rows, i.e. summed over every host's rows.
     eval_sums: Callable[[Any, np.ndarray], tuple[float, int]]
@@ -99,6 +100,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         remat=train_cfg.remat,
         activation_constraint=sharding.activation_constraint(mesh),
         fault_steps=train_cfg.inject_nan_steps,
+        batch_layout=sharding.batch_layout(mesh, parallel.zero),
     )
     sharded = sharding.shard_train(fns, mesh, parallel, model_cfg)
     sizes = sharding.axis_sizes(mesh)
@@ -108,8 +110,8 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
     # every host reads the total without gathering rows it does not hold.
     nll_sums = jax.jit(lambda nll: (jnp.sum(nll.astype(jnp.float32)), nll.size))
 
-    def step(state, batch):
-        tokens = sharding.make_global_batch(batch, mesh, train_cfg.batch_size)
+    def step(state, batch, global_batch=None):  # B changes with a batch schedule
+        tokens = sharding.make_global_batch(batch, mesh, global_batch or train_cfg.batch_size)
         fn = compiled.get(tokens.shape, sharded.train_step)
         return fn(state, tokens)
 
@@ -176,7 +178,8 @@ def _pmap_engine(model_cfg, train_cfg, parallel) -> Engine:
 
     return Engine(
         init=p.init,
-        train_step=p.train_step,
+        # pmap splits this process's rows over its devices: the global batch is implied.
+        train_step=lambda state, batch, global_batch=None: p.train_step(state, batch),
         eval_sums=_sums_from_local_nll(eval_nll),
         # Each shard is saved and restored on the device that holds it, on every process.
         abstract_state=p.abstract_checkpoint,

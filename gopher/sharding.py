@@ -33,7 +33,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gopher.config import ModelConfig, ParallelConfig
-from gopher.train import TrainFunctions, TrainState
+from gopher.train import BatchLayout, TrainFunctions, TrainState
 
 MESH_AXES = ("replica", "data", "model")
 BATCH_AXES = ("replica", "data")  # the batch dim is split over both
@@ -297,6 +297,25 @@ def activation_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
     """x [B, T, D] -> x constrained to be split over the batch axes at block boundaries."""
     sharding = NamedSharding(mesh, P(BATCH_AXES, None, None))
     return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
+def batch_layout(mesh: Mesh, zero: int = 0) -> BatchLayout:
+    """The batch split over replica * data, for gradient accumulation.
+
+    ZeRO 0 and 1 keep each shard's gradient apart until the microbatch loop ends (one
+    shard's activations [b, T, D] are left whole; vmap adds the shard dim over the
+    batch axes). ZeRO-3 reduces each microbatch's gradient into the parameter shards.
+    """
+    sizes = axis_sizes(mesh)
+    per_shard = zero != 3
+    spec = P(None, None, None) if per_shard else P(BATCH_AXES, None, None)
+    sharding = NamedSharding(mesh, spec)
+    return BatchLayout(
+        shards=sizes["replica"] * sizes["data"],
+        axis_name=BATCH_AXES,
+        constraint=lambda x: jax.lax.with_sharding_constraint(x, sharding),
+        per_shard=per_shard,
+    )
 
 
 def check_batch_size(global_b: int, mesh: Mesh) -> None:

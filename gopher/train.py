@@ -38,6 +38,20 @@ def keep_finite_update(new, state, loss: jax.Array, grad_norm: jax.Array):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+class BatchLayout(NamedTuple):
+    """How the jit path splits the batch, for gradient accumulation.
+
+    `shards` devices hold the batch's rows in contiguous blocks, split over the mesh
+    axes `axis_name`; `constraint` pins a microbatch's activations [b, T, D] at block
+    boundaries (one shard's, under vmap, when `per_shard`).
+    """
+
+    shards: int = 1
+    axis_name: Any = None
+    constraint: Callable[[jax.Array], jax.Array] | None = None
+    per_shard: bool = True  # keep each shard's gradient apart until the loop ends
+
+
 class TrainFunctions(NamedTuple):
     init: Callable[[jax.Array], TrainState]
     train_step: Callable[[TrainState, jax.Array], tuple[TrainState, dict]]
@@ -53,12 +67,15 @@ def make_train_functions(
     activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
     grad_transform: Callable[[Any], Any] | None = None,
     fault_steps: tuple[int, ...] = (),
+    batch_layout: BatchLayout | None = None,
 ) -> TrainFunctions:
     """Builds the pure functions for one model, recipe and precision setting.
 
     `grad_transform` lets a parallel path (pmap) reduce gradients across devices
     before the update; the jit path leaves that to XLA. `fault_steps` (1-based step
     numbers) poison the gradient with NaN at those steps: a test hook for the guard.
+    `batch_layout` tells gradient accumulation (train.microbatches > 1) how the batch
+    is split over devices, so that each microbatch stays spread over all of them.
     """
     policy = precision_lib.get_policy(precision)
     forward = model_lib.build_forward(model_cfg, policy.compute_dtype, remat, activation_constraint)
@@ -83,8 +100,17 @@ def make_train_functions(
         logits = forward.apply(params, tokens[:, :-1])  # [B, T, V] fp32
         return model_lib.cross_entropy(logits, tokens[:, 1:]).mean()
 
+    value_and_grad = jax.value_and_grad(loss_fn)
+    if train_cfg.microbatches > 1:
+        micro_forward = model_lib.build_forward(
+            model_cfg, policy.compute_dtype, remat, (batch_layout or BatchLayout()).constraint
+        )
+        value_and_grad = _accumulated_value_and_grad(
+            micro_forward, train_cfg.microbatches, batch_layout or BatchLayout()
+        )
+
     def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens)
+        loss, grads = value_and_grad(state.params, tokens)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         if fault_steps:
             poison = jnp.isin(state.step + 1, jnp.asarray(fault_steps, jnp.int32))
@@ -117,3 +143,63 @@ def make_train_functions(
         return {"nll": model_lib.cross_entropy(logits, tokens[:, 1:])}
 
     return TrainFunctions(init, train_step, eval_step, forward)
+
+
+def _accumulated_value_and_grad(forward: Any, microbatches: int, layout: BatchLayout):
+    """(params, tokens [B, T+1]) -> (mean loss, mean gradient) over `microbatches` parts.
+
+    Gradient accumulation with lax.scan: a K-trip loop inside the jitted step, so any
+    batch runs on any mesh. The rows of each device's block are split K ways, so every
+    microbatch is spread over all `layout.shards` devices and no row moves.
+
+    With `layout.per_shard` (ZeRO 0 and 1) each device's gradient is kept apart (vmap
+    over the shard dim, split over `layout.axis_name`) and summed over shards once,
+    after the loop: the gradient is reduced once per step, not once per microbatch.
+    Without it (ZeRO-3, where a per-shard gradient would be a whole unsharded copy of
+    the parameters on every device) each microbatch's gradient is reduce-scattered
+    into the parameters' shards, as FSDP does. All microbatches hold the same number
+    of tokens, so the mean of their means is the batch's mean.
+    """
+    n, k = layout.shards, microbatches
+
+    def loss_fn(params, tokens):  # a microbatch [b, T+1] (one shard's, under vmap)
+        logits = forward.apply(params, tokens[:, :-1])
+        return model_lib.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    if layout.per_shard:
+        grad_fn = jax.vmap(
+            jax.value_and_grad(loss_fn), in_axes=(None, 0), spmd_axis_name=layout.axis_name
+        )
+        lead, parts_of = (n,), 1.0 / n
+    else:
+        grad_fn, lead, parts_of = jax.value_and_grad(loss_fn), (), 1.0
+
+    def value_and_grad(params, tokens):
+        b = tokens.shape[0]
+        if b % (n * k):
+            raise ValueError(
+                f"batch {b} does not split into {k} microbatches over {n} devices; use "
+                f"--config.train.batch_size={-(-b // (n * k)) * n * k} or other "
+                "--config.train.microbatches"
+            )
+        # [B, T+1] -> [K, n, B/(nK), T+1]: microbatch i takes the i-th part of every
+        # device's block of rows.
+        parts = tokens.reshape(n, k, b // (n * k), -1).swapaxes(0, 1)
+        if not layout.per_shard:
+            parts = parts.reshape(k, b // k, -1)
+
+        def body(carry, part):
+            loss, grads = grad_fn(params, part)
+            total_loss, total_grads = carry
+            total_grads = jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total_grads, grads)
+            return (total_loss + loss, total_grads), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros((*lead, *p.shape), jnp.float32), params)
+        init = (jnp.zeros(lead, jnp.float32), zeros)
+        (loss, grads), _ = jax.lax.scan(body, init, parts)
+        if layout.per_shard:
+            loss, grads = loss.sum(0), jax.tree.map(lambda g: g.sum(0), grads)
+        scale = parts_of / k
+        return loss * scale, jax.tree.map(lambda g: g * scale, grads)
+
+    return value_and_grad

@@ -1,0 +1,163 @@
+"""The model axis splits the work: per-device FLOPs x devices equal one device's, and the
+only activation collectives are Megatron's, read from the compiled programs.
+
+The oracle is the same train step compiled for one device. FLOPs come from
+`cost_analysis()` (which counts each loop body once) and from the HLO's dots with the
+loops' trip counts (gopher/hlo.py). Shapes are chosen so that T = 96 is no parameter's
+dim: a collective whose result has a dim of 96 moves activations, any other moves
+parameters (ZeRO-3, the embedding) or their gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from gopher import config, hlo, sharding, train
+
+MODEL = config.get_preset("tiny").replace(num_layers=2, seq_len=96)
+T, D, BATCH = 96, MODEL.d_model, 32
+MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+
+
+def compile_step(data, model, zero=0, precision="fp32", microbatches=1):
+    """(cost_analysis FLOPs per device, hlo.Module) of the train step on a data x model mesh."""
+    tc = config.TrainConfig(batch_size=BATCH, precision=precision, microbatches=microbatches)
+    parallel = config.ParallelConfig(data=data, model=model, zero=zero)
+    mesh = sharding.make_mesh(parallel, jax.devices()[: data * model])
+    fns = train.make_train_functions(
+        MODEL,
+        tc,
+        precision=precision,
+        activation_constraint=sharding.activation_constraint(mesh),
+        batch_layout=sharding.batch_layout(mesh, zero),
+    )
+    sharded = sharding.shard_train(fns, mesh, parallel, MODEL)
+    state = sharding.abstract_state_with_shardings(fns, sharded)
+    tokens = jax.ShapeDtypeStruct((BATCH, T + 1), np.int32, sharding=sharded.batch_sharding)
+    exe = sharded.train_step.lower(state, tokens).compile()
+    cost = exe.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost["flops"], hlo.Module(exe.as_text())
+
+
+_ONE_DEVICE = {}
+
+
+def one_device(zero, precision, microbatches):
+    key = (precision, microbatches)  # ZeRO changes nothing on one device
+    if key not in _ONE_DEVICE:
+        _ONE_DEVICE[key] = compile_step(1, 1, 0, precision, microbatches)
+    return _ONE_DEVICE[key]
+
+
+def is_activation(c: hlo.Collective) -> bool:
+    return any(T in dims for dims in hlo.array_dims(c.shape))
+
+
+def check_split(data, model, zero, precision, microbatches):
+    flops, module = compile_step(data, model, zero, precision, microbatches)
+    flops_1, module_1 = one_device(zero, precision, microbatches)
+    n = data * model
+    dots, dots_1 = module.dot_flops(), module_1.dot_flops()
+    assert dots * n / dots_1 == pytest.approx(1.0, abs=0.05), (dots * n / dots_1, data, model)
+    if microbatches == 1:  # cost_analysis counts loop bodies once: comparable only then
+        assert flops * n / flops_1 == pytest.approx(1.0, abs=0.05), (flops * n / flops_1,)
+
+    trips = module.while_trip_counts()
+    if microbatches > 1:
+        assert microbatches in trips.values(), trips  # the K-trip accumulation loop
+    dtype_bytes = 2 if precision == "mixed" else 4
+    block = BATCH // data // microbatches * T * D * dtype_bytes  # one [b, T, D] per device
+    colls = module.collectives()
+    for c in colls:
+        if c.op == "all-gather" and c.loops and is_activation(c):
+            assert c.bytes <= block, (c, block)  # no whole-head [B, H, T, K] gathers
+    if model > 1:
+        # Megatron: in each layer, forward and backward, all-reduces of [b, T, D] over
+        # the model group (the two row-parallel outputs; their transposes backward).
+        layer_reduces = [
+            c
+            for c in colls
+            if c.op == "all-reduce" and c.group_size == model and is_activation(c)
+            and len(c.loops) == (2 if microbatches > 1 else 1)
+        ]  # fmt: skip
+        assert layer_reduces
+        assert all(c.bytes <= 2 * block for c in layer_reduces), layer_reduces
+    if microbatches > 1 and data > 1 and zero != 3:
+        # The gradient is reduced once per step: no data-axis collective inside the
+        # K-trip accumulation loop (the layer loops have L = 2 trips).
+        accumulation = {name for name, n in trips.items() if n == microbatches}
+        grad_reduces = [c for c in colls if c.group_size == data and accumulation & set(c.loops)]
+        assert not grad_reduces, grad_reduces
+    return dots * n / dots_1
+
+
+@pytest.mark.parametrize("data,model", MESHES)
+def test_model_axis_splits_the_work(data, model):
+    check_split(data, model, zero=0, precision="fp32", microbatches=1)
+
+
+# One mesh per combination keeps this in the suite's budget; `slow` runs them all.
+@pytest.mark.parametrize(
+    "data,model,zero,precision,microbatches",
+    [(4, 2, 1, "mixed", 4), (2, 4, 3, "fp32", 4), (1, 8, 1, "fp32", 4), (8, 1, 3, "mixed", 1)],
+)
+def test_split_with_zero_precision_and_microbatches(data, model, zero, precision, microbatches):
+    check_split(data, model, zero, precision, microbatches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("microbatches", [1, 4])
+@pytest.mark.parametrize("precision", ["fp32", "mixed"])
+@pytest.mark.parametrize("zero", [0, 1, 3])
+@pytest.mark.parametrize("data,model", MESHES)
+def test_split_every_combination(data, model, zero, precision, microbatches):
+    check_split(data, model, zero, precision, microbatches)
+
+
+def test_microbatches_give_the_unaccumulated_loss_and_gradients():
+    """K = 1, 2, 4 on a (4, 2) mesh: the same loss and gradients (fp32, relative < 1e-5)."""
+    parallel = config.ParallelConfig(data=4, model=2)
+    mesh = sharding.make_mesh(parallel, jax.devices()[:8])
+    tokens = np.random.default_rng(0).integers(0, MODEL.vocab_size, (BATCH, T + 1), np.int32)
+    results = []
+    for k in (1, 2, 4):
+        tc = config.TrainConfig(batch_size=BATCH, microbatches=k, warmup_steps=0)
+        fns = train.make_train_functions(
+            MODEL,
+            tc,
+            activation_constraint=sharding.activation_constraint(mesh),
+            batch_layout=sharding.batch_layout(mesh),
+        )
+        sharded = sharding.shard_train(fns, mesh, parallel, MODEL)
+        state = sharded.init(jax.random.key(0))
+        new, metrics = sharded.train_step(state, jax.device_put(tokens, sharded.batch_sharding))
+        results.append((float(metrics["loss"]), float(metrics["grad_norm"]), new.opt_state))
+    (loss, norm, opt), others = results[0], results[1:]
+    for loss_k, norm_k, opt_k in others:
+        assert loss_k == pytest.approx(loss, rel=1e-5)
+        assert norm_k == pytest.approx(norm, rel=1e-5)
+        # Adam's first moment after one step is (1 - b1) * gradient: compare gradients.
+        for a, b in zip(jax.tree.leaves(opt), jax.tree.leaves(opt_k), strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            scale = max(np.abs(a).max(), 1e-30)
+            assert np.abs(a - b).max() / scale < 1e-5
+
+
+def test_hlo_reader_counts_loops():
+    """A scan of 3 matmuls: dot FLOPs count the trips, cost_analysis counts the body once."""
+    import jax.numpy as jnp
+
+    def f(x, w):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=3)[0]
+
+    x = jax.ShapeDtypeStruct((16, 32), jnp.float32)
+    w = jax.ShapeDtypeStruct((32, 32), jnp.float32)
+    module = hlo.Module(jax.jit(f).lower(x, w).compile().as_text())
+    assert 3 in module.while_trip_counts().values()
+    assert module.dot_flops() == 3 * 2 * 16 * 32 * 32
+    assert math.prod(hlo.array_dims("f32[4,8]{1,0}")[0]) == 32
