@@ -26,18 +26,69 @@ def _positive(obj: Any, *names: str) -> None:
             )
 
 
+PRECISIONS = ("fp32", "mixed", "bf16", "bf16_sr", "bf16_master")  # Gopher App. C
+TRAIN_TOKENS = 300_000_000_000  # every Gopher model trained on 300B tokens
+
+
 def _prefix(obj: Any) -> str:
     return {"ModelConfig": "model.", "TrainConfig": "train.", "DataConfig": "data."}.get(
         type(obj).__name__, ""
     )
 
 
+def _check_precision(obj: Any) -> None:
+    if obj.precision not in PRECISIONS:
+        raise ConfigError(
+            f"{type(obj).__name__}.precision = {obj.precision!r} is unknown; use one of "
+            f"{', '.join(PRECISIONS)} (--config.{_prefix(obj)}precision)"
+        )
+
+
+def _as_pairs(value: Any) -> Any:
+    """((step, batch), ...) as tuples (JSON and YAML give lists); anything else as is."""
+    if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) for p in value):
+        return tuple(tuple(p) for p in value)
+    return value
+
+
+def _check_batch_schedule(obj: Any) -> None:
+    """(after_step, batch_size) pairs of positive ints, steps increasing, each batch a
+    multiple of the first (the data stream is read in blocks of `batch_size` sequences)."""
+    object.__setattr__(obj, "batch_schedule", _as_pairs(obj.batch_schedule))
+    schedule, name = obj.batch_schedule, f"{type(obj).__name__}.batch_schedule"
+    flag = f"--config.{_prefix(obj)}batch_schedule"
+
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if not isinstance(schedule, tuple) or not all(
+        isinstance(p, tuple) and len(p) == 2 and whole(p[0]) and whole(p[1]) for p in schedule
+    ):
+        raise ConfigError(
+            f"{name} = {schedule!r} must be (after_step, batch_size) pairs of positive "
+            f"integers; e.g. {flag}='((10, 16),)' (16 sequences per step after step 10)"
+        )
+    steps = [step for step, _ in schedule]
+    if steps != sorted(set(steps)):
+        raise ConfigError(
+            f"{name} = {schedule!r} has after_steps {steps} out of order; list each switch "
+            f"once, in increasing step order ({flag})"
+        )
+    for step, batch in schedule:
+        if batch % obj.batch_size:
+            raise ConfigError(
+                f"{name}: batch {batch} after step {step} is not a multiple of batch_size "
+                f"{obj.batch_size}; use multiples of it in {flag} (Gopher: 1536 -> 3072)"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One row of the model table plus the few knobs the architecture has.
 
-    `max_lr`, `batch_tokens` and `clip_norm` are the table's recipe for this size;
-    `TrainConfig` reads them unless it overrides them.
+    `max_lr`, `clip_norm`, `batch_size` (sequences of `seq_len` tokens), `batch_schedule`
+    and `precision` are the table's recipe for this size; `TrainConfig` reads them unless
+    it overrides them (the experiment config copies them into the train section).
     """
 
     num_layers: int
@@ -45,7 +96,9 @@ class ModelConfig:
     key_size: int
     d_model: int
     max_lr: float = 6e-4
-    batch_tokens: int = 250_000
+    batch_size: int = 128  # sequences per step; batch_tokens = batch_size * seq_len
+    batch_schedule: tuple[tuple[int, int], ...] = ()  # see TrainConfig.batch_schedule
+    precision: str = "fp32"  # the size's default (TrainConfig.precision)
     clip_norm: float = 1.0
     ffw_multiplier: int = 4
     vocab_size: int = 32_000
@@ -65,7 +118,7 @@ class ModelConfig:
             "key_size",
             "d_model",
             "max_lr",
-            "batch_tokens",
+            "batch_size",
             "clip_norm",
             "ffw_multiplier",
             "vocab_size",
@@ -73,7 +126,8 @@ class ModelConfig:
             "rms_norm_eps",
             "init_scale",
         )
-        for name in ("num_layers", "num_heads", "key_size", "d_model", "vocab_size", "seq_len"):
+        names = ("num_layers", "num_heads", "key_size", "d_model", "vocab_size", "seq_len")
+        for name in (*names, "batch_size"):
             if not isinstance(getattr(self, name), int):
                 raise ConfigError(
                     f"ModelConfig.{name} = {getattr(self, name)!r} must be an integer; "
@@ -91,6 +145,13 @@ class ModelConfig:
                 f"ModelConfig.key_size = {self.key_size} must be even (sinusoidal "
                 f"relative encodings pair sin/cos); use an even key_size"
             )
+        _check_precision(self)
+        _check_batch_schedule(self)
+
+    @property
+    def batch_tokens(self) -> int:
+        """Tokens per step at the start: Table 1's "Batch (tokens)" (0.25M = 128 x 2048)."""
+        return self.batch_size * self.seq_len
 
     @property
     def ffw_size(self) -> int:
@@ -104,21 +165,40 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-# Gopher Table 1, exactly. Batch sizes are in tokens as in the table; a run's batch
-# size in sequences is batch_tokens // seq_len unless the train config sets it.
+def _half_of_training(batch_size: int, seq_len: int = 2048) -> int:
+    """The first step after which half of the 300B training tokens have been seen at
+    `batch_size` sequences per step: 280b's 1536 x 2048 = 3,145,728 tokens per step reach
+    150B after ceil(150e9 / 3,145,728) = 47,684 steps (150,000,893,952 tokens)."""
+    return -(-TRAIN_TOKENS // 2 // (batch_size * seq_len))
+
+
+# Gopher Table 1, exactly. Batch sizes are 2048-token sequences (GOPHER.md "Training":
+# 0.25M is 2^18 = 128 x 2048 tokens, 2M is 1024 x 2048, 3M -> 6M is 1536 -> 3072); the
+# 280b batch doubles midway. Precision: fp32 parameters with bf16 activations below
+# 7.1B, bf16 parameters with stochastic rounding for 7.1B and Gopher (App. C).
 PRESETS: dict[str, ModelConfig] = {
-    "44m": ModelConfig(8, 16, 32, 512, max_lr=6e-4, batch_tokens=250_000, clip_norm=1.0),
-    "117m": ModelConfig(12, 12, 64, 768, max_lr=6e-4, batch_tokens=250_000, clip_norm=1.0),
-    "417m": ModelConfig(12, 12, 128, 1536, max_lr=2e-4, batch_tokens=250_000, clip_norm=1.0),
-    "1.4b": ModelConfig(24, 16, 128, 2048, max_lr=2e-4, batch_tokens=250_000, clip_norm=1.0),
-    "7.1b": ModelConfig(32, 32, 128, 4096, max_lr=1.2e-4, batch_tokens=2_000_000, clip_norm=0.25),
-    "280b": ModelConfig(80, 128, 128, 16384, max_lr=4e-5, batch_tokens=3_000_000, clip_norm=0.25),
-    # CPU presets: the 44m row's shape ratios (key_size 32, d_model = heads * 32,
-    # ffw 4x), scaled down so they train in minutes on a laptop.
-    "tiny": ModelConfig(
-        4, 8, 32, 256, max_lr=1e-3, batch_tokens=16 * 256, vocab_size=4096, seq_len=256
+    "44m": ModelConfig(8, 16, 32, 512, max_lr=6e-4, batch_size=128, precision="mixed"),
+    "117m": ModelConfig(12, 12, 64, 768, max_lr=6e-4, batch_size=128, precision="mixed"),
+    "417m": ModelConfig(12, 12, 128, 1536, max_lr=2e-4, batch_size=128, precision="mixed"),
+    "1.4b": ModelConfig(24, 16, 128, 2048, max_lr=2e-4, batch_size=128, precision="mixed"),
+    "7.1b": ModelConfig(
+        32, 32, 128, 4096, max_lr=1.2e-4, batch_size=1024, precision="bf16_sr", clip_norm=0.25
     ),
-    "test": ModelConfig(2, 4, 16, 64, max_lr=3e-3, batch_tokens=8 * 64, vocab_size=512, seq_len=64),
+    "280b": ModelConfig(
+        80,
+        128,
+        128,
+        16384,
+        max_lr=4e-5,
+        batch_size=1536,
+        batch_schedule=((_half_of_training(1536), 3072),),
+        precision="bf16_sr",
+        clip_norm=0.25,
+    ),
+    # CPU presets: the 44m row's shape ratios (key_size 32, d_model = heads * 32,
+    # ffw 4x), scaled down so they train in minutes on a laptop; fp32 throughout.
+    "tiny": ModelConfig(4, 8, 32, 256, max_lr=1e-3, batch_size=16, vocab_size=4096, seq_len=256),
+    "test": ModelConfig(2, 4, 16, 64, max_lr=3e-3, batch_size=8, vocab_size=512, seq_len=64),
 }
 PRESETS = {name: cfg.replace(name=name) for name, cfg in PRESETS.items()}
 TABLE_PRESETS = ("44m", "117m", "417m", "1.4b", "7.1b", "280b")
@@ -136,7 +216,11 @@ class TrainConfig:
     """The training recipe: optimiser, schedule, batch and cadence."""
 
     steps: int = 1000
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per step (global, over every host), until a switch
+    # (after_step, batch_size) pairs: once `after_step` steps have run, the steps after it
+    # take `batch_size` sequences (Gopher 280b: 1536 -> 3072 midway). Each batch is a
+    # multiple of `batch_size`; the LR schedule, metrics and data count the tokens.
+    batch_schedule: tuple[tuple[int, int], ...] = ()
     warmup_steps: int = 1500
     warmup_init_lr: float = 1e-7
     final_lr_ratio: float = 0.1  # cosine decays 10x (Gopher)
@@ -202,12 +286,8 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.optimizer = {self.optimizer!r} is unknown; use 'adam' or 'adamw'"
             )
-        precisions = ("fp32", "mixed", "bf16", "bf16_sr", "bf16_master")
-        if self.precision not in precisions:
-            raise ConfigError(
-                f"TrainConfig.precision = {self.precision!r} is unknown; use one of "
-                f"{', '.join(precisions)}"
-            )
+        _check_precision(self)
+        _check_batch_schedule(self)
         remats = (
             "none",
             "full",
@@ -237,6 +317,47 @@ class TrainConfig:
                     f"TrainConfig.{name} = {v!r} must be > 0 (or None for the preset's); "
                     f"set --config.train.{name}"
                 )
+
+    def batch_size_at(self, step: int) -> int:
+        """Sequences in the global batch of (1-based) `step`, after the schedule's switches."""
+        batch = self.batch_size
+        for after, size in self.batch_schedule:
+            if step > after:
+                batch = size
+        return batch
+
+    def base_steps_seen(self, steps, maximum=max):
+        """How many steps of `batch_size` sequences hold as many sequences as steps 1 ..
+        `steps` did: `steps` itself without a schedule, more once the batch has grown. The
+        unit in which the LR schedule and the data stream count tokens; pass
+        `maximum=jnp.maximum` for a traced `steps`."""
+        seen, ratio = steps, 1
+        for after, size in self.batch_schedule:
+            new = size // self.batch_size
+            seen = seen + (new - ratio) * maximum(steps - after, 0)
+            ratio = new
+        return seen
+
+    def sequences_seen(self, steps: int) -> int:
+        """Sequences (global) that steps 1 .. `steps` consumed."""
+        return self.batch_size * self.base_steps_seen(steps)
+
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The distinct global batch sizes steps 1 .. `steps` use, in order."""
+        sizes = [self.batch_size] + [b for after, b in self.batch_schedule if after < self.steps]
+        return tuple(dict.fromkeys(sizes))
+
+
+def steps_for_tokens(train: TrainConfig, seq_len: int, tokens: int = TRAIN_TOKENS) -> int:
+    """The fewest steps whose sequences of `seq_len` tokens reach `tokens` (Gopher: 300B)
+    under `train`'s batch schedule: 44m ceil(300e9 / (128 * 2048)) = 1,144,410; 280b
+    47,684 steps of 1536 then 23,842 of 3072 = 71,526 (300,001,787,904 tokens)."""
+    need = -(-tokens // (train.batch_size * seq_len))  # steps of batch_size sequences
+    lo, hi = 0, need
+    while lo < hi:  # base_steps_seen grows with the step: bisect it
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if train.base_steps_seen(mid) >= need else (mid + 1, hi)
+    return lo
 
 
 @dataclasses.dataclass(frozen=True)

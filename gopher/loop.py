@@ -11,7 +11,7 @@ The pieces, in the order a run meets them:
   restore_or_init   the newest good checkpoint, or a fresh state (never a silent restart)
   StepLog           reads a step's metrics: non-finite guard, tokens/s, MFU, the log line
   evaluate          held-out bits per byte per source, summed over every host's rows
-  Saver             checkpoint cadence and the one-line disk-full error
+  Saver             checkpoint cadence and the one-line disk-full error (gopher/saver)
   train_steps       the step loop itself
 With several processes only process 0 writes metrics, TensorBoard, the lock and the
 config; checkpoints go through Orbax's multi-process protocol. A run in an existing
@@ -38,6 +38,7 @@ from gopher import metrics as metrics_lib
 from gopher import workdir as workdir_lib
 from gopher.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from gopher.data.pipeline import Pipeline, build_pipeline
+from gopher.saver import Saver
 from gopher.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stopper, Watchdog
 
 DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
@@ -116,21 +117,26 @@ def build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pipeline:
 
 
 def check_memory(engine, model_cfg: ModelConfig, train_cfg: TrainConfig, say) -> None:
-    """Compiles the step ahead of time and refuses to start one that cannot fit."""
-    b, t = train_cfg.batch_size, model_cfg.seq_len
-    mem = engine.precompile((b, t + 1))
-    if not mem:
-        return
-    need = mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
-    have = engine_lib.available_bytes_per_device()
-    gib = 2.0**30
-    say(f"step memory per device: {need / gib:.2f} GiB (temp {mem['temp'] / gib:.2f} GiB)")
-    if have is not None and need > have:
-        raise ValueError(
-            f"seq_len {t} x batch {b} needs {need / gib:.1f} GiB per device for the train "
-            f"step but {have / gib:.1f} GiB is available; lower --config.model.seq_len or "
-            f"--config.train.batch_size, use --config.train.remat=full, or add devices"
+    """Compiles the step ahead of time for every batch size the run uses (a batch
+    schedule's too) and refuses to start one that cannot fit."""
+    t = model_cfg.seq_len
+    for b in train_cfg.batch_sizes():
+        mem = engine.precompile((b, t + 1))
+        if not mem:
+            continue
+        need = mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
+        have = engine_lib.available_bytes_per_device()
+        gib = 2.0**30
+        say(
+            f"step memory per device at batch {b}: {need / gib:.2f} GiB "
+            f"(temp {mem['temp'] / gib:.2f} GiB)"
         )
+        if have is not None and need > have:
+            raise ValueError(
+                f"seq_len {t} x batch {b} needs {need / gib:.1f} GiB per device for the train "
+                f"step but {have / gib:.1f} GiB is available; lower --config.model.seq_len or "
+                f"the batch, use --config.train.remat=full, or add devices"
+            )
 
 
 def restore_or_init(r: Run) -> tuple[int, Any]:
@@ -175,7 +181,9 @@ class StepLog:
     def __init__(self, r: Run, start: int):
         self.r, self.start = r, start
         t = r.train_cfg
-        self.tokens_per_step = t.batch_size * r.model_cfg.seq_len
+        # Steps that may compile (the first, the first at each new batch size: pmap; the jit
+        # path precompiled them) are read at once and left out of tokens/s.
+        self.first_steps = {start + 1} | {a + 1 for a, _ in t.batch_schedule if a >= start}
         self.flops = metrics_lib.flops_per_token(r.model_cfg)
         self.flops_causal = metrics_lib.flops_per_token(r.model_cfg, causal=True)
         self.peak, source = _peak_flops(t)
@@ -189,16 +197,17 @@ class StepLog:
         )
 
     def hold(self, step: int, metrics) -> None:
-        """Keeps a dispatched step's metrics, to be read one step later (no device stall)."""
+        """Keeps a dispatched step's metrics, to be read one step later (no device stall),
+        with the data's accounting as of that step (the next step's batch is read first)."""
         self.flush()
-        self.pending = (step, metrics)
+        self.pending = (step, metrics, self.r.data.stats())
 
     def flush(self) -> None:
         """Reads the held step's metrics now (before an eval, a checkpoint or the end)."""
         if self.pending is not None:
-            step, metrics = self.pending
+            step, metrics, data_stats = self.pending
             self.pending = None
-            self.read(step, metrics)
+            self.read(step, metrics, data_stats)
 
     def restart_clock(self, step: int) -> None:
         """Time from here on counts toward tokens/s (eval and first-step compile do not)."""
@@ -208,27 +217,33 @@ class StepLog:
         """Leaves `seconds` (the loop blocked on a checkpoint) out of the next tokens/s."""
         self.clock = (self.clock[0], self.clock[1] + seconds)
 
-    def read(self, step: int, metrics) -> None:
+    def read(self, step: int, metrics, data_stats: dict) -> None:
         rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
         self._guard(step, rec)
         if step % self.r.train_cfg.log_every and step != self.r.end:
             return
         now = time.perf_counter()
-        tps = self.tokens_per_step * (step - self.clock[0]) / max(now - self.clock[1], 1e-9)
-        self.clock = (step, now)
-        rec.update(step=step, kind="train", tokens_per_sec=tps)
-        if step - 1 == self.start:  # includes compilation: not a speed measurement
+        seconds = max(now - self.clock[1], 1e-9)
+        tps = (self.tokens_seen(step) - self.tokens_seen(self.clock[0])) / seconds
+        rec.update(step=step, kind="train", tokens_per_sec=tps, tokens=self.tokens_seen(step))
+        rec["batch_size"] = self.r.train_cfg.batch_size_at(step)
+        if step in self.first_steps:  # may include compilation: not a speed measurement
             rec["tokens_per_sec"] = float("nan")
         else:
             rec["mfu"] = metrics_lib.mfu(tps, self.flops, self.peak)
             rec["mfu_causal"] = metrics_lib.mfu(tps, self.flops_causal, self.peak)
-            rec["step_time_s"] = self.tokens_per_step / max(tps, 1e-9)
+            rec["step_time_s"] = seconds / (step - self.clock[0])
+        self.clock = (step, now)
         rec["bpt"] = rec["loss"] / math.log(2)  # bits per token
-        rec.update(self.r.data.stats())
+        rec.update(data_stats)
         self.r.writer.write({k: v for k, v in rec.items() if v is not None})
         self.last = rec
         mfu = (rec.get("mfu") or 0) * 100
         self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1f}%")
+
+    def tokens_seen(self, step: int) -> int:
+        """Tokens (global) that steps 1 .. `step` trained on, with the batch schedule."""
+        return self.r.train_cfg.sequences_seen(step) * self.r.model_cfg.seq_len
 
     def _guard(self, step: int, rec: dict) -> None:
         finite = math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
@@ -283,57 +298,6 @@ def run_eval(r: Run, step: int, state) -> dict:
     return record
 
 
-# ------------------------------------------------------------------- checkpoints
-
-
-class Saver:
-    """Checkpoint cadence; a full disk becomes one line that says the last one is intact."""
-
-    def __init__(self, r: Run):
-        self.r = r
-        self.block_times: list[float] = []
-
-    def meta(self, step: int) -> dict:
-        return {
-            "step": step,
-            "data": self.r.data.state(),
-            "tokenizer_sha256": self.r.data.tokenizer.sha256,
-            "model": dataclasses.asdict(self.r.model_cfg),
-        }
-
-    def due(self, step: int) -> bool:
-        return step % self.r.train_cfg.checkpoint_every == 0 or step == self.r.end
-
-    def save(self, step: int, state, force: bool) -> float:
-        """Saves (waiting for it when `force`); returns the seconds the loop was blocked."""
-        t0 = time.perf_counter()
-        ckpt = self.r.ckpt
-        # Metrics up to this step reach storage before the checkpoint that covers them (a
-        # GCS writer buffers): a kill after the save then loses no logged step.
-        self.r.writer.flush()
-        try:
-            ckpt.save(step, self.r.engine.to_checkpoint(state), self.meta(step), force=force)
-            if force:
-                ckpt.wait()
-        except Exception as e:  # Orbax reports a full disk as OSError or RESOURCE_EXHAUSTED
-            text = str(e)
-            if (
-                not isinstance(e, OSError)
-                and "No space left" not in text
-                and "EXHAUSTED" not in text
-            ):
-                raise
-            reason = "no space left on device" if "space" in text else text[:120]
-            raise ValueError(
-                f"checkpoint step {step} could not be written to {ckpt.directory} ({reason}); "
-                "free disk space and restart: the previous checkpoint is intact"
-            ) from None
-        blocked = time.perf_counter() - t0
-        if not force:
-            self.block_times.append(blocked)
-        return blocked
-
-
 # ---------------------------------------------------------------- the step loop
 
 
@@ -341,6 +305,7 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
     """Steps start+1 .. end; returns the last train and eval records and the state."""
     t, end = r.train_cfg, r.end
     log, saver = StepLog(r, start), Saver(r)
+    rows = {b: r.engine.local_rows(b) for b in t.batch_sizes()}  # this process's, per B
     evals: dict = {}
     profiling = False
     try:
@@ -348,9 +313,11 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
             if t.profile_steps and step == t.profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(r.workdir, "profile"))
                 profiling = True
-            state, metrics = r.engine.train_step(state, r.data.next_batch())
+            b = t.batch_size_at(step)
+            batch = r.data.next_batch(b, rows[b])
+            state, metrics = r.engine.train_step(state, batch, global_batch=b)
             log.hold(step, metrics)
-            if step == start + 1:  # the compile step: read now, time from here on
+            if step in log.first_steps:  # may compile: read now, time from here on
                 log.flush()
                 log.restart_clock(step)
             watchdog.tick(step)

@@ -2,11 +2,14 @@
 
 clip by global norm -> Adam (or AdamW) -> LR: linear warm-up from 1e-7 to the
 max over `warmup_steps`, then a cosine decay to max/10 at the end of training
-(a cosine cycle matched to the run length: Chinchilla App. B).
+(a cosine cycle matched to the run length: Chinchilla App. B). The schedule runs on
+tokens seen, so when the batch doubles (Gopher 280b, 3M -> 6M tokens) the cosine
+advances twice as far per step.
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from gopher.config import ModelConfig, TrainConfig
@@ -21,16 +24,25 @@ def clip_norm(model: ModelConfig, train: TrainConfig) -> float:
 
 
 def learning_rate_schedule(model: ModelConfig, train: TrainConfig) -> optax.Schedule:
-    """Warm-up from `warmup_init_lr` to the max, cosine to `final_lr_ratio` * max."""
+    """step -> LR: warm-up from `warmup_init_lr` to the max over the first `warmup_steps`'
+    tokens, then a cosine to `final_lr_ratio` * max at the run's last token.
+
+    `step` counts the updates before this one (optax's count; the LR of 1-based step s is
+    schedule(s - 1)); it is turned into tokens seen, in units of one `batch_size` step
+    (`TrainConfig.base_steps_seen`), so without a batch schedule this is exactly the
+    step-based warm-up and cosine.
+    """
     peak = max_lr(model, train)
-    warmup = min(train.warmup_steps, train.steps)
-    return optax.warmup_cosine_decay_schedule(
+    warmup = train.base_steps_seen(min(train.warmup_steps, train.steps))
+    total = train.base_steps_seen(train.steps)
+    on_tokens = optax.warmup_cosine_decay_schedule(
         init_value=train.warmup_init_lr,
         peak_value=peak,
         warmup_steps=warmup,
-        decay_steps=max(train.steps, warmup + 1),
+        decay_steps=max(total, warmup + 1),
         end_value=peak * train.final_lr_ratio,
     )
+    return lambda step: on_tokens(train.base_steps_seen(step, maximum=jnp.maximum))
 
 
 def make_update_rule(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:

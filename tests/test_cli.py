@@ -34,7 +34,18 @@ def test_model_table_json_matches_closed_form_quickly():
         formula = 13 * r["d_model"] ** 2 * r["layers"] + 32000 * r["d_model"]
         assert abs(r["params"] - formula) / formula < 1e-3
         assert {"name", "layers", "heads", "key_size", "d_model", "params"} <= set(r)
+    batches = {n: (r["batch_size"], r["batch_schedule"], r["precision"]) for n, r in rows.items()}
+    assert batches == {
+        "44m": (128, [], "mixed"),
+        "117m": (128, [], "mixed"),
+        "417m": (128, [], "mixed"),
+        "1.4b": (128, [], "mixed"),
+        "7.1b": (1024, [], "bf16_sr"),
+        "280b": (1536, [[47_684, 3072]], "bf16_sr"),
+    }
     assert elapsed < 30
+    table = _run("experiments.model_table").stdout
+    assert "| 1,536 -> 3,072 after step 47,684 |" in table and "| bf16_sr |" in table
 
 
 def test_train_cli_writes_metrics_and_beats_unigram(tmp_path):

@@ -6,20 +6,52 @@ from gopher import config
 
 
 def test_table_one_exactly():
-    # (layers, heads, key_size, d_model, max_lr, batch_tokens, clip) from GOPHER.md.
+    # (layers, heads, key_size, d_model, max_lr, batch in 2048-token sequences, clip) from
+    # GOPHER.md: 0.25M / 2M / 3M tokens are 128 / 1024 / 1536 sequences.
     table = {
-        "44m": (8, 16, 32, 512, 6e-4, 250_000, 1.0),
-        "117m": (12, 12, 64, 768, 6e-4, 250_000, 1.0),
-        "417m": (12, 12, 128, 1536, 2e-4, 250_000, 1.0),
-        "1.4b": (24, 16, 128, 2048, 2e-4, 250_000, 1.0),
-        "7.1b": (32, 32, 128, 4096, 1.2e-4, 2_000_000, 0.25),
-        "280b": (80, 128, 128, 16384, 4e-5, 3_000_000, 0.25),
+        "44m": (8, 16, 32, 512, 6e-4, 128, 1.0),
+        "117m": (12, 12, 64, 768, 6e-4, 128, 1.0),
+        "417m": (12, 12, 128, 1536, 2e-4, 128, 1.0),
+        "1.4b": (24, 16, 128, 2048, 2e-4, 128, 1.0),
+        "7.1b": (32, 32, 128, 4096, 1.2e-4, 1024, 0.25),
+        "280b": (80, 128, 128, 16384, 4e-5, 1536, 0.25),
     }
     for name, row in table.items():
         c = config.get_preset(name)
-        got = (c.num_layers, c.num_heads, c.key_size, c.d_model, c.max_lr, c.batch_tokens)
+        got = (c.num_layers, c.num_heads, c.key_size, c.d_model, c.max_lr, c.batch_size)
         assert got + (c.clip_norm,) == row, name
         assert c.vocab_size == 32000 and c.seq_len == 2048 and c.ffw_size == 4 * c.d_model
+        assert c.batch_tokens == c.batch_size * 2048
+        assert c.batch_schedule == (((47_684, 3072),) if name == "280b" else ())
+
+
+def test_precision_defaults_follow_appendix_c():
+    for name in ("44m", "117m", "417m", "1.4b"):
+        assert config.get_preset(name).precision == "mixed", name
+    for name in ("7.1b", "280b"):
+        assert config.get_preset(name).precision == "bf16_sr", name
+    for name in ("tiny", "test"):
+        assert config.get_preset(name).precision == "fp32", name
+
+
+def test_experiment_configs_take_the_rows_recipe_and_the_users_overrides():
+    from experiments.configs import gopher
+
+    big = gopher.get_config("280b")
+    assert (big.train.batch_size, big.train.batch_schedule) == (1536, ((47_684, 3072),))
+    assert big.train.precision == "bf16_sr" and big.train.steps == 71_526  # 300B tokens
+    small = gopher.get_config("44m")
+    assert (small.train.batch_size, small.train.precision) == (128, "mixed")
+    assert small.train.steps == 1_144_410  # ceil(300e9 / (128 * 2048))
+    for name, batch in (("tiny", 16), ("test", 8)):
+        cpu = gopher.get_config(name)
+        assert (cpu.train.batch_size, cpu.train.precision, cpu.train.batch_schedule) == (
+            batch,
+            "fp32",
+            (),
+        )
+    small.train.precision = "fp32"  # what --config.train.precision=fp32 does
+    assert config.train_from_dict(dict(small.train)).precision == "fp32"
 
 
 def test_cpu_presets_keep_the_table_ratios():

@@ -7,11 +7,14 @@ Run (the demo, `make demo`: 8 simulated devices, a (4, 2) mesh, ZeRO-1, remat; a
       --config.parallel.data=4 --config.parallel.model=2 --config.parallel.zero=1 \
       --config.train.remat=full
 
-A table row (on a pod; batch from the table, 2048 tokens per sequence):
+A table row (on a pod) runs Gopher's recipe: the row's batch in 2048-token sequences
+(128; 1024 for 7.1b; 1536 -> 3072 after step 47,684 for 280b), its precision (mixed below
+7.1b, bf16_sr from 7.1b) and 300B tokens (44m: 1,144,410 steps); a shorter run:
   python -m experiments.train --config=experiments/configs/gopher.py:44m \\
       --config.train.steps=1000 --workdir=gs://bucket/44m
 
-Any field can be overridden, e.g. --config.model.seq_len=512 --config.train.precision=mixed.
+Any field can be overridden, e.g. --config.model.seq_len=512 --config.train.precision=fp32
+--config.train.batch_schedule='((10, 16),)'.
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     # overridable from the command line.
     cfg.train.max_lr = model.max_lr
     cfg.train.clip_norm = model.clip_norm
-    cfg.train.batch_size = max(1, model.batch_tokens // model.seq_len)
+    cfg.train.batch_size = model.batch_size
+    cfg.train.batch_schedule = model.batch_schedule
+    cfg.train.precision = model.precision
+    if preset in gopher_config.TABLE_PRESETS:  # 300B tokens, as every Gopher model
+        recipe = gopher_config.TrainConfig(
+            batch_size=model.batch_size, batch_schedule=model.batch_schedule
+        )
+        cfg.train.steps = gopher_config.steps_for_tokens(recipe, model.seq_len)
 
     data = dataclasses.asdict(gopher_config.DataConfig())
     data["paths"] = ""  # comma-separated list of files, directories or globs

@@ -20,6 +20,11 @@ The stream is a pure function of (seed, step, global row):
 - Row b of step t, of source s, reads source s's next unread window: number
   `consumed_s(t) + (rows of source s before b in step t)` of its window sequence.
 
+A larger training batch (a batch schedule: Gopher 280b's 1536 -> 3072) is k = B' / B
+consecutive mixer steps joined (`take(k, rows)`), so the sequences read so far are always
+the first ones of the same stream, whatever the schedule; the mixer's `step` counts its
+own steps of B rows.
+
 `consumed_s(t)`, the windows of each source the steps before t used, is the whole
 state: `{"step": t, "windows": {source: count}}`, global and independent of the host
 count. Host h materialises only rows [h * B_local, (h + 1) * B_local) (the contiguous
@@ -350,12 +355,29 @@ class Mixture:
 
     def next(self) -> np.ndarray:
         """This host's rows of the current step, then advances the state by one step."""
-        batch = self._rows(self._step, self._windows, self._local_rows())
+        return self.take(1, self.row_range)
+
+    def take(self, steps: int, rows: tuple[int, int]) -> np.ndarray:
+        """Rows [lo, hi) of the next `steps` steps' global batches joined into one batch of
+        steps * B rows ([hi - lo, T+1] int32), then advances the state by `steps` steps:
+        one training step of a batch `steps` times this mixer's."""
+        lo, hi = rows
+        b = self.batch_size
+        if not 0 <= lo < hi <= steps * b:
+            raise ValueError(f"rows [{lo}, {hi}) outside the batch of {steps} x {b} rows")
+        parts = []
+        for j in range(steps):
+            first, last = max(lo - j * b, 0), min(hi - j * b, b)  # step j's share of the rows
+            if first < last:
+                parts.append(self._rows(self._step, self._windows, np.arange(first, last)))
+            self._advance()
+        return np.concatenate(parts)
+
+    def _advance(self) -> None:
         self._windows = self._windows + np.bincount(
             self.sources_at(self._step), minlength=len(self.names)
         )
         self._step += 1
-        return batch
 
     __next__ = next
 

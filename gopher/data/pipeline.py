@@ -6,9 +6,14 @@
   embedded  the MassiveText-style embedded corpus (gopher.data.corpus), built on first
             use, read through the weighted, resumable, host-sharded Mixture
 
-Every pipeline gives `next_batch()` ([B_local, T+1] int32), `state()` / `restore()`
-(saved beside each checkpoint), `stats()` (per-source accounting for the logs), held-out
+Every pipeline gives `next_batch(B, rows)` (this host's rows [lo, hi) of the next global
+batch of B sequences, [hi - lo, T+1] int32), `state()` / `restore()` (saved beside each
+checkpoint), `stats()` (per-source accounting for the logs), held-out
 windows per source with their UTF-8 byte counts, and a unigram baseline in bits per byte.
+
+The stream is read in blocks of `train.batch_size` sequences: a batch of k times that
+(a batch schedule's later batch) is the next k blocks, so a run whose batch grows reads
+the very sequences a run at the first batch would, and the data state counts blocks.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from gopher.data.tokenizer import Tokenizer
 @dataclasses.dataclass
 class Pipeline:
     tokenizer: Tokenizer
-    next_batch: Callable[[], np.ndarray]
+    next_batch: Callable[[int, tuple[int, int]], np.ndarray]  # (B, (lo, hi)) -> rows
     state: Callable[[], dict]
     restore: Callable[[dict], None]
     stats: Callable[[], dict]
@@ -119,13 +124,17 @@ def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows) -> Pipeline:
         raise _no_eval_error(b, t)
     unigram = _unigram([train_ds.tokens], {data_cfg.source: windows}, tokenizer.vocab_size)
     eval_sets = {data_cfg.source: _local_windows(windows, rows)}
-    position = {"step": 0}
+    position = {"step": 0}  # blocks of b sequences read
 
-    lo, hi = rows
-
-    def next_batch():  # this host's rows of the global batch
-        position["step"] += 1
-        return train_ds.batch_at(position["step"], b, t)[lo:hi]
+    def next_batch(global_batch, rows):  # this host's rows of the next global_batch // b blocks
+        lo, hi = rows
+        parts = []
+        for j in range(global_batch // b):
+            position["step"] += 1
+            first, last = max(lo - j * b, 0), min(hi - j * b, b)  # block j's share of the rows
+            if first < last:
+                parts.append(train_ds.batch_at(position["step"], b, t)[first:last])
+        return np.concatenate(parts)
 
     return Pipeline(
         tokenizer=tokenizer,
@@ -243,7 +252,6 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pip
         seed=train_cfg.seed,
         vocab_size=model_cfg.vocab_size,
     )
-    mix.set_rows(*rows)
     eval_sets = {}
     for source in mix.heldout_sources:
         windows = list(mix.eval_dataset(source).eval_batches(b, t, train_cfg.eval_batches))
@@ -257,7 +265,7 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pip
     total = manifest.get("total", {})
     return Pipeline(
         tokenizer=mix.tokenizer,
-        next_batch=mix.next,
+        next_batch=lambda global_batch, rows: mix.take(global_batch // b, rows),
         state=mix.state,
         restore=mix.restore,
         stats=mix.stats,
