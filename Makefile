@@ -47,7 +47,17 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+# libtpu (pinned, with its hashes, from requirements-tpu.lock) in its own directory, not
+# in the venv: the CPU suite stays a CPU suite, and the TPU-topology planner tests put
+# it on PYTHONPATH in a subprocess with JAX_PLATFORMS=cpu. `make test` never fetches it.
+LIBTPU_SITE := $(VENV)/libtpu-site
+$(LIBTPU_SITE)/.installed: requirements-tpu.lock | $(STAMP)
+	awk '/^libtpu==/ {p = 1} p {print} p && !/\\$$/ {exit}' requirements-tpu.lock > $(VENV)/libtpu.req
+	rm -rf $(LIBTPU_SITE)
+	$(PY) -m pip install -q --no-deps --require-hashes --target $(LIBTPU_SITE) -r $(VENV)/libtpu.req
+	touch $@
+
+test-all: $(STAMP) $(LIBTPU_SITE)/.installed
 	$(PY) -m pytest -q -m ""
 
 format: $(STAMP)

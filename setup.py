@@ -34,6 +34,9 @@ setup(
             "gcp-storage-emulator>=2024.8",  # a GCS API server on 127.0.0.1 for tests
             "tensorboard>=2.16",  # an independent reader of our event files in tests
         ],
+        # libtpu for TPU VMs and for the planner's deviceless TPU compiles on any host
+        # (python -m experiments.plan --topology=v3:32x32); requirements-tpu.lock pins it.
+        "tpu": ["jax[tpu]"],
         # Reading TFDS datasets (c4, wikipedia, pg19 ...) without TensorFlow.
         "data": ["tensorflow-datasets>=4.9.10"],
     },

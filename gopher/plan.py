@@ -291,10 +291,17 @@ class Space:
     microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
 
 
-def model_axis_sizes(model_cfg: ModelConfig, per_slice: int) -> list[int]:
-    """Model axis sizes that divide both the heads and one slice's devices, ascending."""
+def model_axis_sizes(model_cfg: ModelConfig, per_slice: int, batch: int) -> list[int]:
+    """Model axis sizes dividing one slice's devices, ascending: those that divide the
+    heads, and, when the batch is too small for the rest of the devices to be data
+    parallel with those, the smallest size that leaves a data axis dividing the batch
+    (the heads are then split mid-way; sharding notes it)."""
     h = model_cfg.num_heads
-    return [m for m in range(1, h + 1) if h % m == 0 and per_slice % m == 0]
+    sizes = [m for m in range(1, per_slice + 1) if per_slice % m == 0]
+    fits_batch = [m for m in sizes if batch % (per_slice // m) == 0]
+    heads = [m for m in sizes if h % m == 0 and m <= h]
+    extra = [] if any(m in fits_batch for m in heads) or not fits_batch else fits_batch[:1]
+    return sorted(set(heads + extra))
 
 
 def state_bytes(model_cfg, train_cfg, parallel: ParallelConfig, mesh: Mesh) -> int:
@@ -329,7 +336,7 @@ def search(
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     per_slice = len(devices) // slices
     start, tried, pruned, stopped = time.perf_counter(), [], [], ""
-    for m in space.models or model_axis_sizes(model_cfg, per_slice):
+    for m in space.models or model_axis_sizes(model_cfg, per_slice, train_cfg.batch_size):
         shape = (slices, per_slice // m, m)
         mesh = physical_mesh(devices, shape)
         for zero in space.zeros:

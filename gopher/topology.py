@@ -68,7 +68,8 @@ def libtpu_available() -> bool:
 def prepare_environment(topology: str, slices: int = 1) -> str:
     """Sets up, before jax is imported, what compiling for `topology` needs; returns
     its generation. TPU: JAX_PLATFORMS=cpu (if unset; the host keeps its CPU backend
-    and libtpu compiles deviceless) and TPU_WORKER_HOSTNAMES=localhost (one host).
+    and libtpu compiles deviceless) TPU_WORKER_HOSTNAMES=localhost (one host) and
+    ALLOW_MULTIPLE_LIBTPU_LOAD=1 (no chip is opened, so no lock is needed).
     cpu:N: N x slices fake CPU devices via XLA_FLAGS, unless XLA_FLAGS sets a count."""
     gen, shape = parse_topology(topology)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -81,4 +82,6 @@ def prepare_environment(topology: str, slices: int = 1) -> str:
     if not libtpu_available():
         raise ValueError(f"--topology={topology} needs libtpu, which is not importable; {TPU_FIX}")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Compiling touches no chip: let several planners (and tests) load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return gen

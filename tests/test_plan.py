@@ -1,0 +1,182 @@
+"""The AOT planner: its bytes against real arrays, its JSON, its errors, and a deviceless
+TPU compile (run where libtpu is importable, e.g. after `make test-all`; skipped with
+the reason otherwise). The CLI runs in subprocesses so each sets up jax its own way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments.configs import gopher as gopher_configs
+from gopher import hlo_stats, metrics, plan, sharding, topology
+from gopher import train as train_lib
+from gopher.config import ParallelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBTPU_SITE = os.path.join(ROOT, ".venv", "libtpu-site")  # where `make test-all` puts it
+TINY = ["--config=experiments/configs/gopher.py:tiny", "--model=2", "--microbatches=1"]
+
+
+def _tpu_env() -> dict | None:
+    """An environment in which libtpu imports: this one, or .venv/libtpu-site."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if topology.libtpu_available():
+        return env
+    if os.path.isdir(os.path.join(LIBTPU_SITE, "libtpu")):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBTPU_SITE, env.get("PYTHONPATH")]))
+        return env
+    return None
+
+
+def _cli(args, env=None) -> subprocess.CompletedProcess:
+    env = env or {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.plan", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+needs_libtpu = pytest.mark.skipif(
+    _tpu_env() is None,
+    reason="libtpu is not importable (nor in .venv/libtpu-site): run `make test-all` or "
+    "`pip install -e .[tpu]` for the TPU-topology tests",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    """The planner's report for tiny on the suite's 8 CPU devices, mesh (4, 2), ZeRO-1."""
+    model_cfg, train_cfg, _, _ = common.configs_from_dict(gopher_configs.get_config("tiny"))
+    parallel = ParallelConfig(data=4, model=2, zero=1)
+    devices = plan.topology_devices("cpu:8")
+    mesh = plan.physical_mesh(devices, (1, 4, 2))
+    hw = plan.hardware(devices, "cpu")
+    return model_cfg, train_cfg, parallel, mesh, plan.plan(model_cfg, train_cfg, parallel, mesh, hw)
+
+
+def test_state_bytes_match_real_arrays(tiny_plan):
+    model_cfg, train_cfg, parallel, mesh, report = tiny_plan
+    fns = train_lib.make_train_functions(
+        model_cfg,
+        train_cfg,
+        precision=train_cfg.precision,
+        activation_constraint=sharding.activation_constraint(mesh),
+    )
+    state = sharding.shard_train(fns, mesh, parallel, model_cfg).init(jax.random.key(0))
+    real_params = max(sharding.bytes_per_device(state.params).values())
+    real_opt = max(sharding.bytes_per_device((state.opt_state, state.master)).values())
+    real_state = max(sharding.bytes_per_device(state).values())
+    per = report["per_device_bytes"]
+    assert abs(per["params"] - real_params) <= 0.01 * real_params
+    assert abs(per["opt_state"] - real_opt) <= 0.01 * real_opt
+    # The donated state is what XLA aliases (inputs reused as outputs).
+    assert report["memory_analysis"]["alias"] == real_state == per["state"]
+
+
+def test_totals_from_memory_analysis(tiny_plan):
+    report = tiny_plan[-1]
+    mem, per = report["memory_analysis"], report["per_device_bytes"]
+    assert per["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    assert per["temp"] == mem["temp"] > 0
+    assert report["fits"] is (per["total"] <= report["hbm_bytes"])
+    # Model FLOPs per step: flops_per_token x B x T; the lowered matmuls (with full
+    # remat off here) come to about that, split over the 8 devices.
+    tokens = report["batch"] * report["seq_len"]
+    assert report["model_flops_per_step"] == metrics.flops_per_token(tiny_plan[0]) * tokens
+    assert 0.7 < report["matmul_flops_per_device"] * 8 / report["model_flops_per_step"] < 1.5
+
+
+def test_json_fields(tmp_path):
+    out = tmp_path / "plan.json"
+    run = _cli(["--topology=cpu:8", *TINY, "--json", f"--out={out}"])
+    assert run.returncode == 0, run.stderr[-2000:]
+    obj = json.loads(run.stdout)
+    assert obj == json.loads(out.read_text())
+    for key in ("fits", "hbm_bytes", "compile_seconds", "per_device_bytes", "search"):
+        assert key in obj, key
+    per, mem = obj["per_device_bytes"], obj["memory_analysis"]
+    assert set(per) >= {"params", "opt_state", "temp", "total"}
+    assert per["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    assert obj["mesh"] == {"replica": 1, "data": 4, "model": 2}
+    assert obj["fits"] and obj["compile_seconds"] > 0
+
+
+@pytest.mark.parametrize("bad", ["v9:4x4", "v3", "cpu:x", "v3:4by4"])
+def test_bad_topology_is_one_line(bad):
+    run = _cli([f"--topology={bad}", *TINY])
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and bad in lines[0] and "--topology=v3:32x32" in lines[0], lines
+
+
+def test_missing_libtpu_names_the_fix(monkeypatch):
+    monkeypatch.setattr(topology, "libtpu_available", lambda: False)
+    with pytest.raises(ValueError, match=r"pip install -e \.\[tpu\]"):
+        topology.prepare_environment("v3:2x2")
+
+
+def test_peak_flops_per_device():
+    assert metrics.peak_flops_per_device("TPU v3") == 61.5e12
+    assert metrics.peak_flops_per_device("TPU v2") == 22.5e12
+    assert metrics.peak_flops_per_device("TPU v5") == 459e12  # v5p, megacore
+    assert metrics.peak_flops_per_device("TPU v4", num_cores=2) == 275e12
+    assert metrics.peak_flops_per_device("TPU v4", num_cores=1) == 137.5e12  # no megacore
+    assert metrics.peak_flops_per_device("TPU v3", num_cores=1) == 61.5e12
+    assert metrics.peak_flops_per_device("TPU v6 lite", num_cores=1) == 918e12
+
+
+def test_collective_bytes_from_hlo_text():
+    hlo = """HloModule m
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ar = f32[8]{0} all-reduce(%x), replica_groups=[2,2]<=[4], to_apply=%add
+  ROOT %t = (s32[], f32[8]) tuple(%i, %ar)
+}
+
+ENTRY %main (a: f32[8]) -> f32[16] {
+  %w = (s32[], f32[8]) while(%t0), condition=%cond, body=%body
+  ROOT %ag = f32[16]{0} all-gather(%a), replica_groups={{0,2},{1,3}}, dimensions={0}
+}
+"""
+    # In-loop all-reduce: 5 trips x 2 (n-1)/n x 32 bytes over groups {0,1},{2,3};
+    # the all-gather: (n-1)/n x 64 bytes over groups {0,2},{1,3}.
+    one_slice = hlo_stats.collective_bytes(hlo, [0, 0, 0, 0])
+    assert one_slice["all-reduce"] == 5 * 32 and one_slice["all-gather"] == 32
+    assert one_slice["ici"] == 5 * 32 + 32 and one_slice["dcn"] == 0
+    two_slices = hlo_stats.collective_bytes(hlo, [0, 0, 1, 1])  # {0,2} spans the slices
+    assert two_slices["dcn"] == 32 and two_slices["ici"] == 5 * 32
+    groups = hlo_stats.replica_groups("replica_groups=[2,2]<=[2,2]T(1,0)", 4)
+    np.testing.assert_array_equal(groups, [[0, 2], [1, 3]])
+
+
+@needs_libtpu
+def test_tpu_topology_compile(tmp_path):
+    """tiny on v3:2x2 (4 chips, 8 core-devices) compiles deviceless; a v3 core's peak is
+    half a chip's, read from libtpu's own devices."""
+    run = _cli(["--topology=v3:2x2", *TINY, "--json"], env=_tpu_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+    obj = json.loads(run.stdout)
+    assert obj["device_kind"] == "TPU v3" and obj["devices"] == 8
+    assert obj["peak_flops_per_device"] == 61.5e12
+    assert obj["hardware"]["devices_per_chip"] == 2
+    assert obj["hbm_bytes"] == 16 * 2**30 and obj["fits"]
+    per, mem = obj["per_device_bytes"], obj["memory_analysis"]
+    assert per["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    assert obj["roofline_step_seconds"] > 0 and obj["collective_bytes_per_device"]["ici"] > 0
