@@ -271,3 +271,59 @@ def test_run_counts_tokens_and_resumes_bit_identically_across_the_switch(
         jax.tree.leaves(resumed["state"]), jax.tree.leaves(whole["state"]), strict=True
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _cli(workdir, shared, *overrides):
+    """experiments.train with the flags that make `_train_cfg()` from the test preset."""
+    return [
+        "experiments.train",
+        "--config=experiments/configs/gopher.py:test",
+        f"--workdir={workdir}",
+        "--config.data.source=stdlib",
+        f"--config.data.tokenizer_path={shared}/tokenizer.model",
+        f"--config.data.cache_dir={shared}/cache",
+        f"--config.train.steps={STEPS}",
+        f"--config.train.batch_schedule={SCHEDULE}",
+        f"--config.train.warmup_steps={WARMUP}",
+        "--config.train.log_every=1",
+        "--config.train.eval_every=1000",
+        "--config.train.eval_batches=1",
+        "--config.train.checkpoint_every=1000",
+        "--config.train.tensorboard=false",
+        "--config.train.peak_flops=1e12",
+        *overrides,
+    ]
+
+
+@pytest.mark.slow
+def test_two_processes_switch_then_resume_on_one(tmp_path, shared):
+    """2 processes x 4 devices feed 4 of 8 rows, then 8 of 16 after the switch; stopped at
+    step 13, the job resumes on one process to the losses of one uninterrupted process."""
+    _run(tmp_path / "whole", shared)
+    expected = [r["loss"] for r in _records(tmp_path / "whole")]
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    workdir = tmp_path / "job"
+    job = subprocess.run(
+        [sys.executable, "-m", "launch.local", "--processes=2", "--devices-per-process=4"]
+        + [f"--logdir={tmp_path}/logs", "--", "python", "-m"]
+        + _cli(workdir, shared, "--config.train.stop_at_step=13"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert job.returncode == 0, job.stdout[-4000:]
+    one = subprocess.run(
+        [sys.executable, "-m", *_cli(workdir, shared)],
+        cwd=ROOT,
+        env=env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    records = _records(workdir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["tokens"] for r in records] == [_tokens_oracle(n) for n in range(1, STEPS + 1)]
+    np.testing.assert_allclose([r["loss"] for r in records], expected, rtol=1e-5)
