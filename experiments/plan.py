@@ -53,7 +53,9 @@ _S_ZERO = flags.DEFINE_list("search_zero", ["0", "1", "3"], "ZeRO settings to se
 _S_REMAT = flags.DEFINE_list(
     "search_remat", ["none", "dots_with_no_batch_dims_saveable", "full"], "Remat to search."
 )
-_S_MICRO = flags.DEFINE_list("search_microbatches", ["1", "2", "4", "8", "16"], "K to try.")
+_S_MICRO = flags.DEFINE_list(
+    "search_microbatches", [], "K to try (empty: every K whose microbatches span the batch axes)."
+)
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 40, "Compiles per preset at most.")
 _BUDGET = flags.DEFINE_float("time_budget", 480.0, "Seconds of compiling per preset at most.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
@@ -89,7 +91,9 @@ def _space(plan_lib, model_cfg, per_slice: int):
     else:
         zeros, remats = (int(_ZERO.value),), (_REMAT.value,)
     micro = [_MICRO.value] if _MICRO.value else [int(k) for k in _S_MICRO.value]
-    return plan_lib.Space(tuple(models) if models else None, zeros, remats, tuple(micro))
+    return plan_lib.Space(
+        tuple(models) if models else None, zeros, remats, tuple(micro) if micro else None
+    )
 
 
 def _replica() -> int:

@@ -283,12 +283,13 @@ def roofline(compiled: Any, mesh: Mesh, hw: Hardware, report: dict) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Space:
     """What a search tries: model axis sizes (None: every divisor of the heads that
-    divides a slice), ZeRO settings, remat policies and microbatch counts."""
+    divides a slice), ZeRO settings, remat policies and microbatch counts (None: every
+    count whose microbatches split evenly over replica * data, ascending)."""
 
     models: tuple[int, ...] | None = None
     zeros: tuple[int, ...] = (1,)
     remats: tuple[str, ...] = ("full",)
-    microbatches: tuple[int, ...] = (1, 2, 4, 8, 16)
+    microbatches: tuple[int, ...] | None = None
 
 
 def model_axis_sizes(model_cfg: ModelConfig, per_slice: int, batch: int) -> list[int]:
@@ -346,7 +347,7 @@ def search(
                 pruned.append(f"mesh {shape} zero {zero}: state {need / GiB:.2f} GiB > HBM")
                 continue
             for remat in space.remats:
-                for k in space.microbatches:
+                for k in space.microbatches or _counts(train_cfg.batch_size, mesh):
                     cfg = dataclasses.replace(train_cfg, remat=remat, microbatches=k)
                     try:
                         check_batch(cfg.batch_size, k, mesh)
@@ -367,6 +368,13 @@ def search(
                 if max_fits and fits >= max_fits:
                     return _ranked(tried, pruned, start, f"after {fits} fitting plan(s)")
     return _ranked(tried, pruned, start, stopped or "space exhausted")
+
+
+def _counts(batch: int, mesh: Mesh) -> list[int]:
+    """Microbatch counts K for which each of the K microbatches spans replica * data."""
+    sizes = sharding.axis_sizes(mesh)
+    rows = batch // (sizes["replica"] * sizes["data"])
+    return [k for k in range(1, rows + 1) if rows % k == 0] or [1]
 
 
 def _ranked(tried: list[dict], pruned: list[str], start: float, stopped: str) -> dict:
