@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gopher import sharding
-from gopher import train as train_lib
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 
 
@@ -93,16 +92,9 @@ def build(
 
 def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
     mesh = sharding.make_mesh(parallel)
-    fns = train_lib.make_train_functions(
-        model_cfg,
-        train_cfg,
-        precision=train_cfg.precision,
-        remat=train_cfg.remat,
-        activation_constraint=sharding.activation_constraint(mesh),
-        fault_steps=train_cfg.inject_nan_steps,
-        batch_layout=sharding.batch_layout(mesh, parallel.zero),
+    fns, sharded = sharding.build_train(
+        model_cfg, train_cfg, parallel, mesh, fault_steps=train_cfg.inject_nan_steps
     )
-    sharded = sharding.shard_train(fns, mesh, parallel, model_cfg)
     sizes = sharding.axis_sizes(mesh)
 
     compiled = {}

@@ -162,14 +162,7 @@ def plan(
     """Compiles one train step on `mesh` and reports its memory, FLOPs and step time
     (see the module docstring); `train_cfg` holds batch, precision, remat, microbatches."""
     check_batch(train_cfg.batch_size, train_cfg.microbatches, mesh)
-    fns = train_lib.make_train_functions(
-        model_cfg,
-        train_cfg,
-        precision=train_cfg.precision,
-        remat=train_cfg.remat,
-        activation_constraint=sharding.activation_constraint(mesh),
-    )
-    sharded = sharding.shard_train(fns, mesh, parallel, model_cfg)
+    fns, sharded = sharding.build_train(model_cfg, train_cfg, parallel, mesh)
     state = sharding.abstract_state_with_shardings(fns, sharded)
     tokens = jax.ShapeDtypeStruct(
         (train_cfg.batch_size, model_cfg.seq_len + 1), np.int32, sharding=sharded.batch_sharding

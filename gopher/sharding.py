@@ -32,7 +32,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gopher.config import ModelConfig, ParallelConfig
+from gopher import train as train_lib
+from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 from gopher.train import BatchLayout, TrainFunctions, TrainState
 
 MESH_AXES = ("replica", "data", "model")
@@ -299,22 +300,39 @@ def activation_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
-def batch_layout(mesh: Mesh, zero: int = 0) -> BatchLayout:
+def batch_layout(mesh: Mesh, zero: int = 0, rules: Rules = GOPHER_RULES) -> BatchLayout:
     """The batch split over replica * data, for gradient accumulation.
 
     ZeRO 0 and 1 keep each shard's gradient apart until the microbatch loop ends (one
     shard's activations [b, T, D] are left whole; vmap adds the shard dim over the
     batch axes). ZeRO-3 reduces each microbatch's gradient into the parameter shards.
+    The accumulated gradient is pinned to the parameters' Megatron (and ZeRO-3) specs,
+    with the shard dim over the batch axes in front when kept per shard.
     """
     sizes = axis_sizes(mesh)
     per_shard = zero != 3
     spec = P(None, None, None) if per_shard else P(BATCH_AXES, None, None)
     sharding = NamedSharding(mesh, spec)
+
+    def grad_constraint(tree):
+        def one(key_path, leaf):
+            path = param_path(key_path)
+            shape = leaf.shape[1:] if per_shard else leaf.shape
+            spec = megatron_spec(path, shape, sizes, rules, [])
+            if zero == 3:
+                spec = add_data_axis(path, shape, spec, sizes, [])
+            if per_shard:
+                spec = P(BATCH_AXES, *spec)
+            return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
     return BatchLayout(
         shards=sizes["replica"] * sizes["data"],
         axis_name=BATCH_AXES,
         constraint=lambda x: jax.lax.with_sharding_constraint(x, sharding),
         per_shard=per_shard,
+        grad_constraint=grad_constraint,
     )
 
 
@@ -427,6 +445,27 @@ def shard_train(
         mesh=mesh,
         notes=tuple(notes),
     )
+
+
+def build_train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    parallel: ParallelConfig,
+    mesh: Mesh,
+    fault_steps: tuple[int, ...] = (),
+) -> tuple[TrainFunctions, ShardedTrain]:
+    """The train functions for `train_cfg` (precision, remat, microbatches) jitted over
+    `mesh`, with activations and gradient accumulation laid out for it."""
+    fns = train_lib.make_train_functions(
+        model_cfg,
+        train_cfg,
+        precision=train_cfg.precision,
+        remat=train_cfg.remat,
+        activation_constraint=activation_constraint(mesh),
+        fault_steps=fault_steps,
+        batch_layout=batch_layout(mesh, parallel.zero),
+    )
+    return fns, shard_train(fns, mesh, parallel, model_cfg)
 
 
 def abstract_state_with_shardings(fns: TrainFunctions, sharded: ShardedTrain) -> TrainState:

@@ -50,6 +50,9 @@ class BatchLayout(NamedTuple):
     axis_name: Any = None
     constraint: Callable[[jax.Array], jax.Array] | None = None
     per_shard: bool = True  # keep each shard's gradient apart until the loop ends
+    # Pins the gradient accumulator's layout (a params-shaped tree, with the shard dim
+    # in front when per_shard); without it XLA may keep a whole copy on every device.
+    grad_constraint: Callable[[Any], Any] | None = None
 
 
 class TrainFunctions(NamedTuple):
@@ -188,13 +191,15 @@ def _accumulated_value_and_grad(forward: Any, microbatches: int, layout: BatchLa
         if not layout.per_shard:
             parts = parts.reshape(k, b // k, -1)
 
+        pin = layout.grad_constraint or (lambda tree: tree)
+
         def body(carry, part):
             loss, grads = grad_fn(params, part)
             total_loss, total_grads = carry
             total_grads = jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total_grads, grads)
-            return (total_loss + loss, total_grads), None
+            return (total_loss + loss, pin(total_grads)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros((*lead, *p.shape), jnp.float32), params)
+        zeros = pin(jax.tree.map(lambda p: jnp.zeros((*lead, *p.shape), jnp.float32), params))
         init = (jnp.zeros(lead, jnp.float32), zeros)
         (loss, grads), _ = jax.lax.scan(body, init, parts)
         if layout.per_shard:
