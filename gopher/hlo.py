@@ -1,14 +1,31 @@
-"""Reading a compiled program's HLO text: loops, collectives and matmul FLOPs.
+"""Reading a compiled program's HLO text: loops, collectives, link bytes and matmul FLOPs.
 
 `compiled.cost_analysis()` counts each computation once, so a loop body (the layer
-stack's scan, the microbatch scan) counts once however many times it runs. These
-helpers walk the call graph of `compiled.as_text()` from the entry computation,
-multiply by each while loop's `known_trip_count`, and report:
+stack's scan, the microbatch scan) counts once however many times it runs. `Module`
+walks the call graph of `compiled.as_text()` from the entry computation, multiplies by
+each while loop's trip count (XLA's `known_trip_count`, else the largest integer
+constant its condition compares against: the scan length), and reports:
 - every collective (all-reduce, all-gather, reduce-scatter, all-to-all,
-  collective-permute, and their async -start forms) with its result bytes per
-  device, its replica groups and the loops around it;
-- the FLOPs of every `dot` (2 x output elements x contracted size), trip counts
-  included: matmuls are nearly all of a transformer's FLOPs.
+  collective-permute, their async -start forms, and TPU's "all-reduce-scatter" fusion,
+  an all-reduce whose result is sliced at once, i.e. a reduce-scatter on the links)
+  with its result bytes per device, its replica groups as device ids, the loops around
+  it and the bytes a ring algorithm makes one device send per run:
+
+    all-reduce        2 (n-1)/n * S   (S: the result's bytes; n: the group size)
+    all-gather          (n-1)/n * S   (S: the gathered result)
+    reduce-scatter      (n-1)   * S   (S: the scattered result, 1/n of the input)
+    all-to-all          (n-1)/n * S
+    collective-permute          S
+
+- `link_bytes(slice_of)`: those bytes per step, trips included, split by link: a
+  collective whose groups (or source-target pairs) join devices of different slices
+  goes over the data-centre network ("dcn"), every other one over the chips'
+  interconnect ("ici"). Device ids are logical: positions in the mesh's flattened
+  device array; `slice_of[i]` is the slice of logical id i;
+- the FLOPs of every `dot` (2 x output elements x contracted size) and `convolution`
+  (2 x output elements x kernel elements per output feature), trips included, per
+  device: matmuls are nearly all of a transformer's FLOPs, and the compiled program's
+  own count includes any work XLA repeats on several devices.
 
 The text format is XLA's HloModule::ToString; only the parts used here are parsed.
 """
@@ -18,6 +35,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
+
+import numpy as np
 
 DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
@@ -26,6 +46,7 @@ DTYPE_BYTES = {
     "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+FUSED_REDUCE_SCATTER = "all-reduce-scatter"  # TPU's fusion computations of that name
 
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) (\(.*\)) -> .* \{$")
 _INSTR = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
@@ -49,8 +70,14 @@ class Collective:
     computation: str
     loops: tuple[str, ...]  # the while loops around it, outermost first
     runs: int  # times it runs per step: the product of those loops' trip counts
-    groups: str  # replica_groups as printed
-    group_size: int  # devices in each group (0 if the format was not understood)
+    groups: tuple[tuple[int, ...], ...]  # device ids per group (a permute: its pairs)
+    group_size: int  # devices in each group
+    sent: float  # bytes one device sends per run (ring algorithm, module docstring)
+
+    def link(self, slice_of: Sequence[int]) -> str:
+        """ "dcn" if some group joins devices of different slices, else "ici"."""
+        crosses = any(len({slice_of[i] for i in g}) > 1 for g in self.groups)
+        return "dcn" if crosses else "ici"
 
 
 def shape_bytes(shape: str) -> int:
@@ -68,8 +95,47 @@ def array_dims(shape: str) -> list[list[int]]:
 
 
 def _dims(shape: str) -> list[int]:
-    m = _ARRAY.search(shape)
-    return [int(d) for d in m.group(2).split(",") if d] if m else []
+    dims = array_dims(shape)
+    return dims[0] if dims else []
+
+
+def _iota(dims: str, perm: str | None) -> np.ndarray:
+    """XLA's iota device list `[dims]` or `[dims]T(perm)`, transposed, as an array."""
+    ids = np.arange(math.prod(int(d) for d in dims.split(","))).reshape(
+        [int(d) for d in dims.split(",")]
+    )
+    return ids.transpose([int(p) for p in perm.split(",")]) if perm else ids
+
+
+def replica_groups(attrs: str, devices: int) -> np.ndarray:
+    """[groups, group size] device ids from an instruction's replica_groups: explicit
+    `{{0,1},{2,3}}`, iota `[2,2]<=[4]` / `[2,2]<=[2,2]T(1,0)`, or
+    `mesh['a'=2,'b'=2] {'a'}` (with `device_ids=([2,2]T(1,0))` when the mesh's devices
+    are not in id order); empty (`{}`) or absent: one group of all `devices`."""
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        return _iota(m.group(2), m.group(3)).reshape(int(m.group(1).split(",")[0]), -1)
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]([^{]*)\{([^}]*)\}", attrs)
+    if m:
+        axes = [(a, int(n)) for a, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))]
+        names = [a for a, _ in axes]
+        order = re.search(r"device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\)", m.group(2))
+        ids = (
+            _iota(order.group(1), order.group(2))
+            if order
+            else np.arange(math.prod(n for _, n in axes))
+        )
+        ids = ids.reshape([n for _, n in axes])
+        grouped = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(3))]
+        others = [i for i in range(len(names)) if i not in grouped]
+        size = math.prod(ids.shape[i] for i in grouped)
+        return ids.transpose(others + grouped).reshape(-1, size)
+    m = re.search(r"replica_groups=\{(\{[\d,{} ]*\})\}", attrs)
+    if m:
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m[1])]
+        if groups and all(len(g) == len(groups[0]) for g in groups):
+            return np.asarray(groups)
+    return np.arange(devices).reshape(1, -1)
 
 
 class Module:
@@ -79,6 +145,9 @@ class Module:
         self.computations: dict[str, list[Instruction]] = {}
         self.params: dict[str, dict[str, str]] = {}  # computation -> {param: shape}
         self.entry = ""
+        first = text.split("\n", 1)[0]
+        counts = [re.search(rf"\b{k}=(\d+)", first) for k in ("num_partitions", "replica_count")]
+        self.devices = math.prod(int(c.group(1)) for c in counts if c)
         current = None
         for line in text.splitlines():
             header = _HEADER.match(line)
@@ -113,11 +182,28 @@ class Module:
             for ins in self.computations.get(comp, []):
                 for attr, callee in _callees(ins):
                     if attr == "body":
-                        trip = _TRIP.search(ins.rest)
-                        n = int(trip.group(1)) if trip else 1
-                        stack.append((callee, runs * n, (*loops, ins.name)))
+                        stack.append((callee, runs * self.trip_count(ins), (*loops, ins.name)))
                     elif callee in self.computations:
                         stack.append((callee, runs, loops))
+
+    def trip_count(self, loop: Instruction) -> int:
+        """A while loop's trips: XLA's known_trip_count, else the largest integer
+        constant in its condition (what the counter is compared against), else 1."""
+        trip = _TRIP.search(loop.rest)
+        if trip:
+            return int(trip.group(1))
+        cond = re.search(r"\bcondition=%?([\w.\-]+)", loop.rest)
+        comps = [cond.group(1)] if cond else []
+        comps += [
+            c for name in comps for i in self.computations.get(name, []) for _, c in _callees(i)
+        ]
+        consts = [
+            int(ins.rest.split(")", 1)[0])
+            for name in comps
+            for ins in self.computations.get(name, [])
+            if ins.op == "constant" and re.match(r"[su](32|64)\[\]", ins.shape)
+        ]
+        return max(consts, default=1)
 
     def instructions(self):
         """(computation, instruction) for every instruction reachable from the entry."""
@@ -126,51 +212,68 @@ class Module:
                 yield comp, ins
 
     def while_trip_counts(self) -> dict[str, int]:
-        """{while instruction: known trip count (1 when XLA does not know it)}."""
-        out = {}
-        for _, ins in self.instructions():
-            if ins.op == "while":
-                trip = _TRIP.search(ins.rest)
-                out[ins.name] = int(trip.group(1)) if trip else 1
-        return out
+        """{while instruction: its trip count (see trip_count)}."""
+        return {i.name: self.trip_count(i) for _, i in self.instructions() if i.op == "while"}
 
     def collectives(self) -> list[Collective]:
+        """Every collective reachable from the entry, with the loops around it."""
         out = []
         for comp, ins in self.instructions():
-            base = ins.op.removesuffix("-start")
-            if base in COLLECTIVES and not ins.op.endswith("-done"):
-                groups = re.search(
-                    r"replica_groups=(mesh\[[^\]]*\][^{]*\{[^}]*\}"
-                    r"|\{\{[^=]*?\}\}|\{\}|\[[0-9,]+\]<=\[[^\]]*\][^,]*)",
-                    ins.rest,
+            if comp.startswith(FUSED_REDUCE_SCATTER):
+                continue  # counted at the fusion that calls it
+            op, attrs, shape = ins.op.removesuffix("-start"), ins.rest, ins.shape
+            fused = re.search(rf"\bcalls=%?({FUSED_REDUCE_SCATTER}[\w.\-]*)", attrs)
+            if ins.op == "fusion" and fused:
+                inner = [i for i in self.computations[fused.group(1)] if i.op == "all-reduce"]
+                op, attrs = "reduce-scatter", inner[0].rest if inner else ""
+            if op not in COLLECTIVES or ins.op.endswith("-done"):
+                continue
+            if ins.op.endswith("-start") and op != "all-reduce" and shape.startswith("("):
+                shape = _async_result(op, shape)
+            if op == "collective-permute":
+                pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
+                groups = re.findall(r"(\d+),(\d+)", pairs.group(1)) if pairs else []
+                groups, n = [tuple(map(int, p)) for p in groups], 2
+            else:
+                groups = [tuple(int(i) for i in g) for g in replica_groups(attrs, self.devices)]
+                n = len(groups[0])
+            s = shape_bytes(shape)
+            factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1.0}
+            sent = s if op == "collective-permute" else factor.get(op, (n - 1) / n) * s
+            out.append(
+                Collective(
+                    op, s, shape, comp, self.loops[comp], self.runs[comp], tuple(groups), n, sent
                 )
-                shape = ins.shape
-                if ins.op.endswith("-start") and shape.startswith("("):
-                    shape = _last_element(shape)  # (operands, result[, scratch]) of async forms
-                out.append(
-                    Collective(
-                        base, shape_bytes(shape), shape, comp, self.loops[comp],
-                        self.runs[comp], groups.group(1) if groups else "",
-                        group_size(groups.group(1) if groups else ""),
-                    )
-                )  # fmt: skip
+            )
+        return out
+
+    def link_bytes(self, slice_of: Sequence[int]) -> dict[str, float]:
+        """{"ici": bytes, "dcn": bytes, "<op>": bytes, ...} one device sends per step
+        over each link (and per collective kind), loop bodies counted per trip."""
+        out = {"ici": 0.0, "dcn": 0.0}
+        for c in self.collectives():
+            for key in (c.link(slice_of), c.op):
+                out[key] = out.get(key, 0.0) + c.sent * c.runs
         return out
 
     def dot_flops(self) -> float:
-        """2 x output elements x contracted size over every dot, loops' trips included."""
+        """Per-device FLOPs of every dot (2 x output elements x contracted size) and
+        convolution (2 x output elements x kernel elements per output feature), loops'
+        trips included."""
         total = 0.0
         for comp, ins in self.instructions():
-            if ins.op != "dot":
+            if ins.op not in ("dot", "convolution"):
                 continue
-            lhs = re.match(r"\s*(?:([a-z0-9]+\[[0-9,]*\]\S*) )?%([\w.\-]+)", ins.rest)
-            lhs_shape = lhs.group(1) or self._shape_of(comp, lhs.group(2))
-            contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.rest)
-            dims = _dims(lhs_shape)
-            k = (
-                math.prod(dims[int(i)] for i in contracting.group(1).split(",") if i)
-                if contracting
-                else 1
-            )
+            operands = re.findall(r"(?:([a-z0-9]+\[[0-9,]*\]\S*) )?%([\w.\-]+)", ins.rest)[:2]
+            lhs, rhs = (s or self._shape_of(comp, name) for s, name in operands)
+            if ins.op == "dot":
+                contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.rest)
+                dims, axes = _dims(lhs), contracting.group(1) if contracting else ""
+                k = math.prod(dims[int(i)] for i in axes.split(",") if i)
+            else:  # dim_labels=lhs_rhs->out, e.g. b01f_01io->b01f: 'o' the output features
+                labels = re.search(r"dim_labels=\w+_(\w+)->", ins.rest).group(1)
+                dims = _dims(rhs)
+                k = math.prod(dims) // dims[labels.index("o")]
             total += 2.0 * math.prod(_dims(ins.shape)) * k * self.runs[comp]
         return total
 
@@ -179,19 +282,6 @@ class Module:
             if ins.name == name:
                 return ins.shape
         return self.params[comp].get(name, "")
-
-
-def group_size(groups: str) -> int:
-    """Devices per replica group, from any of XLA's three printed forms:
-    mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, {{0,1},{2,3}}, or [4,2]<=[8]."""
-    if groups.startswith("mesh["):
-        sizes = dict(re.findall(r"'([^']+)'=(\d+)", groups))
-        names = re.findall(r"'([^']+)'", groups.rsplit("{", 1)[1]) if "{" in groups else []
-        return math.prod(int(sizes[n]) for n in names if n in sizes)
-    if groups.startswith("{{"):
-        return len(groups[2:].split("}", 1)[0].split(","))
-    m = re.match(r"\[([0-9,]+)\]<=", groups)
-    return int(m.group(1).split(",")[-1]) if m else 0
 
 
 def _callees(ins: Instruction) -> list[tuple[str, str]]:
@@ -207,8 +297,11 @@ def _callees(ins: Instruction) -> list[tuple[str, str]]:
     return out
 
 
-def _last_element(tuple_shape: str) -> str:
-    """The result of an async collective's (operand, result) tuple type."""
+def _async_result(op: str, tuple_shape: str) -> str:
+    """The result in an async start's tuple type: (operands, results) for gathers and
+    all-to-all, (input, output, context scalars) for collective-permute."""
     arrays = re.findall(r"[a-z]+[0-9a-z]*\[[0-9,]*\](?:\{[^}]*\})?", tuple_shape)
+    if op == "collective-permute":
+        return arrays[1] if len(arrays) > 1 else arrays[0]
     half = len(arrays) // 2 or 1
     return "(" + ", ".join(arrays[half:]) + ")" if len(arrays) > 1 else arrays[0]

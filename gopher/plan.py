@@ -13,10 +13,11 @@ batch split over the batch axes, compiles it, and reports per device:
   temp, total        from the executable's memory_analysis(): total = arguments +
                      outputs - aliases + temporaries (what the donated step holds);
 and the model FLOPs per step (metrics.flops_per_token x B x T), the step time at a given
-MFU, and a roofline step time: max(FLOPs / peak, bytes accessed / HBM bandwidth) from
-cost_analysis() (FLOPs: the lowered module's matmuls, see `roofline`) plus the HLO's
-collective bytes over the links (ICI within a slice,
-DCN between slices), communication assumed not overlapped with compute.
+MFU, and a roofline step time: max(matmul FLOPs / peak, bytes accessed / HBM bandwidth)
+plus collective bytes over the links (ICI within a slice, DCN between slices),
+communication assumed not overlapped with compute. FLOPs and collective bytes are read
+from the compiled HLO with loop trips counted (gopher/hlo.py), the bytes accessed from
+cost_analysis() (see `roofline`).
 A program that does not fit fails to compile on TPU with RESOURCE_EXHAUSTED; its
 temporaries are then read from the error.
 """
@@ -34,7 +35,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from gopher import hlo_stats, metrics, sharding
+from gopher import hlo, metrics, sharding
 from gopher import train as train_lib
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 from gopher.topology import CHIPS, TPU_FIX, GiB, libtpu_available, parse_topology
@@ -175,7 +176,6 @@ def plan(
     }
     start = time.perf_counter()
     lowered = sharded.train_step.lower(state, tokens)
-    report["matmul_flops_per_device"] = hlo_stats.dot_flops(lowered.as_text()) / mesh.devices.size
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -194,7 +194,9 @@ def plan(
     report["memory_analysis"] = xla
     report["per_device_bytes"].update(temp=xla["temp"], total=total)
     report["fits"] = total <= hw.hbm_bytes
-    report.update(roofline(compiled, mesh, hw, report))
+    module = hlo.Module(compiled.as_text())
+    report["matmul_flops_per_device"] = module.dot_flops()
+    report.update(roofline(compiled, module, mesh, hw, report))
     report["notes"] = list(sharded.notes)
     return report
 
@@ -239,17 +241,18 @@ def _out_of_memory(report: dict, message: str) -> dict:
     return report
 
 
-def roofline(compiled: Any, mesh: Mesh, hw: Hardware, report: dict) -> dict:
+def roofline(compiled: Any, module: hlo.Module, mesh: Mesh, hw: Hardware, report: dict) -> dict:
     """Step time: max(matmul FLOPs / peak, bytes accessed / HBM bandwidth) + collective
-    bytes / link bandwidth, per device. The FLOPs are the lowered module's matmuls
-    (hlo_stats.dot_flops, loops counted per trip) split evenly over the devices;
-    cost_analysis()'s own FLOPs and bytes leave out while-loop bodies (the layers), so
-    its bytes make the HBM term a lower bound."""
+    bytes / link bandwidth, per device. FLOPs and collective bytes are read from the
+    compiled program's HLO (`module`), loop bodies counted per trip, the FLOPs being
+    what one device runs (work XLA repeats on several devices included);
+    cost_analysis() counts each loop body once (the layers, the microbatches), so its
+    bytes make the HBM term a lower bound."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     accessed = float(cost.get("bytes accessed", 0.0))
     slice_of = [getattr(d, "slice_index", 0) for d in mesh.devices.flat]
-    comm = hlo_stats.collective_bytes(compiled.as_text(), slice_of)
+    comm = module.link_bytes(slice_of)
     out = {
         "cost_analysis_flops_per_device": float(cost.get("flops", 0.0)),
         "cost_analysis_bytes_accessed_per_device": accessed,

@@ -15,7 +15,7 @@ import pytest
 
 from experiments import common
 from experiments.configs import gopher as gopher_configs
-from gopher import hlo_stats, metrics, plan, sharding, topology
+from gopher import hlo, metrics, plan, sharding, topology
 from gopher import train as train_lib
 from gopher.config import ParallelConfig
 
@@ -90,8 +90,8 @@ def test_totals_from_memory_analysis(tiny_plan):
     assert per["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
     assert per["temp"] == mem["temp"] > 0
     assert report["fits"] is (per["total"] <= report["hbm_bytes"])
-    # Model FLOPs per step: flops_per_token x B x T; the lowered matmuls (with full
-    # remat off here) come to about that, split over the 8 devices.
+    # Model FLOPs per step: flops_per_token x B x T; the compiled program's matmuls per
+    # device (with full remat off here) come to about that over the 8 devices.
     tokens = report["batch"] * report["seq_len"]
     assert report["model_flops_per_step"] == metrics.flops_per_token(tiny_plan[0]) * tokens
     assert 0.7 < report["matmul_flops_per_device"] * 8 / report["model_flops_per_step"] < 1.5
@@ -137,7 +137,7 @@ def test_peak_flops_per_device():
 
 
 def test_collective_bytes_from_hlo_text():
-    hlo = """HloModule m
+    text = """HloModule m
 
 %cond (p: (s32[], f32[8])) -> pred[] {
   %p = (s32[], f32[8]) parameter(0)
@@ -157,13 +157,37 @@ ENTRY %main (a: f32[8]) -> f32[16] {
 """
     # In-loop all-reduce: 5 trips x 2 (n-1)/n x 32 bytes over groups {0,1},{2,3};
     # the all-gather: (n-1)/n x 64 bytes over groups {0,2},{1,3}.
-    one_slice = hlo_stats.collective_bytes(hlo, [0, 0, 0, 0])
+    module = hlo.Module(text)
+    one_slice = module.link_bytes([0, 0, 0, 0])
     assert one_slice["all-reduce"] == 5 * 32 and one_slice["all-gather"] == 32
     assert one_slice["ici"] == 5 * 32 + 32 and one_slice["dcn"] == 0
-    two_slices = hlo_stats.collective_bytes(hlo, [0, 0, 1, 1])  # {0,2} spans the slices
+    two_slices = module.link_bytes([0, 0, 1, 1])  # {0,2} spans the slices
     assert two_slices["dcn"] == 32 and two_slices["ici"] == 5 * 32
-    groups = hlo_stats.replica_groups("replica_groups=[2,2]<=[2,2]T(1,0)", 4)
+    groups = hlo.replica_groups("replica_groups=[2,2]<=[2,2]T(1,0)", 4)
     np.testing.assert_array_equal(groups, [[0, 2], [1, 3]])
+
+
+def test_fused_reduce_scatter_permute_and_mesh_groups():
+    text = """HloModule m, num_partitions=4
+
+%all-reduce-scatter.1 (p: f32[16]) -> f32[4] {
+  %p = f32[16]{0} parameter(0)
+  %ar = f32[16]{0} all-reduce(%p), replica_groups={}, to_apply=%add
+  ROOT %ds = f32[4]{0} dynamic-slice(%ar, %o), dynamic_slice_sizes={4}
+}
+
+ENTRY %main (a: f32[16]) -> f32[4] {
+  %cp = f32[16]{0} collective-permute(%a), source_target_pairs={{0,1},{1,0},{2,3},{3,2}}
+  ROOT %f = f32[4]{0} fusion(%cp), kind=kOutput, calls=%all-reduce-scatter.1
+}
+"""
+    # The fusion is a reduce-scatter over all 4 devices ({}, across the slices):
+    # (n-1) x 16 bytes; the permute sends its 64 bytes, within the slices.
+    two_slices = hlo.Module(text).link_bytes([0, 0, 1, 1])
+    assert two_slices == {"ici": 64, "dcn": 48, "collective-permute": 64, "reduce-scatter": 48}
+    # A mesh whose devices are not in id order: position p holds device_ids[p].
+    attrs = "replica_groups=mesh['a'=2,'b'=2], device_ids=([2,2]T(1,0)) {'b'}"
+    np.testing.assert_array_equal(hlo.replica_groups(attrs, 4), [[0, 2], [1, 3]])
 
 
 @needs_libtpu
