@@ -11,8 +11,9 @@ host's CPU (`pip install -e .[tpu]`); `cpu:N` uses N fake CPU devices. The mesh 
 replica x data x model with replica = --slices (over the data-centre network) unless
 set; --model=0 (the default) takes the smallest model axis, then the fewest
 microbatches, that fit. Defaults follow Gopher's setup rather than the preset's CPU
-defaults: ZeRO-1 (optimiser-state partitioning) and full rematerialisation; batch
-and precision are the preset's. --search tries every model axis dividing the heads x
+defaults: ZeRO-1 (optimiser-state partitioning), then ZeRO-3 where ZeRO-1's state
+does not fit (Gopher pipelined its 280B over pods instead), and full
+rematerialisation; batch and precision are the preset's. --search tries every model axis dividing the heads x
 --search_zero x --search_remat x --microbatch counts and ranks the plans that fit by
 a roofline (gopher/plan.py). --all does this for every table preset.
 """
@@ -42,7 +43,9 @@ _MEGACORE = flags.DEFINE_bool("megacore", True, "v4: one device per chip (both c
 _REPLICA = flags.DEFINE_integer("replica", 0, "Replica axis size (0: --slices).")
 _DATA = flags.DEFINE_integer("data", -1, "Data axis size (-1: the rest of the devices).")
 _MODEL = flags.DEFINE_integer("model", 0, "Model axis size (0: the smallest that fits).")
-_ZERO = flags.DEFINE_enum("zero", "1", ["0", "1", "3"], "0 off, 1 ZeRO-1, 3 FSDP.")
+_ZERO = flags.DEFINE_list(
+    "zero", ["1", "3"], "ZeRO settings to try in order (0 off, 1 ZeRO-1, 3 FSDP); first fit."
+)
 _REMAT = flags.DEFINE_string("remat", "full", "Remat policy (TrainConfig.remat).")
 _PRECISION = flags.DEFINE_string("precision", None, "Precision (default: the preset's).")
 _MICRO = flags.DEFINE_integer("microbatches", 0, "Microbatches (0: the fewest that fit).")
@@ -89,7 +92,7 @@ def _space(plan_lib, model_cfg, per_slice: int):
         zeros = tuple(int(z) for z in _S_ZERO.value)
         remats = tuple(_S_REMAT.value)
     else:
-        zeros, remats = (int(_ZERO.value),), (_REMAT.value,)
+        zeros, remats = tuple(int(z) for z in _ZERO.value), (_REMAT.value,)
     micro = [_MICRO.value] if _MICRO.value else [int(k) for k in _S_MICRO.value]
     return plan_lib.Space(
         tuple(models) if models else None, zeros, remats, tuple(micro) if micro else None

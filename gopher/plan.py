@@ -196,6 +196,13 @@ def plan(
     report["fits"] = total <= hw.hbm_bytes
     module = hlo.Module(compiled.as_text())
     report["matmul_flops_per_device"] = module.dot_flops()
+    # Tensor parallelism that splits the work gathers at most one [b, T, D] block per
+    # device inside the layer loop (ZeRO-3 adds its parameter gathers there).
+    gathers = [c.bytes for c in module.collectives() if c.op == "all-gather" and c.loops]
+    report["largest_loop_all_gather_bytes"] = max(gathers, default=0)
+    sizes = sharding.axis_sizes(mesh)
+    rows = train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
+    report["block_bytes"] = rows * model_cfg.seq_len * model_cfg.d_model * 4  # fp32 [b, T, D]
     report.update(roofline(compiled, module, mesh, hw, report))
     report["notes"] = list(sharded.notes)
     return report
@@ -301,6 +308,16 @@ def model_axis_sizes(model_cfg: ModelConfig, per_slice: int, batch: int) -> list
     return sorted(set(heads + extra))
 
 
+def residual_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh) -> int:
+    """A floor on the activations the backward pass keeps: every layer's input
+    [b, T, D] of one microbatch (the layer scan saves them whatever the remat policy;
+    the model axis does not split them), in the compute dtype."""
+    sizes = sharding.axis_sizes(mesh)
+    rows = train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
+    itemsize = 4 if train_cfg.precision == "fp32" else 2
+    return model_cfg.num_layers * rows * model_cfg.seq_len * model_cfg.d_model * itemsize
+
+
 def state_bytes(model_cfg, train_cfg, parallel: ParallelConfig, mesh: Mesh) -> int:
     """Per-device bytes of the train state under `parallel` (shard arithmetic, no compile)."""
     fns = train_lib.make_train_functions(model_cfg, train_cfg, precision=train_cfg.precision)
@@ -349,6 +366,13 @@ def search(
                         check_batch(cfg.batch_size, k, mesh)
                     except ValueError as e:
                         pruned.append(f"mesh {shape} K={k}: {e}")
+                        continue
+                    floor = need + residual_bytes(model_cfg, cfg, mesh)
+                    if floor > hw.hbm_bytes:
+                        pruned.append(
+                            f"mesh {shape} zero {zero} K={k}: state + saved layer inputs "
+                            f"{floor / GiB:.2f} GiB > HBM"
+                        )
                         continue
                     if len(tried) >= max_compiles or time.perf_counter() - start > time_budget:
                         stopped = (

@@ -95,6 +95,13 @@ def test_totals_from_memory_analysis(tiny_plan):
     tokens = report["batch"] * report["seq_len"]
     assert report["model_flops_per_step"] == metrics.flops_per_token(tiny_plan[0]) * tokens
     assert 0.7 < report["matmul_flops_per_device"] * 8 / report["model_flops_per_step"] < 1.5
+    # The search's pruning floor (state + every layer's saved input) is below what XLA needs.
+    model_cfg, train_cfg, parallel, mesh, _ = tiny_plan
+    floor = per["state"] + plan.residual_bytes(model_cfg, train_cfg, mesh)
+    assert 0 < floor <= per["total"]
+    # Tensor parallelism that splits the work gathers at most one [b, T, D] block per
+    # device inside the layer loop.
+    assert report["largest_loop_all_gather_bytes"] <= report["block_bytes"]
 
 
 def test_json_fields(tmp_path):
