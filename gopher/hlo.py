@@ -22,10 +22,11 @@ constant its condition compares against: the scan length), and reports:
   goes over the data-centre network ("dcn"), every other one over the chips'
   interconnect ("ici"). Device ids are logical: positions in the mesh's flattened
   device array; `slice_of[i]` is the slice of logical id i;
-- the FLOPs of every `dot` (2 x output elements x contracted size) and `convolution`
-  (2 x output elements x kernel elements per output feature), trips included, per
+- the FLOPs of every `dot` (2 x output elements x contracted size), trips included, per
   device: matmuls are nearly all of a transformer's FLOPs, and the compiled program's
-  own count includes any work XLA repeats on several devices.
+  own count includes any work XLA repeats on several devices (XLA CPU and GPU keep
+  dots; XLA TPU turns them into convolutions, so there `lowered_dot_flops` counts the
+  lowered StableHLO's global matmul FLOPs instead).
 
 The text format is XLA's HloModule::ToString; only the parts used here are parsed.
 """
@@ -256,24 +257,22 @@ class Module:
                 out[key] = out.get(key, 0.0) + c.sent * c.runs
         return out
 
-    def dot_flops(self) -> float:
-        """Per-device FLOPs of every dot (2 x output elements x contracted size) and
-        convolution (2 x output elements x kernel elements per output feature), loops'
-        trips included."""
+    def dot_flops(self) -> float | None:
+        """Per-device FLOPs of every dot (2 x output elements x contracted size), loops'
+        trips included; None when the program has convolutions (XLA TPU writes batched
+        matmuls as convolutions with the batch dims as padded windows, whose work the
+        window sizes overstate): use `lowered_dot_flops` there."""
         total = 0.0
         for comp, ins in self.instructions():
-            if ins.op not in ("dot", "convolution"):
+            if ins.op == "convolution":
+                return None
+            if ins.op != "dot":
                 continue
-            operands = re.findall(r"(?:([a-z0-9]+\[[0-9,]*\]\S*) )?%([\w.\-]+)", ins.rest)[:2]
-            lhs, rhs = (s or self._shape_of(comp, name) for s, name in operands)
-            if ins.op == "dot":
-                contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.rest)
-                dims, axes = _dims(lhs), contracting.group(1) if contracting else ""
-                k = math.prod(dims[int(i)] for i in axes.split(",") if i)
-            else:  # dim_labels=lhs_rhs->out, e.g. b01f_01io->b01f: 'o' the output features
-                labels = re.search(r"dim_labels=\w+_(\w+)->", ins.rest).group(1)
-                dims = _dims(rhs)
-                k = math.prod(dims) // dims[labels.index("o")]
+            lhs = re.match(r"\s*(?:([a-z0-9]+\[[0-9,]*\]\S*) )?%([\w.\-]+)", ins.rest)
+            lhs_shape = lhs.group(1) or self._shape_of(comp, lhs.group(2))
+            contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.rest)
+            dims, axes = _dims(lhs_shape), contracting.group(1) if contracting else ""
+            k = math.prod(dims[int(i)] for i in axes.split(",") if i)
             total += 2.0 * math.prod(_dims(ins.shape)) * k * self.runs[comp]
         return total
 
@@ -305,3 +304,71 @@ def _async_result(op: str, tuple_shape: str) -> str:
         return arrays[1] if len(arrays) > 1 else arrays[0]
     half = len(arrays) // 2 or 1
     return "(" + ", ".join(arrays[half:]) + ")" if len(arrays) > 1 else arrays[0]
+
+
+# ------------------------------------------------------------------ matmul FLOPs
+
+_TENSOR = re.compile(r"tensor<([\dx]*)x?[a-z]+\d*>")
+
+
+def _tensor_dims(tensor_type: str) -> list[int]:
+    """'16x256x32xf32' (the inside of tensor<...>) -> [16, 256, 32]."""
+    return [int(d) for d in tensor_type.split("x") if d.isdigit()]
+
+
+def lowered_dot_flops(stablehlo: str) -> float:
+    """2 x result elements x contracted size, summed over every stablehlo.dot_general of
+    a lowered module (`jit(f).lower(...).as_text()`), functions counted per call and
+    while bodies per trip (the `constant dense<N>` their condition compares against).
+
+    The lowered module has global shapes, so this is the step's matmul FLOPs over all
+    devices. Unlike compiled.cost_analysis(), which leaves out while-loop bodies (the
+    layer stack), it grows with the layers."""
+    funcs: dict[str, list[str]] = {}
+    current = None
+    for line in stablehlo.splitlines():
+        m = re.match(r"\s*func\.func\s+(?:public|private)?\s*@([\w.\-]+)\(", line)
+        if m:
+            current = m.group(1)
+            funcs[current] = []
+        elif current is not None:
+            funcs[current].append(line)
+    memo: dict[str, float] = {}
+
+    def total(name: str, stack: tuple[str, ...]) -> float:
+        if name in memo:
+            return memo[name]
+        flops, loops, cond_trips = 0.0, [], None  # loops: [(indent, trips)]
+        for line in funcs.get(name, []):
+            indent = len(line) - len(line.lstrip())
+            scale = math.prod(t for _, t in loops)
+            if line.strip() == "cond {":
+                cond_trips = 1
+            elif cond_trips is not None and line.strip().startswith("} do {"):
+                loops.append((indent, cond_trips))
+                cond_trips = None
+            elif cond_trips is not None:
+                c = re.search(r"constant dense<(\d+)> : tensor<i(?:32|64)>", line)
+                cond_trips = max(cond_trips, int(c.group(1))) if c else cond_trips
+            elif loops and line.strip() == "}" and indent == loops[-1][0]:
+                loops.pop()
+            elif "stablehlo.dot_general" in line:
+                flops += scale * _dot_general_flops(line)
+            for callee in re.findall(r"\bcall @([\w.\-]+)\(", line):
+                if callee not in stack:
+                    flops += scale * total(callee, (*stack, callee))
+        memo[name] = flops
+        return flops
+
+    return total("main", ("main",))
+
+
+def _dot_general_flops(line: str) -> float:
+    """2 x prod(result dims) x prod(lhs contracting dims) of one dot_general line."""
+    types = _TENSOR.findall(line.rsplit(" : ", 1)[-1])
+    contract = re.search(r"contracting_dims = \[([\d, ]*)\]", line)
+    if len(types) < 3 or not contract:
+        return 0.0
+    lhs, result = _tensor_dims(types[0]), _tensor_dims(types[-1])
+    k = math.prod(lhs[int(i)] for i in contract.group(1).split(",") if i.strip())
+    return 2.0 * math.prod(result) * k

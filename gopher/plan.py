@@ -83,9 +83,18 @@ def physical_mesh(devices: Sequence[Any], shape: tuple[int, int, int]) -> Mesh:
                 f"--replica={slices}"
             )
         ici = (shape[0] // slices, shape[1], shape[2])
-        grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+
+        def build(**kw):
+            return mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices, **kw)
     else:
-        grid = mesh_utils.create_device_mesh(shape, devices)
+
+        def build(**kw):
+            return mesh_utils.create_device_mesh(shape, devices, **kw)
+
+    try:
+        grid = build()
+    except NotImplementedError:  # an axis that is no product of physical axes (v5p 8x8x16, 2)
+        grid = build(allow_split_physical_axes=True)
     return Mesh(grid, sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
@@ -195,7 +204,12 @@ def plan(
     report["per_device_bytes"].update(temp=xla["temp"], total=total)
     report["fits"] = total <= hw.hbm_bytes
     module = hlo.Module(compiled.as_text())
-    report["matmul_flops_per_device"] = module.dot_flops()
+    # The step's matmul FLOPs split evenly, and (CPU, GPU) what each device really runs:
+    # their ratio is 1 when the mesh splits the work without repeating it.
+    even = hlo.lowered_dot_flops(lowered.as_text()) / mesh.devices.size
+    compiled_flops = module.dot_flops()
+    report["matmul_flops_per_device"] = compiled_flops if compiled_flops is not None else even
+    report["matmul_split_ratio"] = None if compiled_flops is None else compiled_flops / even
     # Tensor parallelism that splits the work gathers at most one [b, T, D] block per
     # device inside the layer loop (ZeRO-3 adds its parameter gathers there).
     gathers = [c.bytes for c in module.collectives() if c.op == "all-gather" and c.loops]
