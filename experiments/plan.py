@@ -50,6 +50,9 @@ _REMAT = flags.DEFINE_string("remat", "full", "Remat policy (TrainConfig.remat).
 _PRECISION = flags.DEFINE_string("precision", None, "Precision (default: the preset's).")
 _MICRO = flags.DEFINE_integer("microbatches", 0, "Microbatches (0: the fewest that fit).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch in sequences (0: the preset's).")
+_HBM = flags.DEFINE_float(
+    "hbm_gib", 0.0, "Memory per device to plan against, GiB (0: the device's own)."
+)
 _MFU = flags.DEFINE_float("mfu", 0.4, "MFU at which to state the step time.")
 _SEARCH = flags.DEFINE_bool("search", False, "Search meshes x zero x remat x microbatches.")
 _S_ZERO = flags.DEFINE_list("search_zero", ["0", "1", "3"], "ZeRO settings to search.")
@@ -136,6 +139,8 @@ def main(argv):
 
         devices = plan_lib.topology_devices(_TOPOLOGY.value, _SLICES.value, _MEGACORE.value)
         hw = plan_lib.hardware(devices, generation)
+        if _HBM.value:
+            hw = dataclasses.replace(hw, hbm_bytes=_HBM.value * 2**30)
         log = (lambda line: print(line, file=sys.stderr)) if _JSON.value else print
         presets = TABLE_PRESETS if _ALL.value else [None]
         results = {}

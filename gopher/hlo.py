@@ -255,6 +255,28 @@ class Module:
         for c in self.collectives():
             for key in (c.link(slice_of), c.op):
                 out[key] = out.get(key, 0.0) + c.sent * c.runs
+        slices = len(set(slice_of))
+        for op, sent in self.megascale_transfers(slices):
+            out["dcn"] += sent
+            out[op] = out.get(op, 0.0) + sent
+        return out
+
+    def megascale_transfers(self, slices: int) -> list[tuple[str, float]]:
+        """(kind, bytes one device sends per step) of each cross-slice transfer. A
+        multi-slice TPU program is compiled per slice: its replica groups stay inside the
+        slice and the data-centre-network collectives are host-transfer `send`s to the
+        Megascale runtime (`_xla_megascale_transfer_type`), with the ring factor of
+        their kind over `slices` participants."""
+        out = []
+        for comp, ins in self.instructions():
+            kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', ins.rest)
+            if ins.op != "send" or not kind:
+                continue
+            op = kind.group(1).lower().replace("_", "-")
+            s = shape_bytes(_ARRAY.search(ins.shape).group(0)) if _ARRAY.search(ins.shape) else 0
+            n = max(slices, 1)
+            factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1.0}
+            out.append((op, factor.get(op, (n - 1) / n) * s * self.runs[comp]))
         return out
 
     def dot_flops(self) -> float | None:

@@ -192,6 +192,16 @@ ENTRY %main (a: f32[16]) -> f32[4] {
     # (n-1) x 16 bytes; the permute sends its 64 bytes, within the slices.
     two_slices = hlo.Module(text).link_bytes([0, 0, 1, 1])
     assert two_slices == {"ici": 64, "dcn": 48, "collective-permute": 64, "reduce-scatter": 48}
+    # A multi-slice TPU program is compiled per slice; its cross-slice all-reduce is a
+    # host-transfer send to the Megascale runtime: 2 (n-1)/n x 32 bytes over 4 slices
+    # (one device per slice here, so the permute and the fusion cross slices too).
+    send = (
+        "  %s = (f32[8]{0}, u32[], token[]) send(%a, %tok), is_host_transfer=true, "
+        'frontend_attributes={_xla_megascale_transfer_type="ALL_REDUCE"}\n'
+    )
+    dcn = hlo.Module(text.replace("  ROOT %f", send + "  ROOT %f")).link_bytes([0, 1, 2, 3])
+    assert dcn["all-reduce"] == 2 * 3 / 4 * 32 and dcn["ici"] == 0
+    assert dcn["dcn"] == 2 * 3 / 4 * 32 + 48 + 64
     # A mesh whose devices are not in id order: position p holds device_ids[p].
     attrs = "replica_groups=mesh['a'=2,'b'=2], device_ids=([2,2]T(1,0)) {'b'}"
     np.testing.assert_array_equal(hlo.replica_groups(attrs, 4), [[0, 2], [1, 3]])
