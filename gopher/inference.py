@@ -1,0 +1,213 @@
+"""A trained model, loaded from a run's workdir for evaluation and sampling.
+
+`load(workdir)` reads WORKDIR/config.json (the run's model, recipe, data and mesh),
+restores the newest good checkpoint (or `step`) onto a mesh of this machine's devices
+(Orbax reshards: a model trained on a pod loads on one host, and back), and finds the
+run's tokenizer by the sha256 the checkpoint recorded. What it returns holds the
+parameters as the training forward pass reads them, split over the mesh by the same
+Megatron rules as training, and that forward pass (the run's compute dtype, no remat).
+
+Shape glossary: B batch, T sequence length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gopher import paths
+from gopher.config import (
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    data_from_dict,
+    model_from_dict,
+    parallel_from_dict,
+    train_from_dict,
+)
+from gopher.data.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model_cfg: ModelConfig
+    params: Any  # sharded over `mesh` like training's parameters
+    apply: Any  # (params, tokens [B, T] int32) -> logits [B, T, V] fp32
+    tokenizer: Tokenizer
+    mesh: Mesh
+    step: int = 0
+    train_cfg: TrainConfig | None = None
+    data_cfg: DataConfig | None = None
+    workdir: str = ""
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """Rows [B, ...] split over the mesh's batch axes (replicated over "model")."""
+        from gopher.sharding import BATCH_AXES
+
+        return NamedSharding(self.mesh, P(BATCH_AXES))
+
+    @property
+    def batch_multiple(self) -> int:
+        """Row counts must be a multiple of this (the devices the batch is split over)."""
+        from gopher.sharding import axis_sizes
+
+        sizes = axis_sizes(self.mesh)
+        return sizes["replica"] * sizes["data"]
+
+
+def read_config(workdir: str) -> tuple[ModelConfig, TrainConfig, DataConfig, ParallelConfig]:
+    path = paths.resolve(workdir) / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{workdir!r} has no config.json; pass the --workdir of a training run "
+            "(python -m experiments.train writes one)"
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); restore it from the run") from None
+    return (
+        model_from_dict(cfg["model"]),
+        train_from_dict(cfg["train"]),
+        data_from_dict(cfg["data"]),
+        parallel_from_dict(cfg.get("parallel", {})),
+    )
+
+
+def _tokenizer_candidates(workdir: str, model_cfg: ModelConfig, data_cfg: DataConfig) -> list:
+    found = [paths.join(workdir, "tokenizer.model")]
+    if data_cfg.tokenizer_path:
+        found.append(data_cfg.tokenizer_path)
+    if data_cfg.source == "embedded":
+        from gopher.data.pipeline import default_corpus_dir
+
+        corpus = data_cfg.corpus_dir or default_corpus_dir(model_cfg.vocab_size)
+        manifest = paths.resolve(corpus) / "manifest.json"
+        if manifest.is_file():
+            name = json.loads(manifest.read_text())["tokenizer"]["file"]
+            found.append(paths.join(corpus, name))
+    return found
+
+
+def find_tokenizer(workdir: str, model_cfg, data_cfg, sha256: str | None) -> Tokenizer:
+    """The run's tokenizer: the first candidate whose sha256 is the checkpoint's."""
+    tried = []
+    for path in _tokenizer_candidates(workdir, model_cfg, data_cfg):
+        if not paths.resolve(path).is_file():
+            continue
+        tok = Tokenizer.load(path)
+        if sha256 is None or tok.sha256 == sha256:
+            return tok
+        tried.append(f"{path} (sha256 {tok.sha256[:12]})")
+    raise ValueError(
+        f"no tokenizer of {workdir!r} matches its checkpoint's sha256 {str(sha256)[:12]}"
+        + (f"; tried {', '.join(tried)}" if tried else "")
+        + "; pass the run's workdir, or rebuild its corpus with experiments.prepare_data"
+    )
+
+
+def load(
+    workdir: str,
+    step: int | None = None,
+    parallel: ParallelConfig | None = None,
+) -> LoadedModel:
+    """The run in `workdir` at its newest restorable checkpoint (or `step`).
+
+    `parallel`: the mesh to load onto; default all local devices over "data" (the run's
+    own mesh may need more devices than this machine has).
+    """
+    from gopher import checkpoint as checkpoint_lib
+    from gopher import engine as engine_lib
+
+    model_cfg, train_cfg, data_cfg, _ = read_config(workdir)
+    parallel = parallel or ParallelConfig(data=jax.device_count())
+    # The restore needs the state's structure, not the run's batch: any divisible one.
+    sizes = parallel.data * max(parallel.replica, 1)
+    train_cfg = dataclasses.replace(train_cfg, batch_size=sizes, batch_schedule=(), microbatches=1)
+    engine = engine_lib.build(model_cfg, train_cfg, parallel)
+    directory = checkpoint_lib.checkpoint_directory(workdir, restart_from_scratch=False)
+    ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=10**6, async_save=False)
+    try:
+        abstract = engine.abstract_state()
+        if step is None:
+            restored = ckpt.restore_latest(abstract)
+            if restored is None:
+                raise ValueError(
+                    f"{workdir!r} has no checkpoint in {directory}; train first "
+                    "(python -m experiments.train --workdir=...)"
+                )
+            step, state, meta = restored
+        else:
+            if step not in ckpt.steps():
+                raise ValueError(
+                    f"{workdir!r} has no checkpoint step {step} (it has {ckpt.steps()}); "
+                    "pass one of those or omit --step for the newest"
+                )
+            state, meta = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    state = engine.from_checkpoint(state)
+    tokenizer = find_tokenizer(workdir, model_cfg, data_cfg, meta.get("tokenizer_sha256"))
+    from gopher import sharding
+    from gopher.model import build_forward
+    from gopher.precision import get_policy
+
+    mesh = sharding.make_mesh(parallel)
+    forward = build_forward(model_cfg, get_policy(train_cfg.precision).compute_dtype)
+    return LoadedModel(
+        model_cfg=model_cfg,
+        params=state.params,
+        apply=forward.apply,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        step=int(step),
+        train_cfg=train_cfg,
+        data_cfg=data_cfg,
+        workdir=workdir,
+    )
+
+
+def from_params(
+    model_cfg: ModelConfig,
+    params: Any,
+    tokenizer: Tokenizer,
+    mesh: Mesh | None = None,
+    compute_dtype=jnp.float32,
+) -> LoadedModel:
+    """A LoadedModel from parameters in memory (tests, notebooks): placed on `mesh`
+    (default: all devices over "data") by the training partition rules."""
+    from gopher import sharding
+    from gopher.model import build_forward
+
+    mesh = mesh or sharding.make_mesh(ParallelConfig(data=jax.device_count()))
+    params = jax.device_put(params, param_shardings(params, mesh))
+    forward = build_forward(model_cfg, compute_dtype)
+    return LoadedModel(model_cfg, params, forward.apply, tokenizer, mesh)
+
+
+def param_shardings(params: Any, mesh: Mesh) -> Any:
+    """NamedShardings of `params` by the training Megatron rules (no ZeRO split)."""
+    from gopher import sharding
+    from gopher.train import TrainState
+
+    state = TrainState(params, None, None, None, None, None)
+    specs = sharding.state_partition_specs(state, mesh, zero=0).specs.params
+    return sharding.named_shardings(mesh, specs)
+
+
+def pad_rows(rows: np.ndarray, multiple: int, fill: int = 0) -> np.ndarray:
+    """rows [N, ...] padded with `fill` to a multiple of `multiple` rows."""
+    extra = -len(rows) % multiple
+    if not extra:
+        return rows
+    pad = np.full((extra, *rows.shape[1:]), fill, dtype=rows.dtype)
+    return np.concatenate([rows, pad])
