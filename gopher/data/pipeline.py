@@ -281,6 +281,35 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pip
     )
 
 
+def heldout_documents(
+    model_cfg: ModelConfig, data_cfg: DataConfig, workdir: str
+) -> dict[str, list[Document]]:
+    """Each source's held-out documents with their original text: {source: documents}.
+
+    The documents the in-training eval scores (the same split, the same order), for
+    scoring them elsewhere (experiments/evaluate.py). The embedded corpus reads them from
+    its held-out shards; stdlib and files recompute the split, which depends only on the
+    documents. `workdir` is where a run keeps its data (unused by these sources today).
+    """
+    del workdir
+    if data_cfg.source != "embedded":
+        return {data_cfg.source: _documents(data_cfg, "heldout")}
+    from gopher.data.shards import load_manifest, read_shards
+
+    corpus_dir = data_cfg.corpus_dir or default_corpus_dir(model_cfg.vocab_size)
+    if paths.is_remote(corpus_dir):
+        raise ValueError(
+            f"corpus {corpus_dir!r} is remote; copy it to local disk (gsutil -m cp -r) and "
+            "pass --config.data.corpus_dir=LOCAL_DIR to read its held-out documents"
+        )
+    manifest = load_manifest(corpus_dir)
+    out = {}
+    for source, entry in sorted(manifest["sources"].items()):
+        shards = [os.path.join(corpus_dir, s) for s in entry["heldout"]["shards"]]
+        out[source] = list(read_shards(shards))
+    return out
+
+
 def build_pipeline(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
