@@ -1,0 +1,1 @@
+"""Zero-shot evaluation: benchmark task files (`tasks`) and the scoring that runs a model on them."""
