@@ -81,6 +81,14 @@ class Collective:
         return "dcn" if crosses else "ici"
 
 
+def ring_sent(op: str, result_bytes: float, n: int) -> float:
+    """Bytes one of `n` devices sends in a ring `op` whose result holds `result_bytes`:
+    all-reduce 2(n-1)/n, reduce-scatter (n-1) (its result is one shard), the others
+    (all-gather, all-to-all) (n-1)/n."""
+    factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1.0}
+    return factor.get(op, (n - 1) / n) * result_bytes
+
+
 def shape_bytes(shape: str) -> int:
     """Bytes of an HLO type string; tuples sum their elements."""
     total = 0
@@ -239,8 +247,7 @@ class Module:
                 groups = [tuple(int(i) for i in g) for g in replica_groups(attrs, self.devices)]
                 n = len(groups[0])
             s = shape_bytes(shape)
-            factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1.0}
-            sent = s if op == "collective-permute" else factor.get(op, (n - 1) / n) * s
+            sent = s if op == "collective-permute" else ring_sent(op, s, n)
             out.append(
                 Collective(
                     op, s, shape, comp, self.loops[comp], self.runs[comp], tuple(groups), n, sent
@@ -274,9 +281,7 @@ class Module:
                 continue
             op = kind.group(1).lower().replace("_", "-")
             s = shape_bytes(_ARRAY.search(ins.shape).group(0)) if _ARRAY.search(ins.shape) else 0
-            n = max(slices, 1)
-            factor = {"all-reduce": 2 * (n - 1) / n, "reduce-scatter": n - 1.0}
-            out.append((op, factor.get(op, (n - 1) / n) * s * self.runs[comp]))
+            out.append((op, ring_sent(op, s, max(slices, 1)) * self.runs[comp]))
         return out
 
     def dot_flops(self) -> float | None:

@@ -214,8 +214,7 @@ def plan(
     # device inside the layer loop (ZeRO-3 adds its parameter gathers there).
     gathers = [c.bytes for c in module.collectives() if c.op == "all-gather" and c.loops]
     report["largest_loop_all_gather_bytes"] = max(gathers, default=0)
-    sizes = sharding.axis_sizes(mesh)
-    rows = train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
+    rows = microbatch_rows(train_cfg, mesh)
     report["block_bytes"] = rows * model_cfg.seq_len * model_cfg.d_model * 4  # fp32 [b, T, D]
     report.update(roofline(compiled, module, mesh, hw, report))
     report["notes"] = list(sharded.notes)
@@ -326,10 +325,15 @@ def residual_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh) -
     """A floor on the activations the backward pass keeps: every layer's input
     [b, T, D] of one microbatch (the layer scan saves them whatever the remat policy;
     the model axis does not split them), in the compute dtype."""
-    sizes = sharding.axis_sizes(mesh)
-    rows = train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
+    rows = microbatch_rows(train_cfg, mesh)
     itemsize = 4 if train_cfg.precision == "fp32" else 2
     return model_cfg.num_layers * rows * model_cfg.seq_len * model_cfg.d_model * itemsize
+
+
+def microbatch_rows(train_cfg: TrainConfig, mesh: Mesh) -> int:
+    """Sequences one device runs per microbatch (the batch over replica x data x K)."""
+    sizes = sharding.axis_sizes(mesh)
+    return train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
 
 
 def state_bytes(model_cfg, train_cfg, parallel: ParallelConfig, mesh: Mesh) -> int:

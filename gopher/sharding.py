@@ -219,6 +219,16 @@ def add_data_axis(
     return spec
 
 
+def leaf_specs(
+    path: str, shape: Sequence[int], sizes: dict[str, int], zero: int, rules: Rules, notes: list
+) -> tuple[P, P]:
+    """(the parameter's spec, its optimiser state's spec) at ZeRO stage `zero`: the
+    Megatron rule, plus "data" on the state with zero >= 1 and on both with zero 3."""
+    spec = megatron_spec(path, shape, sizes, rules, notes)
+    state = add_data_axis(path, shape, spec, sizes, notes) if zero else spec
+    return (state if zero == 3 else spec), state
+
+
 @dataclasses.dataclass(frozen=True)
 class StateSpecs:
     """PartitionSpecs for a TrainState plus the fallbacks taken while choosing them."""
@@ -243,9 +253,7 @@ def state_partition_specs(
     param_spec, state_spec = {}, {}
     for key_path, leaf in flat_params:
         path = param_path(key_path)
-        spec = megatron_spec(path, leaf.shape, sizes, rules, notes)
-        sharded = add_data_axis(path, leaf.shape, spec, sizes, notes) if zero else spec
-        param_spec[path] = sharded if zero == 3 else spec
+        param_spec[path], sharded = leaf_specs(path, leaf.shape, sizes, zero, rules, notes)
         state_spec[path] = (tuple(leaf.shape), sharded)
     depths = sorted({len(kp) for kp, _ in flat_params})
 
@@ -318,9 +326,7 @@ def batch_layout(mesh: Mesh, zero: int = 0, rules: Rules = GOPHER_RULES) -> Batc
         def one(key_path, leaf):
             path = param_path(key_path)
             shape = leaf.shape[1:] if per_shard else leaf.shape
-            spec = megatron_spec(path, shape, sizes, rules, [])
-            if zero == 3:
-                spec = add_data_axis(path, shape, spec, sizes, [])
+            spec = leaf_specs(path, shape, sizes, zero, rules, [])[0]
             if per_shard:
                 spec = P(BATCH_AXES, *spec)
             return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))

@@ -99,18 +99,13 @@ def make_train_functions(
             skipped=jnp.zeros((), jnp.int32),
         )
 
-    def loss_fn(params, tokens):  # tokens [B, T+1]
-        logits = forward.apply(params, tokens[:, :-1])  # [B, T, V] fp32
-        return model_lib.cross_entropy(logits, tokens[:, 1:]).mean()
-
-    value_and_grad = jax.value_and_grad(loss_fn)
+    value_and_grad = jax.value_and_grad(mean_loss(forward))
     if train_cfg.microbatches > 1:
+        layout = batch_layout or BatchLayout()
         micro_forward = model_lib.build_forward(
-            model_cfg, policy.compute_dtype, remat, (batch_layout or BatchLayout()).constraint
+            model_cfg, policy.compute_dtype, remat, layout.constraint
         )
-        value_and_grad = _accumulated_value_and_grad(
-            micro_forward, train_cfg.microbatches, batch_layout or BatchLayout()
-        )
+        value_and_grad = _accumulated_value_and_grad(micro_forward, train_cfg.microbatches, layout)
 
     def train_step(state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict]:
         loss, grads = value_and_grad(state.params, tokens)
@@ -148,6 +143,16 @@ def make_train_functions(
     return TrainFunctions(init, train_step, eval_step, forward)
 
 
+def mean_loss(forward: Any) -> Callable[[Any, jax.Array], jax.Array]:
+    """(params, tokens [B, T+1]) -> mean next-token NLL in nats (fp32 logits)."""
+
+    def loss_fn(params, tokens):
+        logits = forward.apply(params, tokens[:, :-1])  # [B, T, V] fp32
+        return model_lib.cross_entropy(logits, tokens[:, 1:]).mean()
+
+    return loss_fn
+
+
 def _accumulated_value_and_grad(forward: Any, microbatches: int, layout: BatchLayout):
     """(params, tokens [B, T+1]) -> (mean loss, mean gradient) over `microbatches` parts.
 
@@ -164,10 +169,7 @@ def _accumulated_value_and_grad(forward: Any, microbatches: int, layout: BatchLa
     of tokens, so the mean of their means is the batch's mean.
     """
     n, k = layout.shards, microbatches
-
-    def loss_fn(params, tokens):  # a microbatch [b, T+1] (one shard's, under vmap)
-        logits = forward.apply(params, tokens[:, :-1])
-        return model_lib.cross_entropy(logits, tokens[:, 1:]).mean()
+    loss_fn = mean_loss(forward)  # of a microbatch [b, T+1] (one shard's, under vmap)
 
     if layout.per_shard:
         grad_fn = jax.vmap(
