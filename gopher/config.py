@@ -234,7 +234,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200
-    eval_batches: int = 8
+    eval_batches: int = 8  # at most this many eval batches per held-out source
+    # Sequences per eval batch (global; a multiple of the mesh's replica * data), apart from
+    # the training batch so that every source is scored at every model size.
+    eval_batch_size: int = 8
     precision: str = "fp32"  # fp32 | mixed | bf16 | bf16_sr | bf16_master (Gopher App. C)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     # Gradient accumulation: the batch is split into this many microbatches, run one
@@ -265,6 +268,7 @@ class TrainConfig:
             "log_every",
             "eval_every",
             "eval_batches",
+            "eval_batch_size",
             "checkpoint_every",
             "max_to_keep",
             "max_bad_steps",

@@ -26,9 +26,10 @@ class Engine:
     init: Callable[[jax.Array], Any]
     # (state, this process's rows [b, T+1], global_batch=None: B, default train_cfg's)
     train_step: Callable[..., tuple[Any, dict]]
-    # (state, this process's rows [b, T+1]) -> (NLL sum in nats, target tokens) over the
-    # whole global batch of train_cfg.batch_size rows, i.e. summed over every host's rows.
-    eval_sums: Callable[[Any, np.ndarray], tuple[float, int]]
+    # (state, this process's rows [b, T+1], their target mask [b, T] bool) -> (NLL sum in
+    # nats, target tokens) over the unmasked targets of the whole global eval batch of
+    # train_cfg.eval_batch_size rows, i.e. summed over every host's rows.
+    eval_sums: Callable[[Any, np.ndarray, np.ndarray], tuple[float, int]]
     abstract_state: Callable[[], Any]  # checkpoint-layout ShapeDtypeStructs with shardings
     to_checkpoint: Callable[[Any], Any]
     from_checkpoint: Callable[[Any], Any]
@@ -49,9 +50,10 @@ def _even_rows(global_batch: int) -> tuple[int, int]:
 def _sums_from_local_nll(eval_nll: Callable) -> Callable:
     """eval_sums for an engine whose eval_nll gives this process's rows (pmap)."""
 
-    def eval_sums(state, batch):
+    def eval_sums(state, batch, mask):
         nll = eval_nll(state, batch).astype(np.float64)
-        local = np.array([nll.sum(), nll.size], np.float64)
+        mask = np.asarray(mask, bool)
+        local = np.array([nll[mask].sum(), mask.sum()], np.float64)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -99,17 +101,24 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
 
     compiled = {}
     # Sums over the global [B, T] NLL inside one program: the result is replicated, so
-    # every host reads the total without gathering rows it does not hold.
-    nll_sums = jax.jit(lambda nll: (jnp.sum(nll.astype(jnp.float32)), nll.size))
+    # every host reads the total without gathering rows it does not hold. Masked targets
+    # (the padded tail of a held-out stream) count neither NLL nor tokens.
+    nll_sums = jax.jit(
+        lambda nll, mask: (
+            jnp.sum(jnp.where(mask, nll.astype(jnp.float32), 0.0)),
+            jnp.sum(mask.astype(jnp.int32)),
+        )
+    )
 
     def step(state, batch, global_batch=None):  # B changes with a batch schedule
         tokens = sharding.make_global_batch(batch, mesh, global_batch or train_cfg.batch_size)
         fn = compiled.get(tokens.shape, sharded.train_step)
         return fn(state, tokens)
 
-    def eval_sums(state, batch):
-        tokens = sharding.make_global_batch(batch, mesh, train_cfg.batch_size)
-        total, count = nll_sums(sharded.eval_step(state.params, tokens)["nll"])
+    def eval_sums(state, batch, mask):
+        tokens = sharding.make_global_batch(batch, mesh, train_cfg.eval_batch_size)
+        mask = sharding.make_global_batch(np.asarray(mask, bool), mesh, train_cfg.eval_batch_size)
+        total, count = nll_sums(sharded.eval_step(state.params, tokens)["nll"], mask)
         return float(total), int(count)
 
     def precompile(shape):

@@ -103,12 +103,15 @@ def open_workdir(workdir: str, config: dict, chief: bool):
     return lock
 
 
-def build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pipeline:
-    """This process's rows of the data, built by process 0 first (it may train the
-    tokenizer or build the corpus into a shared place), then checked to be the same data
-    on every process."""
+def build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say, eval_rows=None) -> Pipeline:
+    """This process's rows of the data (`rows` of a training batch, `eval_rows` of an eval
+    batch), built by process 0 first (it may train the tokenizer or build the corpus into
+    a shared place), then checked to be the same data on every process."""
     data = distributed.chief_first(
-        "data", lambda: build_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say)
+        "data",
+        lambda: build_pipeline(
+            model_cfg, train_cfg, data_cfg, workdir, rows, say, eval_rows=eval_rows
+        ),
     )
     distributed.check_same(
         {"tokenizer sha256": data.tokenizer.sha256, "data sha256": data.fingerprint}
@@ -267,15 +270,16 @@ class StepLog:
 def evaluate(engine, state, eval_sets: dict) -> dict:
     """Held-out loss and bits per byte per source, and over all of them (byte-weighted).
 
-    Each eval batch's NLL is summed over the whole global batch inside the program, so
-    every host gets the total of every host's rows; the byte counts are the global
-    batch's, which every host reads alike.
+    Each eval batch's NLL is summed over the unmasked targets of the whole global batch
+    inside the program, so every host gets the total of every host's rows; the byte
+    counts (UTF-8 bytes of the original text) are the global batch's, which every host
+    reads alike.
     """
     out, total_nll, total_bytes, total_tokens = {}, 0.0, 0, 0
     for source, windows in eval_sets.items():
         nll_sum, tokens, num_bytes = 0.0, 0, 0
-        for batch, target_bytes in windows:
-            s, n = engine.eval_sums(state, batch)
+        for batch, mask, target_bytes in windows:
+            s, n = engine.eval_sums(state, batch, mask)
             nll_sum, tokens, num_bytes = nll_sum + s, tokens + n, num_bytes + target_bytes
         out[f"heldout/{source}/bpb"] = metrics_lib.bits_per_byte(nll_sum, num_bytes)
         total_nll += nll_sum
@@ -296,6 +300,25 @@ def run_eval(r: Run, step: int, state) -> dict:
         f"(unigram {r.data.unigram_bpb:.3f}; {per_source})"
     )
     return record
+
+
+def _eval_rows(engine, train_cfg: TrainConfig) -> tuple[int, int]:
+    """This process's rows of an eval batch; a one-line error if it does not split."""
+    b = train_cfg.eval_batch_size
+    try:
+        lo, hi = engine.local_rows(b)
+    except ValueError as e:
+        raise ValueError(
+            f"--config.train.eval_batch_size={b} does not split over the mesh ({e}); use a "
+            "multiple of the devices the batch is split over"
+        ) from None
+    if hi <= lo or (hi - lo) % jax.local_device_count() and "pmap" in engine.description:
+        raise ValueError(
+            f"--config.train.eval_batch_size={b} gives this process {hi - lo} rows, not a "
+            f"multiple of its {jax.local_device_count()} devices; use a multiple of "
+            f"{jax.device_count()}"
+        )
+    return lo, hi
 
 
 # ---------------------------------------------------------------- the step loop
@@ -381,7 +404,9 @@ def run(
     try:
         engine = engine_lib.build(model_cfg, train_cfg, parallel)
         rows = engine.local_rows(train_cfg.batch_size)
-        data = build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say)
+        data = build_data(
+            model_cfg, train_cfg, data_cfg, workdir, rows, say, _eval_rows(engine, train_cfg)
+        )
         say(data.summary)
         say(
             f"model: {model_cfg.name}, {model_cfg.param_count_formula():,} params; "

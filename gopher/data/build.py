@@ -2,7 +2,10 @@
 
 `build_corpus` turns documents grouped by source (from the embedded packages, TFDS or
 local files) into the directory layout `gopher.data.corpus` describes, with a
-manifest.json that records every count, hash and the filters' per-rule report. Every
+manifest.json that records every count, hash and the filters' per-rule report. The
+held-out split is by work over all sources together (`sources.split_by_work`: editions
+and near-copies on one side), and each held-out token stream is stored with the UTF-8
+bytes of the original text per token (tokens-V/<source>.heldout.bytes.npy). Every
 step is deterministic (sorted inputs, fixed seeds, one tokenizer-training thread, no
 timestamps), so building twice gives byte-identical directories.
 """
@@ -21,29 +24,23 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from gopher.data import filters
+from gopher.data.packing import stream_with_bytes
 from gopher.data.shards import shard_order_key, write_shards
-from gopher.data.sources import Document, is_heldout
+from gopher.data.sources import Document, WorkGrouping, split_by_work
 from gopher.data.tokenizer import Tokenizer, training_sample
 
-FORMAT = "gopher-corpus/1"
+# 2: held-out split by work and held-out byte counts of the original text; a corpus of
+# another format is rebuilt (the default cache) or refused (gopher.data.pipeline).
+FORMAT = "gopher-corpus/2"
 DEFAULT_MINHASH = filters.MinHashConfig()
 
 
 def split_documents(
     docs: Sequence[Document], heldout_fraction: float
 ) -> tuple[list[Document], list[Document]]:
-    """(train, heldout) by a hash of "source/name"; at least one of each given two docs.
-
-    A small source could otherwise end up with no held-out text to measure bpb on: then
-    the document with the smallest hash is held out.
-    """
-    heldout = [d for d in docs if is_heldout(f"{d.source}/{d.name}", heldout_fraction)]
-    train = [d for d in docs if not is_heldout(f"{d.source}/{d.name}", heldout_fraction)]
-    if not heldout and len(docs) >= 2 and heldout_fraction > 0:
-        first = min(docs, key=shard_order_key)
-        heldout = [first]
-        train = [d for d in docs if d is not first]
-    return train, heldout
+    """(train, heldout) by work (`sources.split_by_work`); at least one held-out work
+    per source given two works."""
+    return split_by_work(docs, heldout_fraction, WorkGrouping())
 
 
 def cap_bytes(docs: Sequence[Document], max_bytes: int | None) -> list[Document]:
@@ -127,15 +124,19 @@ def build_corpus(
     )
     log(filters.format_report(report))
 
+    for s in sources:
+        if not any(d.source == s for d in kept):
+            raise ValueError(f"the filters removed every document of source {s!r}")
+    train_docs, heldout_docs = split_by_work(kept, heldout_fraction, WorkGrouping())
+    log(
+        f"split by work: {len(heldout_docs)} of {len(kept)} documents held out "
+        f"({time.perf_counter() - start:.1f}s)"
+    )
     by_source: dict[str, dict[str, list[Document]]] = {}
     for s in sources:
-        docs = [d for d in kept if d.source == s]
-        if not docs:
-            raise ValueError(f"the filters removed every document of source {s!r}")
-        train, heldout = split_documents(docs, heldout_fraction)
         by_source[s] = {
-            "train": sorted(train, key=shard_order_key),
-            "heldout": sorted(heldout, key=shard_order_key),
+            "train": sorted((d for d in train_docs if d.source == s), key=shard_order_key),
+            "heldout": sorted((d for d in heldout_docs if d.source == s), key=shard_order_key),
         }
 
     for stale in ("manifest.json", "shards"):
@@ -176,8 +177,14 @@ def build_corpus(
         totals = {"documents": 0, "bytes": 0, "tokens": 0}
         for split in ("train", "heldout"):
             docs = by_source[s][split]
-            stream = tokenize_stream(tokenizer, docs, num_threads)
             tokens_file = f"{tokens_dir}/{s}.{split}.npy"
+            extra = {}
+            if split == "heldout":  # bpb's denominator: the original text's bytes
+                stream, lengths = stream_with_bytes(tokenizer, docs, num_threads)
+                extra["bytes_file"] = f"{tokens_dir}/{s}.{split}.bytes.npy"
+                _save_npy(os.path.join(out_dir, extra["bytes_file"]), lengths)
+            else:
+                stream = tokenize_stream(tokenizer, docs, num_threads)
             _save_npy(os.path.join(out_dir, tokens_file), stream)
             shard_dir = os.path.join("shards", s)
             shards = write_shards(docs, os.path.join(out_dir, shard_dir), split)
@@ -187,6 +194,7 @@ def build_corpus(
                 "tokens": int(stream.shape[0]),
                 "tokens_file": tokens_file,
                 "shards": [f"{shard_dir}/{x}" for x in shards],
+                **extra,
             }
             for k in totals:
                 totals[k] += entry[split][k]
@@ -204,6 +212,7 @@ def build_corpus(
         "name": name,
         "python": platform.python_version(),
         "heldout_fraction": heldout_fraction,
+        "split": {"method": "split_by_work", **dataclasses.asdict(WorkGrouping())},
         "weights": norm_weights,
         "skipped": sorted(skipped),
         "sources": source_entries,

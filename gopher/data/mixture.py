@@ -131,6 +131,9 @@ class Source(NamedTuple):
     name: str
     train: np.ndarray  # [N_s] int32, documents joined with EOS
     heldout: np.ndarray  # [M_s] int32 (may be empty)
+    # [M_s] int32: UTF-8 bytes of the original text per held-out token (EOS 0); None:
+    # counted from the pieces (NFKC-normalised text), for corpora without them
+    heldout_bytes: np.ndarray | None = None
 
 
 def _process_defaults(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -248,7 +251,9 @@ class Mixture:
             entry = manifest["sources"][name]
             train = _load_tokens(corpus_dir, entry["train"]["tokens_file"])
             heldout = _load_tokens(corpus_dir, entry["heldout"]["tokens_file"])
-            sources.append(Source(name, train, heldout))
+            held_bytes = entry["heldout"].get("bytes_file")
+            held_bytes = _load_tokens(corpus_dir, held_bytes) if held_bytes else None
+            sources.append(Source(name, train, heldout, held_bytes))
         tokenizer = Tokenizer.load(paths.join(corpus_dir, manifest["tokenizer"]["file"]))
         mixture = cls(
             sources,
@@ -277,9 +282,12 @@ class Mixture:
     ) -> Mixture:
         """A mixture over in-memory documents: {source: (train docs, held-out docs)}."""
         from gopher.data.build import tokenize_stream
+        from gopher.data.packing import stream_with_bytes
 
         sources = [
-            Source(name, tokenize_stream(tokenizer, train, 1), tokenize_stream(tokenizer, held, 1))
+            Source(
+                name, tokenize_stream(tokenizer, train, 1), *stream_with_bytes(tokenizer, held, 1)
+            )
             for name, (train, held) in sorted(documents.items())
         ]
         mixture = cls(
@@ -435,6 +443,17 @@ class Mixture:
         if source not in by_name:
             raise ValueError(f"unknown source {source!r}; choose from {self.names}")
         return TokenDataset(np.asarray(by_name[source].heldout), self.token_byte_lengths)
+
+    def heldout_stream(self, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """([M_s] int32 held-out tokens, [M_s] int64 UTF-8 bytes per token) of `source`."""
+        by_name = {s.name: s for s in self.sources}
+        if source not in by_name:
+            raise ValueError(f"unknown source {source!r}; choose from {self.names}")
+        src = by_name[source]
+        tokens = np.asarray(src.heldout)
+        if src.heldout_bytes is None:
+            return tokens, self.token_byte_lengths[tokens]
+        return tokens, np.asarray(src.heldout_bytes, np.int64)
 
     def eval_batches(
         self,

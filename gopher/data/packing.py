@@ -5,6 +5,10 @@ Shapes:
     T: sequence length (tokens the model sees; it predicts T targets per window)
     N: length of the flat token stream (documents joined, each followed by EOS)
 
+Held-out text is scored by `eval_windows`: the same windows over the whole stream, the
+tail padded and masked, each target weighted by the UTF-8 bytes of the original text it
+stands for (`stream_with_bytes`, from `Tokenizer.encode_with_bytes`; EOS is 0 bytes).
+
 A window is T + 1 consecutive tokens: inputs are window[:, :-1], targets window[:, 1:].
 Consecutive windows overlap by one token (window i starts at i * T). That is the
 standard scheme because every token of the stream but the first is a target exactly
@@ -232,3 +236,62 @@ class TokenDataset:
         for k in range(num_batches):
             batch = self._windows(np.arange(k * batch_size, (k + 1) * batch_size), seq_len)
             yield batch, int(self.token_byte_lengths[batch[:, 1:]].sum())
+
+
+def stream_with_bytes(
+    tokenizer: Tokenizer, documents: Sequence[Document], num_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """([N] int32 tokens, [N] int32 bytes): the documents joined, each followed by EOS,
+    and each token's UTF-8 bytes of the original text (EOS 0), summing to the texts'."""
+    eos = np.array([tokenizer.eos_id], np.int32)
+    zero = np.zeros([1], np.int32)
+    tokens: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    for i in range(0, len(documents), 256):
+        texts = [d.text for d in documents[i : i + 256]]
+        for ids, n in tokenizer.encode_batch_with_bytes(texts, num_threads=num_threads):
+            tokens.extend((ids, eos))
+            lengths.extend((n, zero))
+    if not tokens:
+        return np.zeros([0], np.int32), np.zeros([0], np.int32)
+    return np.concatenate(tokens), np.concatenate(lengths)
+
+
+def eval_windows(
+    tokens: np.ndarray,
+    target_bytes: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Yields ([B, T+1] int32 windows, [B, T] bool target mask, UTF-8 bytes of the
+    unmasked targets), covering the stream in order: window i is tokens[i*T : i*T+T+1].
+
+    The last window and batch are padded (token 0, mask False), so a stream shorter than
+    one window is still scored and no target is dropped; masked targets count nothing.
+    `max_batches` caps the batches (the first ones).
+    """
+    tokens = np.asarray(tokens, np.int32)
+    target_bytes = np.asarray(target_bytes, np.int64)
+    if tokens.shape != target_bytes.shape:
+        raise ValueError(
+            f"tokens {tokens.shape} and target_bytes {target_bytes.shape} differ; pass the "
+            "byte counts of the same stream (stream_with_bytes)"
+        )
+    targets = max(0, len(tokens) - 1)
+    num_windows = -(-targets // seq_len)
+    num_batches = -(-num_windows // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    span = batch_size * seq_len
+    for k in range(num_batches):
+        window = np.zeros(span + 1, np.int32)
+        weight = np.zeros(span + 1, np.int64)
+        piece = tokens[k * span : (k + 1) * span + 1]
+        window[: len(piece)] = piece
+        weight[: len(piece)] = target_bytes[k * span : (k + 1) * span + 1]
+        mask = np.zeros(span + 1, bool)
+        mask[1 : len(piece)] = True  # the first token of the stream is never a target
+        index = np.arange(batch_size)[:, None] * seq_len + np.arange(seq_len + 1)  # [B, T+1]
+        targets_mask = mask[index[:, 1:]]  # [B, T]
+        yield window[index], targets_mask, int(weight[index[:, 1:]][targets_mask].sum())

@@ -9,7 +9,14 @@
 Every pipeline gives `next_batch(B, rows)` (this host's rows [lo, hi) of the next global
 batch of B sequences, [hi - lo, T+1] int32), `state()` / `restore()` (saved beside each
 checkpoint), `stats()` (per-source accounting for the logs), held-out
-windows per source with their UTF-8 byte counts, and a unigram baseline in bits per byte.
+windows per source, and a unigram baseline in bits per byte.
+
+Held-out windows come in batches of `train.eval_batch_size` sequences, whatever the
+training batch, so every source is scored at every model size: consecutive windows of
+T + 1 tokens over the source's whole held-out stream, the tail padded and masked, at
+most `train.eval_batches` batches, each with the UTF-8 bytes of the original text its
+unmasked targets stand for (bits per byte's denominator). A source with fewer tokens
+than one window is scored on what it has, with a warning.
 
 The stream is read in blocks of `train.batch_size` sequences: a batch of k times that
 (a batch schedule's later batch) is the next k blocks, so a run whose batch grows reads
@@ -28,7 +35,7 @@ import numpy as np
 
 from gopher import paths
 from gopher.config import DataConfig, ModelConfig, TrainConfig
-from gopher.data.packing import TokenDataset
+from gopher.data.packing import TokenDataset, eval_windows, stream_with_bytes
 from gopher.data.sources import (
     Document,
     stdlib_documents,
@@ -45,7 +52,9 @@ class Pipeline:
     state: Callable[[], dict]
     restore: Callable[[dict], None]
     stats: Callable[[], dict]
-    eval_sets: dict[str, list]  # source -> [(batch [B, T+1], target bytes)]
+    # source -> [(this process's rows [b, T+1] int32, their target mask [b, T] bool, UTF-8
+    # bytes of the whole eval batch's unmasked targets)], batches of train.eval_batch_size
+    eval_sets: dict[str, list]
     unigram_bpb: float
     summary: str
     fingerprint: str = ""  # sha256 of the data itself: every host of a job must agree
@@ -91,39 +100,58 @@ def _unigram(train_streams, eval_sets, vocab_size) -> float:
     windows = [w for ws in eval_sets.values() for w in ws]
     return unigram_bits_per_byte(
         np.concatenate([np.asarray(s) for s in train_streams]),
-        np.concatenate([w[:, 1:].ravel() for w, _ in windows]),
-        sum(n for _, n in windows),
+        np.concatenate([w[:, 1:][m] for w, m, _ in windows]),
+        sum(n for *_, n in windows),
         vocab_size,
     )
 
 
-def _no_eval_error(b, t):
+def _eval_set(source, tokens, target_bytes, train_cfg, seq_len, say) -> list:
+    """Global eval batches of one source's held-out stream; warns when it is short."""
+    n = len(tokens)
+    if n < 2:
+        say(f"warning: source {source!r} has {n} held-out tokens: not scored")
+        return []
+    if n < seq_len + 1:
+        say(
+            f"warning: source {source!r} has {n:,} held-out tokens, fewer than one window of "
+            f"seq_len + 1 = {seq_len + 1}; scored on those {n - 1:,} targets"
+        )
+    return list(
+        eval_windows(
+            tokens, target_bytes, train_cfg.eval_batch_size, seq_len, train_cfg.eval_batches
+        )
+    )
+
+
+def _no_eval_error(t):
     return ValueError(
-        f"the held-out split has fewer tokens than one eval batch of {b} x {t}; raise "
-        "--config.data.heldout_fraction or lower the batch size"
+        f"no source has a held-out split of 2 tokens or more to score at seq_len {t}; "
+        "raise --config.data.heldout_fraction"
     )
 
 
 def _local_windows(windows: list, rows) -> list:
-    """This process's rows of global held-out [B, T+1] windows, each kept with the UTF-8
-    bytes of the whole global batch's targets (every host reads the same windows)."""
+    """This process's rows of global held-out eval batches ([B, T+1] windows, [B, T]
+    masks), each kept with the UTF-8 bytes of the whole batch's targets (every host
+    reads the same windows)."""
     lo, hi = rows
-    return [(w[lo:hi], n) for w, n in windows]
+    return [(w[lo:hi], m[lo:hi], n) for w, m, n in windows]
 
 
-def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows) -> Pipeline:
+def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say) -> Pipeline:
     train_docs = _documents(data_cfg, "train")
     heldout_docs = _documents(data_cfg, "heldout")
     tokenizer = _tokenizer(data_cfg, model_cfg.vocab_size, workdir, train_docs)
     cache = data_cfg.cache_dir or _token_cache_dir(workdir)
     train_ds = TokenDataset.from_documents(tokenizer, train_docs, train_cfg.seed, cache)
-    heldout_ds = TokenDataset.from_documents(tokenizer, heldout_docs, train_cfg.seed, cache)
+    heldout_tokens, heldout_bytes = stream_with_bytes(tokenizer, heldout_docs)
     b, t = train_cfg.batch_size, model_cfg.seq_len
-    windows = list(heldout_ds.eval_batches(b, t, train_cfg.eval_batches))
+    windows = _eval_set(data_cfg.source, heldout_tokens, heldout_bytes, train_cfg, t, say)
     if not windows:
-        raise _no_eval_error(b, t)
+        raise _no_eval_error(t)
     unigram = _unigram([train_ds.tokens], {data_cfg.source: windows}, tokenizer.vocab_size)
-    eval_sets = {data_cfg.source: _local_windows(windows, rows)}
+    eval_sets = {data_cfg.source: _local_windows(windows, eval_rows)}
     position = {"step": 0}  # blocks of b sequences read
 
     def next_batch(global_batch, rows):  # this host's rows of the next global_batch // b blocks
@@ -144,11 +172,11 @@ def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows) -> Pipeline:
         stats=lambda: {f"data/{data_cfg.source}/tokens": position["step"] * b * t},
         eval_sets=eval_sets,
         unigram_bpb=unigram,
-        fingerprint=data_fingerprint(train_ds.tokens, heldout_ds.tokens),
+        fingerprint=data_fingerprint(train_ds.tokens, heldout_tokens, heldout_bytes),
         summary=(
             f"data: {data_cfg.source}, {len(train_docs)} train docs "
             f"({train_ds.num_tokens:,} tokens), {len(heldout_docs)} held-out docs "
-            f"({heldout_ds.num_tokens:,} tokens); unigram baseline {unigram:.3f} bits/byte"
+            f"({len(heldout_tokens):,} tokens); unigram baseline {unigram:.3f} bits/byte"
         ),
     )
 
@@ -229,19 +257,33 @@ def parse_weights(text: str) -> str | dict[str, float] | None:
     return weights
 
 
-def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pipeline:
+def _corpus_format(corpus_dir: str) -> str | None:
+    """The corpus's manifest format, or None when it has no manifest."""
+    from gopher.data.shards import load_manifest
+
+    if not paths.resolve(corpus_dir).joinpath("manifest.json").is_file():
+        return None
+    return load_manifest(corpus_dir).get("format", "?")
+
+
+def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say) -> Pipeline:
+    from gopher.data.build import FORMAT
     from gopher.data.mixture import Mixture
 
     weights = parse_weights(data_cfg.mixture)  # before a build: a typo should not cost one
     corpus_dir = data_cfg.corpus_dir or default_corpus_dir(model_cfg.vocab_size)
-    if not paths.resolve(corpus_dir).joinpath("manifest.json").is_file():
-        if data_cfg.corpus_dir:
-            raise ValueError(
-                f"corpus {corpus_dir!r} has no manifest.json; build it with `python -m "
-                f"experiments.prepare_data --out={corpus_dir} "
-                f"--vocab_size={model_cfg.vocab_size}`"
-            )
-        say(f"building the embedded corpus into {corpus_dir} (first run only, ~1 minute)")
+    found = _corpus_format(corpus_dir)
+    rebuild = f"`python -m experiments.prepare_data --out={corpus_dir} --vocab_size={model_cfg.vocab_size}`"
+    if found is None and data_cfg.corpus_dir:
+        raise ValueError(f"corpus {corpus_dir!r} has no manifest.json; build it with {rebuild}")
+    if found not in (None, FORMAT) and data_cfg.corpus_dir:
+        raise ValueError(
+            f"corpus {corpus_dir!r} has format {found!r}, not {FORMAT!r} (its held-out split "
+            f"and byte counts are older); rebuild it with {rebuild}"
+        )
+    if found != FORMAT:
+        why = "first run only" if found is None else f"its format {found!r} is not {FORMAT!r}"
+        say(f"building the embedded corpus into {corpus_dir} ({why}; a few minutes)")
         build_embedded_corpus(corpus_dir, model_cfg.vocab_size, log=say)
     b, t = train_cfg.batch_size, model_cfg.seq_len
     mix = Mixture.from_corpus(
@@ -253,14 +295,16 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say) -> Pip
         vocab_size=model_cfg.vocab_size,
     )
     eval_sets = {}
-    for source in mix.heldout_sources:
-        windows = list(mix.eval_dataset(source).eval_batches(b, t, train_cfg.eval_batches))
+    for source in mix.names:
+        windows = _eval_set(source, *mix.heldout_stream(source), train_cfg, t, say)
         if windows:
             eval_sets[source] = windows
     if not eval_sets:
-        raise _no_eval_error(b, t)
+        raise _no_eval_error(t)
     unigram = _unigram([s.train for s in mix.sources], eval_sets, mix.tokenizer.vocab_size)
-    eval_sets = {source: _local_windows(windows, rows) for source, windows in eval_sets.items()}
+    eval_sets = {
+        source: _local_windows(windows, eval_rows) for source, windows in eval_sets.items()
+    }
     manifest = mix.manifest or {}
     total = manifest.get("total", {})
     return Pipeline(
@@ -317,10 +361,13 @@ def build_pipeline(
     workdir: str,
     rows: tuple[int, int] | None = None,
     say=print,
+    eval_rows: tuple[int, int] | None = None,
 ) -> Pipeline:
     """The configured data; `rows` = [lo, hi): the global batch rows this process feeds
-    (default: all of them, one process)."""
+    (default: all of them, one process); `eval_rows`: the same for an eval batch of
+    `train_cfg.eval_batch_size` rows."""
     rows = rows or (0, train_cfg.batch_size)
+    eval_rows = eval_rows or (0, train_cfg.eval_batch_size)
     if data_cfg.source == "embedded":
-        return _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, say)
-    return _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows)
+        return _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say)
+    return _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say)

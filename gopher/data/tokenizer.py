@@ -179,6 +179,41 @@ class Tokenizer:
         threads = num_threads or os.cpu_count() or 1
         return self._sp.encode(list(texts), return_type="numpy", num_threads=threads)
 
+    def encode_with_bytes(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [n] int32, bytes_per_token [n] int32): each token's share of the UTF-8
+        bytes of the original `text` (before NFKC), so the shares sum to len(text.encode()).
+
+        From SentencePiece's proto pieces, whose `begin`/`end` are byte offsets into the
+        input: pieces of one input character that NFKC expanded ("½" -> "1⁄2") or that
+        byte fallback split take the character's bytes on one piece and 0 on the others.
+        """
+        ((ids, lengths),) = self.encode_batch_with_bytes([text], num_threads=1)
+        return ids, lengths
+
+    def encode_batch_with_bytes(
+        self, texts: Sequence[str], num_threads: int | None = None
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`encode_with_bytes` for many texts on `num_threads` threads (default: all cores)."""
+        from sentencepiece import sentencepiece_pb2
+
+        threads = num_threads or os.cpu_count() or 1
+        protos = self._sp.encode(list(texts), out_type="serialized_proto", num_threads=threads)
+        out = []
+        for text, blob in zip(texts, protos, strict=True):
+            pieces = sentencepiece_pb2.SentencePieceText.FromString(blob).pieces
+            n = len(pieces)
+            ids = np.fromiter((p.id for p in pieces), np.int32, count=n)
+            ends = np.fromiter((p.end for p in pieces), np.int64, count=n)  # [n]
+            # Bytes up to each piece's end, minus up to the previous one's: gaps (input
+            # the normaliser dropped) go to the next piece, so the total is exact.
+            ends = np.maximum.accumulate(ends) if n else ends
+            lengths = np.diff(ends, prepend=0).astype(np.int32)
+            total = len(text.encode("utf-8", "surrogatepass"))
+            if n and ends[-1] != total:
+                lengths[-1] += total - ends[-1]
+            out.append((ids, lengths))
+        return out
+
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._sp.decode([int(i) for i in ids])
 
