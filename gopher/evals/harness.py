@@ -1,0 +1,173 @@
+"""Task metrics and text bits per byte from a Scorer, and the table they are shown in.
+
+LAMBADA (kind "lambada"): each item's gold (context, final word) request. accuracy: the
+share of items whose every final-word token is the greedy argmax; perplexity: exp of
+the mean NLL per target token; perplexity_per_word: exp of the mean NLL per word.
+
+Multiple choice: every (context, continuation) of an item is scored and the highest
+wins: accuracy by raw sum log-likelihood, acc_per_token by log-likelihood per
+continuation token, acc_per_byte by log-likelihood per continuation UTF-8 byte (ties go
+to the first choice).
+
+Text: bits per byte (gopher/evals/scoring.py) at windows of 1x, 1.5x and 2x the
+model's seq_len, each with stride half its window: the model was trained at seq_len,
+so the longer windows test relative attention's extrapolation. Its "chance" is the bpb
+of a uniform distribution over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from gopher.evals.scoring import Request, Scorer
+
+WINDOW_FACTORS = (1.0, 1.5, 2.0)
+
+
+def _choices(item) -> list[Request]:
+    contexts, continuations = tuple(item.contexts), tuple(item.continuations)
+    if len(contexts) != len(continuations) or not continuations:
+        raise ValueError(
+            f"item {item.doc_id} has {len(contexts)} contexts for {len(continuations)} "
+            "continuations; give one context per choice"
+        )
+    if not 0 <= item.gold < len(continuations):
+        raise ValueError(f"item {item.doc_id} has gold {item.gold} outside its choices")
+    return [Request(c, k) for c, k in zip(contexts, continuations, strict=True)]
+
+
+def lambada_metrics(scores) -> dict:
+    """Metrics of the gold requests' scores (one per item)."""
+    nll = np.array([-s.logprob for s in scores], dtype=np.float64)
+    tokens = np.array([s.num_tokens for s in scores], dtype=np.float64)
+    return {
+        "accuracy": float(np.mean([s.greedy for s in scores])),
+        "perplexity": float(math.exp(nll.sum() / tokens.sum())),
+        "perplexity_per_word": float(math.exp(nll.mean())),
+        "tokens_per_word": float(tokens.mean()),
+    }
+
+
+def multiple_choice_metrics(golds: Sequence[int], scores_per_item) -> dict:
+    """Metrics of each item's choices' scores (a list per item) against its gold index."""
+    hits = {"accuracy": [], "acc_per_token": [], "acc_per_byte": []}
+    for gold, scores in zip(golds, scores_per_item, strict=True):
+        lp = np.array([s.logprob for s in scores], dtype=np.float64)
+        tokens = np.array([s.num_tokens for s in scores], dtype=np.float64)
+        nbytes = np.array([max(s.num_bytes, 1) for s in scores], dtype=np.float64)
+        hits["accuracy"].append(int(np.argmax(lp)) == gold)
+        hits["acc_per_token"].append(int(np.argmax(lp / tokens)) == gold)
+        hits["acc_per_byte"].append(int(np.argmax(lp / nbytes)) == gold)
+    return {name: float(np.mean(h)) for name, h in hits.items()}
+
+
+def evaluate_task(scorer: Scorer, task) -> dict:
+    """The task's metrics, with its split, item count, chance and time taken."""
+    if not task.items:
+        raise ValueError(f"task {task.name!r} has no items; check its file or --limit")
+    start, before = time.perf_counter(), (scorer.timings.compile_s, scorer.timings.run_s)
+    per_item = [_choices(item) for item in task.items]
+    if task.kind == "lambada":
+        requests = [choices[item.gold] for choices, item in zip(per_item, task.items, strict=True)]
+        scores = scorer.score_requests(requests)
+        metrics = lambada_metrics(scores)
+    elif task.kind == "multiple_choice":
+        flat = scorer.score_requests([r for choices in per_item for r in choices])
+        grouped, at = [], 0
+        for choices in per_item:
+            grouped.append(flat[at : at + len(choices)])
+            at += len(choices)
+        scores = flat
+        metrics = multiple_choice_metrics([item.gold for item in task.items], grouped)
+    else:
+        raise ValueError(
+            f"task {task.name!r} has kind {task.kind!r}; use lambada or multiple_choice"
+        )
+    return {
+        **metrics,
+        "chance": float(task.chance),
+        "items": len(task.items),
+        "split": task.split,
+        "kind": task.kind,
+        "truncated_requests": sum(1 for s in scores if s.truncated),
+        "compile_s": scorer.timings.compile_s - before[0],
+        "run_s": scorer.timings.run_s - before[1],
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def evaluate_text(
+    scorer: Scorer,
+    texts: Sequence[str],
+    factors: Sequence[float] = WINDOW_FACTORS,
+    stride_fraction: float = 0.5,
+) -> dict:
+    """bpb of the texts (each its own stream) at windows of each factor x seq_len."""
+    seq_len = scorer.model.model_cfg.seq_len
+    start, before = time.perf_counter(), (scorer.timings.compile_s, scorer.timings.run_s)
+    out: dict = {}
+    for factor in factors:
+        window = max(1, round(factor * seq_len))
+        stride = max(1, int(window * stride_fraction))
+        totals = scorer.bits_per_byte(texts, window, stride)
+        key = "bpb" if factor == 1 else f"bpb_{factor:g}x"
+        out[key] = totals["bpb"]
+        out[f"window{'' if factor == 1 else f'_{factor:g}x'}"] = window
+        out[f"stride{'' if factor == 1 else f'_{factor:g}x'}"] = stride
+        # Every window scores the same targets: one count of tokens and bytes.
+        out.update(tokens=totals["tokens"], bytes=totals["bytes"])
+    vocab = scorer.model.tokenizer.vocab_size
+    out["chance"] = out["tokens"] * math.log2(vocab) / out["bytes"]
+    out.update(
+        documents=len(texts),
+        split="heldout",
+        compile_s=scorer.timings.compile_s - before[0],
+        run_s=scorer.timings.run_s - before[1],
+        wall_s=time.perf_counter() - start,
+    )
+    return out
+
+
+def read_text_file(path: str) -> str:
+    """A text file named by --text_files, as one document."""
+    from gopher import paths
+
+    file = paths.resolve(path)
+    if not file.is_file():
+        raise ValueError(f"text file {path!r} does not exist; fix --text_files")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"text file {path!r} is not UTF-8; convert it or drop it") from None
+    if not text:
+        raise ValueError(f"text file {path!r} is empty; drop it from --text_files")
+    return text
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(results: dict) -> str:
+    """One row per task or text: its headline metric, the others, and chance."""
+    lines = [
+        "| task | split | items | metric | value | other metrics | chance |",
+        "|---|---|---:|---|---:|---|---:|",
+    ]
+    for name, r in results.items():
+        if "bpb" in r:
+            main, count = "bpb", f"{r['documents']} docs"
+            others = [k for k in r if k.startswith("bpb_")]
+        else:
+            main, count = "accuracy", str(r["items"])
+            others = [k for k in ("acc_per_token", "acc_per_byte", "perplexity") if k in r]
+        other = ", ".join(f"{k} {_fmt(r[k])}" for k in others)
+        lines.append(
+            f"| {name} | {r['split']} | {count} | {main} | {_fmt(r[main])} | {other} | "
+            f"{_fmt(r['chance'])} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,296 @@
+"""Log-likelihood scoring with a loaded model: (context, continuation) requests and text.
+
+Everything here reduces to rows: a row is input tokens, the target token after each,
+and a mask of the targets that count. Rows of mixed lengths are right-padded into a few
+length buckets (powers of two from 16, up to the row's cap) with the padding masked,
+stacked into batches whose row count is a multiple of `model.batch_multiple`, placed on
+`model.batch_sharding` (rows over the mesh's batch axes, as in training) and scored by
+one jitted program per (rows, length) shape: sum of the target NLLs and whether every
+target is the greedy argmax, per row. The model is causal, so right padding never
+changes the scores of the real tokens; only the [B] sums leave the devices.
+
+Requests. A request is scored as [EOS] + encode(context) + encode(continuation): the EOS
+stands for the end of the previous document (training streams join documents with EOS),
+so the first context token has a context too. Context and continuation are encoded
+*apart* and joined, so the scored tokens are exactly encode(continuation) and decode to
+the continuation (as the tokenizer normalises it, NFKC; ASCII is unchanged), the same
+tokens whichever context precedes them. Encoding the joined string instead can merge
+tokens across the boundary ("a cat " + "sat" joined gives "▁sat"; apart, "▁" + "sat"),
+so the continuation's tokens would depend on the context. Put the space before a word
+in the continuation (" sat"), as the tasks do. Rows longer than the model's seq_len run
+at their own length (relative attention has no position table) up to `max_len` (default
+4 x seq_len); past it, the first tokens of [EOS] + context are dropped (counted in
+`Score.truncated`).
+
+Text (bits per byte). Each document is its own stream s = [EOS] + encode(text) + [EOS]:
+every token of the text and the closing EOS is a target (the EOS decodes to 0 bytes).
+Windows of L input tokens start every `stride` tokens (default L // 2); the first
+window scores all its targets, each later one only the targets after those already
+scored, so every target is scored exactly once with at least L - stride tokens of
+context (except in the first window), and the last window may be short (padded and
+masked). bpb = sum NLL (nats) / (ln 2 * len(text.encode("utf-8"))): the text's own
+bytes, not those of the tokenizer's NFKC-normalised pieces.
+
+Single process: the per-row results are read back with np.asarray.
+
+Shape glossary:
+  B rows in a batch (a multiple of model.batch_multiple)   L row length (a bucket)
+  V vocabulary size   N targets of a document's stream (its tokens + 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gopher.inference import LoadedModel, pad_rows
+
+MIN_BUCKET = 16
+
+
+class Row(NamedTuple):
+    """One scored sequence: inputs [n] and the target after each [n] (int32), mask [n]."""
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    context: str
+    continuation: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    logprob: float  # sum of log p(token) over the continuation's tokens, nats
+    num_tokens: int  # the continuation's tokens
+    greedy: bool  # every continuation token is the argmax of its prediction
+    num_bytes: int  # UTF-8 bytes of the continuation
+    truncated: int = 0  # tokens of [EOS] + context dropped to fit max_len
+
+
+@dataclasses.dataclass
+class Timings:
+    compile_s: float = 0.0  # lowering + XLA compilation, one per batch shape
+    run_s: float = 0.0  # device execution, including the host -> device copies
+    compiles: int = 0
+    rows: int = 0  # real rows scored (padding rows not counted)
+    tokens: int = 0  # row positions run, padding included
+
+
+def bucket_length(n: int, cap: int) -> int:
+    """The padded length of a row of n tokens: the next power of two (>= 16), at most cap."""
+    if n > cap:
+        raise ValueError(f"row of {n} tokens is longer than its cap {cap}")
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), cap)
+
+
+def request_row(
+    context_ids: Sequence[int], continuation_ids: Sequence[int], eos_id: int, max_len: int
+) -> tuple[Row, int]:
+    """The row of [EOS] + context + continuation (at most max_len inputs), and the number
+    of leading tokens dropped to fit."""
+    if not continuation_ids:
+        raise ValueError("a request's continuation encodes to no tokens; give a non-empty one")
+    if len(continuation_ids) > max_len:
+        raise ValueError(
+            f"a continuation of {len(continuation_ids)} tokens does not fit max_len {max_len}; "
+            "raise max_len or shorten it"
+        )
+    seq = np.asarray([eos_id, *context_ids, *continuation_ids], dtype=np.int32)
+    dropped = max(0, len(seq) - (max_len + 1))
+    seq = seq[dropped:]
+    mask = np.zeros(len(seq) - 1, dtype=bool)
+    mask[-len(continuation_ids) :] = True
+    return Row(seq[:-1], seq[1:], mask), dropped
+
+
+def stream_windows(ids: Sequence[int], eos_id: int, window: int, stride: int) -> list[Row]:
+    """Rows covering the stream [EOS] + ids + [EOS]: every one of its len(ids) + 1 targets
+    is unmasked in exactly one row, rows hold at most `window` inputs."""
+    if window < 1 or not 1 <= stride <= window:
+        raise ValueError(
+            f"window {window} and stride {stride} need 1 <= stride <= window; "
+            "a stride past the window would skip targets"
+        )
+    s = np.concatenate([[eos_id], np.asarray(ids, dtype=np.int32), [eos_id]]).astype(np.int32)
+    n = len(s) - 1  # targets s[1:]
+    rows, scored, start = [], 0, 0
+    while scored < n:
+        end = min(start + window, n)  # this window's targets are s[start + 1 : end + 1]
+        positions = np.arange(start + 1, end + 1)
+        rows.append(Row(s[start:end], s[start + 1 : end + 1], positions > scored))
+        scored, start = end, start + stride
+    return rows
+
+
+def _row_sums(apply, params, tokens, targets, mask):
+    """tokens, targets [B, L] int32, mask [B, L] bool -> sum NLL [B] fp32, all greedy [B]."""
+    logits = apply(params, tokens).astype(jnp.float32)  # [B, L, V]
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jnp.where(mask, log_z - target_logit, 0.0)
+    greedy = (jnp.argmax(logits, axis=-1) == targets) | ~mask
+    return jnp.sum(nll, axis=1), jnp.all(greedy, axis=1)
+
+
+class Scorer:
+    """Scores rows, requests and texts with `model`, compiling once per batch shape.
+
+    batch_size: rows per batch at length seq_len; longer rows go fewer per batch (the
+    batch holds at most batch_size * seq_len positions), shorter ones no more.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        batch_size: int = 32,
+        max_len: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        seq_len = model.model_cfg.seq_len
+        self.max_len = 4 * seq_len if max_len is None else max_len
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be >= 1; pass e.g. --batch_size=32")
+        if self.max_len < 1:
+            raise ValueError(f"max_len {self.max_len} must be >= 1")
+        self.model = model
+        self.multiple = model.batch_multiple
+        self.batch_size = -(-batch_size // self.multiple) * self.multiple
+        self.budget = self.batch_size * seq_len  # positions per batch
+        self.log = log
+        self.timings = Timings()
+        self._programs: dict[tuple[int, int], Callable] = {}
+        self._fn = jax.jit(lambda p, t, y, m: _row_sums(model.apply, p, t, y, m))
+
+    def _program(self, rows: int, length: int):
+        key = (rows, length)
+        if key not in self._programs:
+            t0 = time.perf_counter()
+            sharding = self.model.batch_sharding
+            shapes = [
+                jax.ShapeDtypeStruct((rows, length), dtype, sharding=sharding)
+                for dtype in (jnp.int32, jnp.int32, jnp.bool_)
+            ]
+            self._programs[key] = self._fn.lower(self.model.params, *shapes).compile()
+            self.timings.compile_s += time.perf_counter() - t0
+            self.timings.compiles += 1
+        return self._programs[key]
+
+    def _rows_per_batch(self, length: int, count: int) -> int:
+        full = max(self.multiple, (self.budget // length) // self.multiple * self.multiple)
+        full = min(full, self.batch_size)
+        if count >= full:
+            return full
+        # A bucket's last, partial batch: a power of two times the multiple (few shapes).
+        rows = self.multiple
+        while rows < count:
+            rows *= 2
+        return min(rows, full)
+
+    def score_rows(self, rows: Sequence[Row], cap: int | None = None) -> tuple[np.ndarray, ...]:
+        """(sum NLL [R] float64, target count [R] int64, all greedy [R] bool) of each row.
+
+        cap: the longest bucket (default max_len); rows must not be longer.
+        """
+        cap = self.max_len if cap is None else cap
+        nll = np.zeros(len(rows), dtype=np.float64)
+        greedy = np.zeros(len(rows), dtype=bool)
+        count = np.array([int(r.mask.sum()) for r in rows], dtype=np.int64)
+        buckets: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            buckets.setdefault(bucket_length(len(r.inputs), cap), []).append(i)
+        done = 0
+        for length in sorted(buckets):
+            members = buckets[length]
+            start = 0
+            while start < len(members):
+                b = self._rows_per_batch(length, len(members) - start)
+                chunk = members[start : start + b]
+                arrays = np.zeros((3, len(chunk), length), dtype=np.int32)
+                for j, i in enumerate(chunk):
+                    n = len(rows[i].inputs)
+                    arrays[0, j, :n] = rows[i].inputs
+                    arrays[1, j, :n] = rows[i].targets
+                    arrays[2, j, :n] = rows[i].mask
+                tokens, targets, mask = (pad_rows(a, b) for a in arrays)
+                program = self._program(b, length)
+                t0 = time.perf_counter()
+                put = [jax.device_put(a, self.model.batch_sharding) for a in (tokens, targets)]
+                put.append(jax.device_put(mask.astype(bool), self.model.batch_sharding))
+                sums, all_greedy = program(self.model.params, *put)
+                nll[chunk] = np.asarray(sums)[: len(chunk)]
+                greedy[chunk] = np.asarray(all_greedy)[: len(chunk)]
+                self.timings.run_s += time.perf_counter() - t0
+                self.timings.tokens += b * length
+                start += len(chunk)
+                done += len(chunk)
+                if self.log:
+                    self.log(f"scored {done}/{len(rows)} rows (length {length}, {b} per batch)")
+        self.timings.rows += len(rows)
+        return nll, count, greedy
+
+    def score_requests(self, requests: Sequence[Request]) -> list[Score]:
+        """Log-likelihood of each continuation given its context (see the module docstring)."""
+        tok = self.model.tokenizer
+        if not requests:
+            return []
+        contexts = tok.encode_batch([r.context for r in requests])
+        continuations = tok.encode_batch([r.continuation for r in requests])
+        built = [
+            request_row(c, k, tok.eos_id, self.max_len)
+            for c, k in zip(contexts, continuations, strict=True)
+        ]
+        nll, count, greedy = self.score_rows([row for row, _ in built])
+        return [
+            Score(
+                logprob=-float(nll[i]),
+                num_tokens=int(count[i]),
+                greedy=bool(greedy[i]),
+                num_bytes=len(r.continuation.encode("utf-8")),
+                truncated=built[i][1],
+            )
+            for i, r in enumerate(requests)
+        ]
+
+    def text_nll(
+        self, texts: Sequence[str], window: int, stride: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(sum NLL in nats [D], targets scored [D]) of each text as its own stream."""
+        stride = window // 2 if stride is None else stride
+        tok = self.model.tokenizer
+        owners, rows = [], []
+        for d, ids in enumerate(tok.encode_batch(list(texts))):
+            windows = stream_windows(ids, tok.eos_id, window, stride)
+            rows.extend(windows)
+            owners.extend([d] * len(windows))
+        nll, count, _ = self.score_rows(rows, cap=window)
+        owners = np.asarray(owners, dtype=np.int64)
+        return (
+            np.bincount(owners, weights=nll, minlength=len(texts)),
+            np.bincount(owners, weights=count, minlength=len(texts)).astype(np.int64),
+        )
+
+    def bits_per_byte(
+        self, texts: Sequence[str], window: int, stride: int | None = None
+    ) -> dict[str, float]:
+        """bpb of the texts together, with the totals it is made of."""
+        nll, count = self.text_nll(texts, window, stride)
+        num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        if num_bytes == 0:
+            raise ValueError("the texts hold no bytes; bits per byte needs some text")
+        return {
+            "bpb": float(nll.sum() / (math.log(2) * num_bytes)),
+            "nll_nats": float(nll.sum()),
+            "tokens": int(count.sum()),
+            "bytes": int(num_bytes),
+        }

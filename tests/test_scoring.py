@@ -1,0 +1,249 @@
+"""Scoring against independent oracles: a bigram table (closed form in numpy) wrapped as a
+model, and a real randomly initialised Gopher scored one request at a time on one device."""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gopher import sharding
+from gopher.config import DataConfig, ParallelConfig, get_preset
+from gopher.data.pipeline import heldout_documents
+from gopher.data.sources import stdlib_documents
+from gopher.data.tokenizer import Tokenizer
+from gopher.evals import harness
+from gopher.evals.scoring import Request, Scorer, request_row, stream_windows
+from gopher.evals.tasks import Item, Task
+from gopher.inference import LoadedModel, from_params
+from gopher.model import build_forward
+
+VOCAB = 512
+CFG = get_preset("test")  # seq_len 64, vocab 512
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    docs = stdlib_documents("train", 0.05)[:400]
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    return Tokenizer.train([d.text for d in docs], VOCAB, path, sample_bytes=300_000)
+
+
+def _bigram_table(seed=0, favour=()):
+    table = np.random.default_rng(seed).normal(0, 2.0, (VOCAB, VOCAB)).astype(np.float32)
+    for a, b in favour:  # make b the greedy choice after a
+        table[a, b] = table[a].max() + 5.0
+    return table
+
+
+def _bigram_model(tokenizer, table, parallel: ParallelConfig | None = None) -> LoadedModel:
+    mesh = sharding.make_mesh(parallel or ParallelConfig(data=8))
+    params = jax.device_put(table, NamedSharding(mesh, P()))
+    return LoadedModel(CFG, params, lambda p, tokens: p[tokens], tokenizer, mesh)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _log_probs(table):
+    return _log_softmax(table)  # row a: log p(next | a)
+
+
+def _oracle_request(tokenizer, table, context, continuation):
+    """(sum log p, tokens, greedy) of the continuation under the bigram, in float64."""
+    lp = _log_probs(table)
+    ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
+    seq = [tokenizer.eos_id, *ctx, *cont]
+    pos = range(len(seq) - len(cont), len(seq))
+    total = sum(lp[seq[i - 1], seq[i]] for i in pos)
+    greedy = all(int(np.argmax(table[seq[i - 1]])) == seq[i] for i in pos)
+    return total, len(cont), greedy
+
+
+def _oracle_text_nll(tokenizer, table, text):
+    lp = _log_probs(table)
+    s = [tokenizer.eos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    return -sum(lp[a, b] for a, b in zip(s[:-1], s[1:], strict=False)), len(s) - 1
+
+
+REQUESTS = [
+    Request("The quick brown fox", " jumps over the lazy dog."),
+    Request("def f(x):\n    return", " x + 1"),
+    Request("", "A continuation with no context."),
+    Request("Question: what is 2 + 2?\nAnswer:", " 4"),
+    Request("x" * 300, " tail past max_len"),  # longer than 4 x seq_len tokens: truncated
+]
+
+
+def test_bigram_requests_match_closed_form(tokenizer):
+    favoured = Request("Question: what is 2 + 2?\nAnswer:", " four")
+    seq = [tokenizer.eos_id, *tokenizer.encode(favoured.context)]
+    seq += tokenizer.encode(favoured.continuation)
+    table = _bigram_table(favour=list(zip(seq[:-1], seq[1:], strict=False)))
+    scorer = Scorer(_bigram_model(tokenizer, table), batch_size=4)
+    requests = [*REQUESTS, favoured] * 3  # 18 rows: full and partial batches
+    scores = scorer.score_requests(requests)
+    for r, s in zip(requests, scores, strict=True):
+        want, n, greedy = _oracle_request(tokenizer, table, r.context, r.continuation)
+        assert s.num_tokens == n and s.num_bytes == len(r.continuation.encode())
+        np.testing.assert_allclose(s.logprob, want, rtol=1e-5)
+        assert s.greedy == greedy
+    assert scores[-1].greedy and not scores[0].greedy
+    assert scores[4].truncated > 0 and scores[0].truncated == 0  # the 300-x context
+
+
+def test_scored_tokens_decode_to_the_continuation(tokenizer):
+    joins = [("The value is ", "returned"), ("in", "to")]
+    for r in [*REQUESTS, *(Request(c, k) for c, k in joins)]:
+        row, _ = request_row(
+            tokenizer.encode(r.context), tokenizer.encode(r.continuation), tokenizer.eos_id, 256
+        )
+        assert tokenizer.decode(row.targets[row.mask]) == r.continuation
+    # Why apart: encoding the joined string merges across the boundary on real examples.
+    for context, continuation in joins:  # joined: "▁return" "ed" and "int" "o"
+        joined = tokenizer.encode(context + continuation)
+        assert joined != tokenizer.encode(context) + tokenizer.encode(continuation)
+
+
+def _task(name, kind, items):
+    chance = 0.0 if kind == "lambada" else float(np.mean([1 / len(i.continuations) for i in items]))
+    return Task(name, kind, tuple(items), chance, "hand-made", "test", "test")
+
+
+def test_bigram_task_metrics_match_closed_form(tokenizer):
+    table = _bigram_table(seed=1)
+    scorer = Scorer(_bigram_model(tokenizer, table), batch_size=8)
+    contexts = ["The sky is", "Water is", "A cat says", "def main():\n   ", "Snow is", "Ice is"]
+    choices = [(" blue", " green", " made of cheese"), (" wet", " dry"), (" meow", " woof", " x")]
+    items = [
+        Item(i, (c,) * len(k), k, gold=i % len(k))
+        for i, (c, k) in enumerate(zip(contexts, choices * 2, strict=True))
+    ]
+    got = harness.evaluate_task(scorer, _task("mc", "multiple_choice", items))
+    hits = {"accuracy": [], "acc_per_token": [], "acc_per_byte": []}
+    for item in items:
+        lp, tokens, nbytes = [], [], []
+        for c, k in zip(item.contexts, item.continuations, strict=True):
+            total, n, _ = _oracle_request(tokenizer, table, c, k)
+            lp.append(total), tokens.append(n), nbytes.append(len(k.encode()))
+        hits["accuracy"].append(np.argmax(lp) == item.gold)
+        hits["acc_per_token"].append(np.argmax(np.divide(lp, tokens)) == item.gold)
+        hits["acc_per_byte"].append(np.argmax(np.divide(lp, nbytes)) == item.gold)
+    for name, h in hits.items():
+        assert got[name] == pytest.approx(np.mean(h)), name
+    assert got["items"] == len(items) and got["chance"] == pytest.approx(
+        (1 / 3 + 1 / 2 + 1 / 3) / 3
+    )
+
+    words = [("It was a dark and stormy", " night"), ("She opened the", " door")]
+    seq = [tokenizer.eos_id, *tokenizer.encode(words[0][0]), *tokenizer.encode(words[0][1])]
+    table = _bigram_table(
+        seed=2, favour=list(zip(seq[:-1], seq[1:], strict=False))
+    )  # only the first right
+    scorer = Scorer(_bigram_model(tokenizer, table), batch_size=8)
+    got = harness.evaluate_task(
+        scorer,
+        _task("lambada", "lambada", [Item(i, (c,), (w,), 0) for i, (c, w) in enumerate(words)]),
+    )
+    oracle = [_oracle_request(tokenizer, table, c, w) for c, w in words]
+    nll, tokens = -sum(o[0] for o in oracle), sum(o[1] for o in oracle)
+    assert got["accuracy"] == pytest.approx(np.mean([o[2] for o in oracle])) == 0.5
+    assert got["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert got["perplexity_per_word"] == pytest.approx(math.exp(nll / len(words)), rel=1e-5)
+
+
+def test_windows_score_every_target_exactly_once():
+    ids = np.arange(10, 10 + 57, dtype=np.int32)
+    eos = 2
+    stream = np.concatenate([[eos], ids, [eos]])
+    for window, stride in [(16, 8), (16, 16), (16, 1), (16, 5), (64, 32), (100, 50), (1, 1)]:
+        rows = stream_windows(ids, eos, window, stride)
+        targets = np.concatenate([r.targets[r.mask] for r in rows])
+        np.testing.assert_array_equal(targets, stream[1:])  # each once, in order
+        for r in rows:
+            assert len(r.inputs) <= window and r.mask[-1]  # rows end at their last new target
+            np.testing.assert_array_equal(r.targets[:-1], r.inputs[1:])
+    with pytest.raises(ValueError, match="stride"):
+        stream_windows(ids, eos, 16, 17)
+
+
+def test_bigram_bpb_uses_the_texts_own_bytes(tokenizer):
+    texts = [
+        "Non\u00a0breaking space, caf" + "e\u0301" + " and \u00bd a cup.\n" * 3,
+        "def area(r):\n    return 3.14159 * r * r  # \u00bd\u00a0" * 9,
+        "short",
+    ]
+    for t in texts[:2]:  # NFKC changes these texts' byte length: the tokens cannot count it
+        assert len(unicodedata.normalize("NFKC", t).encode()) != len(t.encode())
+    lengths = tokenizer.token_byte_lengths()
+    table = _bigram_table(seed=3)
+    oracle = [_oracle_text_nll(tokenizer, table, t) for t in texts]
+    num_bytes = sum(len(t.encode()) for t in texts)
+    assert num_bytes != sum(lengths[tokenizer.encode(t)].sum() for t in texts)
+    want = sum(o[0] for o in oracle) / (math.log(2) * num_bytes)
+    scorer = Scorer(_bigram_model(tokenizer, table, ParallelConfig(data=4, model=2)), batch_size=4)
+    for window, stride in [(64, 32), (96, 48), (128, 64), (16, 3), (40, 40)]:
+        got = scorer.bits_per_byte(texts, window, stride)
+        assert got["bpb"] == pytest.approx(want, rel=1e-5)
+        assert got["tokens"] == sum(o[1] for o in oracle) and got["bytes"] == num_bytes
+    nll, count = scorer.text_nll(texts, 32, 7)
+    np.testing.assert_allclose(nll, [o[0] for o in oracle], rtol=1e-5)
+    np.testing.assert_array_equal(count, [o[1] for o in oracle])
+
+
+def test_split_bytes_add_up(tokenizer):
+    data = DataConfig(source="stdlib", heldout_fraction=0.01)
+    docs = [d for docs in heldout_documents(CFG, data, "").values() for d in docs][:60]
+    texts = [d.text for d in docs]
+    scorer = Scorer(_bigram_model(tokenizer, _bigram_table(seed=4)), batch_size=32)
+    got = harness.evaluate_text(scorer, texts)
+    assert got["bytes"] == sum(len(d.text.encode("utf-8")) for d in docs)
+    assert got["tokens"] == sum(len(ids) + 1 for ids in tokenizer.encode_batch(texts))
+    assert got["bpb"] == pytest.approx(got["bpb_1.5x"], rel=1e-5)  # a bigram: any window
+    assert (got["window"], got["window_1.5x"], got["window_2x"]) == (64, 96, 128)
+    assert got["stride"] == 32 and got["documents"] == len(docs)
+
+
+def test_gopher_sharded_scores_equal_one_at_a_time(tokenizer):
+    """Random `test` Gopher on a (4, 2) data x model mesh: batched, bucketed and padded
+    scores of mixed lengths (some past seq_len 64, one past max_len 256) equal each
+    request alone, unpadded, on one device."""
+    forward = build_forward(CFG)
+    params = forward.init(jax.random.key(0), np.zeros((1, 8), np.int32))
+    cpu0 = jax.devices()[0]
+    one_params = jax.device_put(jax.device_get(params), cpu0)
+    mesh = sharding.make_mesh(ParallelConfig(data=4, model=2))
+    model = from_params(CFG, params, tokenizer, mesh)
+    words = ["the", "model", "runs", "past", "its", "training", "length", "with", "relative"]
+    requests = [
+        Request(" ".join(words[: 1 + i % len(words)]) * (1 + 3 * i), " " + words[i % len(words)])
+        for i in range(9)
+    ] + REQUESTS
+    scorer = Scorer(model, batch_size=4)
+    scores = scorer.score_requests(requests)
+    lengths = [len(tokenizer.encode(r.context + r.continuation)) for r in requests]
+    assert min(lengths) < 16 and any(64 < n < 256 for n in lengths) and max(lengths) > 256
+    one_device = jax.jit(forward.apply)  # committed to cpu0 by its arguments
+    for r, s in zip(requests, scores, strict=True):
+        cont = tokenizer.encode(r.continuation)
+        seq = np.array([tokenizer.eos_id, *tokenizer.encode(r.context), *cont], np.int32)
+        seq = seq[-(4 * CFG.seq_len + 1) :]
+        logits = np.asarray(one_device(one_params, jax.device_put(seq[None, :-1], cpu0)))[
+            0, -len(cont) :
+        ]
+        want = _log_softmax(logits)[np.arange(len(cont)), cont].sum()
+        np.testing.assert_allclose(s.logprob, want, rtol=1e-5)
+        assert s.greedy == all(np.argmax(logits, 1) == cont) and s.num_tokens == len(cont)
+    assert scorer.timings.compiles <= 8  # a few buckets, not one program per length
+    text = " ".join(words * 20)
+    for stride in (32, 17, 64):
+        _, count = scorer.text_nll([text, "tail"], 64, stride)
+        assert list(count) == [len(tokenizer.encode(text)) + 1, len(tokenizer.encode("tail")) + 1]
