@@ -223,14 +223,21 @@ def test_gopher_sharded_scores_equal_one_at_a_time(tokenizer):
     mesh = sharding.make_mesh(ParallelConfig(data=4, model=2))
     model = from_params(CFG, params, tokenizer, mesh)
     words = ["the", "model", "runs", "past", "its", "training", "length", "with", "relative"]
-    requests = [
-        Request(" ".join(words[: 1 + i % len(words)]) * (1 + 3 * i), " " + words[i % len(words)])
-        for i in range(9)
-    ] + REQUESTS
+    fox = "The quick brown fox jumps over the lazy"
+    # Four lengths (one oracle compile each) in four buckets, rows sharing a bucket.
+    requests = [Request("the", " model")]
+    requests += [Request(fox, end) for end in (" dog.", " fog.", " log.")]
+    requests += [Request(" ".join(words[:3]) * 7, " dog.")]  # past seq_len
+    requests += [Request(" ".join(words) * 19, end) for end in (" dog.", " fog.")]  # past max_len
     scorer = Scorer(model, batch_size=4)
     scores = scorer.score_requests(requests)
-    lengths = [len(tokenizer.encode(r.context + r.continuation)) for r in requests]
-    assert min(lengths) < 16 and any(64 < n < 256 for n in lengths) and max(lengths) > 256
+    lengths = [
+        1 + len(tokenizer.encode(r.context)) + s.num_tokens
+        for r, s in zip(requests, scores, strict=True)
+    ]
+    assert lengths[0] < 16 and lengths[1] == lengths[3] < 64 and 64 < lengths[4] <= 128
+    assert lengths[5] == lengths[6] > 257 and scores[5].truncated == lengths[5] - 257
+    assert scorer.timings.compiles == 4  # one program per bucket, not per length
     one_device = jax.jit(forward.apply)  # committed to cpu0 by its arguments
     for r, s in zip(requests, scores, strict=True):
         cont = tokenizer.encode(r.continuation)
@@ -242,8 +249,7 @@ def test_gopher_sharded_scores_equal_one_at_a_time(tokenizer):
         want = _log_softmax(logits)[np.arange(len(cont)), cont].sum()
         np.testing.assert_allclose(s.logprob, want, rtol=1e-5)
         assert s.greedy == all(np.argmax(logits, 1) == cont) and s.num_tokens == len(cont)
-    assert scorer.timings.compiles <= 8  # a few buckets, not one program per length
-    text = " ".join(words * 20)
+    text = " ".join(words * 8)
     for stride in (32, 17, 64):
         _, count = scorer.text_nll([text, "tail"], 64, stride)
         assert list(count) == [len(tokenizer.encode(text)) + 1, len(tokenizer.encode("tail")) + 1]

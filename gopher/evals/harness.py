@@ -132,22 +132,6 @@ def evaluate_text(
     return out
 
 
-def read_text_file(path: str) -> str:
-    """A text file named by --text_files, as one document."""
-    from gopher import paths
-
-    file = paths.resolve(path)
-    if not file.is_file():
-        raise ValueError(f"text file {path!r} does not exist; fix --text_files")
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"text file {path!r} is not UTF-8; convert it or drop it") from None
-    if not text:
-        raise ValueError(f"text file {path!r} is empty; drop it from --text_files")
-    return text
-
-
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
