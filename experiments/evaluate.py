@@ -96,7 +96,7 @@ def evaluate() -> dict:
         raise ValueError("evaluate runs in one process; start it on one host only")
     model = inference.load(_WORKDIR.value, step=_STEP.value)
     say(f"loaded step {model.step} of {_WORKDIR.value} in {time.perf_counter() - t0:.1f} s")
-    scorer = Scorer(model, batch_size=_BATCH_SIZE.value, log=None)
+    scorer = Scorer(model, batch_size=_BATCH_SIZE.value, log=_throttled(say, 10.0))
     results: dict = {}
     for name, task in loaded.items():
         say(f"{name}: {len(task.items)} items ({task.split})")
@@ -125,6 +125,18 @@ def evaluate() -> dict:
     if _OUT.value:
         paths.write_atomic(_OUT.value, data)
     return results
+
+
+def _throttled(log, every_s: float):
+    """log, at most once every `every_s` seconds (progress of long tasks)."""
+    last = [time.perf_counter()]
+
+    def maybe(message: str) -> None:
+        if time.perf_counter() - last[0] >= every_s:
+            last[0] = time.perf_counter()
+            log(f"  {message}")
+
+    return maybe
 
 
 def _say_done(name: str, r: dict) -> None:
