@@ -264,7 +264,10 @@ def generate_with_details(
 ) -> Generation:
     """Samples up to `max_new_tokens` after each prompt; see `generate`."""
     tok = model.tokenizer
-    if prompts and all(isinstance(p, str) for p in prompts):
+    strings = [isinstance(p, str) for p in prompts]
+    if any(strings) and not all(strings):
+        raise ValueError("prompts mix strings and token lists; pass one kind")
+    if prompts and all(strings):
         prefix = [tok.eos_id] if start_of_document else []
         prompts = [prefix + tok.encode(p) for p in prompts]
     prompts = [[int(t) for t in p] for p in prompts]

@@ -240,6 +240,7 @@ def test_stop_string_ends_a_row_and_streaming_shows_the_text_before_it(one):
         (dict(prompts=[[]]), "prompt 0 has no tokens"),
         (dict(prompts=[[1, 9999]]), "outside [0, 512)"),
         (dict(stop=[""]), "empty one"),
+        (dict(prompts=["ab", [1, 2]]), "mix strings and token lists"),
     ],
 )
 def test_bad_arguments_are_one_line_value_errors(one, kw, message):
