@@ -110,7 +110,7 @@ def main(argv):
             f"jitted once at length {length} rerun on the growing sequence; compile excluded, "
             f"best of {_REPEATS.value}"
         ),
-        "command": "python -m experiments.bench_sample " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m experiments.bench_sample", *sys.argv[1:]]),
         "context": context,
         "new_tokens": new,
         "prefill_seconds": round(t_prefill, 4),
