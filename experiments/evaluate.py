@@ -11,8 +11,9 @@ held-out split of each of the run's data sources, and each --text_files file as 
 document, in bits per byte at windows of 1x, 1.5x and 2x the model's seq_len.
 
 Prints a markdown table (task, split, items, metrics, chance) or, with --json, one JSON
-object {task: {"accuracy" or "bpb", "chance", other metrics}}; writes the same results
-with the step and timings to WORKDIR/eval/step_<N>.json (and to --out). Progress and
+object {task: {"accuracy" or "bpb", "chance", other metrics}}; writes them with the step
+and timings to --out, and into WORKDIR/eval/step_<N>.json (which keeps the results of
+earlier runs for other tasks at that step). Progress and
 compile vs run time go to stderr. Exit status 2 on bad input (one line `error: ...`).
 """
 
@@ -120,10 +121,17 @@ def evaluate() -> dict:
         f"{timings['total_s']:.1f} s (with loading and tokenising)"
     )
     record = {"step": model.step, "workdir": _WORKDIR.value, "tasks": results, "timings": timings}
-    data = (json.dumps(record, indent=1) + "\n").encode()
-    paths.write_atomic(paths.join(_WORKDIR.value, "eval", f"step_{model.step}.json"), data)
     if _OUT.value:
-        paths.write_atomic(_OUT.value, data)
+        paths.write_atomic(_OUT.value, (json.dumps(record, indent=1) + "\n").encode())
+    # The step's file keeps earlier runs' results for other tasks (this run's replace its own).
+    step_file = paths.resolve(paths.join(_WORKDIR.value, "eval", f"step_{model.step}.json"))
+    try:
+        earlier = json.loads(step_file.read_text())["tasks"] if step_file.exists() else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        say(f"warning: {step_file} is unreadable; it is rewritten with this run's results")
+        earlier = {}
+    record = dict(record, tasks={**earlier, **results})
+    paths.write_atomic(str(step_file), (json.dumps(record, indent=1) + "\n").encode())
     return results
 
 

@@ -133,3 +133,5 @@ def test_trained_model_scores_gold_through_the_command(tmp_path):
     table = _run("-m", "experiments.evaluate", f"--workdir={workdir}", f"--tasks=file:{task}")
     assert table.returncode == 0, table.stderr[-3000:]
     assert "| sentences | user | 8 | accuracy | 1.0000 |" in table.stdout
+    merged = json.loads((tmp_path / "run" / "eval" / "step_300.json").read_text())["tasks"]
+    assert merged.keys() == printed.keys()  # the second run kept the first run's results
