@@ -172,7 +172,7 @@ def _half_of_training(batch_size: int, seq_len: int = 2048) -> int:
     return -(-TRAIN_TOKENS // 2 // (batch_size * seq_len))
 
 
-# Gopher Table 1, exactly. Batch sizes are 2048-token sequences (GOPHER.md "Training":
+# Gopher Table 1, exactly. Batch sizes are 2048-token sequences (Rae et al. 2021, "Training":
 # 0.25M is 2^18 = 128 x 2048 tokens, 2M is 1024 x 2048, 3M -> 6M is 1536 -> 3072); the
 # 280b batch doubles midway. Precision: fp32 parameters with bf16 activations below
 # 7.1B, bf16 parameters with stochastic rounding for 7.1B and Gopher (App. C).

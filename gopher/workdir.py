@@ -30,6 +30,7 @@ MUTABLE = {
         "log_every",
         "eval_every",
         "eval_batches",
+        "eval_batch_size",
         "checkpoint_every",
         "max_to_keep",
         "async_checkpoint",

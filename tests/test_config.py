@@ -7,7 +7,7 @@ from gopher import config
 
 def test_table_one_exactly():
     # (layers, heads, key_size, d_model, max_lr, batch in 2048-token sequences, clip) from
-    # GOPHER.md: 0.25M / 2M / 3M tokens are 128 / 1024 / 1536 sequences.
+    # Rae et al. 2021, Table 1: 0.25M / 2M / 3M tokens are 128 / 1024 / 1536 sequences.
     table = {
         "44m": (8, 16, 32, 512, 6e-4, 128, 1.0),
         "117m": (12, 12, 64, 768, 6e-4, 128, 1.0),

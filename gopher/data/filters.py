@@ -3,7 +3,7 @@
 Shapes: m is the number of words in a document, n an n-gram length, K the number of
 MinHash functions (= bands * rows).
 
-Rules and thresholds are Gopher's (Rae et al. 2021, App. A.1.1; GOPHER.md), applied in
+Rules and thresholds are Gopher's (Rae et al. 2021, App. A.1.1), applied in
 the paper's order; a document is attributed to the first rule it fails, so each removed
 document is counted once. Definitions where the paper leaves a choice:
 
@@ -33,7 +33,7 @@ document is counted once. Definitions where the paper leaves a choice:
 Deduplication runs over all sources together in a fixed order (the first document
 wins): exact duplicates by SHA-256 of the text, then near duplicates by MinHash-LSH on
 word 13-grams. Two documents are near duplicates when the exact Jaccard similarity of
-their 13-gram sets is >= 0.8 (the paper's threshold; not in GOPHER.md). LSH with
+their 13-gram sets is >= 0.8 (the paper's threshold). LSH with
 16 bands x 8 rows (K = 128 hash functions) proposes candidates: a pair at Jaccard 0.8
 becomes a candidate with probability 1 - (1 - 0.8^8)^16 = 0.95, at 0.85 with 0.997;
 candidates are then checked exactly, so no pair below the threshold is ever removed.
@@ -62,7 +62,7 @@ _PARAGRAPH_SPLIT_RE = re.compile(r"\n[ \t\r\f\v]*\n")
 
 @dataclasses.dataclass(frozen=True)
 class QualityThresholds:
-    """Gopher's quality filter (GOPHER.md, MassiveText)."""
+    """Gopher's quality filter (Rae et al. 2021, App. A.1.1)."""
 
     min_words: int = 50
     max_words: int = 100_000
@@ -77,7 +77,7 @@ class QualityThresholds:
 
 @dataclasses.dataclass(frozen=True)
 class RepetitionThresholds:
-    """Gopher's repetition removal (GOPHER.md, MassiveText)."""
+    """Gopher's repetition removal (Rae et al. 2021, App. A.1.1)."""
 
     max_dup_line_fraction: float = 0.30
     max_dup_paragraph_fraction: float = 0.30

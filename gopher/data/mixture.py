@@ -53,7 +53,7 @@ from gopher.data.packing import TokenDataset
 from gopher.data.sources import Document
 from gopher.data.tokenizer import Tokenizer
 
-# MassiveText's sampling proportions (Gopher Table A1 / GOPHER.md).
+# MassiveText's sampling proportions (Gopher Table A1).
 MASSIVETEXT_WEIGHTS = {
     "massiveweb": 0.48,
     "books": 0.27,
