@@ -188,11 +188,8 @@ def _run_overrides(cfg, size, model, batch, steps, warmup, lr, seed) -> tuple:
     out["train.eval_every"] = every
     out["train.log_every"] = max(1, min(10, every))
     out["train.checkpoint_every"] = max(every, 1)
-    for key, value in cfg.overrides:
+    for key, value in (*cfg.overrides, *size.overrides):
         out[key] = value
-    if cfg.variant == "tpu":
-        for key, value in cfg.parallel[size.preset].items():
-            out[("train." if key == "remat" else "parallel.") + key] = value
     return tuple(sorted(out.items()))
 
 

@@ -42,6 +42,8 @@ from gopher.saver import Saver
 from gopher.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stopper, Watchdog
 
 DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
+# Tests only: seconds to sleep after each step, so that a kill lands mid-run.
+_TEST_STEP_SLEEP_S = float(os.environ.get("GOPHER_TEST_STEP_SLEEP_S") or 0.0)
 __all__ = ["DIVERGED_EXIT_CODE", "INTERRUPTED_EXIT_CODE", "PREEMPTED_EXIT_CODE", "run"]
 
 
@@ -340,6 +342,8 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
             batch = r.data.next_batch(b, rows[b])
             state, metrics = r.engine.train_step(state, batch, global_batch=b)
             log.hold(step, metrics)
+            if _TEST_STEP_SLEEP_S:
+                time.sleep(_TEST_STEP_SLEEP_S)
             if step in log.first_steps:  # may compile: read now, time from here on
                 log.flush()
                 log.restart_clock(step)

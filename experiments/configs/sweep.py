@@ -64,7 +64,15 @@ TPU_PARALLEL = {
 def _sizes(rows) -> list:
     return [
         ml_collections.ConfigDict(
-            dict(name=n, num_layers=layers, num_heads=h, key_size=q, d_model=d, preset="")
+            dict(
+                name=n,
+                num_layers=layers,
+                num_heads=h,
+                key_size=q,
+                d_model=d,
+                preset="",
+                overrides=(),
+            )
         )
         for n, layers, h, q, d in rows
     ]
@@ -111,7 +119,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     elif variant == "tpu":
         cfg.base = "experiments/configs/gopher.py:44m"
         cfg.sizes = [
-            ml_collections.ConfigDict(dict(name=p, preset=p, **_zeros())) for p in TABLE_SIZES
+            ml_collections.ConfigDict(
+                dict(name=p, preset=p, **_zeros(), overrides=_mesh(TPU_PARALLEL[p]))
+            )
+            for p in TABLE_SIZES
         ]
         cfg.seq_len, cfg.batch_size, cfg.vocab_size = 2048, 0, 32_000  # 0: the row's batch
         cfg.precision = ""  # the row's (mixed below 7.1b, bf16_sr at 7.1b)
@@ -119,15 +130,17 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         cfg.warmup_fraction = 0.0  # 0: Gopher's 1,500 steps
         cfg.budgets = [ml_collections.ConfigDict(dict(name="300b", tokens=300 * 10**9, flops=0.0))]
         cfg.topology = "v3:32x32"
-        cfg.parallel = ml_collections.ConfigDict(
-            {p: ml_collections.ConfigDict(v) for p, v in TPU_PARALLEL.items()}
-        )
         cfg.eval = ml_collections.ConfigDict(
             dict(tasks="all", limit=0, heldout_docs=0, doc_bytes=0)
         )
     else:
         raise ValueError(f"unknown sweep variant {variant!r}; use cpu, smoke or tpu")
     return cfg
+
+
+def _mesh(parallel: dict) -> tuple:
+    """A size's --config overrides for its mesh, ZeRO stage and remat policy."""
+    return tuple((("train." if k == "remat" else "parallel.") + k, v) for k, v in parallel.items())
 
 
 def _zeros() -> dict:
