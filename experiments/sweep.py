@@ -63,6 +63,7 @@ class RunSpec:
     size: str
     budget: str
     seed: int
+    precision: str
     overrides: tuple[tuple[str, object], ...]  # --config.KEY=VALUE for experiments.train
     steps: int
     tokens: int
@@ -137,18 +138,24 @@ def plan_runs(cfg) -> list[RunSpec]:
             tokens = train.sequences_seen(steps) * model.seq_len
             warmup = max(1, int(cfg.warmup_fraction * steps)) if cfg.warmup_fraction else 1500
             lr = max_lr_for(cfg, model)
-            for seed in cfg.seeds:
-                name = f"{size.name}_{budget.name}" + (f"_s{seed}" if len(cfg.seeds) > 1 else "")
+            precisions = tuple(cfg.get("precisions", ())) or (cfg.precision,)
+            for precision, seed in [(p, x) for p in precisions for x in cfg.seeds]:
+                name = f"{size.name}_{budget.name}"
+                name += f"_{precision}" if len(precisions) > 1 else ""
+                name += f"_s{seed}" if len(cfg.seeds) > 1 else ""
                 skip = ""
                 if steps < cfg.min_steps:
                     skip = f"{steps} steps < min_steps {cfg.min_steps}"
-                overrides = _run_overrides(cfg, size, model, batch, steps, warmup, lr, seed)
+                overrides = _run_overrides(
+                    cfg, size, model, batch, steps, warmup, lr, seed, precision
+                )
                 runs.append(
                     RunSpec(
                         name=name,
                         size=size.name,
                         budget=budget.name,
                         seed=seed,
+                        precision=precision or model.precision,
                         overrides=overrides,
                         steps=steps,
                         tokens=tokens,
@@ -166,7 +173,7 @@ def plan_runs(cfg) -> list[RunSpec]:
     return runs
 
 
-def _run_overrides(cfg, size, model, batch, steps, warmup, lr, seed) -> tuple:
+def _run_overrides(cfg, size, model, batch, steps, warmup, lr, seed, precision) -> tuple:
     out: dict[str, object] = {}
     if size.preset:
         out["model.preset"] = size.preset
@@ -182,8 +189,8 @@ def _run_overrides(cfg, size, model, batch, steps, warmup, lr, seed) -> tuple:
     out["train.max_lr"] = lr
     out["train.final_lr_ratio"] = cfg.final_lr_ratio
     out["train.seed"] = seed
-    if cfg.precision:
-        out["train.precision"] = cfg.precision
+    if precision:
+        out["train.precision"] = precision
     every = max(1, steps // max(1, cfg.evals_per_run))
     out["train.eval_every"] = every
     out["train.log_every"] = max(1, min(10, every))
