@@ -25,6 +25,8 @@ setup(
         "etils[epath]>=1.7",  # one path type for local and gs:// (what Orbax uses)
         "gcsfs>=2024.2",  # epath's gs:// backend without TensorFlow
         "google-crc32c>=1.5",  # TensorBoard event records' checksums
+        "matplotlib>=3.9",  # the sweep's plots (gopher/plots.py)
+        "threadpoolctl>=3.5",  # one BLAS thread for the scaling fits' tiny L-BFGS problems
     ],
     extras_require={
         "dev": [
