@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -88,7 +89,8 @@ def _env():
 
 
 def _sweep(workdir, *extra, wait=True):
-    cmd = [sys.executable, "-m", "experiments.sweep", SMOKE, f"--workdir={workdir}", "--no_report"]
+    cmd = [sys.executable, "-m", "experiments.sweep", SMOKE, f"--workdir={workdir}"]
+    cmd += [] if "--report_only" in extra else ["--no_report"]
     proc = subprocess.Popen(
         [*cmd, *extra],
         cwd=ROOT,
@@ -150,3 +152,19 @@ def test_smoke_sweep_killed_mid_run_resumes_to_the_same_result(tmp_path):
     # and a third run does nothing
     out = _sweep(killed)
     assert "training" not in out and "evaluating" not in out
+
+    results = str(tmp_path / "results")
+    _sweep(killed, "--report_only", f"--results_dir={results}")
+    with open(os.path.join(results, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["runs"] == summary["planned"] == 2
+    ordered = [_result(killed, n)["heldout_bpb"] for n in ("t1_s20", "t2_s20")]
+    assert summary["token_matched_monotone"] == (ordered[0] > ordered[1])
+    alpha = summary["alpha_nonembedding_params"]
+    assert alpha["low"] <= alpha["point"] <= alpha["high"]
+    with open(os.path.join(results, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["heldout_bpb"]) for r in rows] == ordered
+    for name in ("loss_vs_params.png", "loss_vs_flops.png", "source_bpb.png", "curves.png"):
+        with open(os.path.join(results, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,249 @@
+"""The sweep's report: results table, fits beside the published laws, plots.
+
+Called by experiments/sweep.py once its runs are evaluated (or with --report_only). Writes
+into the results dir:
+  results.md, results.csv     one row per run (params, tokens, FLOPs, bpb per source, tasks)
+  fits.md                     L(N) on the token-matched runs (Kaplan's form, non-embedding N),
+                              L(N, D) over every run (Chinchilla's form, total N), IsoFLOP
+                              minima; 95% bootstrap intervals over held-out documents (and
+                              seeds / runs); the published exponents beside them
+  loss_vs_params.png, loss_vs_flops.png, isoflop.png, source_bpb.png, curves.png
+  summary.json                the numbers above, for the README and for tests
+With a `precisions` axis (experiments/configs/precision.py) the report is the ablation's
+instead: curves.png (loss by setting, seeds as thin lines), precision.md (final bpb per
+setting over seeds) and the size of the last updates against bf16's spacing (update_ulp.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from gopher import plots, scaling, scaling_tables
+
+
+def to_record(result: dict, budget_kind: dict) -> dict:
+    """A sweep result as gopher.scaling's run record."""
+    docs = result.get("doc_losses") or []
+    record = {
+        k: result[k]
+        for k in (
+            "name",
+            "seed",
+            "params",
+            "nonembedding_params",
+            "tokens",
+            "flops",
+            "heldout_bpb",
+            "heldout_loss",
+            "bpb_by_source",
+            "size",
+            "precision",
+            "train_log",
+        )
+        if k in result
+    }
+    record["budget"] = scaling.TOKEN_MATCHED if budget_kind[result["budget"]] else result["budget"]
+    record["budget_name"] = result["budget"]
+    record["evals"] = {t: v["accuracy"] for t, v in result.get("tasks", {}).items()}
+    if docs:
+        record["doc_nll"] = np.array([d[1] for d in docs], dtype=np.float64)
+        record["doc_tokens"] = np.array([d[2] for d in docs], dtype=np.float64)
+        record["doc_bytes"] = np.array([d[3] for d in docs], dtype=np.float64)
+    return record
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def _curves(records, y="bpb", label_key="size") -> list[dict]:
+    curves = []
+    for r in records:
+        log = r.get("train_log") or {}
+        batch_tokens = r["tokens"] / max(1, log.get("steps", [1])[-1] if log.get("steps") else 1)
+        if y == "bpb" and log.get("eval_steps"):
+            xs, ys = log["eval_steps"], log["eval_bpb"]
+        elif log.get("steps"):
+            xs, ys = log["steps"], log["loss"]
+        else:
+            continue
+        curves.append(
+            {
+                "label": str(r.get(label_key, r["name"])),
+                "tokens": [s * batch_tokens for s in xs],
+                "steps": list(xs),
+                y: list(ys),
+            }
+        )
+    return curves
+
+
+def write_report(cfg, runs, results, results_dir: str, say) -> dict:
+    os.makedirs(results_dir, exist_ok=True)
+    budget_kind = {b.name: bool(b.tokens) for b in cfg.budgets}
+    records = [to_record(r, budget_kind) for r in results]
+    scaling_tables.write_results_csv(records, os.path.join(results_dir, "results.csv"))
+    table = scaling_tables.results_markdown(records)
+    _write(os.path.join(results_dir, "results.md"), table)
+    if len(tuple(cfg.get("precisions", ()))) > 1:
+        summary = precision_report(cfg, records, results_dir, say)
+    else:
+        summary = scaling_report(cfg, records, results_dir, say)
+    summary["runs"] = len(records)
+    summary["planned"] = len([r for r in runs if not r.skip])
+    summary["train_s"] = sum(r.get("train_log", {}).get("train_s", 0.0) for r in records)
+    with open(os.path.join(results_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    say(f"report: {results_dir} ({len(records)} runs)")
+    return summary
+
+
+# ------------------------------------------------------------------ the model-size sweep
+
+
+def scaling_report(cfg, records, results_dir: str, say) -> dict:
+    out: dict = {}
+    fits = {}
+    token_matched = [r for r in records if r["budget"] == scaling.TOKEN_MATCHED]
+    path = lambda name: os.path.join(results_dir, name)  # noqa: E731
+    if len({r["nonembedding_params"] for r in token_matched}) >= 2:
+        ordered = sorted(token_matched, key=lambda r: r["params"])
+        losses = [r["heldout_bpb"] for r in ordered]
+        out["token_matched_monotone"] = bool(
+            all(a > b for a, b in zip(losses, losses[1:], strict=False))
+        )
+        out["token_matched_bpb"] = {r["name"]: r["heldout_bpb"] for r in ordered}
+        for key in ("nonembedding_params", "params"):
+            boot = scaling.bootstrap_power_law(token_matched, key=key, metric="loss", n_boot=1000)
+            fits[key] = boot
+            out[f"alpha_{key}"] = _iv(boot.alpha)
+        plots.plot_loss_vs_params(
+            token_matched,
+            path("loss_vs_params.png"),
+            fit=fits["nonembedding_params"],
+            title=f"Token-matched ({_tokens(token_matched)} tokens): held-out loss vs size",
+        )
+        plots.plot_source_bpb(
+            token_matched,
+            path("source_bpb.png"),
+            title="Held-out bits per byte by source (token-matched runs)",
+        )
+        plots.plot_loss_curves(
+            _curves(token_matched),
+            path("curves.png"),
+            x="tokens",
+            y="bpb",
+            title="In-training held-out bpb (token-matched runs)",
+        )
+    plots.plot_loss_vs_flops(records, path("loss_vs_flops.png"))
+    minima = scaling.isoflop_minima(records, key="params", metric="loss")
+    if minima:
+        plots.plot_isoflop(minima, path("isoflop.png"), key="params", metric="loss")
+        out["isoflop"] = [
+            {
+                "budget": m.budget,
+                "flops": m.flops,
+                "u_shaped": m.u_shaped,
+                "n_opt": m.n_opt,
+                "loss_opt": m.loss_opt,
+                "tokens_opt": m.tokens_opt,
+                "sizes": m.sizes.tolist(),
+                "losses": m.losses.tolist(),
+            }
+            for m in minima
+        ]
+    allocation = None
+    try:
+        allocation = scaling.fit_allocation(minima)
+        out["allocation_a"] = allocation.a
+    except ValueError as e:
+        out["allocation_note"] = str(e)
+    chinchilla = None
+    if len(records) >= 5:
+        chinchilla = scaling.bootstrap_chinchilla(records, key="params", metric="loss", n_boot=200)
+        out["chinchilla"] = {k: _iv(v) for k, v in chinchilla.intervals.items()}
+    text = scaling_tables.fits_markdown(
+        fits.get("nonembedding_params"), chinchilla, allocation, allocation_key="params"
+    )
+    if "params" in fits:
+        text += (
+            f"\n\nL(N) on total parameters (embedding included): alpha "
+            f"{_fmt_iv(fits['params'].alpha)}."
+        )
+    _write(path("fits.md"), text)
+    say(text)
+    return out
+
+
+def _tokens(records) -> str:
+    tokens = sorted({r["tokens"] for r in records})
+    return f"{tokens[0] / 1e6:.2g}M" if len(tokens) == 1 else "equal"
+
+
+def _iv(iv: scaling.Interval) -> dict:
+    return {"point": iv.point, "median": iv.median, "low": iv.low, "high": iv.high}
+
+
+def _fmt_iv(iv: scaling.Interval) -> str:
+    return f"{iv.point:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
+
+
+# ---------------------------------------------------------------- the precision ablation
+
+
+def precision_report(cfg, records, results_dir: str, say) -> dict:
+    path = lambda name: os.path.join(results_dir, name)  # noqa: E731
+    order = list(cfg.precisions)
+    curves = []
+    for r in records:
+        for c in _curves([r], y="loss", label_key="precision"):
+            curves.append(c)
+    plots.plot_loss_curves(
+        curves,
+        path("curves.png"),
+        x="steps",
+        y="loss",
+        title="Precision settings: training loss (3 seeds each)",
+    )
+    eval_curves = [c for r in records for c in _curves([r], y="bpb", label_key="precision")]
+    plots.plot_loss_curves(
+        eval_curves,
+        path("heldout_curves.png"),
+        x="steps",
+        y="bpb",
+        title="Precision settings: held-out bits per byte during training",
+    )
+    by_setting: dict = {p: [r for r in records if r["precision"] == p] for p in order}
+    rows = [
+        "| setting | seeds | held-out bpb mean | std | min | max | vs fp32 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    stats = {}
+    base = np.mean([r["heldout_bpb"] for r in by_setting.get("fp32", [])] or [math.nan])
+    for p, group in by_setting.items():
+        if not group:
+            continue
+        v = np.array([r["heldout_bpb"] for r in group])
+        stats[p] = {
+            "mean": float(v.mean()),
+            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()),
+            "max": float(v.max()),
+            "seeds": len(v),
+            "per_seed": {int(r["seed"]): float(r["heldout_bpb"]) for r in group},
+        }
+        s = stats[p]
+        rows.append(
+            f"| {p} | {len(v)} | {s['mean']:.4f} | {s['std']:.4f} | {s['min']:.4f} | "
+            f"{s['max']:.4f} | {s['mean'] - base:+.4f} |"
+        )
+    ranking = sorted(stats, key=lambda p: stats[p]["mean"])
+    text = "\n".join(rows) + "\n\nOrder (best first): " + " < ".join(ranking)
+    _write(path("precision.md"), text)
+    say(text)
+    return {"precision": stats, "ranking": ranking}
