@@ -508,7 +508,7 @@ def sweep(cfg, workdir: str, results_dir: str, say) -> int:
     if not _NO_REPORT.value and done:
         from experiments import sweep_report
 
-        sweep_report.write_report(cfg, runs, done, results_dir, say)
+        sweep_report.write_report(cfg, runs, done, results_dir, say, workdir)
     return 0
 
 

@@ -83,7 +83,7 @@ def _curves(records, y="bpb", label_key="size") -> list[dict]:
     return curves
 
 
-def write_report(cfg, runs, results, results_dir: str, say) -> dict:
+def write_report(cfg, runs, results, results_dir: str, say, workdir: str | None = None) -> dict:
     os.makedirs(results_dir, exist_ok=True)
     budget_kind = {b.name: bool(b.tokens) for b in cfg.budgets}
     records = [to_record(r, budget_kind) for r in results]
@@ -91,7 +91,7 @@ def write_report(cfg, runs, results, results_dir: str, say) -> dict:
     table = scaling_tables.results_markdown(records)
     _write(os.path.join(results_dir, "results.md"), table)
     if len(tuple(cfg.get("precisions", ()))) > 1:
-        summary = precision_report(cfg, records, results_dir, say)
+        summary = precision_report(cfg, records, results_dir, say, workdir)
     else:
         summary = scaling_report(cfg, records, results_dir, say)
     summary["runs"] = len(records)
@@ -196,7 +196,7 @@ def _fmt_iv(iv: scaling.Interval) -> str:
 # ---------------------------------------------------------------- the precision ablation
 
 
-def precision_report(cfg, records, results_dir: str, say) -> dict:
+def precision_report(cfg, records, results_dir: str, say, workdir: str | None = None) -> dict:
     path = lambda name: os.path.join(results_dir, name)  # noqa: E731
     order = list(cfg.precisions)
     curves = []
@@ -244,6 +244,78 @@ def precision_report(cfg, records, results_dir: str, say) -> dict:
         )
     ranking = sorted(stats, key=lambda p: stats[p]["mean"])
     text = "\n".join(rows) + "\n\nOrder (best first): " + " < ".join(ranking)
+    spacing = {}
+    if workdir:
+        text += (
+            "\n\nThe last step's Adam update against half the bf16 spacing at each parameter "
+            "(seed 0's final checkpoint; below 1, round-to-nearest drops the update):\n\n"
+            "| setting | last LR | updates lost to rounding | median update / half-gap | "
+            "norm scales lost |\n|---|---|---|---|---|"
+        )
+        for p, group in by_setting.items():
+            first = min(group, key=lambda r: r["seed"]) if group else None
+            if first is None:
+                continue
+            s = update_spacing(os.path.join(workdir, "runs", first["name"]))
+            spacing[p] = s
+            text += (
+                f"\n| {p} | {s['lr_last']:.2e} | {s['lost_fraction']:.1%} | "
+                f"{s['median_ratio']:.3f} | {s.get('norm_lost_fraction', math.nan):.1%} |"
+            )
     _write(path("precision.md"), text)
     say(text)
-    return {"precision": stats, "ranking": ranking}
+    return {"precision": stats, "ranking": ranking, "update_spacing": spacing}
+
+
+def update_spacing(run_dir: str) -> dict:
+    """How the run's last Adam update compares with the spacing of bf16 numbers.
+
+    From the final checkpoint: the update of the last step, lr * m_hat / (sqrt(v_hat) + eps)
+    (Adam's moments as saved, bias-corrected), against half the gap between the bf16
+    neighbours of each parameter (2^(floor(log2 |p|) - 8)). An update below that half-gap
+    is lost when the sum is rounded to nearest bf16; stochastic rounding keeps it in
+    expectation; an fp32 master copy keeps it exactly. Reported over every parameter and
+    for the norm scales apart (|p| ~ 1: the coarsest spacing).
+    """
+    import jax
+    import optax
+
+    from gopher import inference, optim
+
+    run = inference.restore_state(run_dir)
+    state, train_cfg, model_cfg = run.state, run.train_cfg, run.model_cfg
+    adam = [
+        s
+        for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")
+    ]
+    if not adam:
+        raise ValueError(f"{run_dir}: no Adam state in the checkpoint")
+    mu, nu, count = adam[0].mu, adam[0].nu, int(adam[0].count)
+    lr = float(optim.learning_rate_schedule(model_cfg, train_cfg)(run.step - 1))
+    b1, b2, eps = train_cfg.b1, train_cfg.b2, train_cfg.eps
+    params = state.master if state.master is not None else state.params
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    ratios, norm_ratios = [], []
+    for (path, p), m, v in zip(flat, jax.tree.leaves(mu), jax.tree.leaves(nu), strict=True):
+        p = np.abs(np.asarray(p, dtype=np.float32)).ravel()
+        m_hat = np.asarray(m, np.float64).ravel() / (1 - b1**count)
+        v_hat = np.asarray(v, np.float64).ravel() / (1 - b2**count)
+        update = lr * np.abs(m_hat) / (np.sqrt(v_hat) + eps)
+        half_gap = np.exp2(np.floor(np.log2(np.maximum(p, 1e-30))) - 8)
+        ratio = update / half_gap
+        ratios.append(ratio)
+        if "norm" in jax.tree_util.keystr(path).lower() or "scale" in jax.tree_util.keystr(path):
+            norm_ratios.append(ratio)
+    every = np.concatenate(ratios)
+    out = {
+        "lr_last": lr,
+        "lost_fraction": float(np.mean(every < 1.0)),
+        "median_ratio": float(np.median(every)),
+        "params": int(every.size),
+    }
+    if norm_ratios:
+        norms = np.concatenate(norm_ratios)
+        out.update(norm_lost_fraction=float(np.mean(norms < 1.0)), norm_params=int(norms.size))
+    del optax
+    return out

@@ -115,24 +115,33 @@ def find_tokenizer(workdir: str, model_cfg, data_cfg, sha256: str | None) -> Tok
     )
 
 
-def load(
-    workdir: str,
-    step: int | None = None,
-    parallel: ParallelConfig | None = None,
-) -> LoadedModel:
-    """The run in `workdir` at its newest restorable checkpoint (or `step`).
+@dataclasses.dataclass
+class RestoredRun:
+    """A run's whole train state (params, optimiser state, master copy) at one step."""
 
-    `parallel`: the mesh to load onto; default all local devices over "data" (the run's
-    own mesh may need more devices than this machine has).
-    """
+    state: Any
+    meta: dict
+    step: int
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig  # the run's own recipe (steps, LR schedule, precision)
+    data_cfg: DataConfig
+    parallel: ParallelConfig  # the mesh it was restored onto
+
+
+def restore_state(
+    workdir: str, step: int | None = None, parallel: ParallelConfig | None = None
+) -> RestoredRun:
+    """The run in `workdir` at its newest restorable checkpoint (or `step`), whole."""
     from gopher import checkpoint as checkpoint_lib
     from gopher import engine as engine_lib
 
-    model_cfg, train_cfg, data_cfg, _ = read_config(workdir)
+    model_cfg, run_train_cfg, data_cfg, _ = read_config(workdir)
     parallel = parallel or ParallelConfig(data=jax.device_count())
     # The restore needs the state's structure, not the run's batch: any divisible one.
     sizes = parallel.data * max(parallel.replica, 1)
-    train_cfg = dataclasses.replace(train_cfg, batch_size=sizes, batch_schedule=(), microbatches=1)
+    train_cfg = dataclasses.replace(
+        run_train_cfg, batch_size=sizes, batch_schedule=(), microbatches=1
+    )
     engine = engine_lib.build(model_cfg, train_cfg, parallel)
     directory = checkpoint_lib.checkpoint_directory(workdir, restart_from_scratch=False)
     ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=10**6, async_save=False)
@@ -156,6 +165,29 @@ def load(
     finally:
         ckpt.close()
     state = engine.from_checkpoint(state)
+    return RestoredRun(state, meta, int(step), model_cfg, run_train_cfg, data_cfg, parallel)
+
+
+def load(
+    workdir: str,
+    step: int | None = None,
+    parallel: ParallelConfig | None = None,
+) -> LoadedModel:
+    """The run in `workdir` at its newest restorable checkpoint (or `step`).
+
+    `parallel`: the mesh to load onto; default all local devices over "data" (the run's
+    own mesh may need more devices than this machine has).
+    """
+    run = restore_state(workdir, step, parallel)
+    model_cfg, train_cfg, data_cfg, parallel = (
+        run.model_cfg,
+        run.train_cfg,
+        run.data_cfg,
+        run.parallel,
+    )
+    state, meta, step = run.state, run.meta, run.step
+    sizes = parallel.data * max(parallel.replica, 1)
+    train_cfg = dataclasses.replace(train_cfg, batch_size=sizes, batch_schedule=(), microbatches=1)
     tokenizer = find_tokenizer(workdir, model_cfg, data_cfg, meta.get("tokenizer_sha256"))
     from gopher import sharding
     from gopher.model import build_forward
