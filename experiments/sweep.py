@@ -46,6 +46,9 @@ _ONLY = flags.DEFINE_list("only", [], "Train and evaluate only these runs (names
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their budgets; train none.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Report the finished runs; train none.")
 _NO_REPORT = flags.DEFINE_bool("no_report", False, "Train and evaluate, but write no report.")
+_PLAN_ONLY = flags.DEFINE_bool(
+    "plan_only", False, "Compile each run's step for cfg.topology (experiments.plan); train none."
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 _EVALUATE_RUN = flags.DEFINE_string(
     "evaluate_run", None, "Internal: evaluate this trained run and write its result file."
@@ -475,6 +478,8 @@ def sweep(cfg, workdir: str, results_dir: str, say) -> int:
     say(_plan_table(runs))
     if _DRY_RUN.value:
         return 0
+    if _PLAN_ONLY.value:
+        return plan_only(cfg, runs, say)
     check_repeats(cfg, runs, say)
     child = _Child()
     signal.signal(signal.SIGTERM, child.forward)
@@ -509,6 +514,61 @@ def sweep(cfg, workdir: str, results_dir: str, say) -> int:
         from experiments import sweep_report
 
         sweep_report.write_report(cfg, runs, done, results_dir, say, workdir)
+    return 0
+
+
+def plan_only(cfg, runs: list[RunSpec], say) -> int:
+    """Each run's train step compiled for cfg.topology by the planner: fits, GiB per device."""
+    topology = cfg.get("topology", "")
+    if not topology:
+        raise ValueError(f"variant {cfg.variant!r} names no topology; --plan_only is for tpu")
+    env = dict(os.environ)
+    site = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv")
+    site = os.path.join(site, "libtpu-site")  # where `make test-all` installs libtpu
+    if os.path.isdir(site):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    rows, failed = [], []
+    for run in runs:
+        if _ONLY.value and run.name not in _ONLY.value:
+            continue
+        o = dict(run.overrides)
+        args = [sys.executable, "-m", "experiments.plan", f"--config={cfg.base.split(':')[0]}:"]
+        args[-1] += o.get("model.preset", "")
+        args += [f"--topology={topology}", "--json"]
+        for key in ("data", "model"):
+            if f"parallel.{key}" in o:
+                args.append(f"--{key}={o[f'parallel.{key}']}")
+        if "parallel.zero" in o:
+            args.append(f"--zero={o['parallel.zero']}")
+        if "train.remat" in o:
+            args.append(f"--remat={o['train.remat']}")
+        args.append(f"--batch={o['train.batch_size']}")
+        out = subprocess.run(args, capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            tail = (out.stderr.strip().splitlines() or [""])[-1]
+            raise ValueError(f"planning {run.name} failed (exit {out.returncode}): {tail[:300]}")
+        plan = json.loads(out.stdout.strip().splitlines()[-1])
+        plan = plan.get("presets", {}).get(o.get("model.preset"), plan)
+        gib = plan["per_device_bytes"]["total"] / 2**30
+        hbm = plan["hbm_bytes"] / 2**30
+        mesh = plan["mesh"]
+        rows.append(
+            f"| {run.name} | {mesh['data']} x {mesh['model']} | {plan['zero']} | {plan['remat']} "
+            f"| {plan['batch']} | {gib:.2f} / {hbm:.0f} | {'fits' if plan['fits'] else 'OOM'} "
+            f"| {plan['compile_seconds']:.0f} |"
+        )
+        say(rows[-1])
+        if not plan["fits"]:
+            failed.append(run.name)
+    say(
+        "| run | data x model | ZeRO | remat | batch | GiB per device | fits | compile s |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+    if failed:
+        raise ValueError(
+            f"{', '.join(failed)} do not fit {topology}; change their mesh in the config"
+        )
     return 0
 
 
