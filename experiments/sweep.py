@@ -128,6 +128,8 @@ def plan_runs(cfg) -> list[RunSpec]:
         batch_tokens = batch * model.seq_len
         per_token = metrics.flops_per_token(model)
         for budget in cfg.budgets:
+            if size.get("budgets") and budget.name not in size.budgets:
+                continue
             if bool(budget.tokens) == bool(budget.flops):
                 raise ValueError(f"budget {budget.name!r} must set exactly one of tokens and flops")
             if budget.tokens:

@@ -4,13 +4,14 @@
   python -m experiments.sweep --config=experiments/configs/sweep.py:tpu --plan_only
 
 Variants:
-  cpu    six sizes (0.14M ... 6.2M parameters with the tied embedding, 13k ... 5.1M without)
-         with the 44m row's shape ratios (key size 32, heads = d_model / 32, FFW 4x,
-         d_model / layers between 32 and 48), on the embedded MassiveText-like mixture with
-         a 4,096-piece vocabulary, each trained for every budget below: one token-matched
-         group (1M tokens each: held-out loss should fall with size) and two compute-matched
-         groups (3e12 and 1e13 training FLOPs: IsoFLOP curves, U-shaped in size). About 35
-         minutes of training on 2 CPU cores, plus evaluation.
+  cpu    seven sizes (69k ... 6.2M parameters with the tied embedding, 3.3k ... 5.1M
+         without) with the 44m row's shape ratios (heads of 32 = d_model / 32 heads, FFW
+         4x, d_model / layers 16 to 48; c0 has one head of 16), on the embedded
+         MassiveText-like mixture with a 4,096-piece vocabulary: one token-matched group
+         (c1 ... c6, 1M tokens each: held-out loss should fall with size) and three
+         compute-matched groups (3e12, 1e13, 3e13 training FLOPs: IsoFLOP curves, U-shaped
+         in size; CPU_SIZE_BUDGETS leaves out the sizes far from a budget's optimum). About
+         an hour of training on 2 CPU cores, plus evaluation.
   smoke  two `test`-sized models x 20 steps on the stdlib corpus (what `make test` kills and
          resumes).
   tpu    the real sweep: the table's 44m, 117m, 417m, 1.4b and 7.1b rows at their learning
@@ -40,6 +41,7 @@ import ml_collections
 
 # name, layers, heads, key_size, d_model: the table's rows and the CPU sizes.
 CPU_SIZES = (
+    ("c0", 1, 1, 16, 16),
     ("c1", 1, 1, 32, 32),
     ("c2", 2, 2, 32, 64),
     ("c3", 3, 3, 32, 96),
@@ -61,7 +63,16 @@ TPU_PARALLEL = {
 }
 
 
-def _sizes(rows) -> list:
+# Budgets a size is trained for when not all (a size far from a budget's optimum costs
+# time and shows nothing: c0 exists for the smallest budget's U; 3e13 skips the ends).
+CPU_SIZE_BUDGETS = {
+    "c0": ("c3e12",),
+    "c1": ("tok1m", "c3e12", "c1e13"),
+    "c6": ("tok1m", "c3e12", "c1e13"),
+}
+
+
+def _sizes(rows, budgets=None) -> list:
     return [
         ml_collections.ConfigDict(
             dict(
@@ -72,6 +83,7 @@ def _sizes(rows) -> list:
                 d_model=d,
                 preset="",
                 overrides=(),
+                budgets=(budgets or {}).get(n, ()),
             )
         )
         for n, layers, h, q, d in rows
@@ -96,12 +108,13 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         dict(tasks="lambada,piqa,arc_easy", limit=200, heldout_docs=32, doc_bytes=8192)
     )
     if variant == "cpu":
-        cfg.sizes = _sizes(CPU_SIZES)
+        cfg.sizes = _sizes(CPU_SIZES, CPU_SIZE_BUDGETS)
         cfg.seq_len, cfg.batch_size, cfg.vocab_size = 256, 16, 4096
         cfg.budgets = [
             ml_collections.ConfigDict(dict(name="tok1m", tokens=1_048_576, flops=0.0)),
             ml_collections.ConfigDict(dict(name="c3e12", tokens=0, flops=3e12)),
             ml_collections.ConfigDict(dict(name="c1e13", tokens=0, flops=1e13)),
+            ml_collections.ConfigDict(dict(name="c3e13", tokens=0, flops=3e13)),
         ]
     elif variant == "smoke":
         cfg.base = "experiments/configs/gopher.py:test"
@@ -120,7 +133,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         cfg.base = "experiments/configs/gopher.py:44m"
         cfg.sizes = [
             ml_collections.ConfigDict(
-                dict(name=p, preset=p, **_zeros(), overrides=_mesh(TPU_PARALLEL[p]))
+                dict(name=p, preset=p, **_zeros(), overrides=_mesh(TPU_PARALLEL[p]), budgets=())
             )
             for p in TABLE_SIZES
         ]
