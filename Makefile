@@ -6,7 +6,7 @@ LOCKS := requirements.lock requirements-dev.lock
 STAMP := $(VENV)/.installed-$(shell cat setup.py $(LOCKS) | sha1sum | cut -c1-12)
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-all lint format bench table clean lock
+.PHONY: demo test test-all lint format bench bench-peer table clean lock
 
 # Installs the exact versions (and hashes) of the lock, then the project without resolving.
 # `pip check` fails when setup.py gained a dependency the lock lacks: run `make lock`.
@@ -78,6 +78,16 @@ table: $(STAMP)
 # large share of a step here (about 25x fewer with this; set before the process starts).
 bench: $(STAMP)
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) -m experiments.bench --shape=nanogpt
+
+# The same shape side by side with nanoGPT's GPT-2 on PyTorch (benchmarks/peers/gpt2_torch.py),
+# each run in its own process, 3 rounds (~10 min on 2 cores); writes
+# benchmarks/bench_nanogpt_peer.json. torch comes from the [bench] extra, installed once,
+# the CPU build (PyPI's Linux wheel pulls in several GiB of CUDA libraries).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+bench-peer: $(STAMP)
+	$(PY) -c "import torch" 2>/dev/null || \
+	    $(PY) -m pip install -q --extra-index-url $(TORCH_INDEX) -e '.[bench]'
+	$(PY) -m experiments.bench --shape=nanogpt --peer=torch
 
 clean:
 	rm -rf $(VENV) runs

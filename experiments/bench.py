@@ -355,6 +355,10 @@ def _pct(mfu: float | None) -> str:
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} GiB"
+
+
 def _mfu(tokens_per_sec: float, flops_token: float, peak: float | None) -> float | None:
     return round(tokens_per_sec * flops_token / peak, 4) if peak else None
 
@@ -479,16 +483,15 @@ def side_by_side(name: str, model_cfg, train_cfg, steps: int, warmup: int) -> di
             f"  gopher/torch {s['ratio']:.3f}"
         )
     eager, compiled = summary["peer_eager_tokens_per_sec"], summary["peer_compile_tokens_per_sec"]
-    gib = lambda v: "n/a" if v is None else f"{v:.2f} GiB"  # noqa: E731
     print(
         f"gopher {summary['gopher_tokens_per_sec']:.1f} tokens/s, MFU "
-        f"{_pct(summary['gopher_mfu'])}, peak RSS {gib(memory['gopher'])}"
+        f"{_pct(summary['gopher_mfu'])}, peak RSS {_gib(memory['gopher'])}"
     )
     print(
         f"torch  {summary['peer_tokens_per_sec']:.1f} tokens/s ({summary['peer_mode']}; eager "
         f"{eager:.1f}, compiled {'n/a' if compiled is None else f'{compiled:.1f}'}), MFU "
-        f"{_pct(summary['peer_mfu'])}, peak RSS eager {gib(memory['peer_eager'])}, "
-        f"compiled {gib(memory['peer_compile'])}"
+        f"{_pct(summary['peer_mfu'])}, peak RSS eager {_gib(memory['peer_eager'])}, "
+        f"compiled {_gib(memory['peer_compile'])}"
     )
     print(
         f"gopher/torch: median {summary['ratio_median']:.3f} (min {summary['ratio_min']:.3f}, "

@@ -1,0 +1,247 @@
+"""experiments/bench.py and its PyTorch peer, benchmarks/peers/gpt2_torch.py.
+
+experiments.bench registers absl flags (--verbose, --preset, ...) when imported, which
+other CLIs imported in-process by the suite define too; so its functions are called in a
+short subprocess here (it imports in about 0.1 s) and never imported into this one.
+The peer needs torch, which the test venv lacks: those tests run only with torch in this
+interpreter or a peer interpreter in $GOPHER_PEER_PYTHON, and skip otherwise.
+"""
+
+import ast
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(ROOT, "benchmarks", "peers", "gpt2_torch.py")
+ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+
+def _call(snippet: str, *args):
+    """Runs `snippet` with `bench` imported and `args` bound; returns its `out` as JSON."""
+    code = (
+        "import json, sys\nfrom experiments import bench\nargs = json.loads(sys.argv[1])\n"
+        f"try:\n    out = {snippet}\nexcept ValueError as e:\n    out = {{'error': str(e)}}\n"
+        "print(json.dumps(out))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _bench(*flags, timeout=300):
+    cmd = [sys.executable, "-m", "experiments.bench", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_summarise_ratios_medians_and_the_faster_peer_mode():
+    rounds = [
+        {"gopher": 900.0, "peer_eager": 600.0, "peer_compile": 750.0},
+        {"gopher": 1000.0, "peer_eager": 640.0, "peer_compile": None},  # compile failed
+        {"gopher": 950.0, "peer_eager": 700.0, "peer_compile": 500.0},
+    ]
+    s = _call("bench.summarise(args[0])", rounds)
+    # By hand: each round's peer is its faster mode; ratio = gopher / that.
+    assert [(r["peer"], r["peer_mode"]) for r in s["rounds"]] == [
+        (750.0, "compile"),
+        (640.0, "eager"),
+        (700.0, "eager"),
+    ]
+    want = [900 / 750, 1000 / 640, 950 / 700]
+    assert [r["ratio"] for r in s["rounds"]] == pytest.approx(want)
+    assert s["ratio_median"] == pytest.approx(950 / 700)
+    assert (s["ratio_min"], s["ratio_max"]) == pytest.approx((1.2, 1.5625))
+    assert s["gopher_tokens_per_sec"] == 950.0
+    # Medians over rounds: eager 640, compiled (750 + 500) / 2 = 625 -> eager is the figure.
+    assert s["peer_eager_tokens_per_sec"] == 640.0
+    assert s["peer_compile_tokens_per_sec"] == 625.0
+    assert (s["peer_tokens_per_sec"], s["peer_mode"]) == (640.0, "eager")
+
+
+def test_summarise_refuses_rounds_without_figures():
+    assert "pass --rounds=1" in _call("bench.summarise(args[0])", [])["error"]
+    bad = [{"gopher": 900.0, "peer_eager": None, "peer_compile": None}]
+    assert "without a peer figure" in _call("bench.summarise(args[0])", bad)["error"]
+
+
+LSCPU = """\
+Architecture:                            x86_64
+CPU(s):                                  4
+Vendor ID:                               AuthenticAMD
+Model name:                              AMD EPYC 7B13 64-Core Processor
+Thread(s) per core:                      2
+Flags:                                   fpu vme sse sse2 avx fma avx2 bmi2 sha_ni
+"""
+CPUINFO = """\
+processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz
+flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+
+
+def test_machine_record_parses_lscpu_and_cpuinfo_text():
+    amd, intel = _call("[bench.parse_cpu_info(t) for t in args]", LSCPU, CPUINFO)
+    assert amd["cpu"] == "AMD EPYC 7B13 64-Core Processor"
+    assert amd["flags"] == {
+        "avx2": True,
+        "fma": True,
+        "avx512f": False,
+        "avx512_bf16": False,
+        "amx_bf16": False,
+        "amx_tile": False,
+    }
+    assert intel["cpu"] == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+    assert all(intel["flags"].values())
+    # "avx512f" must be a whole flag: "avx512fp16"-like names alone do not count.
+    assert not _call("bench.parse_cpu_info(args[0])", "Flags: avx512fp16 amx_bf16x")["flags"][
+        "avx512f"
+    ]
+
+
+def test_nanogpt_shape_model_flops_match_the_closed_form_and_the_peer():
+    got = _call(
+        "(lambda n, m, t: {'dims': [m.num_layers, m.num_heads, m.key_size, m.d_model, "
+        "m.vocab_size, m.seq_len, t.batch_size], 'flops': "
+        "__import__('gopher.metrics').metrics.flops_per_token(m)})(*bench.configs('nanogpt'))"
+    )
+    assert got["dims"] == [8, 16, 32, 512, 32000, 512, 8]
+    # Gopher Table 1's 44m row: N = 13 d^2 L + V d; per token 6 N + 12 L H Q T.
+    n = 13 * 512**2 * 8 + 32000 * 512
+    assert n == 43_646_976
+    assert got["flops"] == 6 * n + 12 * 8 * 16 * 32 * 512 == 287_047_680
+    # The peer's default shape is the same (read from its source: torch is not needed).
+    with open(PEER) as f:
+        tree = ast.parse(f.read())
+    shapes = next(
+        ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SHAPES"
+    )
+    layers, heads, d_model, vocab, seq, batch = shapes["nanogpt"]
+    assert [layers, heads, d_model // heads, d_model, vocab, seq, batch] == got["dims"]
+
+
+def test_single_run_test_preset_prints_and_appends_the_record(tmp_path):
+    out = tmp_path / "speed.jsonl"
+    args = ["--preset=test", "--steps=1", "--warmup=0", "--peak_gflops=50", f"--out={out}"]
+    proc = _bench(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(proc.stdout.splitlines()[-1])
+    saved = json.loads(out.read_text().splitlines()[-1])
+    assert saved["command"] == "python -m experiments.bench " + " ".join(args)
+    assert {k: saved[k] for k in rec} == rec
+    assert (rec["preset"], rec["batch"], rec["seq_len"], rec["steps"]) == ("test", 8, 64, 1)
+    assert rec["tokens_per_sec"] == pytest.approx(8 * 64 / rec["step_time_s"], rel=1e-3)
+    # test preset: L 2, H 4, Q 16, d 64, V 512, T 64.
+    flops = 6 * (13 * 64**2 * 2 + 512 * 64) + 12 * 2 * 4 * 16 * 64
+    assert rec["flops_per_token"] == flops
+    assert (rec["peak_flops"], rec["peak_flops_source"]) == (50e9, "--peak_gflops")
+    assert rec["mfu"] == pytest.approx(rec["tokens_per_sec"] * flops / 50e9, abs=1e-4)
+    # One step from the init: the loss is that of a near-uniform guess over 512 tokens.
+    assert abs(rec["loss"] - math.log(512)) < 0.3
+    assert 0.05 < rec["peak_rss_gib"] < 16
+    m = rec["machine"]
+    assert m["cores"] == os.cpu_count() and m["cpu"] and m["torch"] is None
+    assert set(m["flags"]) >= {"avx512f", "amx_bf16"} and m["jax"] and m["jaxlib"]
+    assert rec["compile_s"] > 0 and rec["step_cpu_s"] >= 0
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--shape=nanogpt", "--preset=tiny"], ["--shape=nanogpt", "--preset=tiny"]),
+        (["--preset=test", "--steps=0"], ["--steps=0", "--steps>=1"]),
+        (
+            ["--preset=test", "--peer=torch", "--peer_python=/nonexistent/python"],
+            ["--peer_python=/nonexistent/python cannot be run"],
+        ),
+        (
+            ["--preset=test", "--peer=torch", "--precision=mixed"],
+            ["--precision=mixed", "--precision=fp32"],
+        ),
+        (["--preset=test", "--peer=torch", "--rounds=0"], ["--rounds=0"]),
+        (["--preset=test", "--peer=torch", "--warmup=0"], ["--warmup=0"]),
+    ],
+)
+def test_bad_flags_are_one_line(flags, needles):
+    _one_line_error(_bench(*flags), *needles)
+
+
+def test_peer_without_torch_says_how_to_install_it():
+    if importlib.util.find_spec("torch") is not None:
+        pytest.skip("torch is installed here")
+    _one_line_error(_bench("--preset=test", "--peer=torch"), "pip install -e '.[bench]'")
+    proc = _bench("--preset=test", "--peer=torch", f"--peer_python={sys.executable}")
+    _one_line_error(proc, f"--peer_python={sys.executable} cannot import torch")
+
+
+def _peer_python():
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable
+    python = os.environ.get("GOPHER_PEER_PYTHON")
+    if not python:
+        pytest.skip("torch is not installed (pip install -e '.[bench]' or set GOPHER_PEER_PYTHON)")
+    return python
+
+
+def test_peer_tiny_step_counts_and_initial_loss():
+    dims = dict(layers=2, heads=4, d_model=64, vocab=512, seq=32, batch=2)
+    cmd = [_peer_python(), PEER, *(f"--{k}={v}" for k, v in dims.items())]
+    proc = subprocess.run(
+        [*cmd, "--steps=2", "--warmup=1", "--threads=1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(proc.stdout.splitlines()[-1])
+    layers, d, vocab, seq = dims["layers"], dims["d_model"], dims["vocab"], dims["seq"]
+    # GPT-2 without biases, tied: 12 d^2 per block, token and position tables, 2L+1 norm scales.
+    assert rec["params"] == 12 * d * d * layers + vocab * d + seq * d + (2 * layers + 1) * d
+    assert rec["matmul_params"] == 12 * d * d * layers + vocab * d
+    assert rec["flops_per_token"] == 6 * rec["matmul_params"] + 12 * layers * 4 * 16 * seq
+    # N(0, 0.02) weights: logits have std 0.02 sqrt(d) = 0.16, so the loss is ~ln V.
+    assert abs(rec["loss_first"] - math.log(vocab)) < 0.1
+    assert rec["loss"] < rec["loss_first"]  # AdamW at 6e-4 on one fixed batch
+    assert rec["tokens_per_sec"] == pytest.approx(2 * 32 / rec["step_time_s"], rel=1e-2)
+    assert (rec["mode"], rec["threads"], rec["peak_rss_gib"] > 0) == ("eager", 1, True)
+    bad = subprocess.run([*cmd, "--heads=3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--d_model=64 is not a multiple of --heads=3" in bad.stderr
+
+
+@pytest.mark.slow
+def test_side_by_side_end_to_end(tmp_path):
+    out = tmp_path / "peer.json"
+    flags = ["--preset=test", "--peer=torch", f"--peer_python={_peer_python()}"]
+    proc = _bench(*flags, "--rounds=1", "--steps=1", "--warmup=1", f"--peer_out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    (r,) = rec["rounds"]
+    assert r["gopher"]["glibc_tunables"] == "glibc.malloc.hugetlb=1"
+    best = max(r["peer_eager"]["tokens_per_sec"], r["peer_compile"].get("tokens_per_sec", 0))
+    assert rec["summary"]["ratio_median"] == pytest.approx(r["gopher"]["tokens_per_sec"] / best)
+    assert rec["machine"]["torch"] and rec["command"].startswith("python -m experiments.bench")
+    assert "gopher/torch: median" in proc.stdout
