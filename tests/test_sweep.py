@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from experiments import sweep
+from experiments import sweep_lib as sweep
 from experiments.configs import sweep as sweep_configs
 from gopher import metrics
 from gopher.config import ModelConfig
