@@ -39,6 +39,8 @@ setup(
         # libtpu for TPU VMs and for the planner's deviceless TPU compiles on any host
         # (python -m experiments.plan --topology=v3:32x32); requirements-tpu.lock pins it.
         "tpu": ["jax[tpu]"],
+        # The PyTorch peer of `python -m experiments.bench --peer=torch` (make bench-peer).
+        "bench": ["torch==2.13.0"],
         # Reading TFDS datasets (c4, wikipedia, pg19 ...) without TensorFlow.
         "data": ["tensorflow-datasets>=4.9.10"],
     },
