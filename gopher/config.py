@@ -240,6 +240,9 @@ class TrainConfig:
     eval_batch_size: int = 8
     precision: str = "fp32"  # fp32 | mixed | bf16 | bf16_sr | bf16_master (Gopher App. C)
     remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    # The layer loop: "auto" unrolls it on CPU up to 16 layers (faster there) and scans
+    # elsewhere; "yes" / "no" force it. The numbers are the same either way.
+    unroll_layers: str = "auto"
     # Gradient accumulation: the batch is split into this many microbatches, run one
     # after another inside the jitted step (lax.scan); the gradient is reduced once.
     microbatches: int = 1
@@ -285,6 +288,11 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.warmup_steps = {self.warmup_steps!r} must be an integer >= 0; "
                 f"set --config.train.warmup_steps"
+            )
+        if self.unroll_layers not in ("auto", "yes", "no"):
+            raise ConfigError(
+                f"TrainConfig.unroll_layers = {self.unroll_layers!r} is unknown; use auto, yes "
+                "or no (--config.train.unroll_layers)"
             )
         if self.optimizer not in ("adam", "adamw"):
             raise ConfigError(

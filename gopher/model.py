@@ -72,6 +72,7 @@ class GopherLM(hk.Module):
         remat: str = "none",
         activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
         name: str = "lm",
+        unroll: bool = False,
     ):
         super().__init__(name=name)
         if remat not in REMAT_POLICIES:
@@ -81,6 +82,7 @@ class GopherLM(hk.Module):
         self.config = config
         self.compute_dtype = compute_dtype
         self.remat = remat
+        self.unroll = unroll  # the layer loop unrolled (faster on XLA CPU; compiles longer)
         self.constrain = activation_constraint or (lambda x: x)
 
     def embeddings(self) -> jax.Array:
@@ -92,9 +94,13 @@ class GopherLM(hk.Module):
             init=hk.initializers.TruncatedNormal(c.init_scale),
         )
 
-    def __call__(self, tokens: jax.Array, input_offset: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, input_offset: jax.Array | None = None, hidden: bool = False
+    ):
         """`input_offset` [B, T, D], if given, is added to the input embeddings: it lets
-        tests and probes differentiate with respect to each input position."""
+        tests and probes differentiate with respect to each input position. `hidden`:
+        return (final normed hidden [B, T, D], embeddings [V, D]) instead of the logits,
+        for the training loss, which fuses the output layer in (gopher/loss.py)."""
         c = self.config
         t = tokens.shape[1]
         x = jnp.take(self.embeddings(), tokens, axis=0).astype(self.compute_dtype)
@@ -109,8 +115,11 @@ class GopherLM(hk.Module):
 
         if self.remat != "none":
             layer = hk.remat(layer, policy=REMAT_POLICIES[self.remat])
-        x = hk.layer_stack(c.num_layers, name="layers")(layer)(x)
+        unroll = c.num_layers if self.unroll else 1
+        x = hk.layer_stack(c.num_layers, unroll=unroll, name="layers")(layer)(x)
         h = rms_norm(x, c.rms_norm_eps, "final_norm")  # [B, T, D]
+        if hidden:
+            return h, self.embeddings()
         # Tied output embedding; the logits (and so the loss's softmax) are fp32.
         return jnp.einsum(
             "btd,vd->btv",
@@ -125,12 +134,15 @@ def build_forward(
     compute_dtype=jnp.float32,
     remat: str = "none",
     activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
+    hidden: bool = False,
+    unroll: bool = False,
 ) -> hk.Transformed:
-    """A pure (init, apply) pair: apply(params, tokens [B, T]) -> logits [B, T, V]."""
+    """A pure (init, apply) pair: apply(params, tokens [B, T]) -> logits [B, T, V]
+    (with `hidden`, -> (h [B, T, D], embeddings [V, D]); the same parameters)."""
 
     def forward(tokens, input_offset=None):
-        lm = GopherLM(config, compute_dtype, remat, activation_constraint)
-        return lm(tokens, input_offset)
+        lm = GopherLM(config, compute_dtype, remat, activation_constraint, unroll=unroll)
+        return lm(tokens, input_offset, hidden=hidden)
 
     return hk.without_apply_rng(hk.transform(forward))
 

@@ -470,6 +470,7 @@ def build_train(
         activation_constraint=activation_constraint(mesh),
         fault_steps=fault_steps,
         batch_layout=batch_layout(mesh, parallel.zero),
+        platform=mesh.devices.flat[0].platform,
     )
     return fns, shard_train(fns, mesh, parallel, model_cfg)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gopher import loss as loss_lib
 from gopher import model as model_lib
 from gopher import optim
 from gopher import precision as precision_lib
@@ -71,6 +72,7 @@ def make_train_functions(
     grad_transform: Callable[[Any], Any] | None = None,
     fault_steps: tuple[int, ...] = (),
     batch_layout: BatchLayout | None = None,
+    platform: str | None = None,
 ) -> TrainFunctions:
     """Builds the pure functions for one model, recipe and precision setting.
 
@@ -81,6 +83,7 @@ def make_train_functions(
     is split over devices, so that each microbatch stays spread over all of them.
     """
     policy = precision_lib.get_policy(precision)
+    unroll = unroll_layers(train_cfg, model_cfg, platform or jax.default_backend())
     forward = model_lib.build_forward(model_cfg, policy.compute_dtype, remat, activation_constraint)
     optimizer = optim.make_optimizer(model_cfg, train_cfg)
     schedule = optim.learning_rate_schedule(model_cfg, train_cfg)
@@ -99,11 +102,15 @@ def make_train_functions(
             skipped=jnp.zeros((), jnp.int32),
         )
 
-    value_and_grad = jax.value_and_grad(mean_loss(forward))
+    # The loss takes the final hidden states and fuses the output layer in (gopher/loss.py).
+    loss_forward = model_lib.build_forward(
+        model_cfg, policy.compute_dtype, remat, activation_constraint, hidden=True, unroll=unroll
+    )
+    value_and_grad = jax.value_and_grad(mean_loss(loss_forward))
     if train_cfg.microbatches > 1:
         layout = batch_layout or BatchLayout()
         micro_forward = model_lib.build_forward(
-            model_cfg, policy.compute_dtype, remat, layout.constraint
+            model_cfg, policy.compute_dtype, remat, layout.constraint, hidden=True, unroll=unroll
         )
         value_and_grad = _accumulated_value_and_grad(micro_forward, train_cfg.microbatches, layout)
 
@@ -143,12 +150,31 @@ def make_train_functions(
     return TrainFunctions(init, train_step, eval_step, forward)
 
 
+# "auto" unrolls the layer loop on XLA CPU up to this depth: 11% faster at the nanoGPT
+# shape (benchmarks/train_speed.jsonl); a scan elsewhere (TPU and GPU compile it well, and
+# an unrolled 80-layer step compiles for minutes).
+UNROLL_MAX_LAYERS = 16
+
+
+def unroll_layers(train_cfg: TrainConfig, model_cfg: ModelConfig, platform: str) -> bool:
+    """Whether the training step unrolls the layer loop (TrainConfig.unroll_layers)."""
+    if train_cfg.unroll_layers == "auto":
+        return platform == "cpu" and model_cfg.num_layers <= UNROLL_MAX_LAYERS
+    return train_cfg.unroll_layers == "yes"
+
+
 def mean_loss(forward: Any) -> Callable[[Any, jax.Array], jax.Array]:
-    """(params, tokens [B, T+1]) -> mean next-token NLL in nats (fp32 logits)."""
+    """(params, tokens [B, T+1]) -> mean next-token NLL in nats (fp32 logits).
+
+    `forward` returns logits [B, T, V], or, built with hidden=True, (h, embeddings), whose
+    loss fuses the output layer and the cross-entropy (gopher/loss.py)."""
 
     def loss_fn(params, tokens):
-        logits = forward.apply(params, tokens[:, :-1])  # [B, T, V] fp32
-        return model_lib.cross_entropy(logits, tokens[:, 1:]).mean()
+        out = forward.apply(params, tokens[:, :-1])
+        if isinstance(out, tuple):
+            h, embeddings = out
+            return loss_lib.lm_head_loss(h, embeddings, tokens[:, 1:])
+        return model_lib.cross_entropy(out, tokens[:, 1:]).mean()  # [B, T, V] fp32
 
     return loss_fn
 

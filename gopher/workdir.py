@@ -31,6 +31,7 @@ MUTABLE = {
         "eval_every",
         "eval_batches",
         "eval_batch_size",
+        "unroll_layers",  # how the step is compiled, not what it computes
         "checkpoint_every",
         "max_to_keep",
         "async_checkpoint",

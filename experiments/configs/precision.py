@@ -2,8 +2,8 @@
 
   python -m experiments.sweep --config=experiments/configs/precision.py
 
-The `c3` size of the CPU sweep (3 layers, d_model 96, 3 heads of 32; 0.75M parameters with
-the tied embedding) trained for 384 steps of 16 x 256 tokens (1.6M tokens) on the embedded
+The `c2` size of the CPU sweep (2 layers, d_model 64, 2 heads of 32; 0.37M parameters with
+the tied embedding) trained for 256 steps of 16 x 256 tokens (1M tokens) on the embedded
 mixture under each of Gopher's four settings (gopher/precision.py):
   fp32         fp32 parameters and activations
   bf16         bf16 parameters and activations, updates rounded to nearest
@@ -29,8 +29,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown precision-ablation variant {variant!r}; use cpu")
     cfg = sweep.get_config("cpu")
     cfg.variant = "precision"
-    cfg.sizes = [s for s in cfg.sizes if s.name == "c3"]
-    cfg.budgets = [ml_collections.ConfigDict(dict(name="p384", tokens=384 * 16 * 256, flops=0.0))]
+    cfg.sizes = [s for s in cfg.sizes if s.name == "c2"]
+    for size in cfg.sizes:
+        size.budgets = ()
+    cfg.budgets = [ml_collections.ConfigDict(dict(name="p256", tokens=256 * 16 * 256, flops=0.0))]
     cfg.precisions = ("fp32", "bf16", "bf16_sr", "bf16_master")
     cfg.seeds = (0, 1, 2)
     cfg.evals_per_run = 8
