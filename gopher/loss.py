@@ -47,29 +47,47 @@ def _fused(h, embeddings, targets, chunk):
     return _loss_and_grads(h, embeddings, targets, chunk)[0]
 
 
+def _chunk_loss_and_grads(hc, tc, e, n):
+    """One chunk's summed NLL, d loss / d h_c and its share of d loss / d E."""
+    logits = jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ex = jnp.exp(logits - top)
+    z = jnp.sum(ex, axis=-1, keepdims=True)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
+    onehot = vocab == tc[..., None]
+    target_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    nll = jnp.sum(top[..., 0] + jnp.log(z[..., 0]) - target_logit)
+    g = ((ex / z - onehot.astype(jnp.float32)) * (1.0 / n)).astype(hc.dtype)  # d loss / d logits
+    d_h = jnp.einsum("bcv,vd->bcd", g, e, preferred_element_type=jnp.float32)
+    d_e = jnp.einsum("bcv,bcd->vd", g, hc, preferred_element_type=jnp.float32)
+    return nll, d_h.astype(hc.dtype), d_e
+
+
 def _loss_and_grads(h, embeddings, targets, chunk):
-    b, t, _ = h.shape
+    b, t, d = h.shape
     n = b * t
     e = embeddings.astype(h.dtype)
+    full, tail = divmod(t, chunk)
     total = jnp.zeros((), jnp.float32)
     d_emb = jnp.zeros(embeddings.shape, jnp.float32)
     d_h = []
-    for start in range(0, t, chunk):
-        hc = h[:, start : start + chunk]  # [B, C, D]
-        tc = targets[:, start : start + chunk]  # [B, C]
-        logits = jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32)
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        ex = jnp.exp(logits - top)
-        z = jnp.sum(ex, axis=-1, keepdims=True)
-        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
-        onehot = vocab == tc[..., None]
-        target_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-        total = total + jnp.sum(top[..., 0] + jnp.log(z[..., 0]) - target_logit)
-        g = (ex / z - onehot.astype(jnp.float32)) * (1.0 / n)  # d loss / d logits
-        g = g.astype(h.dtype)
-        d_h.append(jnp.einsum("bcv,vd->bcd", g, e, preferred_element_type=jnp.float32))
-        d_emb = d_emb + jnp.einsum("bcv,bcd->vd", g, hc, preferred_element_type=jnp.float32)
-    grads = (jnp.concatenate(d_h, axis=1).astype(h.dtype), d_emb.astype(embeddings.dtype))
+    if full:
+        # A loop, not unrolled chunks: one chunk's [B, C, V] buffers are live at a time.
+        hs = h[:, : full * chunk].reshape(b, full, chunk, d).swapaxes(0, 1)  # [K, B, C, D]
+        ts = targets[:, : full * chunk].reshape(b, full, chunk).swapaxes(0, 1)
+
+        def body(carry, xs):
+            total, d_emb = carry
+            nll, dh, de = _chunk_loss_and_grads(*xs, e, n)
+            return (total + nll, d_emb + de), dh
+
+        (total, d_emb), dhs = jax.lax.scan(body, (total, d_emb), (hs, ts))
+        d_h.append(dhs.swapaxes(0, 1).reshape(b, full * chunk, d))
+    if tail:
+        nll, dh, de = _chunk_loss_and_grads(h[:, full * chunk :], targets[:, full * chunk :], e, n)
+        total, d_emb = total + nll, d_emb + de
+        d_h.append(dh)
+    grads = (jnp.concatenate(d_h, axis=1), d_emb.astype(embeddings.dtype))
     return total / n, grads
 
 
