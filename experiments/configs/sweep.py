@@ -9,7 +9,7 @@ Variants:
          4x, d_model / layers 16 to 48; c0 has one head of 16), on the embedded
          MassiveText-like mixture with a 4,096-piece vocabulary: one token-matched group
          (c1 ... c6, 1M tokens each: held-out loss should fall with size) and three
-         compute-matched groups (3e12, 1e13, 3e13 training FLOPs: IsoFLOP curves, U-shaped
+         compute-matched groups (3e12, 1e13 and, over c2-c4, 3e13 training FLOPs: IsoFLOP curves, U-shaped
          in size; CPU_SIZE_BUDGETS leaves out the sizes far from a budget's optimum). About
          an hour of training on 2 CPU cores, plus evaluation.
   smoke  two `test`-sized models x 20 steps on the stdlib corpus (what `make test` kills and
@@ -68,6 +68,7 @@ TPU_PARALLEL = {
 CPU_SIZE_BUDGETS = {
     "c0": ("c3e12",),
     "c1": ("tok1m", "c3e12", "c1e13"),
+    "c5": ("tok1m", "c3e12", "c1e13"),
     "c6": ("tok1m", "c3e12", "c1e13"),
 }
 
