@@ -244,6 +244,15 @@ def precision_report(cfg, records, results_dir: str, say, workdir: str | None = 
         )
     ranking = sorted(stats, key=lambda p: stats[p]["mean"])
     text = "\n".join(rows) + "\n\nOrder (best first): " + " < ".join(ranking)
+    if "fp32" in stats:  # same seed = same initial weights and data order: paired differences
+        base_seeds = stats["fp32"]["per_seed"]
+        text += "\n\nPaired with fp32 (same seed: same initial weights, same batches):\n\n"
+        text += "| setting | bpb - fp32's, per seed | mean |\n|---|---|---|"
+        for p, st in stats.items():
+            diffs = {k: v - base_seeds[k] for k, v in st["per_seed"].items() if k in base_seeds}
+            st["paired_vs_fp32"] = diffs
+            cells = ", ".join(f"s{k} {d:+.4f}" for k, d in sorted(diffs.items()))
+            text += f"\n| {p} | {cells} | {np.mean(list(diffs.values())):+.4f} |"
     spacing = {}
     if workdir:
         text += (
