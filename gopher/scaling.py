@@ -45,6 +45,8 @@ from scipy import optimize
 TOKEN_MATCHED = "tokens"
 METRICS = ("bpb", "loss")
 HUBER_DELTA = 1e-3
+# L-BFGS-B bounds of (log A, log B, log E, alpha, beta): wide around Hoffmann et al.'s grid.
+THETA_BOUNDS = ((-30.0, 60.0), (-30.0, 60.0), (-10.0, 10.0), (0.0, 5.0), (0.0, 5.0))
 # Hoffmann et al. 2022 App. D.2: the grid of L-BFGS initialisations for (alpha, beta, e, a, b).
 HOFFMANN_GRID = {
     "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
@@ -522,6 +524,9 @@ def fit_chinchilla(
                 args=(log_n, log_d, log_l, delta),
                 jac=True,
                 method="L-BFGS-B",
+                # Bounds keep exp() finite where the data leave a term unidentified (a
+                # bootstrap draw of few distinct D can send log B to 1e3 and beyond).
+                bounds=THETA_BOUNDS,
                 options={"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-8},
             )
             if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
