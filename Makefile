@@ -44,7 +44,7 @@ demo: $(STAMP)
 	    --config.parallel.data=4 --config.parallel.model=2 --config.parallel.zero=1 \
 	    --config.train.remat=full
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m experiments.evaluate \
-	    --workdir=$(DEMO_DIR) --tasks=lambada,piqa,arc_easy --limit=100 --heldout
+	    --workdir=$(DEMO_DIR) --tasks=lambada,piqa,arc_easy --limit=100 --heldout --heldout_docs=8
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m experiments.sample \
 	    --workdir=$(DEMO_DIR) --prompt="The history of the" --max_new_tokens=48 \
 	    --temperature=0.8 --top_p=0.95 --seed=0
