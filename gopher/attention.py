@@ -18,6 +18,11 @@ skipping key blocks that the causal mask removes, and its backward pass recomput
 each chunk's scores from the saved log-sum-exp (as flash attention does) instead of
 keeping [B, H, T, T] probabilities.
 
+Two implementations behind `attend`, chosen by `ModelConfig.attention` ("auto": the
+Pallas kernels of gopher/pallas_attention.py on TPU and GPU, this XLA path on CPU):
+the kernel cannot be split by XLA's partitioner, so under a mesh it runs inside
+`shard_map`, batch over the data axes and heads over "model", as the XLA path is split.
+
 Shape glossary:
   B: batch size   T: sequence length (queries = keys, no memory)   H: heads
   K: key size     C: query chunk length   S: keys a query chunk sees (end of the chunk)
@@ -25,13 +30,17 @@ Shape glossary:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from gopher import pallas_attention
 from gopher.config import ModelConfig
 from gopher.layers import Dense, sum_over_batch
 
@@ -225,13 +234,77 @@ def _relative_attention_bwd(chunk, residuals, d_out):
 relative_attention.defvjp(_relative_attention_fwd, _relative_attention_bwd)
 
 
+KERNEL_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")  # where "auto" picks the Pallas kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionLayout:
+    """How `attend` computes: "xla" or "pallas" on `platform` (the kernel runs in
+    interpret mode on "cpu"), and, with a `mesh`, the kernel's shard_map: the batch
+    over `batch_axes`, heads over `head_axis`."""
+
+    implementation: str = "xla"
+    platform: str = "cpu"
+    mesh: Any = None
+    batch_axes: tuple[str, ...] = ()
+    head_axis: str = "model"
+
+
+def attention_layout(
+    choice: str, platform: str, mesh: Any = None, batch_axes: tuple[str, ...] = ()
+) -> AttentionLayout:
+    """The layout for `ModelConfig.attention` = `choice` ("auto", "xla", "pallas") on
+    devices of `platform`; "auto" is the kernel on TPU and GPU, XLA elsewhere."""
+    if choice == "auto":
+        choice = "pallas" if platform in KERNEL_PLATFORMS else "xla"
+    return AttentionLayout(choice, platform, mesh, tuple(batch_axes))
+
+
+def attend(q, k, v, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.Array:
+    """`relative_attention` (mask None: causal) by the implementation `layout` names.
+
+    The kernel is causal only: with a `mask` it raises (use attention="xla")."""
+    if layout.implementation == "xla":
+        t = q.shape[1]
+        mask = jnp.tril(jnp.ones((t, t), bool)) if mask is None else mask
+        return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
+    kernel = functools.partial(
+        pallas_attention.relative_attention,
+        mask=mask,
+        opts=pallas_attention.options_for(layout.platform),
+    )
+    if layout.mesh is None:
+        return kernel(q, k, v, r, u, v_bias)
+    sizes = dict(layout.mesh.shape)
+    batch = tuple(a for a in layout.batch_axes if sizes.get(a, 1) > 1)
+    heads = layout.head_axis if sizes.get(layout.head_axis, 1) > 1 else None
+    # Axes that do not divide their dim are left out (that dim is replicated).
+    if batch and q.shape[0] % math.prod(sizes[a] for a in batch):
+        batch = ()
+    if heads and r.shape[0] % sizes[heads]:
+        heads = None
+    if not batch and not heads:
+        return kernel(q, k, v, r, u, v_bias)
+    act = P(batch or None, None, heads)  # [B, T, H*K]
+    per_head = P(heads, None, None)  # r [H, T+1, K], u and v_bias [H, 1, K]
+    return jax.shard_map(
+        kernel,
+        mesh=layout.mesh,
+        in_specs=(act, act, act, per_head, per_head, per_head),
+        out_specs=act,
+        check_vma=False,
+    )(q, k, v, r, u, v_bias)
+
+
 class RelativeAttention(hk.Module):
     """Causal multi-head attention with Transformer-XL relative positions.
 
     score(i, j) = [(q_i + u) . k_j + (q_i + v) . (W_R R_{i-j})] / sqrt(K)
 
     `mask` [T, T] is True where query i may attend to key j; it is combined with
-    the causal mask (entries above the diagonal are never attended).
+    the causal mask (entries above the diagonal are never attended); None is the
+    causal mask alone (the only one the Pallas kernel takes). `layout` chooses the
+    implementation (default: `config.attention` on the default backend).
     """
 
     def __init__(
@@ -241,13 +314,17 @@ class RelativeAttention(hk.Module):
         name: str | None = None,
         *,
         query_chunk: int = QUERY_CHUNK,
+        layout: AttentionLayout | None = None,
     ):
         super().__init__(name=name)
         self.config = config
         self.out_stddev = out_stddev
         self.query_chunk = query_chunk
+        self.layout = layout or attention_layout(config.attention, jax.default_backend())
 
-    def __call__(self, x: jax.Array, rel_enc: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, rel_enc: jax.Array, mask: jax.Array | None = None
+    ) -> jax.Array:
         c = self.config
         t = x.shape[1]
         h, k = c.num_heads, c.key_size
@@ -270,7 +347,7 @@ class RelativeAttention(hk.Module):
         # A spare row in front (distance T, read only by masked entries) gives each
         # query chunk the S+1 distances that `_skew` slices from.
         r = jnp.pad(r.reshape(t, h, k), [(1, 0), (0, 0), (0, 0)]).transpose(1, 0, 2)
-        out = relative_attention(
+        out = attend(
             q * scale,
             kk,
             v,
@@ -279,5 +356,6 @@ class RelativeAttention(hk.Module):
             (v_bias * scale).astype(dt)[:, None, :],
             mask,
             max(self.query_chunk, -(-t // MAX_QUERY_CHUNKS)),
+            self.layout,
         )  # [B, T, H*K]
         return Dense(c.d_model, self.out_stddev, name="o")(out)

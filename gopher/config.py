@@ -27,6 +27,7 @@ def _positive(obj: Any, *names: str) -> None:
 
 
 PRECISIONS = ("fp32", "mixed", "bf16", "bf16_sr", "bf16_master")  # Gopher App. C
+ATTENTIONS = ("auto", "xla", "pallas")  # ModelConfig.attention
 TRAIN_TOKENS = 300_000_000_000  # every Gopher model trained on 300B tokens
 
 
@@ -109,6 +110,10 @@ class ModelConfig:
     # Gopher's pre-norm blocks; the output projections of each residual branch are
     # scaled down by 1/sqrt(2 * num_layers) at init (GPT-2), so depth does not blow up.
     scale_residual_init: bool = True
+    # How attention is computed (the same maths): "pallas", the fused kernels of
+    # gopher/pallas_attention.py (interpret mode on CPU: slow, for tests); "xla", the
+    # chunked XLA path; "auto", the kernel on TPU and GPU and XLA on CPU.
+    attention: str = "auto"
 
     def __post_init__(self):
         _positive(
@@ -144,6 +149,11 @@ class ModelConfig:
             raise ConfigError(
                 f"ModelConfig.key_size = {self.key_size} must be even (sinusoidal "
                 f"relative encodings pair sin/cos); use an even key_size"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(
+                f"ModelConfig.attention = {self.attention!r} is unknown; use one of "
+                f"{', '.join(ATTENTIONS)} (--config.model.attention)"
             )
         _check_precision(self)
         _check_batch_schedule(self)

@@ -28,7 +28,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from gopher.attention import RelativeAttention, sinusoid_relative_encodings
+from gopher.attention import AttentionLayout, RelativeAttention, sinusoid_relative_encodings
 from gopher.config import ModelConfig
 from gopher.layers import Dense, mlp, rms_norm
 
@@ -45,17 +45,23 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 class Block(hk.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig, name: str | None = None):
+    def __init__(
+        self, config: ModelConfig, name: str | None = None, attention: AttentionLayout | None = None
+    ):
         super().__init__(name=name)
         self.config = config
+        self.attention = attention
 
-    def __call__(self, x: jax.Array, rel_enc: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, rel_enc: jax.Array, mask: jax.Array | None = None
+    ) -> jax.Array:
         c = self.config
         out_std = (
             c.init_scale / math.sqrt(2 * c.num_layers) if c.scale_residual_init else c.init_scale
         )
         h = rms_norm(x, c.rms_norm_eps, "attn_norm")
-        x = x + RelativeAttention(c, out_std, name="attn")(h, rel_enc, mask)
+        attn = RelativeAttention(c, out_std, name="attn", layout=self.attention)
+        x = x + attn(h, rel_enc, mask)
         h = rms_norm(x, c.rms_norm_eps, "mlp_norm")
         w_in = Dense(c.ffw_size, c.init_scale, name="mlp_in").weight(c.d_model)  # [D, F]
         w_out = Dense(c.d_model, out_std, name="mlp_out").weight(c.ffw_size)  # [F, D]
@@ -73,6 +79,7 @@ class GopherLM(hk.Module):
         activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
         name: str = "lm",
         unroll: bool = False,
+        attention: AttentionLayout | None = None,
     ):
         super().__init__(name=name)
         if remat not in REMAT_POLICIES:
@@ -84,6 +91,7 @@ class GopherLM(hk.Module):
         self.remat = remat
         self.unroll = unroll  # the layer loop unrolled (faster on XLA CPU; compiles longer)
         self.constrain = activation_constraint or (lambda x: x)
+        self.attention = attention  # None: config.attention on the default backend
 
     def embeddings(self) -> jax.Array:
         c = self.config
@@ -108,10 +116,9 @@ class GopherLM(hk.Module):
             x = x + input_offset.astype(x.dtype)
         x = self.constrain(x)  # [B, T, D]
         rel_enc = sinusoid_relative_encodings(t, c.d_model)  # [T, D]
-        mask = jnp.tril(jnp.ones((t, t), dtype=bool))  # [T, T] causal
 
-        def layer(x):
-            return self.constrain(Block(c, name="block")(x, rel_enc, mask))
+        def layer(x):  # causal attention (no other mask)
+            return self.constrain(Block(c, name="block", attention=self.attention)(x, rel_enc))
 
         if self.remat != "none":
             layer = hk.remat(layer, policy=REMAT_POLICIES[self.remat])
@@ -136,12 +143,17 @@ def build_forward(
     activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
     hidden: bool = False,
     unroll: bool = False,
+    attention: AttentionLayout | None = None,
 ) -> hk.Transformed:
     """A pure (init, apply) pair: apply(params, tokens [B, T]) -> logits [B, T, V]
-    (with `hidden`, -> (h [B, T, D], embeddings [V, D]); the same parameters)."""
+    (with `hidden`, -> (h [B, T, D], embeddings [V, D]); the same parameters).
+    `attention`: how attention runs (gopher.attention.attention_layout); default
+    `config.attention` on the default backend, without a mesh."""
 
     def forward(tokens, input_offset=None):
-        lm = GopherLM(config, compute_dtype, remat, activation_constraint, unroll=unroll)
+        lm = GopherLM(
+            config, compute_dtype, remat, activation_constraint, unroll=unroll, attention=attention
+        )
         return lm(tokens, input_offset, hidden=hidden)
 
     return hk.without_apply_rng(hk.transform(forward))

@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gopher import attention as attention_lib
 from gopher import train as train_lib
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 from gopher.train import BatchLayout, TrainFunctions, TrainState
@@ -461,7 +462,9 @@ def build_train(
     fault_steps: tuple[int, ...] = (),
 ) -> tuple[TrainFunctions, ShardedTrain]:
     """The train functions for `train_cfg` (precision, remat, microbatches) jitted over
-    `mesh`, with activations and gradient accumulation laid out for it."""
+    `mesh`, with activations and gradient accumulation laid out for it; the Pallas
+    attention kernel (model_cfg.attention) runs under shard_map over the mesh."""
+    platform = mesh.devices.flat[0].platform
     fns = train_lib.make_train_functions(
         model_cfg,
         train_cfg,
@@ -470,7 +473,8 @@ def build_train(
         activation_constraint=activation_constraint(mesh),
         fault_steps=fault_steps,
         batch_layout=batch_layout(mesh, parallel.zero),
-        platform=mesh.devices.flat[0].platform,
+        platform=platform,
+        attention=attention_lib.attention_layout(model_cfg.attention, platform, mesh, BATCH_AXES),
     )
     return fns, shard_train(fns, mesh, parallel, model_cfg)
 

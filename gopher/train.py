@@ -8,6 +8,7 @@ Shape glossary: B batch, T sequence length, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gopher import attention as attention_lib
 from gopher import loss as loss_lib
 from gopher import model as model_lib
 from gopher import optim
@@ -73,6 +75,7 @@ def make_train_functions(
     fault_steps: tuple[int, ...] = (),
     batch_layout: BatchLayout | None = None,
     platform: str | None = None,
+    attention: attention_lib.AttentionLayout | None = None,
 ) -> TrainFunctions:
     """Builds the pure functions for one model, recipe and precision setting.
 
@@ -81,10 +84,16 @@ def make_train_functions(
     numbers) poison the gradient with NaN at those steps: a test hook for the guard.
     `batch_layout` tells gradient accumulation (train.microbatches > 1) how the batch
     is split over devices, so that each microbatch stays spread over all of them.
+    `attention`: how attention runs (sharding.build_train gives the mesh's); default
+    `model_cfg.attention` on `platform`, without a mesh.
     """
     policy = precision_lib.get_policy(precision)
-    unroll = unroll_layers(train_cfg, model_cfg, platform or jax.default_backend())
-    forward = model_lib.build_forward(model_cfg, policy.compute_dtype, remat, activation_constraint)
+    platform = platform or jax.default_backend()
+    unroll = unroll_layers(train_cfg, model_cfg, platform)
+    attention = attention or attention_lib.attention_layout(model_cfg.attention, platform)
+    forward = model_lib.build_forward(
+        model_cfg, policy.compute_dtype, remat, activation_constraint, attention=attention
+    )
     optimizer = optim.make_optimizer(model_cfg, train_cfg)
     schedule = optim.learning_rate_schedule(model_cfg, train_cfg)
 
@@ -104,13 +113,29 @@ def make_train_functions(
 
     # The loss takes the final hidden states and fuses the output layer in (gopher/loss.py).
     loss_forward = model_lib.build_forward(
-        model_cfg, policy.compute_dtype, remat, activation_constraint, hidden=True, unroll=unroll
+        model_cfg,
+        policy.compute_dtype,
+        remat,
+        activation_constraint,
+        hidden=True,
+        unroll=unroll,
+        attention=attention,
     )
     value_and_grad = jax.value_and_grad(mean_loss(loss_forward))
     if train_cfg.microbatches > 1:
         layout = batch_layout or BatchLayout()
+        # Per shard (under vmap over the batch axes) the kernel splits heads alone.
+        micro_attention = (
+            dataclasses.replace(attention, batch_axes=()) if layout.per_shard else attention
+        )
         micro_forward = model_lib.build_forward(
-            model_cfg, policy.compute_dtype, remat, layout.constraint, hidden=True, unroll=unroll
+            model_cfg,
+            policy.compute_dtype,
+            remat,
+            layout.constraint,
+            hidden=True,
+            unroll=unroll,
+            attention=micro_attention,
         )
         value_and_grad = _accumulated_value_and_grad(micro_forward, train_cfg.microbatches, layout)
 

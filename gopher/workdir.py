@@ -24,6 +24,7 @@ from gopher import paths
 
 # Fields a restart may change without making it a different experiment.
 MUTABLE = {
+    "model": {"attention"},  # the kernel or the XLA path: the same maths
     "train": {
         "steps",  # extending a run is allowed (the cosine then stretches from here on)
         "stop_at_step",

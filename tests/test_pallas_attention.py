@@ -1,0 +1,165 @@
+"""The Pallas relative attention (gopher/pallas_attention.py) in interpret mode: forward
+and all six gradients against a naive O(T^2) oracle that builds R_{i-j} for every pair
+(no rel_shift), and the model trained with attention=pallas against attention=xla on
+one device and on a (2, 4) data x model mesh (the kernel inside shard_map)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gopher import attention, config, pallas_attention, sharding, train
+
+
+def oracle(q, k, v, r, u, v_bias):
+    """softmax over j <= i of (q_i+u).k_j + (q_i+v).r[T-(i-j)], in fp32. [B, H, T, K]"""
+    q, k, v, r, u, v_bias = (x.astype(jnp.float32) for x in (q, k, v, r, u, v_bias))
+    t = q.shape[2]
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    r_pair = r[:, t - np.clip(i - j, 0, t)]  # [H, T, T, K]: the encoding of distance i-j
+    scores = jnp.einsum("bhik,bhjk->bhij", q + u, k) + jnp.einsum(
+        "bhik,hijk->bhij", q + v_bias, r_pair
+    )
+    scores = jnp.where(j <= i, scores, -jnp.inf)
+    return jnp.einsum("bhij,bhjk->bhik", jax.nn.softmax(scores, axis=-1), v)
+
+
+def _inputs(b, h, t, kd, dtype=jnp.float32, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    shapes = [(b, h, t, kd)] * 3 + [(h, t + 1, kd), (h, 1, kd), (h, 1, kd)]
+    scales = [0.5, 1.0, 1.0, 1.0, 0.3, 0.3]
+    return [
+        (s * jax.random.normal(key, shape)).astype(dtype)
+        for key, shape, s in zip(keys, shapes, scales, strict=True)
+    ]
+
+
+def _value_and_grads(fn, args, cot):
+    out, vjp = jax.vjp(fn, *args)
+    return out, vjp(cot)
+
+
+@pytest.mark.parametrize(
+    "b,h,t,block,skew",
+    [
+        (2, 3, 40, 16, "roll"),  # T not a multiple of the tile, three tiles, several heads
+        (1, 2, 10, 16, "roll"),  # T below one tile
+        (1, 2, 24, 16, "gather"),  # the GPU skew, in interpret mode
+    ],
+)
+def test_kernel_matches_naive_oracle(b, h, t, block, skew):
+    args = _inputs(b, h, t, 8)
+    opts = pallas_attention.KernelOptions(block, skew, interpret=True)
+    cot = jax.random.normal(jax.random.key(1), (b, h, t, 8))
+
+    @jax.jit
+    def both(*args):
+        kernel = _value_and_grads(
+            lambda *a: pallas_attention.relative_attention_heads(*a, opts), args, cot
+        )
+        return kernel, _value_and_grads(oracle, args, cot)
+
+    (out, grads), (want, want_grads) = both(*args)
+    assert float(jnp.max(jnp.abs(out - want))) < 1e-5
+    for name, g, w in zip(("q", "k", "v", "r", "u", "v_bias"), grads, want_grads, strict=True):
+        scale = float(jnp.max(jnp.abs(w)))
+        err = float(jnp.max(jnp.abs(g - w)))
+        assert err < 1e-5 * max(scale, 1.0), (name, err, scale)
+
+
+def test_kernel_bf16_inputs_within_bf16_tolerance():
+    """bf16 q, k, v, r: the kernel rounds p and ds to bf16 for its matmuls, as the XLA
+    path does; against the fp32 oracle on the same (bf16-valued) inputs."""
+    args = _inputs(2, 2, 40, 8, jnp.bfloat16)
+    opts = pallas_attention.KernelOptions(16, "roll", interpret=True)
+    out = jax.jit(lambda *a: pallas_attention.relative_attention_heads(*a, opts))(*args)
+    assert out.dtype == jnp.bfloat16
+    want = oracle(*args)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - want))) < 3e-2
+
+
+def test_kernel_is_causal_only():
+    q = jnp.zeros((1, 8, 16))
+    r, u = jnp.zeros((2, 9, 8)), jnp.zeros((2, 1, 8))
+    with pytest.raises(ValueError, match="causal only"):
+        pallas_attention.relative_attention(q, q, q, r, u, u, jnp.ones((8, 8), bool))
+
+
+def test_attention_choice_is_validated():
+    with pytest.raises(config.ConfigError, match="attention = 'flash'.*auto, xla, pallas"):
+        config.get_preset("test").replace(attention="flash")
+    assert attention.attention_layout("auto", "tpu").implementation == "pallas"
+    assert attention.attention_layout("auto", "gpu").implementation == "pallas"
+    assert attention.attention_layout("auto", "cpu").implementation == "xla"
+
+
+# ------------------------------------------------------------- the model, trained
+
+STEPS, BATCH = 20, 8
+TRAIN = config.TrainConfig(steps=STEPS, warmup_steps=5, batch_size=BATCH)
+
+
+def _batches(model_cfg) -> list[np.ndarray]:
+    """Learnable token windows [B, T+1]: arithmetic progressions mod V."""
+    rng = np.random.default_rng(0)
+    t = np.arange(model_cfg.seq_len + 1)
+    out = []
+    for _ in range(STEPS):
+        start = rng.integers(0, model_cfg.vocab_size, (BATCH, 1))
+        stride = rng.integers(1, 4, (BATCH, 1))
+        out.append(((start + stride * t) % model_cfg.vocab_size).astype(np.int32))
+    return out
+
+
+def _losses(impl: str, mesh_shape: tuple[int, int] | None) -> np.ndarray:
+    model_cfg = config.get_preset("test").replace(attention=impl)
+    if mesh_shape is None:
+        fns = train.make_train_functions(model_cfg, TRAIN)
+        state, step = jax.jit(fns.init)(jax.random.key(0)), jax.jit(fns.train_step)
+        put = jnp.asarray
+    else:
+        parallel = config.ParallelConfig(data=mesh_shape[0], model=mesh_shape[1])
+        mesh = sharding.make_mesh(parallel)
+        _, sharded = sharding.build_train(model_cfg, TRAIN, parallel, mesh)
+        state, step = sharded.init(jax.random.key(0)), sharded.train_step
+
+        def put(batch):
+            return sharding.make_global_batch(batch, mesh)
+
+    losses = []
+    for batch in _batches(model_cfg):
+        state, metrics = step(state, put(batch))
+        losses.append(float(metrics["loss"]))
+    return np.array(losses)
+
+
+@pytest.fixture(scope="module")
+def xla_losses():
+    """attention=xla on one device (test_sharding checks the meshes give its losses)."""
+    return _losses("xla", None)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
+def test_model_trains_to_the_same_losses_as_xla(xla_losses, mesh_shape):
+    pallas = _losses("pallas", mesh_shape)
+    assert xla_losses[-1] < xla_losses[0] - 0.5  # it learns, so the comparison means something
+    np.testing.assert_array_less(np.abs(pallas - xla_losses) / np.abs(xla_losses), 1e-4)
+
+
+def test_kernel_runs_under_shard_map_on_its_heads():
+    """Under a (2, 4) mesh the train step holds the kernel inside a shard_map that
+    gives each device its own heads (1 of the test preset's 4) and batch rows."""
+    model_cfg = config.get_preset("test").replace(attention="pallas")
+    parallel = config.ParallelConfig(data=2, model=4)
+    mesh = sharding.make_mesh(parallel)
+    fns, sharded = sharding.build_train(model_cfg, TRAIN, parallel, mesh)
+    state = sharding.abstract_state_with_shardings(fns, sharded)
+    tokens = jax.ShapeDtypeStruct(
+        (BATCH, model_cfg.seq_len + 1), jnp.int32, sharding=sharded.batch_sharding
+    )
+    jaxpr = str(jax.make_jaxpr(sharded.train_step)(state, tokens))
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    # q [4 rows, 64 tokens, 1 head x 16] per device: the kernel's [B, H, T, K] input.
+    assert "f32[4,1,64,16]" in jaxpr
