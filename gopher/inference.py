@@ -194,7 +194,11 @@ def load(
     from gopher.precision import get_policy
 
     mesh = sharding.make_mesh(parallel)
-    forward = build_forward(model_cfg, get_policy(train_cfg.precision).compute_dtype)
+    forward = build_forward(
+        model_cfg,
+        get_policy(train_cfg.precision).compute_dtype,
+        attention=sharding.attention_layout(model_cfg, mesh),
+    )
     return LoadedModel(
         model_cfg=model_cfg,
         params=state.params,
@@ -222,7 +226,9 @@ def from_params(
 
     mesh = mesh or sharding.make_mesh(ParallelConfig(data=jax.device_count()))
     params = jax.device_put(params, param_shardings(params, mesh))
-    forward = build_forward(model_cfg, compute_dtype)
+    forward = build_forward(
+        model_cfg, compute_dtype, attention=sharding.attention_layout(model_cfg, mesh)
+    )
     return LoadedModel(model_cfg, params, forward.apply, tokenizer, mesh)
 
 

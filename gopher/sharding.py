@@ -309,6 +309,13 @@ def activation_constraint(mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.lax.with_sharding_constraint(x, sharding)
 
 
+def attention_layout(model_cfg: ModelConfig, mesh: Mesh) -> attention_lib.AttentionLayout:
+    """model_cfg.attention on `mesh`'s platform; the kernel in shard_map over the mesh
+    (XLA cannot partition a Pallas call): batch over the batch axes, heads over model."""
+    platform = mesh.devices.flat[0].platform
+    return attention_lib.attention_layout(model_cfg.attention, platform, mesh, BATCH_AXES)
+
+
 def batch_layout(mesh: Mesh, zero: int = 0, rules: Rules = GOPHER_RULES) -> BatchLayout:
     """The batch split over replica * data, for gradient accumulation.
 
@@ -474,7 +481,7 @@ def build_train(
         fault_steps=fault_steps,
         batch_layout=batch_layout(mesh, parallel.zero),
         platform=platform,
-        attention=attention_lib.attention_layout(model_cfg.attention, platform, mesh, BATCH_AXES),
+        attention=attention_layout(model_cfg, mesh),
     )
     return fns, shard_train(fns, mesh, parallel, model_cfg)
 
