@@ -216,6 +216,44 @@ def test_attention_gradients_match_autodiff_of_dense_reference(query_chunk):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("budget,group", [(2 * 4 * 13 * 4, 1), (2 * 2 * 4 * 13 * 4, 2)])
+def test_head_groups_match_the_oracles(monkeypatch, budget, group):
+    # On XLA CPU the model's attention (no mask of its own) loops over groups of heads
+    # sized by a cache budget; a small budget forces 1 and 2 heads per group of the 4.
+    cfg = config.get_preset("test")
+    t = 13
+    monkeypatch.setattr(attention, "CPU_SCORE_BLOCK_BYTES", budget)
+    assert attention.heads_per_group(2, cfg.num_heads, t, 4) == group
+
+    def f(x):
+        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
+        layout = attention.attention_layout("xla", "cpu")
+        return attention.RelativeAttention(cfg, 0.02, name="attn", query_chunk=4, layout=layout)(
+            x, rel
+        )
+
+    fn = hk.without_apply_rng(hk.transform(f))
+    x = jax.random.normal(jax.random.key(0), (2, t, cfg.d_model))
+    params = _attention_params(fn, x)
+    flat = {k.split("/")[-1]: jax.tree.map(np.asarray, v) for k, v in params.items()}
+    flat.update(flat.pop("attn"))
+    want = naive_relative_attention(x, flat, cfg.num_heads, cfg.key_size)
+    assert np.max(np.abs(np.asarray(fn.apply(params, x)) - want)) < 1e-5
+    cot = jax.random.normal(jax.random.key(4), (2, t, cfg.d_model))
+
+    def ref(p, x):
+        flat = {k.split("/")[-1]: v for k, v in p.items()}
+        flat.update(flat.pop("attn"))
+        return jnp.sum(dense_relative_attention(x, flat, cfg.num_heads, cfg.key_size) * cot)
+
+    got = jax.grad(lambda p, x: jnp.sum(fn.apply(p, x) * cot), argnums=(0, 1))(params, x)
+    want = jax.grad(ref, argnums=(0, 1))(params, x)
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want), strict=True
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.slow  # make test-all; the suite's time budget
 def test_block_gradients_match_autodiff_of_plain_mlp_and_rms_norm():
     # RMSNorm and the MLP also have hand-written backward passes; compare a whole block
