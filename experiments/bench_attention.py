@@ -1,0 +1,209 @@
+"""Relative attention: the Pallas kernels against the XLA path, forward and
+forward+backward, and (--train_step) a preset's whole train step with each.
+
+    python -m experiments.bench_attention                      # GPU / TPU: seq 512 ... 8192
+    python -m experiments.bench_attention --tiny               # CPU smoke (interpret mode)
+    python -m experiments.bench_attention --train_step --preset=1.4b --seq_len=2048 \\
+        --batch=8 --precision=mixed --remat=full
+
+Attention mode: q, k, v [B, T, H*K] (default H=16, K=128, the 1.4b row's heads; B =
+--tokens / T, so every length does the same number of query rows) in bf16, r [H, T+1, K].
+Each implementation is jitted on its own, compiled, warmed up and timed --reps times
+(median). Achieved FLOP/s count the model's attention FLOPs, causal (half the scores):
+forward 3 matmuls ((q+u) k^T, (q+v) r^T, p v) = 3 B H T^2 K; forward+backward 3x that.
+The XLA path also pays the skew's copies and, past its 16 query chunks, key blocks the
+mask removes; those are not counted. Temporaries are XLA's memory_analysis() figures;
+`max_rel_diff_vs_xla` is the kernel's largest difference from the XLA path (output, or
+any of the six gradients) over that array's largest magnitude (bf16: ~1e-2 expected).
+
+Train-step mode: the preset's train step (gopher.train.make_train_functions, state
+donated) at --seq_len, --batch, --precision, --remat with attention=xla and =pallas;
+MFU = tokens/s x (6 N + 12 L H Q T) / peak FLOP/s of the device (gopher/metrics.py).
+
+Writes one JSON (device kind, jax version, the command, every row) to --out (default
+benchmarks/bench_attention_<device kind>.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+_TINY = flags.DEFINE_bool("tiny", False, "CPU smoke: seq 64 and 128, 2 heads, key 16.")
+_SEQS = flags.DEFINE_list("seqs", ["512", "1024", "2048", "4096", "8192"], "Sequence lengths.")
+_HEADS = flags.DEFINE_integer("heads", 16, "Heads.")
+_KEY = flags.DEFINE_integer("key_size", 128, "Key size.")
+_TOKENS = flags.DEFINE_integer("tokens", 16384, "Query rows per call: batch = tokens / seq.")
+_BLOCK = flags.DEFINE_integer("block", 0, "Kernel tile rows (0: the platform's default).")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per measurement (median).")
+_TRAIN = flags.DEFINE_bool("train_step", False, "Time a preset's train step instead.")
+_PRESET = flags.DEFINE_string("preset", "1.4b", "Train-step mode: model preset.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Train-step mode: sequence length.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Train-step mode: sequences per step.")
+_PRECISION = flags.DEFINE_string("precision", "mixed", "Train-step mode: precision.")
+_REMAT = flags.DEFINE_string("remat", "full", "Train-step mode: remat policy.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Train-step mode: timed steps (median).")
+_OUT = flags.DEFINE_string("out", "", "JSON path (default benchmarks/bench_attention_<dev>.json).")
+
+
+def _time(fn, *args, reps: int) -> float:
+    """Median seconds of `reps` blocking calls of a compiled `fn` (after one warm-up)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def attention_rows(platform: str) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from gopher import attention, pallas_attention
+
+    h, kd = (2, 16) if _TINY.value else (_HEADS.value, _KEY.value)
+    seqs = [64, 128] if _TINY.value else [int(s) for s in _SEQS.value]
+    opts = pallas_attention.options_for(platform, _BLOCK.value or None)
+    rows = []
+    for t in seqs:
+        b = max(1, (256 if _TINY.value else _TOKENS.value) // t)
+        keys = jax.random.split(jax.random.key(t), 6)
+        shapes = [(b, t, h * kd)] * 3 + [(h, t + 1, kd), (h, 1, kd), (h, 1, kd)]
+        args = [
+            0.1 * jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(keys, shapes, strict=True)
+        ]
+        mask = jnp.tril(jnp.ones((t, t), bool))
+        chunk = max(attention.QUERY_CHUNK, -(-t // attention.MAX_QUERY_CHUNKS))
+        impls = {
+            "xla": lambda *a, mask=mask, chunk=chunk: attention.relative_attention(*a, mask, chunk),
+            "pallas": lambda *a: pallas_attention.relative_attention(*a, opts=opts),
+        }
+        flops = 3 * b * h * t * t * kd
+        results = {}  # mode -> the XLA path's outputs, to check the kernel's against
+        for name, fn in impls.items():
+
+            def loss(*a, fn=fn):
+                return jnp.sum(fn(*a).astype(jnp.float32))
+
+            for mode, f, work in (
+                ("forward", fn, flops),
+                ("forward+backward", jax.grad(loss, argnums=range(6)), 3 * flops),
+            ):
+                compiled = jax.jit(f).lower(*args).compile()
+                seconds = _time(compiled, *args, reps=_REPS.value)
+                row = {
+                    "impl": name,
+                    "mode": mode,
+                    "seq_len": t,
+                    "batch": b,
+                    "heads": h,
+                    "key_size": kd,
+                    "block": opts.block if name == "pallas" else chunk,
+                    "seconds": seconds,
+                    "tflops_per_sec": work / seconds / 1e12,
+                    "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+                }
+                got = jax.tree.leaves(compiled(*args))
+                if name == "xla":
+                    results[mode] = got
+                else:  # the largest difference from the XLA path, relative to its largest value
+                    row["max_rel_diff_vs_xla"] = max(
+                        float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
+                        / max(float(jnp.max(jnp.abs(w.astype(jnp.float32)))), 1e-30)
+                        for g, w in zip(got, results[mode], strict=True)
+                    )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def train_rows() -> list[dict]:
+    import jax
+    import numpy as np
+
+    from gopher import config, metrics, train
+
+    rows = []
+    for impl in ("xla", "pallas"):
+        model_cfg = config.get_preset(_PRESET.value).replace(seq_len=_SEQ_LEN.value, attention=impl)
+        train_cfg = config.TrainConfig(steps=100, batch_size=_BATCH.value, warmup_steps=10)
+        fns = train.make_train_functions(model_cfg, train_cfg, _PRECISION.value, _REMAT.value)
+        state = jax.jit(fns.init)(jax.random.key(0))
+        step = jax.jit(fns.train_step, donate_argnums=0)
+        tokens = np.random.default_rng(0).integers(
+            0, model_cfg.vocab_size, (_BATCH.value, _SEQ_LEN.value + 1), dtype=np.int32
+        )
+        start = time.perf_counter()
+        compiled = step.lower(state, tokens).compile()
+        compile_s = time.perf_counter() - start
+        for _ in range(2):
+            state, m = compiled(state, tokens)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(_STEPS.value):
+            start = time.perf_counter()
+            state, m = compiled(state, tokens)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - start)
+        step_s = statistics.median(times)
+        tokens_per_sec = _BATCH.value * _SEQ_LEN.value / step_s
+        peak = metrics.device_peak_flops(jax.devices()[0])
+        row = {
+            "impl": impl,
+            "preset": _PRESET.value,
+            "seq_len": _SEQ_LEN.value,
+            "batch": _BATCH.value,
+            "precision": _PRECISION.value,
+            "remat": _REMAT.value,
+            "compile_s": compile_s,
+            "step_s": step_s,
+            "tokens_per_sec": tokens_per_sec,
+            "peak_flops": peak,
+            "mfu": metrics.mfu(tokens_per_sec, metrics.flops_per_token(model_cfg), peak),
+            "loss": float(m["loss"]),
+            "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main(argv):
+    del argv
+    import jax
+
+    device = jax.devices()[0]
+    rows = train_rows() if _TRAIN.value else attention_rows(device.platform)
+    kind = re.sub(r"[^A-Za-z0-9]+", "_", device.device_kind).strip("_").lower()
+    out = _OUT.value or os.path.join(
+        "benchmarks", f"bench_attention{'_train' if _TRAIN.value else ''}_{kind}.json"
+    )
+    record = {
+        "command": shlex.join(
+            [os.path.basename(sys.executable), "-m", __spec__.name, *sys.argv[1:]]
+        ),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
