@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gopher import attention, config, pallas_attention, sharding, train
+from gopher import attention, config, pallas_attention, sharding, train, workdir
 
 
 def oracle(q, k, v, r, u, v_bias):
@@ -93,6 +93,15 @@ def test_attention_choice_is_validated():
     assert attention.attention_layout("auto", "tpu").implementation == "pallas"
     assert attention.attention_layout("auto", "gpu").implementation == "pallas"
     assert attention.attention_layout("auto", "cpu").implementation == "xla"
+
+
+def test_switching_attention_on_resume_is_the_same_experiment(tmp_path):
+    model = {"preset": "test", "seq_len": 64}
+    workdir.record_config(str(tmp_path), {"model": model})  # a run from before the field
+    workdir.record_config(str(tmp_path), {"model": {**model, "attention": "pallas"}})
+    workdir.record_config(str(tmp_path), {"model": {**model, "attention": "xla"}})
+    with pytest.raises(ValueError, match="different experiment"):
+        workdir.record_config(str(tmp_path), {"model": {**model, "seq_len": 32}})
 
 
 # ------------------------------------------------------------- the model, trained
