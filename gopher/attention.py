@@ -248,16 +248,28 @@ class AttentionLayout:
     mesh: Any = None
     batch_axes: tuple[str, ...] = ()
     head_axis: str = "model"
+    device_kind: str = ""  # e.g. "TPU v4": the kernel's skew depends on the TPU generation
 
 
 def attention_layout(
     choice: str, platform: str, mesh: Any = None, batch_axes: tuple[str, ...] = ()
 ) -> AttentionLayout:
     """The layout for `ModelConfig.attention` = `choice` ("auto", "xla", "pallas") on
-    devices of `platform`; "auto" is the kernel on TPU and GPU, XLA elsewhere."""
+    devices of `platform` (the mesh's, else the first of the platform's devices); "auto"
+    is the kernel on TPU v4+ and GPU, XLA elsewhere."""
+    if mesh is not None:
+        kind = mesh.devices.flat[0].device_kind
+    else:
+        try:
+            kind = jax.devices(platform)[0].device_kind
+        except RuntimeError:  # no such backend here (e.g. planning for another platform)
+            kind = ""
     if choice == "auto":
         choice = "pallas" if platform in KERNEL_PLATFORMS else "xla"
-    return AttentionLayout(choice, platform, mesh, tuple(batch_axes))
+        generation = pallas_attention.tpu_generation(kind) if platform == "tpu" else None
+        if generation is not None and generation < pallas_attention.MIN_TPU_GENERATION:
+            choice = "xla"  # TPU v2, v3: the kernel does not compile there
+    return AttentionLayout(choice, platform, mesh, tuple(batch_axes), device_kind=kind)
 
 
 # XLA CPU: the heads are computed a group at a time (a loop), so that one query chunk's
@@ -346,7 +358,7 @@ def attend(q, k, v, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> 
     kernel = functools.partial(
         pallas_attention.relative_attention,
         mask=mask,
-        opts=pallas_attention.options_for(layout.platform),
+        opts=pallas_attention.options_for(layout.platform, device_kind=layout.device_kind),
     )
     return _on_each_device(kernel, layout, q, k, v, r, u, v_bias)
 

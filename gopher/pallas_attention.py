@@ -10,8 +10,11 @@ r = W_R R, two aligned blocks of it. The kernel forms (q+v) r_window^T [b, 2b] w
 matmul and skews it, row a moving left by b - a, so that column c holds distance
 (i0+a) - (j0+c): by index arithmetic inside the tile, never by a [T, T] shift.
 
-  skew on TPU (and in interpret mode): one strided lane rotation (`pltpu.roll` with a
-      stride: row a rotates by b + a), Mosaic's `dynamic_rotate`;
+  skew on TPU v5 and later (and in interpret mode): one strided lane rotation
+      (`pltpu.roll` with a stride: row a rotates by b + a), Mosaic's `dynamic_rotate`;
+  skew on TPU v4 (no strided rotation there): a barrel shifter, log2(2b) rotations by
+      a constant, each kept by the rows whose shift has that bit (TPU v2 and v3 are not
+      supported: Mosaic compiles no bf16 matmul there; "auto" takes the XLA path);
   skew on GPU (Triton): the [b, 2b] tile goes to a per-program scratch in global memory
       and comes back with a gather load (Triton has no in-register slicing or rotation).
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +52,16 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 F32 = jnp.float32
 
 
+SKEWS = ("roll", "shift", "gather")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
     """Static choices of the kernels.
 
     block: tile rows, for queries and keys alike (TPU: a multiple of 128 for speed,
         any multiple of 8 compiles; Triton: a power of two >= 16).
-    skew: "roll" (TPU, interpret) or "gather" (GPU, Triton).
+    skew: "roll" (TPU v5+, interpret), "shift" (TPU v4) or "gather" (GPU, Triton).
     interpret: run in Pallas interpret mode (CPU).
     """
 
@@ -63,16 +70,36 @@ class KernelOptions:
     interpret: bool = False
 
     def __post_init__(self):
-        if self.skew not in ("roll", "gather"):
-            raise ValueError(f"skew = {self.skew!r} is unknown; use 'roll' or 'gather'")
+        if self.skew not in SKEWS:
+            raise ValueError(f"skew = {self.skew!r} is unknown; use one of {', '.join(SKEWS)}")
         if self.block % 8:
             raise ValueError(f"block = {self.block} must be a multiple of 8 (TPU sublanes)")
 
 
-def options_for(platform: str, block: int | None = None) -> KernelOptions:
-    """The kernel's options on `platform` ("tpu", "gpu"/"cuda"/"rocm", or "cpu": interpret)."""
+def tpu_generation(device_kind: str) -> int | None:
+    """5 for "TPU v5 lite", 7 for "TPU7x", None when the kind names no number."""
+    found = re.search(r"(\d+)", device_kind)
+    return int(found.group(1)) if found else None
+
+
+# Mosaic (libtpu 0.0.42) compiles no bf16 matmul for TPU v3 and no strided rotation
+# before v5 (both found by deviceless compiles).
+MIN_TPU_GENERATION = 4
+
+
+def options_for(platform: str, block: int | None = None, device_kind: str = "") -> KernelOptions:
+    """The kernel's options on `platform` ("tpu", "gpu"/"cuda"/"rocm", or "cpu": interpret);
+    on TPU `device_kind` ("TPU v4", "TPU v5 lite", ...) picks the skew."""
     if platform == "tpu":
-        return KernelOptions(block or 128, "roll", False)
+        generation = tpu_generation(device_kind)
+        if generation is not None and generation < MIN_TPU_GENERATION:
+            raise ValueError(
+                f"the Pallas attention needs TPU v{MIN_TPU_GENERATION} or later, not "
+                f"{device_kind!r} (Mosaic compiles no bf16 matmul there); use "
+                "--config.model.attention=xla"
+            )
+        strided = generation is not None and generation >= 5
+        return KernelOptions(block or 128, "roll" if strided else "shift", False)
     if platform in ("gpu", "cuda", "rocm"):
         return KernelOptions(block or 64, "gather", False)
     return KernelOptions(block or 32, "roll", True)  # interpret mode: small tiles, for tests
@@ -105,6 +132,8 @@ class _Skew:
 
     def skew(self, x):
         b = x.shape[0]
+        if self.opts.skew == "shift":
+            return _rotate_rows(x, left=True)[:, :b]
         if self.opts.skew == "roll":
             from jax.experimental.pallas import tpu as pltpu
 
@@ -118,6 +147,8 @@ class _Skew:
 
     def unskew(self, x):
         b = x.shape[0]
+        if self.opts.skew == "shift":
+            return _rotate_rows(jnp.concatenate([x, jnp.zeros_like(x)], axis=1), left=False)
         if self.opts.skew == "roll":
             from jax.experimental.pallas import tpu as pltpu
 
@@ -142,6 +173,21 @@ class _Skew:
             from jax.experimental.pallas import triton as plgpu
 
             plgpu.debug_barrier()
+
+
+def _rotate_rows(x, left: bool):
+    """x [b, 2b] with row a rotated by b - a lanes (left or right), as a barrel shifter:
+    for each bit of the shift, a rotation by that constant, kept where the row's shift has
+    the bit."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, width = x.shape[0], x.shape[1]
+    shift = b - jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    for bit in range(b.bit_length()):
+        step = 1 << bit
+        rotated = pltpu.roll(x, width - step if left else step, 1)
+        x = jnp.where((shift >> bit) & 1 == 1, rotated, x)
+    return x
 
 
 def _reverse_rows(x):

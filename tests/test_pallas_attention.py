@@ -5,6 +5,8 @@ one device and on a (2, 4) data x model mesh (the kernel inside shard_map)."""
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,7 @@ def _value_and_grads(fn, args, cot):
     "b,h,t,block,skew",
     [
         (2, 3, 40, 16, "roll"),  # T not a multiple of the tile, three tiles, several heads
-        (1, 2, 10, 16, "roll"),  # T below one tile
+        (1, 2, 10, 16, "shift"),  # T below one tile; the TPU v4 skew
         (1, 2, 24, 16, "gather"),  # the GPU skew, in interpret mode
     ],
 )
@@ -93,6 +95,13 @@ def test_attention_choice_is_validated():
     assert attention.attention_layout("auto", "tpu").implementation == "pallas"
     assert attention.attention_layout("auto", "gpu").implementation == "pallas"
     assert attention.attention_layout("auto", "cpu").implementation == "xla"
+    # The skew by TPU generation; TPU v3 takes the XLA path (no bf16 matmul in Mosaic there).
+    assert pallas_attention.options_for("tpu", device_kind="TPU v4").skew == "shift"
+    assert pallas_attention.options_for("tpu", device_kind="TPU v5 lite").skew == "roll"
+    with pytest.raises(ValueError, match="TPU v4 or later.*attention=xla"):
+        pallas_attention.options_for("tpu", device_kind="TPU v3")
+    v3_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(device_kind="TPU v3")]))
+    assert attention.attention_layout("auto", "tpu", v3_mesh).implementation == "xla"
 
 
 def test_switching_attention_on_resume_is_the_same_experiment(tmp_path):
