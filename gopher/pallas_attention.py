@@ -31,7 +31,8 @@ Causal only: the kernel has no mask argument (the model's mask is the causal one
 decoding with its cache and ragged prompts keeps the XLA path (gopher/decode.py).
 T that is no multiple of the tile is padded with zero rows: padded keys are seen only
 by padded queries, whose output gradient is zero. Keys, values and r sit whole in
-each program's memory (VMEM on TPU): fine to T = 8192 at K = 128 in bf16.
+each program's memory (VMEM on TPU, one buffer each): at K = 128 in bf16 the backward
+kernels compile to T = 8192 for v5e, v5p and v6e, to T = 4096 for v4 (16 MiB of VMEM).
 
 Shape glossary:
   B: batch   H: heads   T: sequence length   K: key size
@@ -351,12 +352,20 @@ def _tile_spec(b, k):  # [B, H, Tp, k] arrays, tile i of head h of row bi
     return pl.BlockSpec((None, None, b, k), lambda bi, h, i: (bi, h, i, 0))
 
 
-def _whole_spec(tp, k):  # [B, H, Tp, k] arrays, all of head h of row bi
-    return pl.BlockSpec((None, None, tp, k), lambda bi, h, i: (bi, h, 0, 0))
+def _single(opts):
+    """Whole-sequence blocks change only with (batch row, head): on TPU one VMEM buffer
+    each instead of two (T = 8192, K = 128 then fits the backward kernels in VMEM)."""
+    if opts.interpret or opts.skew == "gather":
+        return {}
+    return {"pipeline_mode": pl.Buffered(1)}
 
 
-def _r_spec(rows, k):  # r [H, Tp + b, K], all of head h
-    return pl.BlockSpec((None, rows, k), lambda bi, h, i: (h, 0, 0))
+def _whole_spec(tp, k, opts):  # [B, H, Tp, k] arrays, all of head h of row bi
+    return pl.BlockSpec((None, None, tp, k), lambda bi, h, i: (bi, h, 0, 0), **_single(opts))
+
+
+def _r_spec(rows, k, opts):  # r [H, Tp + b, K], all of head h
+    return pl.BlockSpec((None, rows, k), lambda bi, h, i: (h, 0, 0), **_single(opts))
 
 
 def _call(kernel, opts, grid, in_specs, out_specs, out_shape, *args):
@@ -410,8 +419,8 @@ def _forward(q, k, v, r, u, v_bias, opts):
         functools.partial(_forward_kernel, opts=opts, n=n),
         opts,
         (bsz, h, n),
-        [_tile_spec(b, kd), _tile_spec(b, kd), _whole_spec(tp, kd), _whole_spec(tp, kd)]
-        + [_r_spec(tp + b, kd)],
+        [_tile_spec(b, kd), _tile_spec(b, kd), _whole_spec(tp, kd, opts)]
+        + [_whole_spec(tp, kd, opts), _r_spec(tp + b, kd, opts)],
         [_tile_spec(b, kd), _tile_spec(b, 1)],
         [jax.ShapeDtypeStruct(qu.shape, v.dtype), jax.ShapeDtypeStruct((bsz, h, tp, 1), F32)],
         qu,
@@ -446,8 +455,8 @@ def _bwd(opts, residuals, d_out):
     do = jnp.pad(d_out.astype(v.dtype), pad)
     delta = jnp.sum(do.astype(F32) * jnp.pad(out, pad).astype(F32), axis=-1, keepdims=True)
     grid = (bsz, h, n)
-    tile, whole, rs = _tile_spec(b, kd), _whole_spec(tp, kd), _r_spec(tp + b, kd)
-    tile1, whole1 = _tile_spec(b, 1), _whole_spec(tp, 1)
+    tile, whole, rs = _tile_spec(b, kd), _whole_spec(tp, kd, opts), _r_spec(tp + b, kd, opts)
+    tile1, whole1 = _tile_spec(b, 1), _whole_spec(tp, 1, opts)
     f32_like = jax.ShapeDtypeStruct(qu.shape, F32)
 
     dqc, dqp = _call(
