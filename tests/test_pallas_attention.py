@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sharding import BATCH, TRAIN, learnable_batches  # tests/ is on sys.path
 
 from gopher import attention, config, pallas_attention, sharding, train, workdir
 
@@ -114,21 +115,7 @@ def test_switching_attention_on_resume_is_the_same_experiment(tmp_path):
 
 
 # ------------------------------------------------------------- the model, trained
-
-STEPS, BATCH = 20, 8
-TRAIN = config.TrainConfig(steps=STEPS, warmup_steps=5, batch_size=BATCH)
-
-
-def _batches(model_cfg) -> list[np.ndarray]:
-    """Learnable token windows [B, T+1]: arithmetic progressions mod V."""
-    rng = np.random.default_rng(0)
-    t = np.arange(model_cfg.seq_len + 1)
-    out = []
-    for _ in range(STEPS):
-        start = rng.integers(0, model_cfg.vocab_size, (BATCH, 1))
-        stride = rng.integers(1, 4, (BATCH, 1))
-        out.append(((start + stride * t) % model_cfg.vocab_size).astype(np.int32))
-    return out
+# The model, recipe and token windows of test_sharding's one-device-vs-mesh check.
 
 
 def _losses(impl: str, mesh_shape: tuple[int, int] | None) -> np.ndarray:
@@ -147,7 +134,7 @@ def _losses(impl: str, mesh_shape: tuple[int, int] | None) -> np.ndarray:
             return sharding.make_global_batch(batch, mesh)
 
     losses = []
-    for batch in _batches(model_cfg):
+    for batch in learnable_batches():
         state, metrics = step(state, put(batch))
         losses.append(float(metrics["loss"]))
     return np.array(losses)

@@ -20,7 +20,7 @@ MODEL = config.get_preset("test")  # d_model 64, 4 heads, vocab 512, seq 64: div
 TRAIN = config.TrainConfig(steps=STEPS, warmup_steps=5, batch_size=BATCH)
 
 
-def _batches() -> list[np.ndarray]:
+def learnable_batches() -> list[np.ndarray]:
     """Learnable token windows [B, T+1]: arithmetic progressions mod V."""
     rng = np.random.default_rng(0)
     t = np.arange(MODEL.seq_len + 1)
@@ -48,10 +48,10 @@ def one_device():
     state = jax.jit(fns.init)(jax.random.key(0))
     step = jax.jit(fns.train_step)
     losses = []
-    for batch in _batches():
+    for batch in learnable_batches():
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
-    nll = np.asarray(jax.jit(fns.eval_step)(state.params, _batches()[0])["nll"])
+    nll = np.asarray(jax.jit(fns.eval_step)(state.params, learnable_batches()[0])["nll"])
     return np.array(losses), nll
 
 
@@ -69,7 +69,7 @@ def test_sharded_training_matches_one_device(one_device, data, model, zero):
     sharded = _sharded(data, model, zero)
     state = sharded.init(jax.random.key(0))
     losses = []
-    for batch in _batches():
+    for batch in learnable_batches():
         state, metrics = sharded.train_step(state, sharding.make_global_batch(batch, sharded.mesh))
         losses.append(float(metrics["loss"]))
     losses = np.array(losses)
@@ -81,7 +81,7 @@ def test_sharded_training_matches_one_device(one_device, data, model, zero):
     ):
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
     if zero == 3:
-        batch = sharding.make_global_batch(_batches()[0], sharded.mesh)
+        batch = sharding.make_global_batch(learnable_batches()[0], sharded.mesh)
         nll = np.asarray(sharded.eval_step(state.params, batch)["nll"])
         np.testing.assert_allclose(nll, ref_nll, rtol=1e-4, atol=1e-5)
 
