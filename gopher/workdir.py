@@ -117,6 +117,7 @@ def _when(t: float) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` is a live process on this host (a zombie is dead: it holds nothing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -125,7 +126,13 @@ def _pid_alive(pid: int) -> bool:
         return True
     except (OverflowError, ValueError):
         return False
-    return True
+    try:  # a killed process whose parent died stays a zombie until init reaps it, and some
+        # containers' init never does; /proc/PID/stat's state after the ')' is Z or X then
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def _parse(raw: bytes) -> dict:

@@ -119,6 +119,20 @@ def _result(workdir, name):
         return json.load(f)
 
 
+def _wait_until_dead(lock_path, timeout_s=60.0):
+    """Until the lock's holder (the SIGKILLed trainer, which may still be exiting) is gone."""
+    from gopher import workdir as workdir_lib
+
+    if not os.path.exists(lock_path):
+        return
+    with open(lock_path) as f:
+        pid = int(json.load(f)["pid"])
+    deadline = time.time() + timeout_s
+    while workdir_lib._pid_alive(pid):
+        assert time.time() < deadline, f"the killed trainer pid {pid} is still alive"
+        time.sleep(0.05)
+
+
 def test_smoke_sweep_killed_mid_run_resumes_to_the_same_result(tmp_path):
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     _sweep(reference, "--only=t2_s20")
@@ -133,6 +147,7 @@ def test_smoke_sweep_killed_mid_run_resumes_to_the_same_result(tmp_path):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its trainer, with no warning
     proc.wait()
+    _wait_until_dead(os.path.join(killed, "runs", "t2_s20", "lock.json"))
     assert not os.path.exists(os.path.join(killed, "runs", "t2_s20", sweep.RESULT_FILE))
     done = [r["step"] for r in _records(t2_metrics) if r.get("kind") == "train"]
     assert done and max(done) < 20, f"the kill did not land mid-run: {done}"

@@ -61,6 +61,28 @@ def test_lock_of_dead_pid_taken_over_with_warning(tmp_path):
         lock.release()
 
 
+def test_lock_of_a_zombie_is_taken_over(tmp_path):
+    # a SIGKILLed trainer whose parent died first lingers as a zombie where the container's
+    # init does not reap: kill(pid, 0) still succeeds, yet the process holds nothing
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline:  # exited but not waited for: a zombie
+        with open(f"/proc/{child.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        time.sleep(0.02)
+    try:
+        os.kill(child.pid, 0)  # the pid still exists
+        assert not workdir_lib._pid_alive(child.pid)
+        assert workdir_lib._pid_alive(os.getpid())
+        _fake_lock(tmp_path, socket.gethostname(), child.pid, heartbeat_age_s=1)
+        said = []
+        WorkdirLock(str(tmp_path), say=said.append).acquire().release()
+        assert len(said) == 1 and "no longer exists" in said[0]
+    finally:
+        child.wait()
+
+
 def test_other_host_lock_stale_after_heartbeat_timeout(tmp_path):
     _fake_lock(tmp_path, "other-host.example", 12345, heartbeat_age_s=120)
     said = []
