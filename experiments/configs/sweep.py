@@ -4,14 +4,16 @@
   python -m experiments.sweep --config=experiments/configs/sweep.py:tpu --plan_only
 
 Variants:
-  cpu    seven sizes (69k ... 6.2M parameters with the tied embedding, 3.3k ... 5.1M
+  cpu    six sizes (69k ... 2.7M parameters with the tied embedding, 3.3k ... 1.9M
          without) with the 44m row's shape ratios (heads of 32 = d_model / 32 heads, FFW
          4x, d_model / layers 16 to 48; c0 has one head of 16), on the embedded
          MassiveText-like mixture with a 4,096-piece vocabulary: one token-matched group
-         (c1 ... c6, 1M tokens each: held-out loss should fall with size) and three
-         compute-matched groups (3e12, 1e13 and, over c2-c4, 3e13 training FLOPs: IsoFLOP curves, U-shaped
-         in size; CPU_SIZE_BUDGETS leaves out the sizes far from a budget's optimum). About
-         an hour of training on 2 CPU cores, plus evaluation.
+         (c0 ... c5, 2M tokens each: held-out loss should fall with size) and three
+         compute-matched groups (3e12 over c0-c3, 1e13 over c0-c4, 2e13 over c1-c5: IsoFLOP
+         curves, U-shaped in size once a budget's optimum is inside its sizes;
+         CPU_SIZE_BUDGETS leaves out the sizes far from a budget's optimum, and the runs
+         that would read a source more than max_epochs times). About an hour of training
+         on 2 CPU cores, plus evaluation.
   smoke  two `test`-sized models x 20 steps on the stdlib corpus (what `make test` kills and
          resumes).
   tpu    the real sweep: the table's 44m, 117m, 417m, 1.4b and 7.1b rows at their learning
@@ -47,7 +49,6 @@ CPU_SIZES = (
     ("c3", 3, 3, 32, 96),
     ("c4", 4, 4, 32, 128),
     ("c5", 4, 6, 32, 192),
-    ("c6", 6, 8, 32, 256),
 )
 SMOKE_SIZES = (("t1", 1, 2, 16, 32), ("t2", 2, 4, 16, 64))
 TABLE_SIZES = ("44m", "117m", "417m", "1.4b", "7.1b")
@@ -63,13 +64,15 @@ TPU_PARALLEL = {
 }
 
 
-# Budgets a size is trained for when not all (a size far from a budget's optimum costs
-# time and shows nothing: c0 exists for the smallest budget's U; 3e13 skips the ends).
+# Budgets a size is trained for when not all: a size far from a budget's optimum costs time
+# and shows nothing (c5 under 1e13 trains 132 steps), and c1 under 3e13 would read the
+# technical source 5.7 times; the budgets step 2-3x in compute, so each optimum (which
+# moves as about C^0.5) lands a size further along the grid.
 CPU_SIZE_BUDGETS = {
-    "c0": ("c3e12",),
-    "c1": ("tok1m", "c3e12", "c1e13"),
-    "c5": ("tok1m", "c3e12", "c1e13"),
-    "c6": ("tok1m", "c3e12", "c1e13"),
+    "c0": ("tok2m", "c3e12", "c1e13"),
+    "c1": ("tok2m", "c3e12", "c1e13", "c2e13"),
+    "c4": ("tok2m", "c1e13", "c2e13"),
+    "c5": ("tok2m", "c2e13"),
 }
 
 
@@ -112,10 +115,10 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         cfg.sizes = _sizes(CPU_SIZES, CPU_SIZE_BUDGETS)
         cfg.seq_len, cfg.batch_size, cfg.vocab_size = 256, 16, 4096
         cfg.budgets = [
-            ml_collections.ConfigDict(dict(name="tok1m", tokens=1_048_576, flops=0.0)),
+            ml_collections.ConfigDict(dict(name="tok2m", tokens=2_097_152, flops=0.0)),
             ml_collections.ConfigDict(dict(name="c3e12", tokens=0, flops=3e12)),
             ml_collections.ConfigDict(dict(name="c1e13", tokens=0, flops=1e13)),
-            ml_collections.ConfigDict(dict(name="c3e13", tokens=0, flops=3e13)),
+            ml_collections.ConfigDict(dict(name="c2e13", tokens=0, flops=2e13)),
         ]
     elif variant == "smoke":
         cfg.base = "experiments/configs/gopher.py:test"
