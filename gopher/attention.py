@@ -290,26 +290,82 @@ def heads_per_group(b: int, h: int, t: int, chunk: int, budget: int | None = Non
 
 
 def grouped_relative_attention(q, k, v, r, u, v_bias, mask, chunk: int, group: int):
-    """`relative_attention` over `group` heads at a time (lax.map over H / group groups).
+    """`relative_attention` over `group` heads at a time (a loop over H / group groups).
 
     Same shapes and result; the loop bounds each chunk's live scores (CPU_SCORE_BLOCK_BYTES).
     """
-    (b, t, d), h = q.shape, r.shape[0]
-    if group >= h:
+    if group >= r.shape[0]:
         return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
-    g = h // group
+    return _grouped_attention(q, k, v, r, u, v_bias, mask, chunk, group)
 
-    def split(x):  # [B, T, H*K] -> [G, B, T, group*K]
-        return x.reshape(b, t, g, d // g).transpose(2, 0, 1, 3)
 
-    def per_group(x):  # [H, ..., K] -> [G, group, ..., K]
-        return x.reshape(g, group, *x.shape[1:])
+def _head_group(g, group: int, q, k, v, r, u, v_bias):
+    """Group g's heads: columns g*group*K ... of q, k, v [B, T, H*K] and rows of r, u, v_bias."""
+    cols = group * r.shape[-1]
 
-    out = jax.lax.map(
-        lambda xs: relative_attention(*xs, mask, chunk),
-        (split(q), split(k), split(v), per_group(r), per_group(u), per_group(v_bias)),
-    )  # [G, B, T, group*K]
-    return out.transpose(1, 2, 0, 3).reshape(b, t, d)
+    def columns(x):
+        return jax.lax.dynamic_slice_in_dim(x, g * cols, cols, axis=2)
+
+    def rows(x):
+        return jax.lax.dynamic_slice_in_dim(x, g * group, group, axis=0)
+
+    return columns(q), columns(k), columns(v), rows(r), rows(u), rows(v_bias)
+
+
+# The group loop sits inside one custom VJP, and each group's results are written into
+# arrays of the final [B, T, H*K] layout: its residuals are q, k, v and the output that
+# the projections keep anyway. A lax.map around `relative_attention` stacked per-group
+# copies of them, and its backward's stacked outputs, zeros that XLA CPU allocated at the
+# start of the step, were live through the forward pass as well (0.4 GB at the nanoGPT
+# shape).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _grouped_attention(q, k, v, r, u, v_bias, mask, chunk, group):
+    return _grouped_forward(q, k, v, r, u, v_bias, mask, chunk, group)[0]
+
+
+def _grouped_forward(q, k, v, r, u, v_bias, mask, chunk, group):
+    (b, t, _), (h, _, kd) = q.shape, r.shape
+    cols = group * kd
+
+    def body(g, carry):
+        out, lse = carry
+        o, l = _attention_forward(*_head_group(g, group, q, k, v, r, u, v_bias), mask, chunk)
+        out = jax.lax.dynamic_update_slice_in_dim(out, o, g * cols, axis=2)
+        return out, jax.lax.dynamic_update_slice_in_dim(lse, l, g * group, axis=1)
+
+    init = (jnp.zeros(q.shape, v.dtype), jnp.zeros((b, h, t), jnp.float32))
+    return jax.lax.fori_loop(0, h // group, body, init)  # [B, T, H*K], [B, H, T]
+
+
+def _grouped_fwd(q, k, v, r, u, v_bias, mask, chunk, group):
+    out, lse = _grouped_forward(q, k, v, r, u, v_bias, mask, chunk, group)
+    return out, (q, k, v, r, u, v_bias, mask, out, lse)
+
+
+def _grouped_bwd(chunk, group, residuals, d_out):
+    q, k, v, r, u, v_bias, mask, out, lse = residuals
+    cols = group * r.shape[-1]
+
+    def body(g, grads):
+        dq, dk, dv, dr, du, dvb = grads
+        qg, kg, vg, rg, ug, vbg = _head_group(g, group, q, k, v, r, u, v_bias)
+        og, dog, *_ = _head_group(g, group, out, d_out, d_out, r, u, v_bias)
+        lg = jax.lax.dynamic_slice_in_dim(lse, g * group, group, axis=1)
+        parts = _relative_attention_bwd(chunk, (qg, kg, vg, rg, ug, vbg, mask, og, lg), dog)
+        columns = [jax.lax.dynamic_update_slice_in_dim(x, p, g * cols, axis=2)
+                   for x, p in zip((dq, dk, dv), parts[:3])]
+        rows = [jax.lax.dynamic_update_slice_in_dim(x, p, g * group, axis=0)
+                for x, p in zip((dr, du, dvb), parts[3:6])]
+        return (*columns, *rows)
+
+    # d_out * 0, not zeros: XLA CPU would allocate constant zeros at the start of the step.
+    zero = d_out * 0
+    init = (zero.astype(q.dtype), zero.astype(k.dtype), zero.astype(v.dtype),
+            jnp.zeros_like(r), jnp.zeros_like(u), jnp.zeros_like(v_bias))
+    return (*jax.lax.fori_loop(0, r.shape[0] // group, body, init), None)
+
+
+_grouped_attention.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def _on_each_device(fn, layout: AttentionLayout, q, k, v, r, u, v_bias) -> jax.Array:
