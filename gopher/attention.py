@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from gopher import pallas_attention
 from gopher.config import ModelConfig
-from gopher.layers import Dense, sum_over_batch
+from gopher.layers import Dense
 
 # Queries per attention chunk: small enough that chunks skip most of the fully
 # masked key blocks and keep [B, H, C, S] scores small, large enough that per-op
@@ -109,36 +109,38 @@ def _query_chunks(t: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def _to_heads(x: jax.Array, h: int) -> jax.Array:
-    """[B, T, H*K] -> [B, H, T, K]"""
+    """[B, T, H*K] -> [H, B, T, K]"""
     b, t, d = x.shape
-    return x.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
+    return x.reshape(b, t, h, d // h).transpose(2, 0, 1, 3)
 
 
 def _from_heads(x: jax.Array) -> jax.Array:
-    """[B, H, T, K] -> [B, T, H*K]"""
-    b, h, t, kd = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b, t, h * kd)
+    """[H, B, T, K] -> [B, T, H*K]"""
+    h, b, t, kd = x.shape
+    return x.transpose(1, 2, 0, 3).reshape(b, t, h * kd)
 
 
-def _prepare(q, k, v, r, u, v_bias):
-    """Heads split out; r [H, T+1, K] broadcast over the batch, u and v_bias added to q."""
-    b, h = q.shape[0], r.shape[0]
-    q, k, v = (_to_heads(x, h) for x in (q, k, v))  # [B, H, T, K]
-    return q + u, q + v_bias, k, v, jnp.broadcast_to(r, (b, *r.shape))
+def _prepare(q, k, v, u, v_bias):
+    """Heads split out (heads first), u and v_bias [H, 1, K] added to q."""
+    h = u.shape[0]
+    q, k, v = (_to_heads(x, h) for x in (q, k, v))  # [H, B, T, K]
+    return q + u[:, None], q + v_bias[:, None], k, v
 
 
 def _chunk_scores(qu, qv, k, r, mask, a: int, s: int) -> jax.Array:
-    """fp32 scores of queries a..s-1 against keys 0..s-1, masked.  # [B, H, C, S]
+    """fp32 scores of queries a..s-1 against keys 0..s-1, masked.  # [H, B, C, S]
 
-    qu = q + u and qv = q + v_bias [B, H, T, K]; r [B, H, T+1, K] over distances T ... 0.
+    qu = q + u and qv = q + v_bias [H, B, T, K]; r [H, T+1, K] over distances T ... 0.
+    The position term is one matmul per head over the whole batch's queries ([B*C, K]
+    against the shared [K, S+1] table), not one per sequence.
     """
     t = k.shape[2]
     content = jnp.einsum(
-        "bhik,bhjk->bhij", qu[:, :, a:s], k[:, :, :s], preferred_element_type=jnp.float32
-    )  # [B, H, C, S]
+        "hbik,hbjk->hbij", qu[:, :, a:s], k[:, :, :s], preferred_element_type=jnp.float32
+    )  # [H, B, C, S]
     position = jnp.einsum(
-        "bhik,bhjk->bhij", qv[:, :, a:s], r[:, :, t - s :], preferred_element_type=jnp.float32
-    )  # [B, H, C, S+1] against distances S ... 0
+        "hbik,hjk->hbij", qv[:, :, a:s], r[:, t - s :], preferred_element_type=jnp.float32
+    )  # [H, B, C, S+1] against distances S ... 0
     scores = content + _skew(position, s)
     c = s - a
     causal = jax.lax.broadcasted_iota(jnp.int32, (c, s), 1) <= (
@@ -149,7 +151,7 @@ def _chunk_scores(qu, qv, k, r, mask, a: int, s: int) -> jax.Array:
 
 def _attention_forward(q, k, v, r, u, v_bias, mask, chunk):
     t = q.shape[1]
-    qu, qv, k, v, r = _prepare(q, k, v, r, u, v_bias)
+    qu, qv, k, v = _prepare(q, k, v, u, v_bias)
     outs, lses = [], []
     for a, s in _query_chunks(t, chunk):
         scores = _chunk_scores(qu, qv, k, r, mask, a, s)
@@ -157,10 +159,10 @@ def _attention_forward(q, k, v, r, u, v_bias, mask, chunk):
         p = jnp.exp(scores - m)
         total = jnp.sum(p, axis=-1, keepdims=True)
         o = jnp.einsum(
-            "bhij,bhjk->bhik", p.astype(v.dtype), v[:, :, :s], preferred_element_type=jnp.float32
+            "hbij,hbjk->hbik", p.astype(v.dtype), v[:, :, :s], preferred_element_type=jnp.float32
         )
-        outs.append((o / total).astype(v.dtype))  # [B, H, C, K]
-        lses.append((m + jnp.log(total))[..., 0])  # [B, H, C]
+        outs.append((o / total).astype(v.dtype))  # [H, B, C, K]
+        lses.append((m + jnp.log(total))[..., 0])  # [H, B, C]
     return _from_heads(jnp.concatenate(outs, axis=2)), jnp.concatenate(lses, axis=2)
 
 
@@ -171,7 +173,7 @@ def relative_attention(q, k, v, r, u, v_bias, mask, chunk):
     q (pre-scaled by 1/sqrt(K)), k, v: [B, T, H*K]; r: [H, T+1, K] projected
     encodings over distances T ... 0; u, v_bias: [H, 1, K] (pre-scaled); mask: [T, T]
     bool. Returns [B, T, H*K]. Its residuals are its inputs and output in the layouts
-    the projections around it keep anyway, plus the log-sum-exp [B, H, T]: the
+    the projections around it keep anyway, plus the log-sum-exp [H, B, T]: the
     backward pass recomputes each chunk's scores instead of keeping probabilities.
     """
     return _attention_forward(q, k, v, r, u, v_bias, mask, chunk)[0]
@@ -183,50 +185,61 @@ def _relative_attention_fwd(q, k, v, r, u, v_bias, mask, chunk):
 
 
 def _relative_attention_bwd(chunk, residuals, d_out):
-    q_in, k_in, v_in, r_in, u_in, vb_in, mask, out, lse = residuals
-    (b, t, _), (h, _, kd) = q_in.shape, r_in.shape
+    q_in, k_in, v_in, r, u_in, vb_in, mask, out, lse = residuals
+    (b, t, _), (h, _, kd) = q_in.shape, r.shape
     dt, f32 = q_in.dtype, jnp.float32
-    qu, qv, k, v, r = _prepare(q_in, k_in, v_in, r_in, u_in, vb_in)
+    qu, qv, k, v = _prepare(q_in, k_in, v_in, u_in, vb_in)
 
-    def t_(x):  # [B, H, a, b] -> [B, H, b, a], materialized: XLA would fold a bare
+    def t_(x):  # [H, B, a, b] -> [H, B, b, a], materialized: XLA would fold a bare
         # transpose into the matmul as a contraction over a major dim, slower on CPU.
         return jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))
 
     out, d_out = _to_heads(out, h), _to_heads(d_out, h)
-    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [B, H, T]
-    qu_t, qv_t, do_t = t_(qu), t_(qv), t_(d_out)  # [B, H, K, T]
-    # Key-side gradients accumulate transposed ([B, H, K, keys]), the fast matmul form.
-    dk_t = jnp.zeros((b, h, kd, t), f32)
-    dv_t = jnp.zeros((b, h, kd, t), f32)
-    dr_t = jnp.zeros((b, h, kd, t + 1), f32)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [H, B, T]
+    qu_t, do_t = t_(qu), t_(d_out)  # [H, B, K, T]
+    qv_t = jax.lax.optimization_barrier(qv.transpose(0, 3, 1, 2))  # [H, K, B, T]
+    # Key-side gradients accumulate transposed ([H, B, K, keys]), the fast matmul form;
+    # the table's over the whole batch at once ([H, K, distances]).
+    dk_t = jnp.zeros((h, b, kd, t), f32)
+    dv_t = jnp.zeros((h, b, kd, t), f32)
+    dr_t = jnp.zeros((h, kd, t + 1), f32)
     dq_content, dq_position = [], []
     for a, s in _query_chunks(t, chunk):
-        k_s, v_s, r_s = k[:, :, :s], v[:, :, :s], r[:, :, t - s :]
+        k_s, v_s, r_s = k[:, :, :s], v[:, :, :s], r[:, t - s :]
         p = jnp.exp(_chunk_scores(qu, qv, k, r, mask, a, s) - lse[:, :, a:s, None])
         dv_t = dv_t.at[..., :s].add(
-            jnp.einsum("bhki,bhij->bhkj", do_t[..., a:s], p.astype(dt), preferred_element_type=f32)
+            jnp.einsum("hbki,hbij->hbkj", do_t[..., a:s], p.astype(dt), preferred_element_type=f32)
         )
-        dp = jnp.einsum("bhik,bhjk->bhij", d_out[:, :, a:s], v_s, preferred_element_type=f32)
-        ds = (p * (dp - delta[:, :, a:s, None])).astype(dt)  # d scores  [B, H, C, S]
-        dq_content.append(jnp.einsum("bhij,bhjk->bhik", ds, k_s, preferred_element_type=f32))
+        dp = jnp.einsum("hbik,hbjk->hbij", d_out[:, :, a:s], v_s, preferred_element_type=f32)
+        ds = (p * (dp - delta[:, :, a:s, None])).astype(dt)  # d scores  [H, B, C, S]
+        dq_content.append(jnp.einsum("hbij,hbjk->hbik", ds, k_s, preferred_element_type=f32))
         dk_t = dk_t.at[..., :s].add(
-            jnp.einsum("bhki,bhij->bhkj", qu_t[..., a:s], ds, preferred_element_type=f32)
+            jnp.einsum("hbki,hbij->hbkj", qu_t[..., a:s], ds, preferred_element_type=f32)
         )
-        d_pos = _unskew(ds)  # [B, H, C, S+1]
-        dq_position.append(jnp.einsum("bhij,bhjk->bhik", d_pos, r_s, preferred_element_type=f32))
+        d_pos = _unskew(ds)  # [H, B, C, S+1]
+        dq_position.append(jnp.einsum("hbij,hjk->hbik", d_pos, r_s, preferred_element_type=f32))
+        # The table's gradient over the whole batch: [K, B*C] x [B*C, S+1] per head, both
+        # operands row-major (XLA CPU's dot kernels take no bf16 with a transposed operand).
+        c = s - a
         dr_t = dr_t.at[..., t - s :].add(
-            jnp.einsum("bhki,bhij->bhkj", qv_t[..., a:s], d_pos, preferred_element_type=f32)
+            jnp.einsum(
+                "hkn,hnj->hkj",
+                qv_t[..., a:s].reshape(h, kd, b * c),
+                d_pos.reshape(h, b * c, s + 1),
+                preferred_element_type=f32,
+            )
         )
-    dqc = jnp.concatenate(dq_content, axis=2)  # [B, H, T, K]
+    dqc = jnp.concatenate(dq_content, axis=2)  # [H, B, T, K]
     dqp = jnp.concatenate(dq_position, axis=2)
-    dr = jnp.swapaxes(sum_over_batch(dr_t), 1, 2)  # [H, T+1, K]
     return (
         _from_heads(dqc + dqp).astype(dt),
         _from_heads(jnp.swapaxes(dk_t, 2, 3)).astype(k_in.dtype),
         _from_heads(jnp.swapaxes(dv_t, 2, 3)).astype(v_in.dtype),
-        dr.astype(r_in.dtype),
-        sum_over_batch(jnp.sum(dqc, axis=2))[:, None, :].astype(u_in.dtype),
-        sum_over_batch(jnp.sum(dqp, axis=2))[:, None, :].astype(vb_in.dtype),
+        # (behind a barrier: XLA would fold the swap into a one-chunk matmul as a
+        # transposed operand, which XLA CPU's dot kernels take in fp32 only)
+        jnp.swapaxes(jax.lax.optimization_barrier(dr_t), 1, 2).astype(r.dtype),  # [H, T+1, K]
+        jnp.sum(dqc, axis=(1, 2))[:, None, :].astype(u_in.dtype),
+        jnp.sum(dqp, axis=(1, 2))[:, None, :].astype(vb_in.dtype),
         None,
     )
 
@@ -329,12 +342,12 @@ def _grouped_forward(q, k, v, r, u, v_bias, mask, chunk, group):
 
     def body(g, carry):
         out, lse = carry
-        o, l = _attention_forward(*_head_group(g, group, q, k, v, r, u, v_bias), mask, chunk)
+        o, o_lse = _attention_forward(*_head_group(g, group, q, k, v, r, u, v_bias), mask, chunk)
         out = jax.lax.dynamic_update_slice_in_dim(out, o, g * cols, axis=2)
-        return out, jax.lax.dynamic_update_slice_in_dim(lse, l, g * group, axis=1)
+        return out, jax.lax.dynamic_update_slice_in_dim(lse, o_lse, g * group, axis=0)
 
-    init = (jnp.zeros(q.shape, v.dtype), jnp.zeros((b, h, t), jnp.float32))
-    return jax.lax.fori_loop(0, h // group, body, init)  # [B, T, H*K], [B, H, T]
+    init = (jnp.zeros(q.shape, v.dtype), jnp.zeros((h, b, t), jnp.float32))
+    return jax.lax.fori_loop(0, h // group, body, init)  # [B, T, H*K], [H, B, T]
 
 
 def _grouped_fwd(q, k, v, r, u, v_bias, mask, chunk, group):
@@ -350,18 +363,28 @@ def _grouped_bwd(chunk, group, residuals, d_out):
         dq, dk, dv, dr, du, dvb = grads
         qg, kg, vg, rg, ug, vbg = _head_group(g, group, q, k, v, r, u, v_bias)
         og, dog, *_ = _head_group(g, group, out, d_out, d_out, r, u, v_bias)
-        lg = jax.lax.dynamic_slice_in_dim(lse, g * group, group, axis=1)
+        lg = jax.lax.dynamic_slice_in_dim(lse, g * group, group, axis=0)
         parts = _relative_attention_bwd(chunk, (qg, kg, vg, rg, ug, vbg, mask, og, lg), dog)
-        columns = [jax.lax.dynamic_update_slice_in_dim(x, p, g * cols, axis=2)
-                   for x, p in zip((dq, dk, dv), parts[:3])]
-        rows = [jax.lax.dynamic_update_slice_in_dim(x, p, g * group, axis=0)
-                for x, p in zip((dr, du, dvb), parts[3:6])]
+        columns = [
+            jax.lax.dynamic_update_slice_in_dim(x, p, g * cols, axis=2)
+            for x, p in zip((dq, dk, dv), parts[:3], strict=True)
+        ]
+        rows = [
+            jax.lax.dynamic_update_slice_in_dim(x, p, g * group, axis=0)
+            for x, p in zip((dr, du, dvb), parts[3:6], strict=True)
+        ]
         return (*columns, *rows)
 
     # d_out * 0, not zeros: XLA CPU would allocate constant zeros at the start of the step.
     zero = d_out * 0
-    init = (zero.astype(q.dtype), zero.astype(k.dtype), zero.astype(v.dtype),
-            jnp.zeros_like(r), jnp.zeros_like(u), jnp.zeros_like(v_bias))
+    init = (
+        zero.astype(q.dtype),
+        zero.astype(k.dtype),
+        zero.astype(v.dtype),
+        jnp.zeros_like(r),
+        jnp.zeros_like(u),
+        jnp.zeros_like(v_bias),
+    )
     return (*jax.lax.fori_loop(0, r.shape[0] // group, body, init), None)
 
 
@@ -461,8 +484,15 @@ class RelativeAttention(hk.Module):
             [Dense(h * k, c.init_scale, name=n).weight(x.shape[-1]) for n in ("q", "k", "v")],
             axis=1,
         ).astype(dt)
-        qkv = jnp.einsum("btd,dch->cbth", x, w_qkv)  # [3, B, T, H*K]
-        q, kk, v = qkv[0], qkv[1], qkv[2]
+        if self.layout.implementation == "xla" and self.layout.platform == "cpu":
+            # x @ W as it comes, [B, T, 3, H*K]: as [3, B, T, H*K] XLA CPU transposed the
+            # product forward and its gradient backward (24 MB a layer each way at the
+            # nanoGPT shape); the attention's own head split reads the strided q, k, v.
+            qkv = jnp.einsum("btd,dch->btch", x, w_qkv)
+            q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            qkv = jnp.einsum("btd,dch->cbth", x, w_qkv)  # [3, B, T, H*K]
+            q, kk, v = qkv[0], qkv[1], qkv[2]
         # W_R: the per-layer projection of the fixed sinusoids (the 13th d^2).
         r = Dense(h * k, c.init_scale, name="r")(rel_enc.astype(dt))  # [T, H*K]
         u_bias = hk.get_parameter("u_bias", [h, k], jnp.float32, init=jnp.zeros)

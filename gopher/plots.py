@@ -52,11 +52,15 @@ def _axes(title: str, xlabel: str, ylabel: str, logx: bool = True, logy: bool = 
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
-        # Loss spans about a decade: plain numbers, minor ticks labelled at 2, 3 and 5.
+        # Plain numbers. Over a narrow range (under 3x: a loss axis) every minor tick is
+        # labelled; over a wider one, those at 2, 3 and 5 (the rest would overlap).
         from matplotlib.ticker import FuncFormatter
 
         def minor(value, _):
-            return f"{value:.3g}" if f"{value:.1e}"[0] in "235" else ""
+            low, high = ax.get_ylim()
+            if high / max(low, 1e-30) < 3 or f"{value:.1e}"[0] in "235":
+                return f"{value:.3g}"
+            return ""
 
         ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(minor))
