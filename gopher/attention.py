@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from gopher import pallas_attention
 from gopher.config import ModelConfig
-from gopher.layers import Dense
+from gopher.layers import Dense, sum_over_batch
 
 # Queries per attention chunk: small enough that chunks skip most of the fully
 # masked key blocks and keep [B, H, C, S] scores small, large enough that per-op
@@ -120,13 +120,6 @@ def _from_heads(x: jax.Array) -> jax.Array:
     return x.transpose(1, 2, 0, 3).reshape(b, t, h * kd)
 
 
-def _prepare(q, k, v, u, v_bias):
-    """Heads split out (heads first), u and v_bias [H, 1, K] added to q."""
-    h = u.shape[0]
-    q, k, v = (_to_heads(x, h) for x in (q, k, v))  # [H, B, T, K]
-    return q + u[:, None], q + v_bias[:, None], k, v
-
-
 def _chunk_scores(qu, qv, k, r, mask, a: int, s: int) -> jax.Array:
     """fp32 scores of queries a..s-1 against keys 0..s-1, masked.  # [H, B, C, S]
 
@@ -149,9 +142,11 @@ def _chunk_scores(qu, qv, k, r, mask, a: int, s: int) -> jax.Array:
     return jnp.where(causal & mask[a:s, :s], scores, _MASKED)
 
 
-def _attention_forward(q, k, v, r, u, v_bias, mask, chunk):
-    t = q.shape[1]
-    qu, qv, k, v = _prepare(q, k, v, u, v_bias)
+def _forward_heads(q, k, v, r, u, v_bias, mask, chunk):
+    """The attention of q, k, v [H, B, T, K] (u, v_bias [H, 1, K] added to q here) ->
+    output [H, B, T, K] and log-sum-exp [H, B, T]."""
+    t = q.shape[2]
+    qu, qv = q + u[:, None], q + v_bias[:, None]
     outs, lses = [], []
     for a, s in _query_chunks(t, chunk):
         scores = _chunk_scores(qu, qv, k, r, mask, a, s)
@@ -163,39 +158,27 @@ def _attention_forward(q, k, v, r, u, v_bias, mask, chunk):
         )
         outs.append((o / total).astype(v.dtype))  # [H, B, C, K]
         lses.append((m + jnp.log(total))[..., 0])  # [H, B, C]
-    return _from_heads(jnp.concatenate(outs, axis=2)), jnp.concatenate(lses, axis=2)
+    return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def relative_attention(q, k, v, r, u, v_bias, mask, chunk):
-    """softmax((q+u) k^T + skew((q+v_bias) r^T)) v, causal, one query chunk at a time.
-
-    q (pre-scaled by 1/sqrt(K)), k, v: [B, T, H*K]; r: [H, T+1, K] projected
-    encodings over distances T ... 0; u, v_bias: [H, 1, K] (pre-scaled); mask: [T, T]
-    bool. Returns [B, T, H*K]. Its residuals are its inputs and output in the layouts
-    the projections around it keep anyway, plus the log-sum-exp [H, B, T]: the
-    backward pass recomputes each chunk's scores instead of keeping probabilities.
-    """
-    return _attention_forward(q, k, v, r, u, v_bias, mask, chunk)[0]
+def _delta(out: jax.Array, d_out: jax.Array, h: int) -> jax.Array:
+    """sum over K of d_out * out per head, from [B, T, H*K] layouts -> [H, B, T] fp32."""
+    b, t, d = out.shape
+    prod = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).reshape(b, t, h, d // h)
+    return jnp.sum(prod, axis=-1).transpose(2, 0, 1)
 
 
-def _relative_attention_fwd(q, k, v, r, u, v_bias, mask, chunk):
-    out, lse = _attention_forward(q, k, v, r, u, v_bias, mask, chunk)
-    return out, (q, k, v, r, u, v_bias, mask, out, lse)
-
-
-def _relative_attention_bwd(chunk, residuals, d_out):
-    q_in, k_in, v_in, r, u_in, vb_in, mask, out, lse = residuals
-    (b, t, _), (h, _, kd) = q_in.shape, r.shape
-    dt, f32 = q_in.dtype, jnp.float32
-    qu, qv, k, v = _prepare(q_in, k_in, v_in, u_in, vb_in)
+def _backward_heads(chunk, q, k, v, r, u, v_bias, mask, delta, lse, d_out):
+    """Gradients of `_forward_heads` (all heads-major, as it takes and returns them):
+    dq, dk, dv [H, B, T, K], d r [H, T+1, K], du, d v_bias [H, 1, K]. delta [H, B, T]
+    is `_delta` of its output and d_out."""
+    (h, b, t, kd), dt, f32 = q.shape, q.dtype, jnp.float32
+    qu, qv = q + u[:, None], q + v_bias[:, None]
 
     def t_(x):  # [H, B, a, b] -> [H, B, b, a], materialized: XLA would fold a bare
         # transpose into the matmul as a contraction over a major dim, slower on CPU.
         return jax.lax.optimization_barrier(jnp.swapaxes(x, 2, 3))
 
-    out, d_out = _to_heads(out, h), _to_heads(d_out, h)
-    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [H, B, T]
     qu_t, do_t = t_(qu), t_(d_out)  # [H, B, K, T]
     qv_t = jax.lax.optimization_barrier(qv.transpose(0, 3, 1, 2))  # [H, K, B, T]
     # Key-side gradients accumulate transposed ([H, B, K, keys]), the fast matmul form;
@@ -231,17 +214,49 @@ def _relative_attention_bwd(chunk, residuals, d_out):
         )
     dqc = jnp.concatenate(dq_content, axis=2)  # [H, B, T, K]
     dqp = jnp.concatenate(dq_position, axis=2)
+
+    def per_head_sum(x):  # [H, B, T, K] -> [H, 1, K]
+        return sum_over_batch(jnp.sum(x, axis=2).swapaxes(0, 1))[:, None, :]
+
     return (
-        _from_heads(dqc + dqp).astype(dt),
-        _from_heads(jnp.swapaxes(dk_t, 2, 3)).astype(k_in.dtype),
-        _from_heads(jnp.swapaxes(dv_t, 2, 3)).astype(v_in.dtype),
+        (dqc + dqp).astype(dt),
+        jnp.swapaxes(dk_t, 2, 3).astype(k.dtype),
+        jnp.swapaxes(dv_t, 2, 3).astype(v.dtype),
         # (behind a barrier: XLA would fold the swap into a one-chunk matmul as a
         # transposed operand, which XLA CPU's dot kernels take in fp32 only)
         jnp.swapaxes(jax.lax.optimization_barrier(dr_t), 1, 2).astype(r.dtype),  # [H, T+1, K]
-        jnp.sum(dqc, axis=(1, 2))[:, None, :].astype(u_in.dtype),
-        jnp.sum(dqp, axis=(1, 2))[:, None, :].astype(vb_in.dtype),
-        None,
+        per_head_sum(dqc).astype(u.dtype),
+        per_head_sum(dqp).astype(v_bias.dtype),
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def relative_attention(q, k, v, r, u, v_bias, mask, chunk):
+    """softmax((q+u) k^T + skew((q+v_bias) r^T)) v, causal, one query chunk at a time.
+
+    q (pre-scaled by 1/sqrt(K)), k, v: [B, T, H*K]; r: [H, T+1, K] projected
+    encodings over distances T ... 0; u, v_bias: [H, 1, K] (pre-scaled); mask: [T, T]
+    bool. Returns [B, T, H*K]. Its residuals are its inputs and output in the layouts
+    the projections around it keep anyway, plus the log-sum-exp [H, B, T]: the
+    backward pass recomputes each chunk's scores instead of keeping probabilities.
+    """
+    return _relative_attention_fwd(q, k, v, r, u, v_bias, mask, chunk)[0]
+
+
+def _relative_attention_fwd(q, k, v, r, u, v_bias, mask, chunk):
+    h = r.shape[0]
+    out, lse = _forward_heads(*(_to_heads(x, h) for x in (q, k, v)), r, u, v_bias, mask, chunk)
+    out = _from_heads(out)
+    return out, (q, k, v, r, u, v_bias, mask, out, lse)
+
+
+def _relative_attention_bwd(chunk, residuals, d_out):
+    q, k, v, r, u, v_bias, mask, out, lse = residuals
+    h = r.shape[0]
+    heads = (_to_heads(x, h) for x in (q, k, v))
+    delta, do = _delta(out, d_out, h), _to_heads(d_out, h)
+    dq, dk, dv, *rest = _backward_heads(chunk, *heads, r, u, v_bias, mask, delta, lse, do)
+    return (*(_from_heads(x) for x in (dq, dk, dv)), *rest, None)
 
 
 relative_attention.defvjp(_relative_attention_fwd, _relative_attention_bwd)
@@ -302,145 +317,145 @@ def heads_per_group(b: int, h: int, t: int, chunk: int, budget: int | None = Non
     return max(d for d in range(1, h + 1) if h % d == 0 and d <= fit)
 
 
-def grouped_relative_attention(q, k, v, r, u, v_bias, mask, chunk: int, group: int):
-    """`relative_attention` over `group` heads at a time (a loop over H / group groups).
+def grouped_relative_attention(qkv, r, u, v_bias, mask, chunk: int, group: int):
+    """`relative_attention` over `group` heads at a time (a loop over H / group groups),
+    from q, k and v packed as they leave their projection: qkv [B, T, 3, H*K].
 
-    Same shapes and result; the loop bounds each chunk's live scores (CPU_SCORE_BLOCK_BYTES).
+    Same result as relative_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], ...); the
+    loop bounds each chunk's live scores (CPU_SCORE_BLOCK_BYTES), and the gradient comes
+    back packed too ([B, T, 3, H*K], one buffer that the projection's backward reads).
     """
-    if group >= r.shape[0]:
-        return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
-    return _grouped_attention(q, k, v, r, u, v_bias, mask, chunk, group)
+    return _grouped_attention(qkv, r, u, v_bias, mask, chunk, group)
 
 
-def _head_group(g, group: int, q, k, v, r, u, v_bias):
-    """Group g's heads: columns g*group*K ... of q, k, v [B, T, H*K] and rows of r, u, v_bias."""
-    cols = group * r.shape[-1]
-
-    def columns(x):
-        return jax.lax.dynamic_slice_in_dim(x, g * cols, cols, axis=2)
-
-    def rows(x):
-        return jax.lax.dynamic_slice_in_dim(x, g * group, group, axis=0)
-
-    return columns(q), columns(k), columns(v), rows(r), rows(u), rows(v_bias)
+def _packed_to_heads(qkv, h: int) -> jax.Array:
+    """[B, T, 3, H*K] -> [3, H, B, T, K]"""
+    b, t, _, d = qkv.shape
+    return qkv.reshape(b, t, 3, h, d // h).transpose(2, 3, 0, 1, 4)
 
 
-# The group loop sits inside one custom VJP, and each group's results are written into
-# arrays of the final [B, T, H*K] layout: its residuals are q, k, v and the output that
-# the projections keep anyway. A lax.map around `relative_attention` stacked per-group
-# copies of them, and its backward's stacked outputs, zeros that XLA CPU allocated at the
-# start of the step, were live through the forward pass as well (0.4 GB at the nanoGPT
-# shape).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _grouped_attention(q, k, v, r, u, v_bias, mask, chunk, group):
-    return _grouped_forward(q, k, v, r, u, v_bias, mask, chunk, group)[0]
+def _rows(g, group: int, *xs):
+    """Group g's heads of per-head arrays [H, ...]: one contiguous block of each."""
+    return [jax.lax.dynamic_slice_in_dim(x, g * group, group, axis=0) for x in xs]
 
 
-def _grouped_forward(q, k, v, r, u, v_bias, mask, chunk, group):
-    (b, t, _), (h, _, kd) = q.shape, r.shape
-    cols = group * kd
+def _put_rows(g, group: int, xs, parts):
+    """xs [H, ...] with group g's rows replaced by parts [group, ...]."""
+    return [
+        jax.lax.dynamic_update_slice_in_dim(x, p, g * group, axis=0)
+        for x, p in zip(xs, parts, strict=True)
+    ]
+
+
+# The group loop sits inside one custom VJP. q, k and v are made heads-major ([H, B, T, K],
+# one transposing pass each) before the loop, so that a group's heads are one contiguous
+# block: inside the loop XLA fuses every slice and transpose into the op that reads it,
+# and from the packed [B, T, 3, H*K] input each query chunk's transposed slices gathered
+# elements 6 KB apart (the largest copy in the backward pass). They are the residuals
+# too, in place of qkv, which nothing else keeps (the projection's backward reads x): the
+# same memory, and no second transposing pass. The loop writes each group's results into
+# heads-major arrays that are transposed back once after it. Their initial values are
+# computed from the layer's own inputs: zeros (as lax.map or lax.scan's stacked outputs
+# are) XLA CPU allocates at the start of the step, live through the forward pass (0.2 to
+# 0.4 GB at the nanoGPT shape). q, k and v come in packed, so their gradient is one array:
+# as three slices of the projection's output, autodiff padded each gradient to the packed
+# shape and added the three.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _grouped_attention(qkv, r, u, v_bias, mask, chunk, group):
+    return _grouped_fwd(qkv, r, u, v_bias, mask, chunk, group)[0]
+
+
+def _grouped_fwd(qkv, r, u, v_bias, mask, chunk, group):
+    (b, t, _, _), (h, _, kd) = qkv.shape, r.shape
+    q, k, v = _packed_to_heads(qkv, h)  # [H, B, T, K] each
 
     def body(g, carry):
         out, lse = carry
-        o, o_lse = _attention_forward(*_head_group(g, group, q, k, v, r, u, v_bias), mask, chunk)
-        out = jax.lax.dynamic_update_slice_in_dim(out, o, g * cols, axis=2)
+        o, o_lse = _forward_heads(*_rows(g, group, q, k, v, r, u, v_bias), mask, chunk)
+        out = jax.lax.dynamic_update_slice_in_dim(out, _from_heads(o), g * group * kd, axis=2)
         return out, jax.lax.dynamic_update_slice_in_dim(lse, o_lse, g * group, axis=0)
 
-    init = (jnp.zeros(q.shape, v.dtype), jnp.zeros((h, b, t), jnp.float32))
-    return jax.lax.fori_loop(0, h // group, body, init)  # [B, T, H*K], [H, B, T]
-
-
-def _grouped_fwd(q, k, v, r, u, v_bias, mask, chunk, group):
-    out, lse = _grouped_forward(q, k, v, r, u, v_bias, mask, chunk, group)
+    # Written in place, as the [B, T, H*K] array that the output projection reads and the
+    # backward pass keeps: built heads-major and transposed after the loop, XLA CPU made
+    # two copies of it, one for each (8 MB a layer at the nanoGPT shape).
+    init = (jnp.zeros((b, t, h * kd), qkv.dtype), jnp.zeros((h, b, t), jnp.float32))
+    out, lse = jax.lax.fori_loop(0, h // group, body, init)
     return out, (q, k, v, r, u, v_bias, mask, out, lse)
 
 
 def _grouped_bwd(chunk, group, residuals, d_out):
     q, k, v, r, u, v_bias, mask, out, lse = residuals
-    cols = group * r.shape[-1]
+    h = r.shape[0]
+    delta, do = _delta(out, d_out, h), _to_heads(d_out, h)
 
     def body(g, grads):
-        dq, dk, dv, dr, du, dvb = grads
-        qg, kg, vg, rg, ug, vbg = _head_group(g, group, q, k, v, r, u, v_bias)
-        og, dog, *_ = _head_group(g, group, out, d_out, d_out, r, u, v_bias)
-        lg = jax.lax.dynamic_slice_in_dim(lse, g * group, group, axis=0)
-        parts = _relative_attention_bwd(chunk, (qg, kg, vg, rg, ug, vbg, mask, og, lg), dog)
-        columns = [
-            jax.lax.dynamic_update_slice_in_dim(x, p, g * cols, axis=2)
-            for x, p in zip((dq, dk, dv), parts[:3], strict=True)
-        ]
-        rows = [
-            jax.lax.dynamic_update_slice_in_dim(x, p, g * group, axis=0)
-            for x, p in zip((dr, du, dvb), parts[3:6], strict=True)
-        ]
-        return (*columns, *rows)
+        heads = _rows(g, group, q, k, v, r, u, v_bias, delta, lse, do)
+        parts = _backward_heads(chunk, *heads[:6], mask, *heads[6:])
+        return tuple(_put_rows(g, group, grads, parts))
 
-    # d_out * 0, not zeros: XLA CPU would allocate constant zeros at the start of the step.
-    zero = d_out * 0
-    init = (
-        zero.astype(q.dtype),
-        zero.astype(k.dtype),
-        zero.astype(v.dtype),
-        jnp.zeros_like(r),
-        jnp.zeros_like(u),
-        jnp.zeros_like(v_bias),
-    )
-    return (*jax.lax.fori_loop(0, r.shape[0] // group, body, init), None)
+    zero = do * 0
+    init = (zero, zero, zero, jnp.zeros_like(r), jnp.zeros_like(u), jnp.zeros_like(v_bias))
+    dq, dk, dv, dr, du, dvb = jax.lax.fori_loop(0, h // group, body, init)
+    _, b, t, kd = q.shape
+    d_qkv = jnp.stack([dq, dk, dv]).transpose(2, 3, 0, 1, 4).reshape(b, t, 3, h * kd)
+    return d_qkv, dr, du, dvb, None
 
 
 _grouped_attention.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def _on_each_device(fn, layout: AttentionLayout, q, k, v, r, u, v_bias) -> jax.Array:
-    """fn(q, k, v, r, u, v_bias) on each device's own batch rows and heads (shard_map)
-    when `layout` has a mesh that splits them; else fn on the whole arrays."""
+def _on_each_device(fn, layout: AttentionLayout, qkv, r, u, v_bias) -> jax.Array:
+    """fn(qkv, r, u, v_bias) on each device's own batch rows and heads (shard_map) when
+    `layout` has a mesh that splits them; else fn on the whole arrays."""
     if layout.mesh is None:
-        return fn(q, k, v, r, u, v_bias)
+        return fn(qkv, r, u, v_bias)
     sizes = dict(layout.mesh.shape)
     batch = tuple(a for a in layout.batch_axes if sizes.get(a, 1) > 1)
     heads = layout.head_axis if sizes.get(layout.head_axis, 1) > 1 else None
     # Axes that do not divide their dim are left out (that dim is replicated).
-    if batch and q.shape[0] % math.prod(sizes[a] for a in batch):
+    if batch and qkv.shape[0] % math.prod(sizes[a] for a in batch):
         batch = ()
     if heads and r.shape[0] % sizes[heads]:
         heads = None
     if not batch and not heads:
-        return fn(q, k, v, r, u, v_bias)
-    act = P(batch or None, None, heads)  # [B, T, H*K]
+        return fn(qkv, r, u, v_bias)
     per_head = P(heads, None, None)  # r [H, T+1, K], u and v_bias [H, 1, K]
     return jax.shard_map(
         fn,
         mesh=layout.mesh,
-        in_specs=(act, act, act, per_head, per_head, per_head),
-        out_specs=act,
+        in_specs=(P(batch or None, None, None, heads), per_head, per_head, per_head),
+        out_specs=P(batch or None, None, heads),  # [B, T, H*K]
         check_vma=False,
-    )(q, k, v, r, u, v_bias)
+    )(qkv, r, u, v_bias)
 
 
-def attend(q, k, v, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.Array:
-    """`relative_attention` (mask None: causal) by the implementation `layout` names.
+def attend(qkv, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.Array:
+    """`relative_attention` (mask None: causal) by the implementation `layout` names, of
+    q (pre-scaled), k and v packed as qkv [B, T, 3, H*K] -> [B, T, H*K].
 
     The kernel is causal only: with a `mask` it raises (use attention="xla")."""
-    if layout.implementation == "xla":
-        t = q.shape[1]
-        if layout.platform != "cpu":
-            mask = jnp.tril(jnp.ones((t, t), bool)) if mask is None else mask
-            return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
+    t = qkv.shape[1]
+    if layout.implementation == "xla" and layout.platform == "cpu":
 
-        def xla_cpu(q, k, v, r, u, v_bias):  # per device: its own batch rows and heads
+        def xla_cpu(qkv, r, u, v_bias):  # per device: its own batch rows and heads
             causal = jnp.tril(jnp.ones((t, t), bool)) if mask is None else mask
-            group = heads_per_group(q.shape[0], r.shape[0], t, chunk)
-            return grouped_relative_attention(q, k, v, r, u, v_bias, causal, chunk, group)
+            group = heads_per_group(qkv.shape[0], r.shape[0], t, chunk)
+            return grouped_relative_attention(qkv, r, u, v_bias, causal, chunk, group)
 
         if mask is not None:  # a mask of its own (not sharded): the whole arrays
-            return xla_cpu(q, k, v, r, u, v_bias)
-        return _on_each_device(xla_cpu, layout, q, k, v, r, u, v_bias)
-    kernel = functools.partial(
-        pallas_attention.relative_attention,
-        mask=mask,
-        opts=pallas_attention.options_for(layout.platform, device_kind=layout.device_kind),
-    )
-    return _on_each_device(kernel, layout, q, k, v, r, u, v_bias)
+            return xla_cpu(qkv, r, u, v_bias)
+        return _on_each_device(xla_cpu, layout, qkv, r, u, v_bias)
+    if layout.implementation == "xla":
+        mask = jnp.tril(jnp.ones((t, t), bool)) if mask is None else mask
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
+    opts = pallas_attention.options_for(layout.platform, device_kind=layout.device_kind)
+
+    def kernel(qkv, r, u, v_bias):
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        return pallas_attention.relative_attention(q, k, v, r, u, v_bias, mask=mask, opts=opts)
+
+    return _on_each_device(kernel, layout, qkv, r, u, v_bias)
 
 
 class RelativeAttention(hk.Module):
@@ -477,22 +492,19 @@ class RelativeAttention(hk.Module):
         h, k = c.num_heads, c.key_size
         dt = x.dtype
         scale = 1.0 / math.sqrt(k)
-        # q, k and v in one matmul against their stacked weights [D, 3, H*K]: the
-        # backward pass then sums the three input gradients before the model axis's
-        # all-reduce (one all-reduce, not three).
+        # q, k and v in one matmul against their stacked weights [D, 3, H*K], the scores'
+        # 1/sqrt(K) folded into W_q: the backward pass then sums the three input gradients
+        # before the model axis's all-reduce (one all-reduce, not three). x @ W as it
+        # comes, [B, T, 3, H*K]: as [3, B, T, H*K] XLA CPU transposed the product forward
+        # and its gradient backward (24 MB a layer each way at the nanoGPT shape).
         w_qkv = jnp.stack(
-            [Dense(h * k, c.init_scale, name=n).weight(x.shape[-1]) for n in ("q", "k", "v")],
+            [
+                Dense(h * k, c.init_scale, name=n).weight(x.shape[-1]) * s
+                for n, s in (("q", scale), ("k", 1.0), ("v", 1.0))
+            ],
             axis=1,
         ).astype(dt)
-        if self.layout.implementation == "xla" and self.layout.platform == "cpu":
-            # x @ W as it comes, [B, T, 3, H*K]: as [3, B, T, H*K] XLA CPU transposed the
-            # product forward and its gradient backward (24 MB a layer each way at the
-            # nanoGPT shape); the attention's own head split reads the strided q, k, v.
-            qkv = jnp.einsum("btd,dch->btch", x, w_qkv)
-            q, kk, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        else:
-            qkv = jnp.einsum("btd,dch->cbth", x, w_qkv)  # [3, B, T, H*K]
-            q, kk, v = qkv[0], qkv[1], qkv[2]
+        qkv = jnp.einsum("btd,dch->btch", x, w_qkv)  # [B, T, 3, H*K]
         # W_R: the per-layer projection of the fixed sinusoids (the 13th d^2).
         r = Dense(h * k, c.init_scale, name="r")(rel_enc.astype(dt))  # [T, H*K]
         u_bias = hk.get_parameter("u_bias", [h, k], jnp.float32, init=jnp.zeros)
@@ -502,9 +514,7 @@ class RelativeAttention(hk.Module):
         # query chunk the S+1 distances that `_skew` slices from.
         r = jnp.pad(r.reshape(t, h, k), [(1, 0), (0, 0), (0, 0)]).transpose(1, 0, 2)
         out = attend(
-            q * scale,
-            kk,
-            v,
+            qkv,
             r,  # [H, T+1, K]
             (u_bias * scale).astype(dt)[:, None, :],  # [H, 1, K]
             (v_bias * scale).astype(dt)[:, None, :],
