@@ -55,7 +55,9 @@ def _chunk_loss_and_grads(hc, tc, e, n):
     z = jnp.sum(ex, axis=-1, keepdims=True)
     vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
     onehot = vocab == tc[..., None]
-    target_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    # A gather of B*C logits, not a masked sum over [B, C, V] (one more pass over the
+    # chunk's 131 MB of logits at the nanoGPT shape).
+    target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
     nll = jnp.sum(top[..., 0] + jnp.log(z[..., 0]) - target_logit)
     g = ((ex / z - onehot.astype(jnp.float32)) * (1.0 / n)).astype(hc.dtype)  # d loss / d logits
     d_h = jnp.einsum("bcv,vd->bcd", g, e, preferred_element_type=jnp.float32)
