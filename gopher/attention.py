@@ -121,7 +121,8 @@ def _from_heads(x: jax.Array) -> jax.Array:
 
 
 def _chunk_scores(qu, qv, k, r, mask, a: int, s: int) -> jax.Array:
-    """fp32 scores of queries a..s-1 against keys 0..s-1, masked.  # [H, B, C, S]
+    """fp32 scores of queries a..s-1 against keys 0..s-1, masked (causally, and by
+    `mask` [T, T] unless it is None).  # [H, B, C, S]
 
     qu = q + u and qv = q + v_bias [H, B, T, K]; r [H, T+1, K] over distances T ... 0.
     The position term is one matmul per head over the whole batch's queries ([B*C, K]
@@ -139,7 +140,9 @@ def _chunk_scores(qu, qv, k, r, mask, a: int, s: int) -> jax.Array:
     causal = jax.lax.broadcasted_iota(jnp.int32, (c, s), 1) <= (
         jax.lax.broadcasted_iota(jnp.int32, (c, s), 0) + a
     )
-    return jnp.where(causal & mask[a:s, :s], scores, _MASKED)
+    if mask is not None:  # a mask of its own, besides the causal one
+        causal = causal & mask[a:s, :s]
+    return jnp.where(causal, scores, _MASKED)
 
 
 def _forward_heads(q, k, v, r, u, v_bias, mask, chunk):
@@ -438,9 +441,8 @@ def attend(qkv, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.
     if layout.implementation == "xla" and layout.platform == "cpu":
 
         def xla_cpu(qkv, r, u, v_bias):  # per device: its own batch rows and heads
-            causal = jnp.tril(jnp.ones((t, t), bool)) if mask is None else mask
             group = heads_per_group(qkv.shape[0], r.shape[0], t, chunk)
-            return grouped_relative_attention(qkv, r, u, v_bias, causal, chunk, group)
+            return grouped_relative_attention(qkv, r, u, v_bias, mask, chunk, group)
 
         if mask is not None:  # a mask of its own (not sharded): the whole arrays
             return xla_cpu(qkv, r, u, v_bias)
