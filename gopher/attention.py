@@ -240,7 +240,7 @@ def relative_attention(q, k, v, r, u, v_bias, mask, chunk):
 
     q (pre-scaled by 1/sqrt(K)), k, v: [B, T, H*K]; r: [H, T+1, K] projected
     encodings over distances T ... 0; u, v_bias: [H, 1, K] (pre-scaled); mask: [T, T]
-    bool. Returns [B, T, H*K]. Its residuals are its inputs and output in the layouts
+    bool, or None for the causal mask alone. Returns [B, T, H*K]. Its residuals are its inputs and output in the layouts
     the projections around it keep anyway, plus the log-sum-exp [H, B, T]: the
     backward pass recomputes each chunk's scores instead of keeping probabilities.
     """
@@ -357,13 +357,13 @@ def _put_rows(g, group: int, xs, parts):
 # and from the packed [B, T, 3, H*K] input each query chunk's transposed slices gathered
 # elements 6 KB apart (the largest copy in the backward pass). They are the residuals
 # too, in place of qkv, which nothing else keeps (the projection's backward reads x): the
-# same memory, and no second transposing pass. The loop writes each group's results into
-# heads-major arrays that are transposed back once after it. Their initial values are
-# computed from the layer's own inputs: zeros (as lax.map or lax.scan's stacked outputs
-# are) XLA CPU allocates at the start of the step, live through the forward pass (0.2 to
-# 0.4 GB at the nanoGPT shape). q, k and v come in packed, so their gradient is one array:
-# as three slices of the projection's output, autodiff padded each gradient to the packed
-# shape and added the three.
+# same memory, and no second transposing pass. The backward loop writes each group's
+# gradients into heads-major arrays, transposed back once after it, whose initial values
+# are computed from d_out: zeros (as lax.map's or lax.scan's stacked outputs are) XLA CPU
+# allocates at the start of the step, live through the forward pass (0.2 to 0.4 GB at the
+# nanoGPT shape). q, k and v come in packed, so their gradient is one array: as three
+# slices of the projection's output, autodiff padded each gradient to the packed shape
+# and added the three.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _grouped_attention(qkv, r, u, v_bias, mask, chunk, group):
     return _grouped_fwd(qkv, r, u, v_bias, mask, chunk, group)[0]
@@ -380,8 +380,9 @@ def _grouped_fwd(qkv, r, u, v_bias, mask, chunk, group):
         return out, jax.lax.dynamic_update_slice_in_dim(lse, o_lse, g * group, axis=0)
 
     # Written in place, as the [B, T, H*K] array that the output projection reads and the
-    # backward pass keeps: built heads-major and transposed after the loop, XLA CPU made
-    # two copies of it, one for each (8 MB a layer at the nanoGPT shape).
+    # backward pass keeps (so its zeros cost no memory of their own): built heads-major
+    # and transposed after the loop, XLA CPU made two copies of it, one for each (8 MB a
+    # layer at the nanoGPT shape).
     init = (jnp.zeros((b, t, h * kd), qkv.dtype), jnp.zeros((h, b, t), jnp.float32))
     out, lse = jax.lax.fori_loop(0, h // group, body, init)
     return out, (q, k, v, r, u, v_bias, mask, out, lse)
@@ -449,7 +450,6 @@ def attend(qkv, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.
             return xla_cpu(qkv, r, u, v_bias)
         return _on_each_device(xla_cpu, layout, qkv, r, u, v_bias)
     if layout.implementation == "xla":
-        mask = jnp.tril(jnp.ones((t, t), bool)) if mask is None else mask
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
     opts = pallas_attention.options_for(layout.platform, device_kind=layout.device_kind)
