@@ -222,15 +222,12 @@ def test_attention_gradients_match_autodiff_of_dense_reference(query_chunk):
     assert_gradients_match_dense_reference(fn, params, x, cfg)
 
 
-def test_accelerator_xla_path_matches_the_oracles():
-    # TPU and GPU with attention="xla" take relative_attention on whole arrays, the causal
-    # mask passed as None (no [T, T] array); the layout's platform is only a label here.
-    cfg = config.get_preset("test")
-    t = 13
+def assert_causal_attention_matches_the_oracles(cfg, t, layout):
+    """RelativeAttention under `layout` (no mask of its own, query chunks of 4) against the
+    naive oracle (forward) and autodiff of the dense reference (gradients)."""
 
     def f(x):
         rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
-        layout = attention.AttentionLayout("xla", "tpu")
         return attention.RelativeAttention(cfg, 0.02, name="attn", query_chunk=4, layout=layout)(
             x, rel
         )
@@ -243,6 +240,13 @@ def test_accelerator_xla_path_matches_the_oracles():
     want = naive_relative_attention(x, flat, cfg.num_heads, cfg.key_size)
     assert np.max(np.abs(np.asarray(fn.apply(params, x)) - want)) < 1e-5
     assert_gradients_match_dense_reference(fn, params, x, cfg)
+
+
+def test_accelerator_xla_path_matches_the_oracles():
+    # TPU and GPU with attention="xla" take relative_attention on whole arrays, the causal
+    # mask passed as None (no [T, T] array); the layout's platform is only a label here.
+    cfg = config.get_preset("test")
+    assert_causal_attention_matches_the_oracles(cfg, 13, attention.AttentionLayout("xla", "tpu"))
 
 
 @pytest.mark.parametrize("budget,group", [(2 * 4 * 13 * 4, 1), (2 * 2 * 4 * 13 * 4, 2)])
@@ -253,22 +257,7 @@ def test_head_groups_match_the_oracles(monkeypatch, budget, group):
     t = 13
     monkeypatch.setattr(attention, "CPU_SCORE_BLOCK_BYTES", budget)
     assert attention.heads_per_group(2, cfg.num_heads, t, 4) == group
-
-    def f(x):
-        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
-        layout = attention.attention_layout("xla", "cpu")
-        return attention.RelativeAttention(cfg, 0.02, name="attn", query_chunk=4, layout=layout)(
-            x, rel
-        )
-
-    fn = hk.without_apply_rng(hk.transform(f))
-    x = jax.random.normal(jax.random.key(0), (2, t, cfg.d_model))
-    params = _attention_params(fn, x)
-    flat = {k.split("/")[-1]: jax.tree.map(np.asarray, v) for k, v in params.items()}
-    flat.update(flat.pop("attn"))
-    want = naive_relative_attention(x, flat, cfg.num_heads, cfg.key_size)
-    assert np.max(np.abs(np.asarray(fn.apply(params, x)) - want)) < 1e-5
-    assert_gradients_match_dense_reference(fn, params, x, cfg)
+    assert_causal_attention_matches_the_oracles(cfg, t, attention.attention_layout("xla", "cpu"))
 
 
 @pytest.mark.slow  # make test-all; the suite's time budget
