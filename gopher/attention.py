@@ -224,10 +224,11 @@ def _backward_heads(chunk, q, k, v, r, u, v_bias, mask, delta, lse, d_out):
 
     return (
         (dqc + dqp).astype(dt),
-        jnp.swapaxes(dk_t, 2, 3).astype(k.dtype),
-        jnp.swapaxes(dv_t, 2, 3).astype(v.dtype),
-        # (behind a barrier: XLA would fold the swap into a one-chunk matmul as a
-        # transposed operand, which XLA CPU's dot kernels take in fp32 only)
+        # (the accumulators behind a barrier: with one query chunk XLA would fold the
+        # swap into its matmul as a transposed operand, which XLA CPU's dot kernels take
+        # in fp32 only: bf16 would fail to run)
+        jnp.swapaxes(jax.lax.optimization_barrier(dk_t), 2, 3).astype(k.dtype),
+        jnp.swapaxes(jax.lax.optimization_barrier(dv_t), 2, 3).astype(v.dtype),
         jnp.swapaxes(jax.lax.optimization_barrier(dr_t), 1, 2).astype(r.dtype),  # [H, T+1, K]
         per_head_sum(dqc).astype(u.dtype),
         per_head_sum(dqp).astype(v_bias.dtype),

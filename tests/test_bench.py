@@ -275,3 +275,36 @@ def test_release_freed_host_memory_returns_freed_heap_pages():
     assert engine.release_freed_host_memory()
     assert held - rss() > 0.5 * size * count
     libc.free(pin)
+
+
+def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
+    """experiments.bench_attention --tiny (the CPU smoke of the GPU/TPU benchmark): rows
+    for the XLA path and the Pallas kernel (interpret mode), forward and forward+backward,
+    at seq 64 and 128 in bf16, the kernel within bf16 rounding of the XLA path."""
+    out = tmp_path / "attention.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_attention",
+        "--tiny",
+        "--reps=1",
+        f"--out={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    keys = {(r["impl"], r["mode"], r["seq_len"]) for r in rows}
+    assert keys == {
+        (impl, mode, t)
+        for impl in ("xla", "pallas")
+        for mode in ("forward", "forward+backward")
+        for t in (64, 128)
+    }
+    for row in rows:
+        assert row["seconds"] > 0 and row["temp_bytes"] >= 0
+        # forward 3 B H T^2 K causal FLOPs; forward+backward 3x (tokens 256: B = 256 / T)
+        flops = 3 * (256 // row["seq_len"]) * 2 * row["seq_len"] ** 2 * 16
+        work = flops * (3 if row["mode"] == "forward+backward" else 1)
+        assert row["tflops_per_sec"] == pytest.approx(work / row["seconds"] / 1e12, rel=1e-6)
+        if row["impl"] == "pallas":
+            assert row["max_rel_diff_vs_xla"] < 2e-2, row

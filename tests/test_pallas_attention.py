@@ -83,6 +83,35 @@ def test_kernel_bf16_inputs_within_bf16_tolerance():
     assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - want))) < 3e-2
 
 
+@pytest.mark.parametrize("chunk", [64, 16])  # one query chunk; three
+def test_xla_path_bf16_gradients_within_bf16_tolerance(chunk):
+    """The XLA path the kernel is benchmarked against, in bf16 (as on TPU/GPU, run here on
+    CPU): value and all six gradients against the fp32 oracle on the same inputs. With
+    one query chunk XLA CPU once got a bf16 dot with a transposed operand and failed."""
+    b, h, t, kd = 2, 2, 40, 8
+    args = _inputs(b, h, t, kd, jnp.bfloat16)
+    cot = jax.random.normal(jax.random.key(1), (b, h, t, kd))
+
+    def packed(x):  # [B, H, T, K] -> [B, T, H*K]
+        return x.transpose(0, 2, 1, 3).reshape(b, t, h * kd)
+
+    def xla(q, k, v, r, u, v_bias):
+        out = attention.relative_attention(
+            packed(q), packed(k), packed(v), r, u, v_bias, None, chunk
+        )
+        return out.reshape(b, t, h, kd).transpose(0, 2, 1, 3)
+
+    got = jax.jit(lambda *a: _value_and_grads(xla, a, cot.astype(jnp.bfloat16)))(*args)
+    f32 = [x.astype(jnp.float32) for x in args]
+    want = jax.jit(lambda *a: _value_and_grads(oracle, a, cot))(*f32)
+    for name, g, w in zip(
+        ("out", *"qkvr", "u", "v_bias"), jax.tree.leaves(got), jax.tree.leaves(want), strict=True
+    ):
+        assert g.dtype == jnp.bfloat16, name
+        err = float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)))
+        assert err < 3e-2 * max(float(jnp.max(jnp.abs(w))), 1.0), (name, err)
+
+
 def test_kernel_is_causal_only():
     q = jnp.zeros((1, 8, 16))
     r, u = jnp.zeros((2, 9, 8)), jnp.zeros((2, 1, 8))
