@@ -125,7 +125,8 @@ PACKAGES = {
 }
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -141,7 +142,7 @@ def fetch(package: Package, cache_dir: str = DEFAULT_CACHE_DIR, offline: bool = 
     """
     downloads = os.path.join(cache_dir, "downloads")
     path = os.path.join(downloads, package.filename)
-    if os.path.isfile(path) and _sha256_file(path) == package.sha256:
+    if os.path.isfile(path) and sha256_file(path) == package.sha256:
         return path
     if offline:
         raise FetchError(f"{package.filename} is not in {downloads} and offline=True")
@@ -168,7 +169,7 @@ def fetch(package: Package, cache_dir: str = DEFAULT_CACHE_DIR, offline: bool = 
             tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
             hint = " (run `apt-get update` first)" if package.kind == "debian" else ""
             raise FetchError(f"{' '.join(command)} failed{hint}: {tail[0]}")
-        digest = _sha256_file(got)
+        digest = sha256_file(got)
         if digest != package.sha256:
             raise FetchError(
                 f"{package.filename} has sha256 {digest}, expected {package.sha256}; "

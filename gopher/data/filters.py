@@ -51,6 +51,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from gopher.data.sources import Document
+from gopher.data.unionfind import UnionFind
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 BULLETS = ("•", "‣", "●", "◦", "▪", "▸", "►", "-", "*", "–", "—", "·")
@@ -367,19 +368,8 @@ def near_duplicates(texts: Sequence[str], config: MinHashConfig = MinHashConfig(
     """Indices of the documents to drop: all but the first of each near-duplicate cluster."""
     sets = [shingles(t, config.ngram) for t in texts]
     signatures = np.stack([minhash_signature(s, config) for s in sets]) if sets else None
-    parent = list(range(len(texts)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)  # the earliest document is the root
-
+    clusters = UnionFind(len(texts))  # the earliest document is each cluster's root
+    find, union = clusters.find, clusters.union
     checked: set[tuple[int, int]] = set()
     for band in range(config.bands):
         buckets: dict[bytes, list[int]] = collections.defaultdict(list)

@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from gopher.data.unionfind import UnionFind
+
 SPLITS = ("train", "heldout")
 
 # Directory names under the stdlib that hold tests or test data (lib2to3's test data
@@ -128,19 +130,8 @@ def _full_name(doc: Document) -> str:
 
 def group_works(docs: Sequence[Document], config: WorkGrouping = WorkGrouping()) -> list[int]:
     """[len(docs)]: for each document, the index of its work's first member."""
-    parent = list(range(len(docs)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
+    sets_of = UnionFind(len(docs))
+    find, union = sets_of.find, sets_of.union
     first_with_key: dict[str, int] = {}
     for i, d in enumerate(docs):
         union(first_with_key.setdefault(work_key(_full_name(d)), i), i)

