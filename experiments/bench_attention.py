@@ -70,7 +70,7 @@ def attention_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from gopher import attention, pallas_attention
+    from gopher import attention_xla, pallas_attention
 
     h, kd = (2, 16) if _TINY.value else (_HEADS.value, _KEY.value)
     seqs = [64, 128] if _TINY.value else [int(s) for s in _SEQS.value]
@@ -84,9 +84,11 @@ def attention_rows(platform: str) -> list[dict]:
             0.1 * jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(keys, shapes, strict=True)
         ]
         mask = jnp.tril(jnp.ones((t, t), bool))
-        chunk = max(attention.QUERY_CHUNK, -(-t // attention.MAX_QUERY_CHUNKS))
+        chunk = max(attention_xla.QUERY_CHUNK, -(-t // attention_xla.MAX_QUERY_CHUNKS))
         impls = {
-            "xla": lambda *a, mask=mask, chunk=chunk: attention.relative_attention(*a, mask, chunk),
+            "xla": lambda *a, mask=mask, chunk=chunk: attention_xla.relative_attention(
+                *a, mask, chunk
+            ),
             "pallas": lambda *a: pallas_attention.relative_attention(*a, opts=opts),
         }
         flops = 3 * b * h * t * t * kd

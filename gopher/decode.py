@@ -35,11 +35,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gopher.attention import sinusoid_relative_encodings
+from gopher.attention_xla import sinusoid_relative_encodings
 from gopher.config import ModelConfig
 from gopher.layers import mlp
 
-_MASKED = float(jnp.finfo(jnp.float32).min)  # as gopher/attention.py masks scores
+_MASKED = float(jnp.finfo(jnp.float32).min)  # as gopher/attention_xla.py masks scores
 _BLOCK = "lm/layers/block/"
 
 

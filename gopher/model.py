@@ -6,7 +6,7 @@ LayerNorm, and Transformer-XL relative attention instead of absolute positions
 embeddings are tied; all linear maps are bias-free, so the parameter count is
 Gopher's 13 d^2 L + V d plus the norms' scales and the u, v biases.
 
-Speed (XLA CPU; experiments/bench.py): attention (gopher/attention.py), the MLP and
+Speed (XLA CPU; experiments/bench.py): attention (gopher/attention_xla.py), the MLP and
 RMSNorm (gopher/layers.py) have hand-written backward passes, each tested against
 autodiff of the plain formula. Left to autodiff, the 44m train step at seq 512,
 batch 8 needed 6.5 GiB of scratch memory (now 2.6 GiB, over half of it the logits
@@ -28,7 +28,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from gopher.attention import AttentionLayout, RelativeAttention, sinusoid_relative_encodings
+from gopher.attention import AttentionLayout, RelativeAttention
+from gopher.attention_xla import sinusoid_relative_encodings
 from gopher.config import ModelConfig
 from gopher.layers import Dense, mlp, rms_norm
 

@@ -2,7 +2,7 @@
 
     score(i, j) = (q_i + u) . k_j + (q_i + v) . (W_R R)_{i-j}     (q, u, v pre-scaled)
 
-The same maths as `gopher.attention.relative_attention`, fused: no [T, T] array ever
+The same maths as `gopher.attention_xla.relative_attention`, fused: no [T, T] array ever
 exists, in memory or in HBM. Queries and keys are cut into tiles of `block` rows. A
 (query tile [i0, i0+b), key tile [j0, j0+b)) pair sees the distances i - j in
 (i0-j0-b, i0-j0+b): a window of 2b consecutive rows of the projected table
@@ -531,7 +531,7 @@ relative_attention_heads.defvjp(_fwd, _bwd)
 
 
 def relative_attention(q, k, v, r, u, v_bias, mask=None, chunk=None, *, opts=KernelOptions()):
-    """`gopher.attention.relative_attention`'s signature and layout (q, k, v [B, T, H*K]
+    """`gopher.attention_xla.relative_attention`'s signature and layout (q, k, v [B, T, H*K]
     -> [B, T, H*K]), causal only: `mask` must be None (the causal mask) and `chunk`
     is ignored (the kernel tiles by `opts.block`)."""
     del chunk

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gopher import attention, config, model
+from gopher import attention, attention_xla, config, model
 
 
 def naive_relative_attention(x, p, num_heads, key_size):
@@ -40,7 +40,7 @@ def test_relative_attention_matches_naive_oracle():
     t = 11
 
     def f(x):
-        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
+        rel = attention_xla.sinusoid_relative_encodings(t, cfg.d_model)
         mask = jnp.tril(jnp.ones((t, t), bool))
         return attention.RelativeAttention(cfg, 0.02, name="attn")(x, rel, mask)
 
@@ -61,7 +61,7 @@ def test_relative_attention_matches_naive_oracle():
 def test_rel_shift_against_index_formula():
     t = 7
     x = jnp.arange(t * t, dtype=jnp.float32).reshape(1, t, t)
-    y = np.asarray(attention.rel_shift(x))[0]
+    y = np.asarray(attention_xla.rel_shift(x))[0]
     for i in range(t):
         for j in range(i + 1):
             # column m of x holds distance t-1-m; we want distance i-j.
@@ -148,7 +148,7 @@ def test_param_count_matches_closed_form_for_every_table_preset():
 
 def _attention_fn(cfg, t, query_chunk):
     def f(x):
-        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
+        rel = attention_xla.sinusoid_relative_encodings(t, cfg.d_model)
         mask = jnp.tril(jnp.ones((t, t), bool))
         attn = attention.RelativeAttention(cfg, 0.02, name="attn", query_chunk=query_chunk)
         return attn(x, rel, mask)
@@ -183,9 +183,11 @@ def dense_relative_attention(x, p, num_heads, key_size):
     q = (x @ p["q"]["w"]).reshape(b, t, num_heads, key_size)
     k = (x @ p["k"]["w"]).reshape(b, t, num_heads, key_size)
     v = (x @ p["v"]["w"]).reshape(b, t, num_heads, key_size)
-    r = (attention.sinusoid_relative_encodings(t, d) @ p["r"]["w"]).reshape(t, num_heads, key_size)
+    r = (attention_xla.sinusoid_relative_encodings(t, d) @ p["r"]["w"]).reshape(
+        t, num_heads, key_size
+    )
     content = jnp.einsum("bihk,bjhk->bhij", q + p["u_bias"], k)
-    position = attention.rel_shift(jnp.einsum("bihk,jhk->bhij", q + p["v_bias"], r))
+    position = attention_xla.rel_shift(jnp.einsum("bihk,jhk->bhij", q + p["v_bias"], r))
     scores = (content + position) / math.sqrt(key_size)
     scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -jnp.inf)
     out = jnp.einsum("bhij,bjhk->bihk", jax.nn.softmax(scores, axis=-1), v)
@@ -227,7 +229,7 @@ def assert_causal_attention_matches_the_oracles(cfg, t, layout):
     naive oracle (forward) and autodiff of the dense reference (gradients)."""
 
     def f(x):
-        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
+        rel = attention_xla.sinusoid_relative_encodings(t, cfg.d_model)
         return attention.RelativeAttention(cfg, 0.02, name="attn", query_chunk=4, layout=layout)(
             x, rel
         )
@@ -255,8 +257,8 @@ def test_head_groups_match_the_oracles(monkeypatch, budget, group):
     # sized by a cache budget; a small budget forces 1 and 2 heads per group of the 4.
     cfg = config.get_preset("test")
     t = 13
-    monkeypatch.setattr(attention, "CPU_SCORE_BLOCK_BYTES", budget)
-    assert attention.heads_per_group(2, cfg.num_heads, t, 4) == group
+    monkeypatch.setattr(attention_xla, "CPU_SCORE_BLOCK_BYTES", budget)
+    assert attention_xla.heads_per_group(2, cfg.num_heads, t, 4) == group
     assert_causal_attention_matches_the_oracles(cfg, t, attention.attention_layout("xla", "cpu"))
 
 
@@ -268,7 +270,7 @@ def test_block_gradients_match_autodiff_of_plain_mlp_and_rms_norm():
     t = 9
 
     def block(x):
-        rel = attention.sinusoid_relative_encodings(t, cfg.d_model)
+        rel = attention_xla.sinusoid_relative_encodings(t, cfg.d_model)
         return model.Block(cfg, name="block")(x, rel, jnp.tril(jnp.ones((t, t), bool)))
 
     fn = hk.without_apply_rng(hk.transform(block))

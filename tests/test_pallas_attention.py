@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_sharding import BATCH, TRAIN, learnable_batches  # tests/ is on sys.path
 
-from gopher import attention, config, pallas_attention, sharding, train, workdir
+from gopher import attention, attention_xla, config, pallas_attention, sharding, train, workdir
 
 
 def oracle(q, k, v, r, u, v_bias):
@@ -96,7 +96,7 @@ def test_xla_path_bf16_gradients_within_bf16_tolerance(chunk):
         return x.transpose(0, 2, 1, 3).reshape(b, t, h * kd)
 
     def xla(q, k, v, r, u, v_bias):
-        out = attention.relative_attention(
+        out = attention_xla.relative_attention(
             packed(q), packed(k), packed(v), r, u, v_bias, None, chunk
         )
         return out.reshape(b, t, h, kd).transpose(0, 2, 1, 3)

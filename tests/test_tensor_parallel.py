@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from gopher import attention, config, hlo, sharding
+from gopher import attention_xla, config, hlo, sharding
 
 MODEL = config.get_preset("tiny").replace(num_layers=2, seq_len=96)
 T, D, BATCH = 96, MODEL.d_model, 32
@@ -29,7 +29,7 @@ def all_heads_at_once(monkeypatch):
     budget: fewer per device as the mesh splits the batch. cost_analysis counts a loop's
     body once, so its FLOPs compare across meshes only without that loop (dot_flops
     counts the trips; with the loop, the checks below hold too, cost_analysis aside)."""
-    monkeypatch.setattr(attention, "CPU_SCORE_BLOCK_BYTES", 1 << 40)
+    monkeypatch.setattr(attention_xla, "CPU_SCORE_BLOCK_BYTES", 1 << 40)
 
 
 def compile_step(data, model, zero=0, precision="fp32", microbatches=1):
