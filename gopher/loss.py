@@ -96,7 +96,10 @@ def _loss_and_grads(h, embeddings, targets, chunk):
         )
         total, d_emb_t = total + nll, d_emb_t + de_t
         d_h.append(dh)
-    grads = (jnp.concatenate(d_h, axis=1), d_emb_t.T.astype(embeddings.dtype))
+    # (behind a barrier: with one chunk XLA would fold the transpose into its matmul as a
+    # transposed operand, which XLA CPU's dot kernels take in fp32 only: bf16 failed to run)
+    d_emb = jax.lax.optimization_barrier(d_emb_t).T
+    grads = (jnp.concatenate(d_h, axis=1), d_emb.astype(embeddings.dtype))
     return total / n, grads
 
 

@@ -54,6 +54,24 @@ def test_cotangent_scales_and_bf16_hidden_states():
     )
 
 
+@pytest.mark.parametrize("t", [40, 150])  # one chunk (bf16 once failed to run there); 2 + a tail
+def test_bf16_hidden_states_both_gradients(t):
+    """bf16 h (mixed precision): the loss and its gradients in h and in the fp32
+    embeddings against autodiff of the logits path on the same bf16 inputs."""
+    k1, k2, k3 = jax.random.split(jax.random.key(t), 3)
+    h = jax.random.normal(k1, (2, t, 32), jnp.float32).astype(jnp.bfloat16)
+    emb = 0.3 * jax.random.normal(k2, (50, 32), jnp.float32)
+    targets = jax.random.randint(k3, (2, t), 0, 50)
+    fused = jax.jit(jax.value_and_grad(loss_lib.lm_head_loss, argnums=(0, 1)))
+    got, (dh, de) = fused(h, emb, targets)
+    want, (dh_want, de_want) = jax.value_and_grad(_naive, argnums=(0, 1))(h, emb, targets)
+    assert (dh.dtype, de.dtype) == (jnp.bfloat16, jnp.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    for g, w in ((dh, dh_want), (de, de_want)):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.max(np.abs(g - w)) < 2e-2 * np.max(np.abs(w)), np.max(np.abs(g - w))
+
+
 def test_train_step_gradient_equals_the_logits_path():
     from gopher import config as config_lib
     from gopher import model as model_lib
