@@ -3,6 +3,7 @@ forward+backward, and (--train_step) a preset's whole train step with each.
 
     python -m experiments.bench_attention                      # GPU / TPU: seq 512 ... 8192
     python -m experiments.bench_attention --tiny               # CPU smoke (interpret mode)
+    python -m experiments.bench_attention --check              # kernel vs XLA path, exit 1 if apart
     python -m experiments.bench_attention --train_step --preset=1.4b --seq_len=2048 \\
         --batch=8 --precision=mixed --remat=full
 
@@ -19,6 +20,11 @@ any of the six gradients) over that array's largest magnitude (bf16: ~1e-2 expec
 Train-step mode: the preset's train step (gopher.train.make_train_functions, state
 donated) at --seq_len, --batch, --precision, --remat with attention=xla and =pallas;
 MFU = tokens/s x (6 N + 12 L H Q T) / peak FLOP/s of the device (gopher/metrics.py).
+
+Check mode (--check, before any timing is trusted on a new device): the kernel's output
+and all six gradients against the XLA path's, bf16, H=4, K=64, at a length off the tile
+and one on it (100 and 256; --tiny: 40 and 64, H=2, K=16); exits 1 when any relative
+difference reaches 5e-2.
 
 Writes one JSON (device kind, jax version, the command, every row) to --out (default
 benchmarks/bench_attention_<device kind>.json).
@@ -44,6 +50,7 @@ _TOKENS = flags.DEFINE_integer("tokens", 16384, "Query rows per call: batch = to
 _BLOCK = flags.DEFINE_integer("block", 0, "Kernel tile rows (0: the platform's default).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed calls per measurement (median).")
 _TRAIN = flags.DEFINE_bool("train_step", False, "Time a preset's train step instead.")
+_CHECK = flags.DEFINE_bool("check", False, "Only compare the kernel with the XLA path.")
 _PRESET = flags.DEFINE_string("preset", "1.4b", "Train-step mode: model preset.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Train-step mode: sequence length.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Train-step mode: sequences per step.")
@@ -130,6 +137,47 @@ def attention_rows(platform: str) -> list[dict]:
     return rows
 
 
+CHECK_TOLERANCE = 5e-2  # bf16: p and ds are rounded to bf16 for the matmuls on both paths
+
+
+def check_rows(platform: str) -> list[dict]:
+    """The kernel's output and six gradients against the XLA path's, relative max difference."""
+    import jax
+    import jax.numpy as jnp
+
+    from gopher import attention_xla, pallas_attention
+
+    b, h, kd = (2, 2, 16) if _TINY.value else (2, 4, 64)
+    opts = pallas_attention.options_for(platform, _BLOCK.value or None)
+    rows = []
+    for t in (40, 64) if _TINY.value else (100, 256):  # off the tile, on it
+        keys = jax.random.split(jax.random.key(t), 6)
+        shapes = [(b, t, h * kd)] * 3 + [(h, t + 1, kd), (h, 1, kd), (h, 1, kd)]
+        args = [
+            0.3 * jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(keys, shapes, strict=True)
+        ]
+        impls = (
+            lambda *a: attention_xla.relative_attention(*a, None, attention_xla.QUERY_CHUNK),
+            lambda *a: pallas_attention.relative_attention(*a, opts=opts),
+        )
+        results = []
+        for fn in impls:
+
+            def value_and_grads(*a, fn=fn):
+                out, vjp = jax.vjp(fn, *a)
+                return (out, *vjp(jnp.ones_like(out)))
+
+            results.append(jax.jit(value_and_grads)(*args))
+        labels = ("out", "dq", "dk", "dv", "dr", "du", "dv_bias")
+        for label, w, g in zip(labels, *results, strict=True):
+            w, g = w.astype(jnp.float32), g.astype(jnp.float32)
+            diff = float(jnp.max(jnp.abs(g - w))) / max(float(jnp.max(jnp.abs(w))), 1e-30)
+            row = {"seq_len": t, "heads": h, "key_size": kd, "output": label, "block": opts.block}
+            rows.append({**row, "max_rel_diff_vs_xla": diff, "ok": diff < CHECK_TOLERANCE})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def train_rows() -> list[dict]:
     import jax
     import numpy as np
@@ -186,11 +234,14 @@ def main(argv):
     import jax
 
     device = jax.devices()[0]
-    rows = train_rows() if _TRAIN.value else attention_rows(device.platform)
+    if _CHECK.value:
+        rows, mode = check_rows(device.platform), "_check"
+    elif _TRAIN.value:
+        rows, mode = train_rows(), "_train"
+    else:
+        rows, mode = attention_rows(device.platform), ""
     kind = re.sub(r"[^A-Za-z0-9]+", "_", device.device_kind).strip("_").lower()
-    out = _OUT.value or os.path.join(
-        "benchmarks", f"bench_attention{'_train' if _TRAIN.value else ''}_{kind}.json"
-    )
+    out = _OUT.value or os.path.join("benchmarks", f"bench_attention{mode}_{kind}.json")
     record = {
         "command": shlex.join(
             [os.path.basename(sys.executable), "-m", __spec__.name, *sys.argv[1:]]
@@ -205,6 +256,18 @@ def main(argv):
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
     print(f"wrote {out}")
+    bad = [
+        f"T={r['seq_len']} {r['output']} {r['max_rel_diff_vs_xla']:.2e}"
+        for r in rows
+        if not r.get("ok", True)
+    ]
+    if bad:
+        print(
+            f"the kernel differs from the XLA path by {CHECK_TOLERANCE} or more: {', '.join(bad)}"
+        )
+        sys.exit(1)
+    if _CHECK.value:
+        print("kernel matches the XLA path")
 
 
 if __name__ == "__main__":

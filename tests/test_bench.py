@@ -308,3 +308,20 @@ def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
         assert row["tflops_per_sec"] == pytest.approx(work / row["seconds"] / 1e12, rel=1e-6)
         if row["impl"] == "pallas":
             assert row["max_rel_diff_vs_xla"] < 2e-2, row
+
+
+def test_attention_check_compares_output_and_six_gradients(tmp_path):
+    """experiments.bench_attention --check (the first step of benchmarks/gpu_check.sh),
+    here on CPU in interpret mode: every output at both lengths, each within bf16
+    rounding of the XLA path, and exit 0."""
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, "-m", "experiments.bench_attention", "--tiny", "--check", f"--out={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "kernel matches the XLA path"
+    rows = json.loads(out.read_text())["rows"]
+    outputs = ("out", "dq", "dk", "dv", "dr", "du", "dv_bias")
+    assert [(r["seq_len"], r["output"]) for r in rows] == [
+        (t, o) for t in (40, 64) for o in outputs
+    ]
+    assert all(r["ok"] and r["max_rel_diff_vs_xla"] < 2e-2 for r in rows), rows
