@@ -25,7 +25,8 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 def _call(snippet: str, *args):
     """Runs `snippet` with `bench` imported and `args` bound; returns its `out` as JSON."""
     code = (
-        "import json, sys\nfrom experiments import bench\nargs = json.loads(sys.argv[1])\n"
+        "import json, sys\nfrom experiments import bench, bench_machine, bench_peer\n"
+        "args = json.loads(sys.argv[1])\n"
         f"try:\n    out = {snippet}\nexcept ValueError as e:\n    out = {{'error': str(e)}}\n"
         "print(json.dumps(out))"
     )
@@ -52,7 +53,7 @@ def test_summarise_ratios_medians_and_the_faster_peer_mode():
         {"gopher": 1000.0, "peer_eager": 640.0, "peer_compile": None},  # compile failed
         {"gopher": 950.0, "peer_eager": 700.0, "peer_compile": 500.0},
     ]
-    s = _call("bench.summarise(args[0])", rounds)
+    s = _call("bench_peer.summarise(args[0])", rounds)
     # By hand: each round's peer is its faster mode; ratio = gopher / that.
     assert [(r["peer"], r["peer_mode"]) for r in s["rounds"]] == [
         (750.0, "compile"),
@@ -71,9 +72,9 @@ def test_summarise_ratios_medians_and_the_faster_peer_mode():
 
 
 def test_summarise_refuses_rounds_without_figures():
-    assert "pass --rounds=1" in _call("bench.summarise(args[0])", [])["error"]
+    assert "pass --rounds=1" in _call("bench_peer.summarise(args[0])", [])["error"]
     bad = [{"gopher": 900.0, "peer_eager": None, "peer_compile": None}]
-    assert "without a peer figure" in _call("bench.summarise(args[0])", bad)["error"]
+    assert "without a peer figure" in _call("bench_peer.summarise(args[0])", bad)["error"]
 
 
 LSCPU = """\
@@ -95,7 +96,7 @@ flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile amx_int8
 
 
 def test_machine_record_parses_lscpu_and_cpuinfo_text():
-    amd, intel = _call("[bench.parse_cpu_info(t) for t in args]", LSCPU, CPUINFO)
+    amd, intel = _call("[bench_machine.parse_cpu_info(t) for t in args]", LSCPU, CPUINFO)
     assert amd["cpu"] == "AMD EPYC 7B13 64-Core Processor"
     assert amd["flags"] == {
         "avx2": True,
@@ -108,9 +109,9 @@ def test_machine_record_parses_lscpu_and_cpuinfo_text():
     assert intel["cpu"] == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
     assert all(intel["flags"].values())
     # "avx512f" must be a whole flag: "avx512fp16"-like names alone do not count.
-    assert not _call("bench.parse_cpu_info(args[0])", "Flags: avx512fp16 amx_bf16x")["flags"][
-        "avx512f"
-    ]
+    assert not _call("bench_machine.parse_cpu_info(args[0])", "Flags: avx512fp16 amx_bf16x")[
+        "flags"
+    ]["avx512f"]
 
 
 def test_nanogpt_shape_model_flops_match_the_closed_form_and_the_peer():

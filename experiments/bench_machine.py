@@ -1,0 +1,73 @@
+"""The benchmark records' common parts: the machine (CPU model and flags from `lscpu`, cores,
+jax/jaxlib, the peer's torch), this process's peak memory, and the git revision."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# CPU features that decide which matmul kernels the two stacks can use.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def parse_cpu_info(text: str) -> dict:
+    """CPU model and the CPU_FLAGS present, from `lscpu` ("Model name:", "Flags:") or
+    /proc/cpuinfo ("model name\\t:", "flags\\t\\t:") text."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    present = set(fields.get("flags", "").split())
+    return {
+        "cpu": fields.get("model name") or platform.processor() or "unknown",
+        "flags": {name: name in present for name in CPU_FLAGS},
+    }
+
+
+def machine_record(torch_version: str | None = None) -> dict:
+    """This host: CPU model and flags of interest, cores, jax/jaxlib (and the peer's torch)."""
+    import jax
+    import jaxlib
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        text = ""
+    if "Model name" not in text and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    return {
+        **parse_cpu_info(text),
+        "cores": os.cpu_count(),
+        "host": platform.node(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "torch": torch_version,
+    }
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (ru_maxrss is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+
+def git_revision() -> str:
+    """HEAD's short hash, with '+dirty' when tracked files differ from it ('' outside git)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD"], capture_output=True, cwd=ROOT
+        ).returncode
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
