@@ -14,17 +14,10 @@ on (--peak_gflops, else the device table, else on CPU a measured fp32 matmul: th
 the training loop uses). `peak_rss_gib` is the process's ru_maxrss. Prints one JSON line
 and appends it, with the command line, to --out (`benchmarks/train_speed.jsonl`).
 
-Side by side (--peer=torch, experiments/bench_peer.py): each measurement in its own
-process, so each side's peak memory is its own: this module in single-run mode (with GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-as `make bench`), then benchmarks/peers/gpt2_torch.py (nanoGPT's GPT-2 on PyTorch, same
-layers, heads, d_model, vocab, seq and batch) eager, then compiled, repeated --rounds
-times. The peer's figure in a round is the faster of its eager and compiled medians;
-prints both sides' tokens/s, MFU and peak memory, the gopher / torch ratio of every round
-and their median (min, max), and writes everything (machine, each round's full records,
-the command) to --peer_out (`benchmarks/bench_<shape>_peer.json`, overwritten). The two
-models differ as the papers do: gopher has relative attention (a 13th d^2 per layer,
-W_R) and RMSNorm; GPT-2 has absolute positions and LayerNorm; MFU counts each model's own
-FLOPs.
+Side by side (--peer=torch): experiments/bench_peer.py runs this module in single-run mode
+and the PyTorch GPT-2 of benchmarks/peers/ (eager, then compiled) in turn, --rounds times,
+each in its own process; prints both sides' tokens/s, MFU, peak memory and their ratio, and
+writes everything to --peer_out (`benchmarks/bench_<shape>_peer.json`, overwritten).
 
 Shapes:
   nanogpt  the 44m row (8 layers, d_model 512, 16 heads, key 32, vocab 32000) at

@@ -73,6 +73,14 @@ def _time(fn, *args, reps: int) -> float:
     return statistics.median(times)
 
 
+def _rel_diff(got, want) -> float:
+    """max |got - want| over max |want|, in fp32: how far the kernel is from the XLA path."""
+    import jax.numpy as jnp
+
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(got - want))) / max(float(jnp.max(jnp.abs(want))), 1e-30)
+
+
 def attention_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -128,9 +136,7 @@ def attention_rows(platform: str) -> list[dict]:
                     results[mode] = got
                 else:  # the largest difference from the XLA path, relative to its largest value
                     row["max_rel_diff_vs_xla"] = max(
-                        float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32))))
-                        / max(float(jnp.max(jnp.abs(w.astype(jnp.float32)))), 1e-30)
-                        for g, w in zip(got, results[mode], strict=True)
+                        _rel_diff(g, w) for g, w in zip(got, results[mode], strict=True)
                     )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -170,8 +176,7 @@ def check_rows(platform: str) -> list[dict]:
             results.append(jax.jit(value_and_grads)(*args))
         labels = ("out", "dq", "dk", "dv", "dr", "du", "dv_bias")
         for label, w, g in zip(labels, *results, strict=True):
-            w, g = w.astype(jnp.float32), g.astype(jnp.float32)
-            diff = float(jnp.max(jnp.abs(g - w))) / max(float(jnp.max(jnp.abs(w))), 1e-30)
+            diff = _rel_diff(g, w)
             row = {"seq_len": t, "heads": h, "key_size": kd, "output": label, "block": opts.block}
             rows.append({**row, "max_rel_diff_vs_xla": diff, "ok": diff < CHECK_TOLERANCE})
             print(json.dumps(rows[-1]), flush=True)

@@ -7,6 +7,9 @@ heads, d_model, vocab, seq and batch) eager, then compiled, repeated `rounds` ti
 side's peak memory (ru_maxrss) is its own. A round's peer figure is the faster of its eager and
 compiled medians; `summarise` gives every round's gopher / peer ratio and their median (min,
 max). The record (machine, each round's full records, the commands) is written to `out`.
+The two models differ as the papers do: gopher has relative attention (a 13th d^2 per
+layer, W_R) and RMSNorm; GPT-2 has absolute positions and LayerNorm; MFU counts each
+model's own FLOPs.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
 
 def _call(snippet: str, *args):
-    """Runs `snippet` with `bench` imported and `args` bound; returns its `out` as JSON."""
+    """Runs `snippet` with `bench`, `bench_machine` and `bench_peer` imported and `args`
+    bound; returns its `out` as JSON."""
     code = (
         "import json, sys\nfrom experiments import bench, bench_machine, bench_peer\n"
         "args = json.loads(sys.argv[1])\n"

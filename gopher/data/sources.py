@@ -130,8 +130,8 @@ def _full_name(doc: Document) -> str:
 
 def group_works(docs: Sequence[Document], config: WorkGrouping = WorkGrouping()) -> list[int]:
     """[len(docs)]: for each document, the index of its work's first member."""
-    sets_of = UnionFind(len(docs))
-    find, union = sets_of.find, sets_of.union
+    works = UnionFind(len(docs))  # a work's first document is its root
+    find, union = works.find, works.union
     first_with_key: dict[str, int] = {}
     for i, d in enumerate(docs):
         union(first_with_key.setdefault(work_key(_full_name(d)), i), i)
