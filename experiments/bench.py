@@ -51,6 +51,12 @@ _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Sequence length (default: the 
 _BATCH = flags.DEFINE_integer("batch", None, "Sequences per step (default: the shape's).")
 _PRECISION = flags.DEFINE_string("precision", "fp32", "fp32 | mixed | bf16 | bf16_sr | ...")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy name (gopher.model.REMAT_POLICIES).")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", None, ["auto", "xla", "pallas"], "Attention path (default: the preset's)."
+)
+_PROFILE = flags.DEFINE_string(
+    "profile", None, "Also trace 2 steps with jax.profiler into this folder and summarise them."
+)
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default 10; 5 with --peer).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _PEAK_GFLOPS = flags.DEFINE_float(
@@ -74,7 +80,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 # ----------------------------------------------------------------------- single run
 
 
-def configs(shape=None, preset=None, seq_len=None, batch=None):
+def configs(shape=None, preset=None, seq_len=None, batch=None, attention=None):
     """(name, ModelConfig, TrainConfig) of a named shape or a preset (default `tiny`)."""
     from gopher import config as config_lib
 
@@ -87,6 +93,8 @@ def configs(shape=None, preset=None, seq_len=None, batch=None):
     model_cfg = config_lib.get_preset(preset).replace(**overrides)
     if seq_len:
         model_cfg = model_cfg.replace(seq_len=seq_len)
+    if attention:
+        model_cfg = model_cfg.replace(attention=attention)
     train_cfg = config_lib.TrainConfig(
         steps=1000, batch_size=batch or default_batch, warmup_steps=10
     )
@@ -116,7 +124,15 @@ def peak_flops(peak_gflops: float = 0.0) -> tuple[float | None, str]:
 
 
 def single_run(
-    name, model_cfg, train_cfg, precision="fp32", remat="none", steps=10, warmup=2, peak_gflops=0.0
+    name,
+    model_cfg,
+    train_cfg,
+    precision="fp32",
+    remat="none",
+    steps=10,
+    warmup=2,
+    peak_gflops=0.0,
+    profile=None,
 ) -> dict:
     """Times the jitted train step; the record `experiments.bench` prints."""
     import jax
@@ -150,6 +166,17 @@ def single_run(
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     cpu_per_step = (time.process_time() - cpu_start) / steps
+    profile_summary = None
+    if profile:  # after the timed steps, so tracing never slows them
+        from experiments import trace_summary
+
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for _ in range(2):
+                state, metrics = compiled(state, tokens)
+            jax.block_until_ready((state, metrics))
+        profile_summary = trace_summary.summarize(profile, top=15)
+        print(trace_summary.format_summary(profile_summary), file=sys.stderr)
+    memory = jax.devices()[0].memory_stats() or {}  # None on CPU
     step_s = statistics.median(times)
     tokens_per_sec = b * t / step_s
     flops_token = metrics_lib.flops_per_token(model_cfg, t)
@@ -182,6 +209,12 @@ def single_run(
         "peak_flops_source": peak_source,
         "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_rss_gib": peak_rss_gib(),
+        "attention": model_cfg.attention,
+        "device_peak_gib": round(memory["peak_bytes_in_use"] / 2**30, 3)
+        if "peak_bytes_in_use" in memory
+        else None,
+        "temp_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3),
+        "profile": profile_summary,
         "jax": jax.__version__,
         "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
         "cpus": os.cpu_count(),
@@ -202,7 +235,7 @@ def main(argv):
     steps, warmup = _STEPS.value, _WARMUP.value
     with common.user_errors(_VERBOSE.value):
         name, model_cfg, train_cfg = configs(
-            _SHAPE.value, _PRESET.value, _SEQ_LEN.value, _BATCH.value
+            _SHAPE.value, _PRESET.value, _SEQ_LEN.value, _BATCH.value, _ATTENTION.value
         )
         if _PEER.value:
             opts = bench_peer.PeerOptions(
@@ -229,6 +262,7 @@ def main(argv):
             steps,
             warmup,
             _PEAK_GFLOPS.value,
+            _PROFILE.value,
         )
     result["note"] = _NOTE.value
     print(json.dumps(result))

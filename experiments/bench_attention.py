@@ -23,7 +23,7 @@ MFU = tokens/s x (6 N + 12 L H Q T) / peak FLOP/s of the device (gopher/metrics.
 
 Check mode (--check, before any timing is trusted on a new device): the kernel's output
 and all six gradients against the XLA path's, bf16, H=4, K=64, at a length off the tile
-and one on it (100 and 256; --tiny: 40 and 64, H=2, K=16); exits 1 when any relative
+and one on it (100 and 256), and 256 at K=128 (H=2) (--tiny: 40 and 64, H=2, K=16); exits 1 when any relative
 difference reaches 5e-2.
 
 Writes one JSON (device kind, jax version, the command, every row) to --out (default
@@ -48,6 +48,7 @@ _HEADS = flags.DEFINE_integer("heads", 16, "Heads.")
 _KEY = flags.DEFINE_integer("key_size", 128, "Key size.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "Query rows per call: batch = tokens / seq.")
 _BLOCK = flags.DEFINE_integer("block", 0, "Kernel tile rows (0: the platform's default).")
+_STAGES = flags.DEFINE_integer("stages", 0, "GPU: Triton pipelining stages (0: the default).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed calls per measurement (median).")
 _TRAIN = flags.DEFINE_bool("train_step", False, "Time a preset's train step instead.")
 _CHECK = flags.DEFINE_bool("check", False, "Only compare the kernel with the XLA path.")
@@ -89,7 +90,9 @@ def attention_rows(platform: str) -> list[dict]:
 
     h, kd = (2, 16) if _TINY.value else (_HEADS.value, _KEY.value)
     seqs = [64, 128] if _TINY.value else [int(s) for s in _SEQS.value]
-    opts = pallas_attention.options_for(platform, _BLOCK.value or None)
+    opts = pallas_attention.options_for(
+        platform, _BLOCK.value or None, stages=_STAGES.value or None
+    )
     rows = []
     for t in seqs:
         b = max(1, (256 if _TINY.value else _TOKENS.value) // t)
@@ -153,10 +156,16 @@ def check_rows(platform: str) -> list[dict]:
 
     from gopher import attention_xla, pallas_attention
 
-    b, h, kd = (2, 2, 16) if _TINY.value else (2, 4, 64)
-    opts = pallas_attention.options_for(platform, _BLOCK.value or None)
+    opts = pallas_attention.options_for(
+        platform, _BLOCK.value or None, stages=_STAGES.value or None
+    )
     rows = []
-    for t in (40, 64) if _TINY.value else (100, 256):  # off the tile, on it
+    cases = (  # (batch, heads, key size, length): off the tile, on it; K = 128 as in 1.4b
+        [(2, 2, 16, 40), (2, 2, 16, 64)]
+        if _TINY.value
+        else [(2, 4, 64, 100), (2, 4, 64, 256), (1, 2, 128, 256)]
+    )
+    for b, h, kd, t in cases:
         keys = jax.random.split(jax.random.key(t), 6)
         shapes = [(b, t, h * kd)] * 3 + [(h, t + 1, kd), (h, 1, kd), (h, 1, kd)]
         args = [
@@ -178,6 +187,7 @@ def check_rows(platform: str) -> list[dict]:
         for label, w, g in zip(labels, *results, strict=True):
             diff = _rel_diff(g, w)
             row = {"seq_len": t, "heads": h, "key_size": kd, "output": label, "block": opts.block}
+            row["stages"] = opts.stages
             rows.append({**row, "max_rel_diff_vs_xla": diff, "ok": diff < CHECK_TOLERANCE})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -262,7 +272,7 @@ def main(argv):
         json.dump(record, f, indent=1)
     print(f"wrote {out}")
     bad = [
-        f"T={r['seq_len']} {r['output']} {r['max_rel_diff_vs_xla']:.2e}"
+        f"T={r['seq_len']} K={r['key_size']} {r['output']} {r['max_rel_diff_vs_xla']:.2e}"
         for r in rows
         if not r.get("ok", True)
     ]

@@ -6,7 +6,7 @@ computes it, and the Haiku module.
 R is the fixed sinusoid table over distances and W_R a per-layer projection of it
 (the 13th d^2 of each block). Two implementations behind `attend`, chosen by
 `ModelConfig.attention` ("auto": the Pallas kernels of gopher/pallas_attention.py on
-TPU and GPU, the XLA path of gopher/attention_xla.py on CPU): the kernel cannot be
+TPU, the XLA path of gopher/attention_xla.py on GPU and CPU): the kernel cannot be
 split by XLA's partitioner, so under a mesh it runs inside `shard_map`, batch over the
 data axes and heads over "model", as the XLA path is split.
 
@@ -37,7 +37,12 @@ from gopher.attention_xla import (
 from gopher.config import ModelConfig
 from gopher.layers import Dense
 
-KERNEL_PLATFORMS = ("tpu", "gpu", "cuda", "rocm")  # where "auto" picks the Pallas kernel
+# Where "auto" picks the Pallas kernel. Not GPU: on one H200 (jax 0.11.2, mixed precision,
+# seq 2048, batch 8) the Triton kernels' backward made the train step slower than the XLA
+# path's (417m 66.9k vs 81.9k tokens/s; 1.4b without remat 24.4k vs 26.8k with full remat),
+# though it needs far less memory (1.4b: 47.5 GiB peak with no remat at all);
+# benchmarks/gpu_h200/, README "GPU". attention="pallas" still picks it there.
+KERNEL_PLATFORMS = ("tpu",)
 
 
 @dataclasses.dataclass(frozen=True)

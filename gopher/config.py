@@ -112,7 +112,8 @@ class ModelConfig:
     scale_residual_init: bool = True
     # How attention is computed (the same maths): "pallas", the fused kernels of
     # gopher/pallas_attention.py (interpret mode on CPU: slow, for tests); "xla", the
-    # chunked XLA path; "auto", the kernel on TPU and GPU and XLA on CPU.
+    # chunked XLA path; "auto", the kernel on TPU and XLA on GPU and CPU (on an H200 the
+    # kernel's backward is slower than XLA's; gopher/attention.py KERNEL_PLATFORMS).
     attention: str = "auto"
 
     def __post_init__(self):

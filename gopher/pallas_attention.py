@@ -64,11 +64,17 @@ class KernelOptions:
         any multiple of 8 compiles; Triton: a power of two >= 16).
     skew: "roll" (TPU v5+, interpret), "shift" (TPU v4) or "gather" (GPU, Triton).
     interpret: run in Pallas interpret mode (CPU).
+    stages: Triton's software-pipelining depth (GPU only). 1, no pipelining, by default:
+        on an H200 (jax 0.11.2) the backward kernels with 2 stages asked for more shared
+        memory than the chip has at K = 128, and returned NaN gradients at K = 64 (the
+        gather skew's scratch loads are loop-invariant, so the pipeliner may prefetch
+        them ahead of the store they must follow).
     """
 
     block: int = 128
     skew: str = "roll"
     interpret: bool = False
+    stages: int = 1
 
     def __post_init__(self):
         if self.skew not in SKEWS:
@@ -88,7 +94,9 @@ def tpu_generation(device_kind: str) -> int | None:
 MIN_TPU_GENERATION = 4
 
 
-def options_for(platform: str, block: int | None = None, device_kind: str = "") -> KernelOptions:
+def options_for(
+    platform: str, block: int | None = None, device_kind: str = "", stages: int | None = None
+) -> KernelOptions:
     """The kernel's options on `platform` ("tpu", "gpu"/"cuda"/"rocm", or "cpu": interpret);
     on TPU `device_kind` ("TPU v4", "TPU v5 lite", ...) picks the skew."""
     if platform == "tpu":
@@ -102,7 +110,7 @@ def options_for(platform: str, block: int | None = None, device_kind: str = "") 
         strided = generation is not None and generation >= 5
         return KernelOptions(block or 128, "roll" if strided else "shift", False)
     if platform in ("gpu", "cuda", "rocm"):
-        return KernelOptions(block or 64, "gather", False)
+        return KernelOptions(block or 64, "gather", False, stages or 1)
     return KernelOptions(block or 32, "roll", True)  # interpret mode: small tiles, for tests
 
 
@@ -383,7 +391,7 @@ def _call(kernel, opts, grid, in_specs, out_specs, out_shape, *args):
         if gather:
             from jax.experimental.pallas import triton as plgpu
 
-            params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+            params = plgpu.CompilerParams(num_warps=4, num_stages=opts.stages)
         else:
             from jax.experimental.pallas import tpu as pltpu
 

@@ -141,6 +141,7 @@ def test_nanogpt_shape_model_flops_match_the_closed_form_and_the_peer():
 def test_single_run_test_preset_prints_and_appends_the_record(tmp_path):
     out = tmp_path / "speed.jsonl"
     args = ["--preset=test", "--steps=1", "--warmup=0", "--peak_gflops=50", f"--out={out}"]
+    args += ["--attention=xla", f"--profile={tmp_path / 'trace'}"]
     proc = _bench(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(proc.stdout.splitlines()[-1])
@@ -161,6 +162,12 @@ def test_single_run_test_preset_prints_and_appends_the_record(tmp_path):
     assert m["cores"] == os.cpu_count() and m["cpu"] and m["torch"] is None
     assert set(m["flags"]) >= {"avx512f", "amx_bf16"} and m["jax"] and m["jaxlib"]
     assert rec["compile_s"] > 0 and rec["step_cpu_s"] >= 0
+    assert rec["attention"] == "xla" and rec["device_peak_gib"] is None  # no memory_stats on CPU
+    assert 0 < rec["temp_gib"] < 1
+    # The traced steps' XLA CPU thunks, summed by name (experiments.trace_summary).
+    profile = rec["profile"]
+    assert profile["busy_ms"] > 0 and profile["kernels"] and "XLA" in profile["source"]
+    assert sum(f["ms"] for f in profile["families"].values()) == pytest.approx(profile["busy_ms"])
 
 
 def _one_line_error(proc, *needles):
@@ -313,7 +320,7 @@ def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
 
 
 def test_attention_check_compares_output_and_six_gradients(tmp_path):
-    """experiments.bench_attention --check (the first step of benchmarks/gpu_check.sh),
+    """experiments.bench_attention --check (the first step of benchmarks/gpu_run.sh),
     here on CPU in interpret mode: every output at both lengths, each within bf16
     rounding of the XLA path, and exit 0."""
     out = tmp_path / "check.json"

@@ -123,7 +123,8 @@ def test_attention_choice_is_validated():
     with pytest.raises(config.ConfigError, match="attention = 'flash'.*auto, xla, pallas"):
         config.get_preset("test").replace(attention="flash")
     assert attention.attention_layout("auto", "tpu").implementation == "pallas"
-    assert attention.attention_layout("auto", "gpu").implementation == "pallas"
+    assert attention.attention_layout("auto", "gpu").implementation == "xla"  # faster on H200
+    assert attention.attention_layout("pallas", "gpu").implementation == "pallas"
     assert attention.attention_layout("auto", "cpu").implementation == "xla"
     # The skew by TPU generation; TPU v3 takes the XLA path (no bf16 matmul in Mosaic there).
     assert pallas_attention.options_for("tpu", device_kind="TPU v4").skew == "shift"
@@ -197,3 +198,29 @@ def test_kernel_runs_under_shard_map_on_its_heads():
     assert "shard_map" in jaxpr and "pallas_call" in jaxpr
     # q [4 rows, 64 tokens, 1 head x 16] per device: the kernel's [B, H, T, K] input.
     assert "f32[4,1,64,16]" in jaxpr
+
+
+def test_triton_lowering_of_all_four_kernels_without_pipelining():
+    """The GPU path lowered for CUDA on this CPU (no GPU needed): the forward and the three
+    backward kernels become Triton calls with one pipelining stage. On an H200 two stages
+    gave NaN gradients at K = 64 and overflowed shared memory at K = 128 (README "On a
+    GPU"); interpret mode cannot see that, so the lowering's parameters are checked here."""
+    import re
+
+    opts = pallas_attention.options_for("gpu")
+    assert (opts.skew, opts.block, opts.stages, opts.interpret) == ("gather", 64, 1, False)
+    b, t, h, kd = 1, 100, 2, 128
+    shapes = [(b, t, h * kd)] * 3 + [(h, t + 1, kd), (h, 1, kd), (h, 1, kd)]
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
+
+    def value_and_grads(*a):
+        out, vjp = jax.vjp(lambda *x: pallas_attention.relative_attention(*x, opts=opts), *a)
+        return (out, *vjp(jnp.ones_like(out)))
+
+    text = jax.jit(value_and_grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+)', text)
+    want = ["_forward_kernel", "_dq_kernel", "_dkdv_kernel", "_dr_kernel"]
+    assert sorted(calls) == sorted((name, "1", "4") for name in want)
+    two = pallas_attention.options_for("gpu", stages=2)
+    text = jax.jit(lambda *a: pallas_attention.relative_attention(*a, opts=two)).trace(*args)
+    assert "num_stages = 2" in text.lower(lowering_platforms=("cuda",)).as_text()
