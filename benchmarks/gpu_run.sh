@@ -4,13 +4,15 @@
 #
 #   OUT=/tmp/out BUDGET_S=480 bash benchmarks/gpu_run.sh     # PY=... picks the interpreter
 #
-# 1. the Pallas (Triton) kernels against the XLA path: value and six gradients, bf16
+# 1. the Pallas (Triton) kernels against the XLA path: value and six gradients, bf16, for
+#    both backwards (three kernels; one with atomic adds, gopher/pallas_attention_fused.py)
 #    (experiments.bench_attention --check; exit 1 there if they disagree)
-# 2. train-step speed and MFU (experiments.bench, mixed precision, seq 2048) of the 1.4b,
-#    117m and 417m presets with attention=pallas and =xla, and a profile of the 1.4b step
-#    -> train_speed_gpu.jsonl, profile summary in the log
-# 3. attention alone, kernel vs XLA path, seq 2048 and 4096 -> bench_attention.json
+# 2. attention alone, XLA path vs the kernel with each backward (rows pallas and
+#    pallas_fused), seq 2048 and 4096, 4 and 8 warps -> bench_attention*.json
 #    (8192 did not finish inside 100 s on an H200)
+# 3. train-step speed and MFU (experiments.bench, mixed precision, seq 2048) of the 1.4b,
+#    417m and 117m presets with attention=pallas and =xla, and profiles of the 1.4b steps
+#    -> train_speed_gpu.jsonl, profile summaries in the log
 # On an H200 (2026-12-04) the whole script took 6 minutes; results: benchmarks/gpu_h200/.
 # Each step has its own timeout; a step whose timeout would end past BUDGET_S is skipped.
 set -u
@@ -36,15 +38,14 @@ bench() {  # bench PRESET BATCH ATTENTION REMAT [more flags]
   step 100 $PY -m experiments.bench --preset="$1" --seq_len=2048 --batch="$2" --attention="$3" \
     --remat="$4" --precision=mixed --steps=10 --out="$OUT/train_speed_gpu.jsonl" "${@:5}"
 }
-bench 1.4b 8 pallas none --profile="$OUT/profile_1.4b"
-bench 417m 8 pallas none
-bench 117m 8 pallas none
 step 100 $PY -m experiments.bench_attention --seqs=2048,4096 --reps=10 --out="$OUT/bench_attention.json"
-# the Triton pipelining the kernels had before (2 stages), for the record
-step 60 $PY -m experiments.bench_attention --check --stages=2 --out="$OUT/bench_attention_check_stages2.json"
+step 60 $PY -m experiments.bench_attention --seqs=2048 --reps=10 --warps=8 --out="$OUT/bench_attention_w8.json"
+bench 1.4b 8 pallas none --profile="$OUT/profile_1.4b"
 bench 1.4b 8 xla full --profile="$OUT/profile_1.4b_xla"
-bench 117m 8 xla none
+bench 417m 8 pallas none
 bench 417m 8 xla none
+bench 117m 8 pallas none
+bench 117m 8 xla none
 for p in "$OUT"/profile_*; do  # the traces, when small enough to come back
   [ -d "$p" ] && find "$p" -name perfetto_trace.json.gz -size -15M -exec cp {} "$p.json.gz" \;
   rm -rf "$p"

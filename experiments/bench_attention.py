@@ -23,8 +23,11 @@ MFU = tokens/s x (6 N + 12 L H Q T) / peak FLOP/s of the device (gopher/metrics.
 
 Check mode (--check, before any timing is trusted on a new device): the kernel's output
 and all six gradients against the XLA path's, bf16, H=4, K=64, at a length off the tile
-and one on it (100 and 256), and 256 at K=128 (H=2) (--tiny: 40 and 64, H=2, K=16); exits 1 when any relative
-difference reaches 5e-2.
+and one on it (100 and 256), and 256 at K=128 (H=2) (--tiny: 40 and 64, H=2, K=16), for
+each backward (the three-kernel "split" one; off TPU also the one-kernel "fused" one,
+gopher/pallas_attention_fused.py, whose timings are the `pallas_fused` rows); exits 1 when
+any relative difference reaches 5e-2. --stages, --warps and --block set the Triton
+kernels' pipelining, warps and tiles.
 
 Writes one JSON (device kind, jax version, the command, every row) to --out (default
 benchmarks/bench_attention_<device kind>.json).
@@ -49,6 +52,7 @@ _KEY = flags.DEFINE_integer("key_size", 128, "Key size.")
 _TOKENS = flags.DEFINE_integer("tokens", 16384, "Query rows per call: batch = tokens / seq.")
 _BLOCK = flags.DEFINE_integer("block", 0, "Kernel tile rows (0: the platform's default).")
 _STAGES = flags.DEFINE_integer("stages", 0, "GPU: Triton pipelining stages (0: the default).")
+_WARPS = flags.DEFINE_integer("warps", 0, "GPU: Triton warps per program (0: the default).")
 _REPS = flags.DEFINE_integer("reps", 10, "Timed calls per measurement (median).")
 _TRAIN = flags.DEFINE_bool("train_step", False, "Time a preset's train step instead.")
 _CHECK = flags.DEFINE_bool("check", False, "Only compare the kernel with the XLA path.")
@@ -82,6 +86,24 @@ def _rel_diff(got, want) -> float:
     return float(jnp.max(jnp.abs(got - want))) / max(float(jnp.max(jnp.abs(want))), 1e-30)
 
 
+def _kernel_options(platform: str, backward: str = "split"):
+    from gopher import pallas_attention
+
+    return pallas_attention.options_for(
+        platform,
+        _BLOCK.value or None,
+        stages=_STAGES.value or None,
+        backward=backward,
+        warps=_WARPS.value or None,
+    )
+
+
+def _backwards(platform: str) -> tuple[str, ...]:
+    """The kernel's backward variants to compare: the fused one needs atomics (GPU; CPU
+    interpret mode), TPU has only the split one."""
+    return ("split",) if platform == "tpu" else ("split", "fused")
+
+
 def attention_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -90,9 +112,7 @@ def attention_rows(platform: str) -> list[dict]:
 
     h, kd = (2, 16) if _TINY.value else (_HEADS.value, _KEY.value)
     seqs = [64, 128] if _TINY.value else [int(s) for s in _SEQS.value]
-    opts = pallas_attention.options_for(
-        platform, _BLOCK.value or None, stages=_STAGES.value or None
-    )
+    opts = _kernel_options(platform)
     rows = []
     for t in seqs:
         b = max(1, (256 if _TINY.value else _TOKENS.value) // t)
@@ -109,6 +129,11 @@ def attention_rows(platform: str) -> list[dict]:
             ),
             "pallas": lambda *a: pallas_attention.relative_attention(*a, opts=opts),
         }
+        if "fused" in _backwards(platform):
+            fused = _kernel_options(platform, "fused")
+            impls["pallas_fused"] = lambda *a, o=fused: pallas_attention.relative_attention(
+                *a, opts=o
+            )
         flops = 3 * b * h * t * t * kd
         results = {}  # mode -> the XLA path's outputs, to check the kernel's against
         for name, fn in impls.items():
@@ -129,7 +154,7 @@ def attention_rows(platform: str) -> list[dict]:
                     "batch": b,
                     "heads": h,
                     "key_size": kd,
-                    "block": opts.block if name == "pallas" else chunk,
+                    "block": opts.block if name.startswith("pallas") else chunk,
                     "seconds": seconds,
                     "tflops_per_sec": work / seconds / 1e12,
                     "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
@@ -156,9 +181,6 @@ def check_rows(platform: str) -> list[dict]:
 
     from gopher import attention_xla, pallas_attention
 
-    opts = pallas_attention.options_for(
-        platform, _BLOCK.value or None, stages=_STAGES.value or None
-    )
     rows = []
     cases = (  # (batch, heads, key size, length): off the tile, on it; K = 128 as in 1.4b
         [(2, 2, 16, 40), (2, 2, 16, 64)]
@@ -171,25 +193,29 @@ def check_rows(platform: str) -> list[dict]:
         args = [
             0.3 * jax.random.normal(k, s, jnp.bfloat16) for k, s in zip(keys, shapes, strict=True)
         ]
-        impls = (
-            lambda *a: attention_xla.relative_attention(*a, None, attention_xla.QUERY_CHUNK),
-            lambda *a: pallas_attention.relative_attention(*a, opts=opts),
-        )
-        results = []
-        for fn in impls:
 
-            def value_and_grads(*a, fn=fn):
+        def value_and_grads(fn, args=args):
+            def run(*a):
                 out, vjp = jax.vjp(fn, *a)
                 return (out, *vjp(jnp.ones_like(out)))
 
-            results.append(jax.jit(value_and_grads)(*args))
-        labels = ("out", "dq", "dk", "dv", "dr", "du", "dv_bias")
-        for label, w, g in zip(labels, *results, strict=True):
-            diff = _rel_diff(g, w)
-            row = {"seq_len": t, "heads": h, "key_size": kd, "output": label, "block": opts.block}
-            row["stages"] = opts.stages
-            rows.append({**row, "max_rel_diff_vs_xla": diff, "ok": diff < CHECK_TOLERANCE})
-            print(json.dumps(rows[-1]), flush=True)
+            return jax.jit(run)(*args)
+
+        want = value_and_grads(
+            lambda *a: attention_xla.relative_attention(*a, None, attention_xla.QUERY_CHUNK)
+        )
+        for backward in _backwards(platform):
+            opts = _kernel_options(platform, backward)
+            got = value_and_grads(
+                lambda *a, o=opts: pallas_attention.relative_attention(*a, opts=o)
+            )
+            labels = ("out", "dq", "dk", "dv", "dr", "du", "dv_bias")
+            for label, w, g in zip(labels, want, got, strict=True):
+                diff = _rel_diff(g, w)
+                row = {"seq_len": t, "heads": h, "key_size": kd, "output": label}
+                row |= {"block": opts.block, "stages": opts.stages, "backward": backward}
+                rows.append({**row, "max_rel_diff_vs_xla": diff, "ok": diff < CHECK_TOLERANCE})
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -272,7 +298,8 @@ def main(argv):
         json.dump(record, f, indent=1)
     print(f"wrote {out}")
     bad = [
-        f"T={r['seq_len']} K={r['key_size']} {r['output']} {r['max_rel_diff_vs_xla']:.2e}"
+        f"T={r['seq_len']} K={r['key_size']} {r['backward']} {r['output']} "
+        f"{r['max_rel_diff_vs_xla']:.2e}"
         for r in rows
         if not r.get("ok", True)
     ]

@@ -26,6 +26,8 @@ position parts apart: du and dv_bias are their sums), one over key tiles for dk 
 dv, and one over tile diagonals (i0 - j0 fixed) for d r: every pair on a diagonal reads
 and writes the same r window, so each diagonal's program owns its window's gradient;
 the windows fold into d r [H, T+1, K] outside the kernel.
+On GPU, `backward="fused"` replaces the three with one kernel over key tiles that adds dq
+and the r windows' gradients atomically (gopher/pallas_attention_fused.py).
 
 Causal only: the kernel has no mask argument (the model's mask is the causal one);
 decoding with its cache and ragged prompts keeps the XLA path (gopher/decode.py).
@@ -54,6 +56,9 @@ F32 = jnp.float32
 
 
 SKEWS = ("roll", "shift", "gather")
+# "split": three backward kernels (dq; dk and dv; d r by diagonal), each recomputing the
+# scores; "fused": one, with atomic adds (GPU; gopher/pallas_attention_fused.py).
+BACKWARDS = ("split", "fused")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,9 @@ class KernelOptions:
         any multiple of 8 compiles; Triton: a power of two >= 16).
     skew: "roll" (TPU v5+, interpret), "shift" (TPU v4) or "gather" (GPU, Triton).
     interpret: run in Pallas interpret mode (CPU).
+    warps: Triton's warps per program (GPU only).
+    backward: "split" (three kernels, any platform) or "fused" (one, atomic adds: GPU and
+        interpret mode; gopher/pallas_attention_fused.py).
     stages: Triton's software-pipelining depth (GPU only). 1, no pipelining, by default:
         on an H200 (jax 0.11.2) the backward kernels with 2 stages asked for more shared
         memory than the chip has at K = 128, and returned NaN gradients at K = 64 (the
@@ -75,10 +83,21 @@ class KernelOptions:
     skew: str = "roll"
     interpret: bool = False
     stages: int = 1
+    backward: str = "split"
+    warps: int = 4  # Triton num_warps (GPU only)
 
     def __post_init__(self):
         if self.skew not in SKEWS:
             raise ValueError(f"skew = {self.skew!r} is unknown; use one of {', '.join(SKEWS)}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(
+                f"backward = {self.backward!r} is unknown; use one of {', '.join(BACKWARDS)}"
+            )
+        if self.backward == "fused" and not (self.interpret or self.skew == "gather"):
+            raise ValueError(
+                "backward = 'fused' needs atomic adds: GPU (skew 'gather') or interpret mode; "
+                "use backward='split' on TPU"
+            )
         if self.block % 8:
             raise ValueError(f"block = {self.block} must be a multiple of 8 (TPU sublanes)")
 
@@ -95,7 +114,12 @@ MIN_TPU_GENERATION = 4
 
 
 def options_for(
-    platform: str, block: int | None = None, device_kind: str = "", stages: int | None = None
+    platform: str,
+    block: int | None = None,
+    device_kind: str = "",
+    stages: int | None = None,
+    backward: str = "split",
+    warps: int | None = None,
 ) -> KernelOptions:
     """The kernel's options on `platform` ("tpu", "gpu"/"cuda"/"rocm", or "cpu": interpret);
     on TPU `device_kind` ("TPU v4", "TPU v5 lite", ...) picks the skew."""
@@ -110,8 +134,9 @@ def options_for(
         strided = generation is not None and generation >= 5
         return KernelOptions(block or 128, "roll" if strided else "shift", False)
     if platform in ("gpu", "cuda", "rocm"):
-        return KernelOptions(block or 64, "gather", False, stages or 1)
-    return KernelOptions(block or 32, "roll", True)  # interpret mode: small tiles, for tests
+        return KernelOptions(block or 64, "gather", False, stages or 1, backward, warps or 4)
+    # interpret mode: small tiles, for tests
+    return KernelOptions(block or 32, "roll", True, backward=backward)
 
 
 # ------------------------------------------------------------------ tile arithmetic
@@ -391,7 +416,7 @@ def _call(kernel, opts, grid, in_specs, out_specs, out_shape, *args):
         if gather:
             from jax.experimental.pallas import triton as plgpu
 
-            params = plgpu.CompilerParams(num_warps=4, num_stages=opts.stages)
+            params = plgpu.CompilerParams(num_warps=opts.warps, num_stages=opts.stages)
         else:
             from jax.experimental.pallas import tpu as pltpu
 
@@ -453,15 +478,12 @@ def _fwd(q, k, v, r, u, v_bias, opts):
     return out, (q, k, v, r, u, v_bias, out, lse)
 
 
-def _bwd(opts, residuals, d_out):
-    q, k_in, v_in, r_in, u, v_bias, out, lse = residuals
-    (bsz, h, t, kd), b = q.shape, opts.block
-    qu, qv, k, v, r = _padded(q, k_in, v_in, r_in, u, v_bias, b)
-    tp = qu.shape[2]
+def _split_backward(opts, qu, qv, k, v, r, do, lse, delta):
+    """(dq, dk, dv, d r windows [B, H, n, 2b, K] by diagonal, du, dv_bias [H, 1, K]) of the
+    padded arrays by three kernels."""
+    bsz, h, tp, kd = qu.shape
+    b = opts.block
     n = tp // b
-    pad = [(0, 0), (0, 0), (0, tp - t), (0, 0)]
-    do = jnp.pad(d_out.astype(v.dtype), pad)
-    delta = jnp.sum(do.astype(F32) * jnp.pad(out, pad).astype(F32), axis=-1, keepdims=True)
     grid = (bsz, h, n)
     tile, whole, rs = _tile_spec(b, kd), _whole_spec(tp, kd, opts), _r_spec(tp + b, kd, opts)
     tile1, whole1 = _tile_spec(b, 1), _whole_spec(tp, 1, opts)
@@ -515,6 +537,26 @@ def _bwd(opts, residuals, d_out):
         v,
         r,
     )
+    du = jnp.sum(dqc, axis=(0, 2))[:, None, :]
+    dvb = jnp.sum(dqp, axis=(0, 2))[:, None, :]
+    return dqc + dqp, dk, dv, drw, du, dvb
+
+
+def _bwd(opts, residuals, d_out):
+    q, k_in, v_in, r_in, u, v_bias, out, lse = residuals
+    (_, h, t, kd), b = q.shape, opts.block
+    qu, qv, k, v, r = _padded(q, k_in, v_in, r_in, u, v_bias, b)
+    tp = qu.shape[2]
+    n = tp // b
+    pad = [(0, 0), (0, 0), (0, tp - t), (0, 0)]
+    do = jnp.pad(d_out.astype(v.dtype), pad)
+    delta = jnp.sum(do.astype(F32) * jnp.pad(out, pad).astype(F32), axis=-1, keepdims=True)
+    if opts.backward == "fused":
+        from gopher.pallas_attention_fused import fused_backward
+
+        dq, dk, dv, drw, du, dvb = fused_backward(opts, qu, qv, k, v, r, do, lse, delta)
+    else:
+        dq, dk, dv, drw, du, dvb = _split_backward(opts, qu, qv, k, v, r, do, lse, delta)
     # Diagonal d's window is r blocks n-1-d (its first half) and n-d (its second half).
     drw = jnp.einsum("b...->...", drw).reshape(h, n, 2, b, kd)  # summed over the batch
     halves = drw[:, ::-1]  # diagonal n-1 first: block 0 first
@@ -526,12 +568,12 @@ def _bwd(opts, residuals, d_out):
         return x[:, :, :t].astype(like.dtype)
 
     return (
-        unpad(dqc + dqp, q),
+        unpad(dq, q),
         unpad(dk, k_in),
         unpad(dv, v_in),
         dr.astype(r_in.dtype),
-        jnp.sum(dqc, axis=(0, 2))[:, None, :].astype(u.dtype),
-        jnp.sum(dqp, axis=(0, 2))[:, None, :].astype(v_bias.dtype),
+        du.astype(u.dtype),
+        dvb.astype(v_bias.dtype),
     )
 
 

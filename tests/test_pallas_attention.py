@@ -45,16 +45,18 @@ def _value_and_grads(fn, args, cot):
 
 
 @pytest.mark.parametrize(
-    "b,h,t,block,skew",
+    "b,h,t,block,skew,backward",
     [
-        (2, 3, 40, 16, "roll"),  # T not a multiple of the tile, three tiles, several heads
-        (1, 2, 10, 16, "shift"),  # T below one tile; the TPU v4 skew
-        (1, 2, 24, 16, "gather"),  # the GPU skew, in interpret mode
+        (2, 3, 40, 16, "roll", "split"),  # T off the tile, three tiles, several heads
+        (1, 2, 10, 16, "shift", "split"),  # T below one tile; the TPU v4 skew
+        (1, 2, 24, 16, "gather", "split"),  # the GPU skew, in interpret mode
+        (2, 3, 40, 16, "gather", "fused"),  # the GPU's one-kernel backward (atomic adds)
+        (1, 2, 10, 16, "roll", "fused"),
     ],
 )
-def test_kernel_matches_naive_oracle(b, h, t, block, skew):
+def test_kernel_matches_naive_oracle(b, h, t, block, skew, backward):
     args = _inputs(b, h, t, 8)
-    opts = pallas_attention.KernelOptions(block, skew, interpret=True)
+    opts = pallas_attention.KernelOptions(block, skew, interpret=True, backward=backward)
     cot = jax.random.normal(jax.random.key(1), (b, h, t, 8))
 
     @jax.jit
@@ -213,14 +215,28 @@ def test_triton_lowering_of_all_four_kernels_without_pipelining():
     shapes = [(b, t, h * kd)] * 3 + [(h, t + 1, kd), (h, 1, kd), (h, 1, kd)]
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in shapes]
 
-    def value_and_grads(*a):
-        out, vjp = jax.vjp(lambda *x: pallas_attention.relative_attention(*x, opts=opts), *a)
-        return (out, *vjp(jnp.ones_like(out)))
+    def lowered(opts):  # the text of value and six gradients lowered for CUDA
+        def value_and_grads(*a):
+            out, vjp = jax.vjp(lambda *x: pallas_attention.relative_attention(*x, opts=opts), *a)
+            return (out, *vjp(jnp.ones_like(out)))
 
-    text = jax.jit(value_and_grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        return jax.jit(value_and_grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    text = lowered(opts)
     calls = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+)', text)
     want = ["_forward_kernel", "_dq_kernel", "_dkdv_kernel", "_dr_kernel"]
     assert sorted(calls) == sorted((name, "1", "4") for name in want)
     two = pallas_attention.options_for("gpu", stages=2)
     text = jax.jit(lambda *a: pallas_attention.relative_attention(*a, opts=two)).trace(*args)
     assert "num_stages = 2" in text.lower(lowering_platforms=("cuda",)).as_text()
+    # The one-kernel backward (atomic adds into dq and the d r windows) lowers too.
+    text = lowered(pallas_attention.options_for("gpu", backward="fused", warps=8))
+    calls = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+)', text)
+    assert sorted(calls) == [("_forward_kernel", "1", "8"), ("_fused_kernel", "1", "8")]
+
+
+def test_fused_backward_is_refused_where_there_are_no_atomics():
+    with pytest.raises(ValueError, match="backward = 'fused' needs atomic adds"):
+        pallas_attention.KernelOptions(128, "roll", backward="fused")
+    with pytest.raises(ValueError, match="backward = 'both' is unknown"):
+        pallas_attention.KernelOptions(64, "gather", backward="both")

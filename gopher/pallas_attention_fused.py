@@ -1,0 +1,152 @@
+"""The relative attention's backward pass as one Triton kernel (GPU), with atomic adds.
+
+`gopher.pallas_attention`'s backward runs three kernels (dq; dk and dv; d W_R R per tile
+diagonal), and each recomputes the scores with their skew. On an H200 they took 56% of
+the 1.4b train step (README "On a GPU"). This one walks each key tile's query tiles once
+(FlashAttention-2's order) and, per (query tile, key tile) pair, computes p and ds once:
+
+    dk, dv        accumulate in registers (the program owns its key tile)
+    dq            ds k + unskew(ds) r_window, added atomically to query tile qi (fp32)
+    d r window    unskew(ds)^T (q+v), added atomically to diagonal qi - kj's window (fp32)
+    du, dv_bias   column sums folded into per-program [1, K] partials, summed outside
+
+Matmul work per pair: 11 tile-sized units against the three kernels' 19 (a unit is one
+b x b x K product; the window's are 2b wide). The price is atomic traffic: 3 b K fp32 per
+pair. Selected by `KernelOptions(backward="fused")` with the gather skew (GPU, or
+interpret mode for the tests); not the default until a GPU has timed it against the three
+kernels (benchmarks/gpu_run.sh does both).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from gopher.pallas_attention import (
+    F32,
+    KernelOptions,
+    _dot,
+    _dot_tn,
+    _grad_scores,
+    _r_spec,
+    _Skew,
+    _tile,
+    _tile_spec,
+    _whole_spec,
+    _window,
+)
+
+
+def _atomic_add(ref, idx, value, opts: KernelOptions):
+    if opts.interpret:  # interpret mode runs the grid in order: a plain read-add-write
+        ref[idx] = ref[idx] + value
+        return
+    from jax.experimental.pallas import triton as plgpu
+
+    plgpu.atomic_add(ref, idx, value)
+
+
+def _fused_kernel(
+    k_ref,
+    v_ref,
+    qu_ref,
+    qv_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    r_ref,
+    _dq_init,
+    _drw_init,
+    dk_ref,
+    dv_ref,
+    dq_ref,
+    drw_ref,
+    du_ref,
+    dvb_ref,
+    *scratch,
+    opts,
+    n,
+):
+    b = opts.block
+    kj = pl.program_id(2)
+    skew = _Skew(opts, *scratch)
+    kb, vb = k_ref[...], v_ref[...]
+
+    def body(qi, carry):
+        dk, dv, col_ds, dvb = carry
+        rows = pl.ds(pl.multiple_of(qi * b, b), b)
+        qu, qv, do = _tile(qu_ref, qi, b), _tile(qv_ref, qi, b), _tile(do_ref, qi, b)
+        rw = _window(r_ref, n, qi, kj, b)
+        p, ds = _grad_scores(
+            qu, qv, do, _tile(lse_ref, qi, b), _tile(delta_ref, qi, b), kb, vb, rw, qi, kj, skew
+        )
+        d_pos = skew.unskew(ds).astype(kb.dtype)  # [b, 2b]
+        ds_lo = ds.astype(kb.dtype)
+        _atomic_add(dq_ref, (rows, slice(None)), _dot(ds_lo, kb) + _dot(d_pos, rw), opts)
+        _atomic_add(drw_ref, (qi - kj, slice(None), slice(None)), _dot_tn(d_pos, qv), opts)
+        dvb = dvb + jnp.sum(jnp.sum(d_pos.astype(F32), axis=0)[:, None] * rw, 0, keepdims=True)
+        return (
+            dk + _dot_tn(ds_lo, qu),
+            dv + _dot_tn(p.astype(do.dtype), do),
+            col_ds + jnp.sum(ds, axis=0, keepdims=True),
+            dvb,
+        )
+
+    zeros = jnp.zeros(kb.shape, F32)
+    row = jnp.zeros((1, kb.shape[1]), F32)
+    dk, dv, col_ds, dvb = jax.lax.fori_loop(
+        kj, n, body, (zeros, zeros, jnp.zeros((1, b), F32), row)
+    )
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    # du's share of this key tile: sum over its pairs of 1^T ds k = (column sums of ds) k.
+    du_ref[...] = jnp.sum(col_ds.reshape(b, 1) * kb.astype(F32), axis=0, keepdims=True)
+    dvb_ref[...] = dvb
+
+
+def fused_backward(opts, qu, qv, k, v, r, do, lse, delta):
+    """(dq, dk, dv, d r windows [B, H, n, 2b, K] by diagonal, du [H, 1, K], dv_bias [H, 1, K])
+    of the padded arrays, as `gopher.pallas_attention._bwd`'s three kernels give them."""
+    bsz, h, tp, kd = qu.shape
+    b = opts.block
+    n = tp // b
+    tile, whole, rs = _tile_spec(b, kd), _whole_spec(tp, kd, opts), _r_spec(tp + b, kd, opts)
+    whole1 = _whole_spec(tp, 1, opts)
+    windows = pl.BlockSpec((None, None, n, 2 * b, kd), lambda bi, hh, i: (bi, hh, 0, 0, 0))
+    part = pl.BlockSpec((None, None, None, 1, kd), lambda bi, hh, i: (bi, hh, i, 0, 0))
+    out_specs = [tile, tile, whole, windows, part, part]
+    out_shape = [
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+        jax.ShapeDtypeStruct(qu.shape, F32),
+        jax.ShapeDtypeStruct((bsz, h, n, 2 * b, kd), F32),
+        jax.ShapeDtypeStruct((bsz, h, n, 1, kd), F32),
+        jax.ShapeDtypeStruct((bsz, h, n, 1, kd), F32),
+    ]
+    scratch_specs, scratch_shape = [], []
+    if opts.skew == "gather":
+        scratch_specs = [
+            pl.BlockSpec((None, None, None, b, 2 * b), lambda bi, hh, i: (bi, hh, i, 0, 0))
+        ]
+        scratch_shape = [jax.ShapeDtypeStruct((bsz, h, n, b, 2 * b), F32)]
+    params = None
+    if not opts.interpret:
+        from jax.experimental.pallas import triton as plgpu
+
+        params = plgpu.CompilerParams(num_warps=opts.warps, num_stages=opts.stages)
+    dk, dv, dq, drw, du, dvb, *_ = pl.pallas_call(
+        functools.partial(_fused_kernel, opts=opts, n=n),
+        grid=(bsz, h, n),
+        in_specs=[tile, tile, whole, whole, whole, whole1, whole1, rs, whole, windows],
+        out_specs=out_specs + scratch_specs,
+        out_shape=out_shape + scratch_shape,
+        input_output_aliases={8: 2, 9: 3},  # dq and the windows start from zeros
+        compiler_params=params,
+        interpret=opts.interpret,
+    )(k, v, qu, qv, do, lse, delta, r, jnp.zeros(qu.shape, F32), jnp.zeros(out_shape[3].shape, F32))
+    du = jnp.sum(du, axis=(0, 2))  # [H, 1, K]
+    dvb = jnp.sum(dvb, axis=(0, 2))
+    return dq, dk, dv, drw, du, dvb
