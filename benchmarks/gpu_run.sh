@@ -11,7 +11,8 @@
 #    pallas_fused), seq 2048 and 4096, 4 and 8 warps -> bench_attention*.json
 #    (8192 did not finish inside 100 s on an H200)
 # 3. train-step speed and MFU (experiments.bench, mixed precision, seq 2048) of the 1.4b,
-#    417m and 117m presets with attention=pallas and =xla, and profiles of the 1.4b steps
+#    417m and 117m presets with attention=pallas, =pallas_fused (1.4b) and =xla, and
+#    profiles of the 1.4b steps
 #    -> train_speed_gpu.jsonl, profile summaries in the log
 # On an H200 (2026-12-04) the whole script took 6 minutes; results: benchmarks/gpu_h200/.
 # Each step has its own timeout; a step whose timeout would end past BUDGET_S is skipped.
@@ -41,6 +42,7 @@ bench() {  # bench PRESET BATCH ATTENTION REMAT [more flags]
 step 100 $PY -m experiments.bench_attention --seqs=2048,4096 --reps=10 --out="$OUT/bench_attention.json"
 step 60 $PY -m experiments.bench_attention --seqs=2048 --reps=10 --warps=8 --out="$OUT/bench_attention_w8.json"
 bench 1.4b 8 pallas none --profile="$OUT/profile_1.4b"
+bench 1.4b 8 pallas_fused none --profile="$OUT/profile_1.4b_fused"
 bench 1.4b 8 xla full --profile="$OUT/profile_1.4b_xla"
 bench 417m 8 pallas none
 bench 417m 8 xla none

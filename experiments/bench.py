@@ -52,7 +52,10 @@ _BATCH = flags.DEFINE_integer("batch", None, "Sequences per step (default: the s
 _PRECISION = flags.DEFINE_string("precision", "fp32", "fp32 | mixed | bf16 | bf16_sr | ...")
 _REMAT = flags.DEFINE_string("remat", "none", "Remat policy name (gopher.model.REMAT_POLICIES).")
 _ATTENTION = flags.DEFINE_enum(
-    "attention", None, ["auto", "xla", "pallas"], "Attention path (default: the preset's)."
+    "attention",
+    None,
+    ["auto", "xla", "pallas", "pallas_fused"],
+    "Attention path (default: the preset's).",
 )
 _PROFILE = flags.DEFINE_string(
     "profile", None, "Also trace 2 steps with jax.profiler into this folder and summarise them."

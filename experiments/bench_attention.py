@@ -18,7 +18,8 @@ mask removes; those are not counted. Temporaries are XLA's memory_analysis() fig
 any of the six gradients) over that array's largest magnitude (bf16: ~1e-2 expected).
 
 Train-step mode: the preset's train step (gopher.train.make_train_functions, state
-donated) at --seq_len, --batch, --precision, --remat with attention=xla and =pallas;
+donated) at --seq_len, --batch, --precision, --remat with attention=xla, =pallas and
+(off TPU) =pallas_fused;
 MFU = tokens/s x (6 N + 12 L H Q T) / peak FLOP/s of the device (gopher/metrics.py).
 
 Check mode (--check, before any timing is trusted on a new device): the kernel's output
@@ -226,7 +227,8 @@ def train_rows() -> list[dict]:
     from gopher import config, metrics, train
 
     rows = []
-    for impl in ("xla", "pallas"):
+    fused = ("pallas_fused",) if "fused" in _backwards(jax.devices()[0].platform) else ()
+    for impl in ("xla", "pallas", *fused):
         model_cfg = config.get_preset(_PRESET.value).replace(seq_len=_SEQ_LEN.value, attention=impl)
         train_cfg = config.TrainConfig(steps=100, batch_size=_BATCH.value, warmup_steps=10)
         fns = train.make_train_functions(model_cfg, train_cfg, _PRECISION.value, _REMAT.value)

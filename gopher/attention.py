@@ -47,7 +47,8 @@ KERNEL_PLATFORMS = ("tpu",)
 
 @dataclasses.dataclass(frozen=True)
 class AttentionLayout:
-    """How `attend` computes: "xla" or "pallas" on `platform` (the kernel runs in
+    """How `attend` computes: "xla", "pallas" or "pallas_fused" (the kernel with its
+    one-kernel backward) on `platform` (the kernel runs in
     interpret mode on "cpu"), and, with a `mesh`, the kernel's shard_map: the batch
     over `batch_axes`, heads over `head_axis`."""
 
@@ -62,9 +63,14 @@ class AttentionLayout:
 def attention_layout(
     choice: str, platform: str, mesh: Any = None, batch_axes: tuple[str, ...] = ()
 ) -> AttentionLayout:
-    """The layout for `ModelConfig.attention` = `choice` ("auto", "xla", "pallas") on
-    devices of `platform` (the mesh's, else the first of the platform's devices); "auto"
-    is the kernel on TPU v4+ and GPU, XLA elsewhere."""
+    """The layout for `ModelConfig.attention` = `choice` ("auto", "xla", "pallas",
+    "pallas_fused") on devices of `platform` (the mesh's, else the first of the platform's
+    devices); "auto" is the kernel on TPU v4+, XLA elsewhere."""
+    if choice == "pallas_fused" and platform == "tpu":
+        raise ValueError(
+            "attention = 'pallas_fused' needs atomic adds, which TPU kernels do not have; "
+            "use --config.model.attention=pallas on TPU"
+        )
     if mesh is not None:
         kind = mesh.devices.flat[0].device_kind
     else:
@@ -123,7 +129,10 @@ def attend(qkv, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.
     if layout.implementation == "xla":
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
-    opts = pallas_attention.options_for(layout.platform, device_kind=layout.device_kind)
+    backward = "fused" if layout.implementation == "pallas_fused" else "split"
+    opts = pallas_attention.options_for(
+        layout.platform, device_kind=layout.device_kind, backward=backward
+    )
 
     def kernel(qkv, r, u, v_bias):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]

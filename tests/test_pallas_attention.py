@@ -122,12 +122,16 @@ def test_kernel_is_causal_only():
 
 
 def test_attention_choice_is_validated():
-    with pytest.raises(config.ConfigError, match="attention = 'flash'.*auto, xla, pallas"):
+    with pytest.raises(
+        config.ConfigError, match="attention = 'flash'.*auto, xla, pallas, pallas_f"
+    ):
         config.get_preset("test").replace(attention="flash")
     assert attention.attention_layout("auto", "tpu").implementation == "pallas"
     assert attention.attention_layout("auto", "gpu").implementation == "xla"  # faster on H200
     assert attention.attention_layout("pallas", "gpu").implementation == "pallas"
     assert attention.attention_layout("auto", "cpu").implementation == "xla"
+    with pytest.raises(ValueError, match="'pallas_fused' needs atomic adds.*attention=pallas"):
+        attention.attention_layout("pallas_fused", "tpu")
     # The skew by TPU generation; TPU v3 takes the XLA path (no bf16 matmul in Mosaic there).
     assert pallas_attention.options_for("tpu", device_kind="TPU v4").skew == "shift"
     assert pallas_attention.options_for("tpu", device_kind="TPU v5 lite").skew == "roll"
@@ -178,9 +182,11 @@ def xla_losses():
     return _losses("xla", None)
 
 
-@pytest.mark.parametrize("mesh_shape", [None, (2, 4)])
-def test_model_trains_to_the_same_losses_as_xla(xla_losses, mesh_shape):
-    pallas = _losses("pallas", mesh_shape)
+@pytest.mark.parametrize(
+    "impl, mesh_shape", [("pallas", None), ("pallas", (2, 4)), ("pallas_fused", None)]
+)
+def test_model_trains_to_the_same_losses_as_xla(xla_losses, impl, mesh_shape):
+    pallas = _losses(impl, mesh_shape)
     assert xla_losses[-1] < xla_losses[0] - 0.5  # it learns, so the comparison means something
     np.testing.assert_array_less(np.abs(pallas - xla_losses) / np.abs(xla_losses), 1e-4)
 
