@@ -25,18 +25,19 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gopher.pallas_attention import (
+from gopher.pallas_tiles import (
     F32,
     KernelOptions,
-    _dot,
-    _dot_tn,
-    _grad_scores,
-    _r_spec,
-    _Skew,
-    _tile,
-    _tile_spec,
-    _whole_spec,
-    _window,
+    Skew,
+    call,
+    dot,
+    dot_tn,
+    grad_scores,
+    r_spec,
+    tile,
+    tile_spec,
+    whole_spec,
+    window,
 )
 
 
@@ -72,25 +73,25 @@ def _fused_kernel(
 ):
     b = opts.block
     kj = pl.program_id(2)
-    skew = _Skew(opts, *scratch)
+    skew = Skew(opts, *scratch)
     kb, vb = k_ref[...], v_ref[...]
 
     def body(qi, carry):
         dk, dv, col_ds, dvb = carry
         rows = pl.ds(pl.multiple_of(qi * b, b), b)
-        qu, qv, do = _tile(qu_ref, qi, b), _tile(qv_ref, qi, b), _tile(do_ref, qi, b)
-        rw = _window(r_ref, n, qi, kj, b)
-        p, ds = _grad_scores(
-            qu, qv, do, _tile(lse_ref, qi, b), _tile(delta_ref, qi, b), kb, vb, rw, qi, kj, skew
+        qu, qv, do = tile(qu_ref, qi, b), tile(qv_ref, qi, b), tile(do_ref, qi, b)
+        rw = window(r_ref, n, qi, kj, b)
+        p, ds = grad_scores(
+            qu, qv, do, tile(lse_ref, qi, b), tile(delta_ref, qi, b), kb, vb, rw, qi, kj, skew
         )
         d_pos = skew.unskew(ds).astype(kb.dtype)  # [b, 2b]
         ds_lo = ds.astype(kb.dtype)
-        _atomic_add(dq_ref, (rows, slice(None)), _dot(ds_lo, kb) + _dot(d_pos, rw), opts)
-        _atomic_add(drw_ref, (qi - kj, slice(None), slice(None)), _dot_tn(d_pos, qv), opts)
+        _atomic_add(dq_ref, (rows, slice(None)), dot(ds_lo, kb) + dot(d_pos, rw), opts)
+        _atomic_add(drw_ref, (qi - kj, slice(None), slice(None)), dot_tn(d_pos, qv), opts)
         dvb = dvb + jnp.sum(jnp.sum(d_pos.astype(F32), axis=0)[:, None] * rw, 0, keepdims=True)
         return (
-            dk + _dot_tn(ds_lo, qu),
-            dv + _dot_tn(p.astype(do.dtype), do),
+            dk + dot_tn(ds_lo, qu),
+            dv + dot_tn(p.astype(do.dtype), do),
             col_ds + jnp.sum(ds, axis=0, keepdims=True),
             dvb,
         )
@@ -113,11 +114,11 @@ def fused_backward(opts, qu, qv, k, v, r, do, lse, delta):
     bsz, h, tp, kd = qu.shape
     b = opts.block
     n = tp // b
-    tile, whole, rs = _tile_spec(b, kd), _whole_spec(tp, kd, opts), _r_spec(tp + b, kd, opts)
-    whole1 = _whole_spec(tp, 1, opts)
+    per_tile, whole, rs = tile_spec(b, kd), whole_spec(tp, kd, opts), r_spec(tp + b, kd, opts)
+    whole1 = whole_spec(tp, 1, opts)
     windows = pl.BlockSpec((None, None, n, 2 * b, kd), lambda bi, hh, i: (bi, hh, 0, 0, 0))
     part = pl.BlockSpec((None, None, None, 1, kd), lambda bi, hh, i: (bi, hh, i, 0, 0))
-    out_specs = [tile, tile, whole, windows, part, part]
+    out_specs = [per_tile, per_tile, whole, windows, part, part]
     out_shape = [
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -126,27 +127,25 @@ def fused_backward(opts, qu, qv, k, v, r, do, lse, delta):
         jax.ShapeDtypeStruct((bsz, h, n, 1, kd), F32),
         jax.ShapeDtypeStruct((bsz, h, n, 1, kd), F32),
     ]
-    scratch_specs, scratch_shape = [], []
-    if opts.skew == "gather":
-        scratch_specs = [
-            pl.BlockSpec((None, None, None, b, 2 * b), lambda bi, hh, i: (bi, hh, i, 0, 0))
-        ]
-        scratch_shape = [jax.ShapeDtypeStruct((bsz, h, n, b, 2 * b), F32)]
-    params = None
-    if not opts.interpret:
-        from jax.experimental.pallas import triton as plgpu
-
-        params = plgpu.CompilerParams(num_warps=opts.warps, num_stages=opts.stages)
-    dk, dv, dq, drw, du, dvb, *_ = pl.pallas_call(
+    dk, dv, dq, drw, du, dvb = call(
         functools.partial(_fused_kernel, opts=opts, n=n),
-        grid=(bsz, h, n),
-        in_specs=[tile, tile, whole, whole, whole, whole1, whole1, rs, whole, windows],
-        out_specs=out_specs + scratch_specs,
-        out_shape=out_shape + scratch_shape,
-        input_output_aliases={8: 2, 9: 3},  # dq and the windows start from zeros
-        compiler_params=params,
-        interpret=opts.interpret,
-    )(k, v, qu, qv, do, lse, delta, r, jnp.zeros(qu.shape, F32), jnp.zeros(out_shape[3].shape, F32))
+        opts,
+        (bsz, h, n),
+        [per_tile, per_tile, whole, whole, whole, whole1, whole1, rs, whole, windows],
+        out_specs,
+        out_shape,
+        k,
+        v,
+        qu,
+        qv,
+        do,
+        lse,
+        delta,
+        r,
+        jnp.zeros(qu.shape, F32),
+        jnp.zeros(out_shape[3].shape, F32),
+        aliases={8: 2, 9: 3},  # dq and the windows start from zeros
+    )
     du = jnp.sum(du, axis=(0, 2))  # [H, 1, K]
     dvb = jnp.sum(dvb, axis=(0, 2))
     return dq, dk, dv, drw, du, dvb
