@@ -11,7 +11,11 @@ time (`compile_s`), warms up, then times `--steps` steps one by one (blocking on
 per step, all threads) is the steadier number. `mfu` is tokens/s x model FLOPs per token
 (6 N + 12 L H Q T, gopher/metrics.py) over the peak FLOP/s of the one device the step runs
 on (--peak_gflops, else the device table, else on CPU a measured fp32 matmul: the figure
-the training loop uses). `peak_rss_gib` is the process's ru_maxrss. Prints one JSON line
+the training loop uses). `peak_rss_gib` is the process's ru_maxrss; on GPU / TPU
+`device_peak_gib` is the device allocator's peak, and `temp_gib` is XLA's temporaries for
+the step. --attention overrides the preset's attention path (xla, pallas, pallas_fused);
+--profile=DIR traces 2 more steps with jax.profiler after the timed ones and adds their
+kernels, summed by name (experiments/trace_summary.py), as `profile`. Prints one JSON line
 and appends it, with the command line, to --out (`benchmarks/train_speed.jsonl`).
 
 Side by side (--peer=torch): experiments/bench_peer.py runs this module in single-run mode
