@@ -43,6 +43,7 @@ from absl import app, flags
 
 from experiments import bench_peer, common
 from experiments.bench_machine import git_revision, machine_record, peak_rss_gib
+from gopher import config as config_lib
 
 SHAPES = {
     # name: (preset, overrides, batch)
@@ -58,7 +59,7 @@ _REMAT = flags.DEFINE_string("remat", "none", "Remat policy name (gopher.model.R
 _ATTENTION = flags.DEFINE_enum(
     "attention",
     None,
-    ["auto", "xla", "pallas", "pallas_fused"],
+    list(config_lib.ATTENTIONS),
     "Attention path (default: the preset's).",
 )
 _PROFILE = flags.DEFINE_string(
@@ -89,8 +90,6 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 
 def configs(shape=None, preset=None, seq_len=None, batch=None, attention=None):
     """(name, ModelConfig, TrainConfig) of a named shape or a preset (default `tiny`)."""
-    from gopher import config as config_lib
-
     if shape and preset:
         raise ValueError(f"--shape={shape} and --preset={preset} both given; pass one of them")
     if shape:

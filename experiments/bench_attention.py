@@ -99,12 +99,6 @@ def _kernel_options(platform: str, backward: str = "split"):
     )
 
 
-def _backwards(platform: str) -> tuple[str, ...]:
-    """The kernel's backward variants to compare: the fused one needs atomics (GPU; CPU
-    interpret mode), TPU has only the split one."""
-    return ("split",) if platform == "tpu" else ("split", "fused")
-
-
 def attention_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -130,7 +124,7 @@ def attention_rows(platform: str) -> list[dict]:
             ),
             "pallas": lambda *a: pallas_attention.relative_attention(*a, opts=opts),
         }
-        if "fused" in _backwards(platform):
+        if "fused" in pallas_attention.backwards_for(platform):
             fused = _kernel_options(platform, "fused")
             impls["pallas_fused"] = lambda *a, o=fused: pallas_attention.relative_attention(
                 *a, opts=o
@@ -205,7 +199,7 @@ def check_rows(platform: str) -> list[dict]:
         want = value_and_grads(
             lambda *a: attention_xla.relative_attention(*a, None, attention_xla.QUERY_CHUNK)
         )
-        for backward in _backwards(platform):
+        for backward in pallas_attention.backwards_for(platform):
             opts = _kernel_options(platform, backward)
             got = value_and_grads(
                 lambda *a, o=opts: pallas_attention.relative_attention(*a, opts=o)
@@ -224,10 +218,11 @@ def train_rows() -> list[dict]:
     import jax
     import numpy as np
 
-    from gopher import config, metrics, train
+    from gopher import config, metrics, pallas_attention, train
 
     rows = []
-    fused = ("pallas_fused",) if "fused" in _backwards(jax.devices()[0].platform) else ()
+    backwards = pallas_attention.backwards_for(jax.devices()[0].platform)
+    fused = ("pallas_fused",) if "fused" in backwards else ()
     for impl in ("xla", "pallas", *fused):
         model_cfg = config.get_preset(_PRESET.value).replace(seq_len=_SEQ_LEN.value, attention=impl)
         train_cfg = config.TrainConfig(steps=100, batch_size=_BATCH.value, warmup_steps=10)

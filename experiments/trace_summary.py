@@ -7,7 +7,7 @@ DIR is a `jax.profiler.trace(DIR, create_perfetto_trace=True)` folder (experimen
 or TPU the device's own timeline is summed ("/device:..." processes: one event per kernel
 launch); on a CPU, where XLA's thunks run on the host, the threads of XLA's CPU client are.
 Prints the busy time, each kernel name's total, share and call count (largest first), and
-the same totals grouped into families: matmuls (gemm, cutlass, cublas, dot, ynn), Triton
+the same totals grouped into families: matmuls (gemm, cutlass, cublas, cuBLAS nvjet_sm90, dot), Triton
 kernels (the Pallas attention on GPU), fusions, collectives, copies, and the rest.
 """
 

@@ -66,7 +66,7 @@ def attention_layout(
     """The layout for `ModelConfig.attention` = `choice` ("auto", "xla", "pallas",
     "pallas_fused") on devices of `platform` (the mesh's, else the first of the platform's
     devices); "auto" is the kernel on TPU v4+, XLA elsewhere."""
-    if choice == "pallas_fused" and platform == "tpu":
+    if choice == "pallas_fused" and "fused" not in pallas_attention.backwards_for(platform):
         raise ValueError(
             "attention = 'pallas_fused' needs atomic adds, which TPU kernels do not have; "
             "use --config.model.attention=pallas on TPU"

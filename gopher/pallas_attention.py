@@ -49,17 +49,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from gopher.pallas_tiles import (  # noqa: F401  (options re-exported for callers)
-    BACKWARDS,
+from gopher.pallas_attention_fused import fused_backward
+from gopher.pallas_tiles import (  # noqa: F401  (the options, re-exported for callers)
     F32,
     MASKED,
     MIN_TPU_GENERATION,
-    SKEWS,
     KernelOptions,
     Skew,
+    backwards_for,
     call,
     dot,
-    dot_nt,
     dot_tn,
     grad_scores,
     options_for,
@@ -308,8 +307,6 @@ def _bwd(opts, residuals, d_out):
     do = jnp.pad(d_out.astype(v.dtype), pad)
     delta = jnp.sum(do.astype(F32) * jnp.pad(out, pad).astype(F32), axis=-1, keepdims=True)
     if opts.backward == "fused":
-        from gopher.pallas_attention_fused import fused_backward
-
         dq, dk, dv, drw, du, dvb = fused_backward(opts, qu, qv, k, v, r, do, lse, delta)
     else:
         dq, dk, dv, drw, du, dvb = _split_backward(opts, qu, qv, k, v, r, do, lse, delta)

@@ -26,6 +26,11 @@ SKEWS = ("roll", "shift", "gather")
 BACKWARDS = ("split", "fused")
 
 
+def backwards_for(platform: str) -> tuple[str, ...]:
+    """The backwards the kernels have on `platform`: TPU kernels have no atomic adds."""
+    return ("split",) if platform == "tpu" else BACKWARDS
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
     """Static choices of the kernels.
