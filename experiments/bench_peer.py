@@ -112,7 +112,7 @@ def peer_python(flag: str | None) -> tuple[str, str]:
     return python, proc.stdout.strip().splitlines()[-1]
 
 
-def _run_json(cmd: list[str], env: dict, what: str) -> dict:
+def run_json(cmd: list[str], env: dict, what: str) -> dict:
     """Runs a bench subprocess and returns the JSON record of its last stdout line."""
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -165,7 +165,7 @@ def _one_round(label, gopher_cmd, gopher_env, peer_cmd, peak, tmp, say) -> dict:
     start = time.perf_counter()
     peak_flag = [f"--peak_gflops={peak / 1e9}"] if peak else []
     out = os.path.join(tmp, f"gopher_{label.replace('/', '_')}.jsonl")
-    g = _run_json([*gopher_cmd, *peak_flag, f"--out={out}"], gopher_env, "gopher")
+    g = run_json([*gopher_cmd, *peak_flag, f"--out={out}"], gopher_env, "gopher")
     peak = peak or g["peak_flops"]
     say(
         f"round {label}: gopher {g['tokens_per_sec']:.1f} tokens/s, MFU {_pct(g['mfu'])}, "
@@ -175,7 +175,7 @@ def _one_round(label, gopher_cmd, gopher_env, peer_cmd, peak, tmp, say) -> dict:
     for mode in ("eager", "compile"):
         start = time.perf_counter()
         try:
-            rec = _run_json([*peer_cmd, f"--mode={mode}"], dict(os.environ), f"torch {mode}")
+            rec = run_json([*peer_cmd, f"--mode={mode}"], dict(os.environ), f"torch {mode}")
         except ValueError as e:
             if mode == "eager":
                 raise

@@ -335,3 +335,61 @@ def test_attention_check_compares_output_and_six_gradients(tmp_path):
         (t, b, o) for t in (40, 64) for b in ("split", "fused") for o in outputs
     ]
     assert all(r["ok"] and r["max_rel_diff_vs_xla"] < 2e-2 for r in rows), rows
+
+
+def _attention_peer(*flags):
+    cmd = [sys.executable, "-m", "experiments.bench_attention_peer", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_attention_peer_flop_counts_match_a_per_query_count():
+    """Each side's matmul FLOPs against an independent count: gopher's, query by query
+    (a query's chunk computes every key up to the chunk's end, and one more distance);
+    the peer's, as 7 matmuls over half the T^2 scores (the causal half, as FLOP counts of
+    flash attention take it)."""
+    code = (
+        "import json\nfrom experiments import bench_attention_peer as m\n"
+        "print(json.dumps([m.gopher_matmul_flops(2, 3, 8, t, c) for t, c in "
+        "((64, 16), (100, 32), (512, 128))] + [m.torch_matmul_flops(8, 16, 32, 512)]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *got, peer = json.loads(proc.stdout.splitlines()[-1])
+    for (t, c), flops in zip(((64, 16), (100, 32), (512, 128)), got, strict=True):
+        ends = [min((i // c + 1) * c, t) for i in range(t)]  # the keys query i's chunk sees
+        assert flops == 2 * 2 * 3 * 8 * sum(7 * s + 4 * (s + 1) for s in ends)
+    assert peer == 7 * 2 * 8 * 16 * 32 * 512**2 / 2
+
+
+def test_attention_peer_gopher_side_end_to_end(tmp_path):
+    out = tmp_path / "attention_peer.json"
+    shape = ["--batch=2", "--heads=2", "--key_size=8", "--seq_len=64", "--layers=3"]
+    proc = _attention_peer(*shape, "--sides=gopher", "--rounds=2", "--reps=1", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert [sorted(r) for r in rec["rounds"]] == [["gopher"], ["gopher"]]
+    g = rec["summary"]["gopher"]
+    times = [r["gopher"]["forward_backward_s"] for r in rec["rounds"]]
+    assert g["forward_backward_s"] == pytest.approx(sum(times) / 2)  # median of two
+    assert g["per_step_s"] == pytest.approx(3 * g["forward_backward_s"])
+    assert rec["shape"] == {"batch": 2, "heads": 2, "key_size": 8, "seq_len": 64}
+    assert "gopher: forward" in proc.stdout and "per layer" in proc.stdout
+    bad = _attention_peer("--sides=gopher,jax")
+    assert bad.returncode != 0 and "--sides=jax is not a side" in bad.stderr
+
+
+def test_attention_peer_torch_side_runs():
+    proc = subprocess.run(
+        [_peer_python(), "-m", "experiments.bench_attention_peer", "--side=torch"]
+        + ["--batch=1", "--heads=2", "--key_size=8", "--seq_len=32", "--reps=1"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(proc.stdout.splitlines()[-1])
+    assert rec["side"] == "torch" and rec["forward_backward_s"] > rec["forward_s"] > 0

@@ -1,0 +1,222 @@
+"""One attention layer on CPU, gopher's against the PyTorch peer's: where the step gap is.
+
+    python -m experiments.bench_attention_peer        # the nanoGPT shape, fp32 (installs nothing:
+                                                      # torch from `make bench-peer`)
+
+Gopher's side is the attention the CPU train step runs (`gopher.attention_xla.
+grouped_relative_attention`: q, k, v packed as their projection leaves them, the relative
+position term, causal chunks, heads in groups); the peer's is what benchmarks/peers/
+gpt2_torch.py calls, `F.scaled_dot_product_attention(q, k, v, is_causal=True)` on [B, H, T, K].
+Each times the forward and the forward+backward of the output's sum (median of --reps calls
+after two warm-ups), in its own process, alternating --rounds times. Multiplied by --layers,
+beside the whole step's times of `make bench-peer`, the figures split the step's gap into
+attention and the rest. Gopher's side also reports the FLOPs XLA compiled for one
+forward+backward (`cost_analysis()`), the work the relative term and the chunked causal
+mask add.
+
+Writes the rounds and their medians to --out (benchmarks/bench_attention_peer_cpu.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+from experiments.bench_machine import ROOT, git_revision, machine_record
+from experiments.bench_peer import peer_python, run_json
+
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences.")
+_HEADS = flags.DEFINE_integer("heads", 16, "Heads.")
+_KEY = flags.DEFINE_integer("key_size", 32, "Key size.")
+_SEQ = flags.DEFINE_integer("seq_len", 512, "Sequence length.")
+_LAYERS = flags.DEFINE_integer("layers", 8, "Layers of the step the figures are set beside.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds; each runs gopher, then the peer.")
+_REPS = flags.DEFINE_integer("reps", 10, "Timed calls per measurement (median).")
+_SIDES = flags.DEFINE_list("sides", ["gopher", "torch"], "Which sides to run.")
+_SIDE = flags.DEFINE_enum("side", None, ["gopher", "torch"], "Internal: run one side here.")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", None, "Interpreter with torch (default: this).")
+_OUT = flags.DEFINE_string(
+    "out", os.path.join("benchmarks", "bench_attention_peer_cpu.json"), "JSON written."
+)
+
+
+def _median_seconds(fn, reps: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gopher_matmul_flops(b: int, h: int, kd: int, t: int, chunk: int) -> float:
+    """Matmul FLOPs of one forward+backward of gopher's chunked relative attention."""
+    from gopher.attention_xla import _query_chunks
+
+    total = 0
+    for a, s in _query_chunks(t, chunk):
+        c = s - a
+        total += 2 * b * h * c * kd * (7 * s + 4 * (s + 1))  # 7 over keys, 4 over distances
+    return float(total)
+
+
+def torch_matmul_flops(b: int, h: int, kd: int, t: int) -> float:
+    """Matmul FLOPs of one causal flash-attention forward+backward: 7 over half the scores."""
+    return 7.0 * b * h * t * t * kd
+
+
+def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from gopher.attention_xla import QUERY_CHUNK, grouped_relative_attention, heads_per_group
+
+    keys = jax.random.split(jax.random.key(0), 2)
+    qkv = 0.3 * jax.random.normal(keys[0], (b, t, 3, h * kd), jnp.float32)  # [B, T, 3, H*K]
+    r = 0.3 * jax.random.normal(keys[1], (h, t + 1, kd), jnp.float32)  # [H, T+1, K]
+    bias = jnp.zeros((h, 1, kd), jnp.float32)
+    group = heads_per_group(b, h, t, QUERY_CHUNK)
+
+    def forward(qkv, r):
+        return grouped_relative_attention(qkv, r, bias, bias, None, QUERY_CHUNK, group)
+
+    both = jax.grad(lambda qkv, r: jnp.sum(forward(qkv, r)), argnums=(0, 1))
+    fwd = jax.jit(forward).lower(qkv, r).compile()
+    fwd_bwd = jax.jit(both).lower(qkv, r).compile()
+    return {
+        "side": "gopher",
+        "what": "gopher.attention_xla.grouped_relative_attention",
+        "heads_per_group": group,
+        "query_chunk": QUERY_CHUNK,
+        "forward_s": _median_seconds(lambda: jax.block_until_ready(fwd(qkv, r)), reps),
+        "forward_backward_s": _median_seconds(lambda: jax.block_until_ready(fwd_bwd(qkv, r)), reps),
+        "forward_backward_matmul_flops": gopher_matmul_flops(b, h, kd, t, QUERY_CHUNK),
+        "jax": jax.__version__,
+    }
+
+
+def torch_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, kd, requires_grad=True) for _ in range(3))  # [B, H, T, K]
+
+    def forward():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward_backward():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+
+    return {
+        "side": "torch",
+        "what": "torch.nn.functional.scaled_dot_product_attention(is_causal=True)",
+        "forward_s": _median_seconds(forward, reps),
+        "forward_backward_s": _median_seconds(forward_backward, reps),
+        "forward_backward_matmul_flops": torch_matmul_flops(b, h, kd, t),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _summary(rounds: list[dict], layers: int) -> dict:
+    out = {}
+    for side in ("gopher", "torch"):
+        recs = [r[side] for r in rounds if side in r]
+        if recs:
+            out[side] = {
+                key: statistics.median(r[key] for r in recs)
+                for key in ("forward_s", "forward_backward_s")
+            }
+            out[side]["per_step_s"] = layers * out[side]["forward_backward_s"]
+            flops = recs[0]["forward_backward_matmul_flops"]
+            out[side]["forward_backward_matmul_flops"] = flops
+            out[side]["matmul_gflops_per_s"] = flops / out[side]["forward_backward_s"] / 1e9
+    if len(out) == 2:
+        out["gopher_over_torch_forward_backward"] = (
+            out["gopher"]["forward_backward_s"] / out["torch"]["forward_backward_s"]
+        )
+        out["step_gap_from_attention_s"] = out["gopher"]["per_step_s"] - out["torch"]["per_step_s"]
+    return out
+
+
+def main(argv):
+    del argv
+    shape = (_BATCH.value, _HEADS.value, _KEY.value, _SEQ.value)
+    if _SIDE.value:  # one side, in this process
+        fn = gopher_side if _SIDE.value == "gopher" else torch_side
+        print(json.dumps(fn(*shape, _REPS.value)), flush=True)
+        return
+    bad = [s for s in _SIDES.value if s not in ("gopher", "torch")]
+    if bad:
+        raise app.UsageError(f"--sides={','.join(bad)} is not a side; use gopher and/or torch")
+    torch_version = None
+    if "torch" in _SIDES.value:
+        try:
+            python, torch_version = peer_python(_PEER_PYTHON.value)
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
+    common = [
+        f"--batch={shape[0]}",
+        f"--heads={shape[1]}",
+        f"--key_size={shape[2]}",
+        f"--seq_len={shape[3]}",
+        f"--reps={_REPS.value}",
+    ]
+    module = ["-m", "experiments.bench_attention_peer", *common]
+    rounds = []
+    for i in range(_ROUNDS.value):
+        rec = {}
+        for side in _SIDES.value:
+            exe = sys.executable if side == "gopher" else python
+            rec[side] = run_json([exe, *module, f"--side={side}"], dict(os.environ), side)
+            print(
+                f"round {i + 1}/{_ROUNDS.value}: {side} forward "
+                f"{rec[side]['forward_s'] * 1e3:.1f} ms, forward+backward "
+                f"{rec[side]['forward_backward_s'] * 1e3:.1f} ms per layer",
+                flush=True,
+            )
+        rounds.append(rec)
+    summary = _summary(rounds, _LAYERS.value)
+    for side in ("gopher", "torch"):
+        if side in summary:
+            s = summary[side]
+            print(
+                f"{side}: forward {s['forward_s'] * 1e3:.1f} ms, forward+backward "
+                f"{s['forward_backward_s'] * 1e3:.1f} ms per layer ({s['matmul_gflops_per_s']:.0f} "
+                f"matmul GFLOP/s, {s['forward_backward_matmul_flops'] / 1e9:.1f} GFLOP); "
+                f"x{_LAYERS.value} layers {s['per_step_s']:.2f} s per step"
+            )
+    if "step_gap_from_attention_s" in summary:
+        print(
+            f"gopher/torch forward+backward {summary['gopher_over_torch_forward_backward']:.2f}x; "
+            f"attention adds {summary['step_gap_from_attention_s']:.2f} s to gopher's step"
+        )
+    record = {
+        "command": shlex.join(["python", "-m", __spec__.name, *sys.argv[1:]]),
+        "shape": dict(zip(("batch", "heads", "key_size", "seq_len"), shape, strict=True)),
+        "layers": _LAYERS.value,
+        "machine": machine_record(torch_version),
+        "git": git_revision(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "summary": summary,
+        "rounds": rounds,
+    }
+    out = os.path.join(ROOT, _OUT.value) if not os.path.isabs(_OUT.value) else _OUT.value
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
