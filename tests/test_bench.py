@@ -337,8 +337,8 @@ def test_attention_check_compares_output_and_six_gradients(tmp_path):
     assert all(r["ok"] and r["max_rel_diff_vs_xla"] < 2e-2 for r in rows), rows
 
 
-def _attention_peer(*flags):
-    cmd = [sys.executable, "-m", "experiments.bench_attention_peer", *flags]
+def _attention_peer(*flags, python=sys.executable):
+    cmd = [python, "-m", "experiments.bench_attention_peer", *flags]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -381,15 +381,8 @@ def test_attention_peer_gopher_side_end_to_end(tmp_path):
 
 
 def test_attention_peer_torch_side_runs():
-    proc = subprocess.run(
-        [_peer_python(), "-m", "experiments.bench_attention_peer", "--side=torch"]
-        + ["--batch=1", "--heads=2", "--key_size=8", "--seq_len=32", "--reps=1"],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    shape = ["--batch=1", "--heads=2", "--key_size=8", "--seq_len=32"]
+    proc = _attention_peer("--side=torch", *shape, "--reps=1", python=_peer_python())
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(proc.stdout.splitlines()[-1])
     assert rec["side"] == "torch" and rec["forward_backward_s"] > rec["forward_s"] > 0
