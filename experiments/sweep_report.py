@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from gopher import plots, scaling, scaling_tables
+from gopher import compute_optimal, plots, scaling, scaling_tables
 
 
 def to_record(result: dict, budget_kind: dict) -> dict:
@@ -141,7 +141,7 @@ def scaling_report(cfg, records, results_dir: str, say) -> dict:
             title="In-training held-out bpb (token-matched runs)",
         )
     plots.plot_loss_vs_flops(records, path("loss_vs_flops.png"))
-    minima = scaling.isoflop_minima(records, key="params", metric="loss")
+    minima = compute_optimal.isoflop_minima(records, key="params", metric="loss")
     if minima:
         plots.plot_isoflop(minima, path("isoflop.png"), key="params", metric="loss")
         out["isoflop"] = [
@@ -159,13 +159,15 @@ def scaling_report(cfg, records, results_dir: str, say) -> dict:
         ]
     allocation = None
     try:
-        allocation = scaling.fit_allocation(minima)
+        allocation = compute_optimal.fit_allocation(minima)
         out["allocation_a"] = allocation.a
     except ValueError as e:
         out["allocation_note"] = str(e)
     chinchilla = None
     if len(records) >= 5:
-        chinchilla = scaling.bootstrap_chinchilla(records, key="params", metric="loss", n_boot=200)
+        chinchilla = compute_optimal.bootstrap_chinchilla(
+            records, key="params", metric="loss", n_boot=200
+        )
         out["chinchilla"] = {k: _iv(v) for k, v in chinchilla.intervals.items()}
     text = scaling_tables.fits_markdown(
         fits.get("nonembedding_params"), chinchilla, allocation, allocation_key="params"

@@ -1,7 +1,7 @@
 """Figures of a model-size sweep, each saved as a PNG (6.4 x 4.8 in at 120 dpi, Agg backend).
 
-Inputs are the run records of gopher/scaling.py (its docstring lists their keys) and its fit
-results. matplotlib is imported inside each function, so importing this module (and the
+Inputs are the run records of gopher/scaling.py (its docstring lists their keys) and the fit
+results of it and gopher/compute_optimal.py. matplotlib is imported inside each function, so importing this module (and the
 sweep's non-plotting paths) does not need it.
 
 Loss curves (plot_loss_curves) take one dict per run: "label" (its setting, e.g. "fp32"),
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gopher import scaling
+from gopher import compute_optimal, scaling
 
 FIGSIZE = (6.4, 4.8)
 DPI = 120
@@ -159,7 +159,7 @@ def plot_loss_vs_flops(
         ax.plot(flops, losses, "o-", ms=4, lw=1.2, color=cmap(norm(size)))
     bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax)
     bar.set_label(_label(key, KEY_LABELS))
-    frontier = scaling.compute_frontier(records, metric)
+    frontier = compute_optimal.compute_frontier(records, metric)
     ax.plot(
         [scaling.record_value(r, "flops") for r in frontier],
         [scaling.record_metric(r, metric) for r in frontier],
@@ -173,7 +173,7 @@ def plot_loss_vs_flops(
 
 
 def plot_isoflop(
-    minima: Sequence[scaling.IsoFlopMinimum],
+    minima: Sequence[compute_optimal.IsoFlopMinimum],
     path: str,
     key: str = "params",
     metric: str = "bpb",

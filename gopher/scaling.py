@@ -1,4 +1,7 @@
-"""Scaling-law fits of a model-size sweep: power laws in N, Chinchilla's L(N, D), IsoFLOP minima.
+"""Scaling-law fits of a model-size sweep: its run records, their held-out metrics and
+bootstrap replicates, and power laws in N (Kaplan et al.). Chinchilla's L(N, D), IsoFLOP
+minima and the compute frontier, built on these, are in gopher/compute_optimal.py; the
+published laws they are set beside, in gopher/scaling_tables.py.
 
 Run records are plain dicts, one per training run, as the sweep runner writes them:
 
@@ -28,7 +31,7 @@ metric is recomputed from their sums ("bpb" = sum nll / (ln 2 sum bytes), "loss"
 sum tokens), so the point fit and its replicates measure the same thing.
 
 Shapes: R runs, G configurations (runs of one (N, D, budget) over seeds), K documents,
-B bootstrap replicates, S sizes in one compute budget.
+B bootstrap replicates.
 """
 
 from __future__ import annotations
@@ -44,80 +47,12 @@ from scipy import optimize
 
 TOKEN_MATCHED = "tokens"
 METRICS = ("bpb", "loss")
-HUBER_DELTA = 1e-3
-# L-BFGS-B bounds of (log A, log B, log E, alpha, beta): wide around Hoffmann et al.'s grid.
-THETA_BOUNDS = ((-30.0, 60.0), (-30.0, 60.0), (-10.0, 10.0), (0.0, 5.0), (0.0, 5.0))
-# Hoffmann et al. 2022 App. D.2: the grid of L-BFGS initialisations for (alpha, beta, e, a, b).
-HOFFMANN_GRID = {
-    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
-    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
-    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
-    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class PublishedLaw:
-    """A published fit, in its own conventions (which N, which loss)."""
-
-    name: str
-    citation: str
-    form: str
-    parameter_count: str
-    loss_unit: str
-    alpha: float
-    beta: float | None = None
-    E: float | None = None
-    A: float | None = None
-    B: float | None = None
-    Nc: float | None = None
-    a: float | None = None  # N_opt ∝ C^a as published (None: beta / (alpha + beta) of the law)
-
-
-KAPLAN_2020 = PublishedLaw(
-    name="Kaplan et al. 2020",
-    citation="Kaplan et al. 2020, Scaling Laws for Neural Language Models, arXiv:2001.08361, eq. 1.1",
-    form="L(N) = (N_c / N)^alpha_N",
-    parameter_count="non-embedding parameters",
-    loss_unit="nats/token (WebText2, GPT-2 BPE), models trained to convergence",
-    alpha=0.076,
-    Nc=8.8e13,
-    a=0.73,
-)
-HOFFMANN_2022 = PublishedLaw(
-    name="Hoffmann et al. 2022 (Chinchilla)",
-    citation="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models, "
-    "arXiv:2203.15556, eq. 10 (approach 3)",
-    form="L(N, D) = E + A / N^alpha + B / D^beta",
-    parameter_count="total parameters (embedding included)",
-    loss_unit="nats/token (MassiveText, SentencePiece 32k)",
-    alpha=0.34,
-    beta=0.28,
-    E=1.69,
-    A=406.4,
-    B=410.7,
-)
-BESIROGLU_2024 = PublishedLaw(
-    name="Besiroglu et al. 2024 (Epoch refit)",
-    citation="Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt, arXiv:2404.10102 "
-    "(refit of the data read off Hoffmann et al.'s Figure 4)",
-    form="L(N, D) = E + A / N^alpha + B / D^beta",
-    parameter_count="total parameters (embedding included)",
-    loss_unit="nats/token (MassiveText, SentencePiece 32k)",
-    alpha=0.35,
-    beta=0.37,
-    E=1.82,
-    A=482.01,
-    B=2085.43,
-)
-PUBLISHED = (KAPLAN_2020, HOFFMANN_2022, BESIROGLU_2024)
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
-def _one_blas_thread():
+def one_blas_thread():
     """Limits BLAS to one thread where threadpoolctl is installed. SciPy's L-BFGS-B and
     least_squares call BLAS on 5 x 5 problems; OpenBLAS threads made fit_chinchilla 10x
     slower on an idle 2-core machine and 70x slower on a busy one."""
@@ -128,7 +63,7 @@ def _one_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _array(name: str, values, positive: bool = True) -> np.ndarray:
+def as_array(name: str, values, positive: bool = True) -> np.ndarray:
     a = np.asarray(values, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(a)):
         raise ValueError(f"{name} has non-finite values {a[~np.isfinite(a)][:3].tolist()}")
@@ -187,8 +122,8 @@ def doc_arrays(record: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]
         return None
     if len(nll) == 0 or len(nbytes) != len(nll) or (tokens is not None and len(tokens) != len(nll)):
         raise ValueError(f"run {name!r} has {len(nll)} document NLLs and {len(nbytes)} byte counts")
-    _array(f"run {name!r} doc_nll", nll, positive=False)
-    _array(f"run {name!r} doc_bytes", nbytes, positive=False)
+    as_array(f"run {name!r} doc_nll", nll, positive=False)
+    as_array(f"run {name!r} doc_bytes", nbytes, positive=False)
     return nll, nbytes, tokens
 
 
@@ -212,7 +147,7 @@ def record_metric(record: dict, metric: str = "bpb") -> float:
     return record_value(record, "heldout_bpb" if metric == "bpb" else "heldout_loss")
 
 
-def _doc_matrices(records: Sequence[dict], metric: str):
+def doc_matrices(records: Sequence[dict], metric: str):
     """Numerators and denominators [R, K] of every run's documents, or None if none has any."""
     docs = [doc_arrays(r) for r in records]
     if all(d is None for d in docs):
@@ -234,11 +169,11 @@ def _doc_matrices(records: Sequence[dict], metric: str):
     return num, den
 
 
-def _replicate_metrics(
+def replicate_metrics(
     records: Sequence[dict], metric: str, n_boot: int, rng: np.random.Generator, chunk: int = 128
 ) -> Iterator[np.ndarray]:
     """Per-run metric [b, R] under joint document resampling, in chunks of b <= chunk."""
-    matrices = _doc_matrices(records, metric)
+    matrices = doc_matrices(records, metric)
     if matrices is None:
         fixed = np.array([record_metric(r, metric) for r in records])
         for start in range(0, n_boot, chunk):
@@ -310,7 +245,7 @@ def _fit_offset(x: np.ndarray, y: np.ndarray, inits) -> tuple[np.ndarray, float]
     e_max = float(np.exp(y.min())) * (1 - 1e-9)
     lower, upper = [0.0, -200.0, 1e-4], [e_max, 200.0, 5.0]
     best, best_cost = None, math.inf
-    with _one_blas_thread():
+    with one_blas_thread():
         for theta in inits:
             theta = np.clip(np.asarray(theta, dtype=np.float64), lower, upper)
             try:
@@ -342,7 +277,7 @@ def _offset_inits(x: np.ndarray, y: np.ndarray):
 def fit_power_law(n, loss, with_offset: bool = False) -> PowerLawFit:
     """Fits L(N) by least squares in log L: Kaplan's (Nc/N)^alpha (linear in log-log), or
     E + A N^-alpha (bounded nonlinear least squares from a grid of starts, best kept)."""
-    n, loss = _array("N", n), _array("loss", loss)
+    n, loss = as_array("N", n), as_array("loss", loss)
     if len(n) != len(loss):
         raise ValueError(f"{len(n)} values of N for {len(loss)} losses; give one N per loss")
     need = 3 if with_offset else 2
@@ -403,7 +338,7 @@ def bootstrap_power_law(
         e, a = fit.coefficients["E"], fit.coefficients["A"]
         start = [(e, math.log(a), fit.alpha), *_offset_inits(x, np.log(loss))]
     alphas = []
-    for metrics in _replicate_metrics(records, metric, n_boot, rng):  # [b, R]
+    for metrics in replicate_metrics(records, metric, n_boot, rng):  # [b, R]
         b = metrics.shape[0]
         means = np.empty((b, len(groups)))
         for j, g in enumerate(groups):
@@ -414,280 +349,7 @@ def bootstrap_power_law(
             continue
         for row in np.log(means):
             alphas.append([_fit_offset(x, row, start[:4])[0][2]])
-    resampled = ("documents",) if _doc_matrices(records, metric) is not None else ()
+    resampled = ("documents",) if doc_matrices(records, metric) is not None else ()
     resampled += ("seeds",) if any(len(g) > 1 for g in groups) else ()
     alpha = Interval.of(fit.alpha, np.concatenate(alphas))
     return PowerLawBootstrap(key, metric, fit, alpha, resampled, n, loss)
-
-
-# ----------------------------------------------------------------------------- L(N, D)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChinchillaFit:
-    """L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022, approach 3)."""
-
-    E: float
-    A: float
-    B: float
-    alpha: float
-    beta: float
-    objective: float  # sum of Huber(log residual) / delta^2 at the optimum
-    residuals: np.ndarray  # [R] log L - log L_fit
-
-    def predict(self, n, d) -> np.ndarray:
-        n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
-        return self.E + self.A / n**self.alpha + self.B / d**self.beta
-
-    @property
-    def a(self) -> float:
-        """N_opt ∝ C^a under C = 6 N D."""
-        return self.beta / (self.alpha + self.beta)
-
-    @property
-    def b(self) -> float:
-        """D_opt ∝ C^b under C = 6 N D."""
-        return self.alpha / (self.alpha + self.beta)
-
-    def optimal_allocation(self, flops) -> tuple[np.ndarray, np.ndarray]:
-        """(N_opt, D_opt) minimising the law at C = 6 N D (Hoffmann et al. eq. 4)."""
-        c = np.asarray(flops, dtype=np.float64) / 6
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
-        return g * c**self.a, c**self.b / g
-
-
-def _huber_objective(theta, log_n, log_d, log_l, delta):
-    """Sum of Huber_delta(LSE(a - alpha log N, b - beta log D, e) - log L) / delta^2, and its
-    gradient. Divided by delta^2 so the objective is O(1) per run: L-BFGS-B's ftol test is
-    absolute below 1, and a raw objective near 1e-6 stops it before it has converged."""
-    a, b, e, alpha, beta = theta
-    terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])  # [3, R]
-    top = terms.max(axis=0)
-    w = np.exp(terms - top)
-    total = w.sum(axis=0)
-    r = top + np.log(total) - log_l
-    w /= total  # softmax weights: d LSE / d term
-    small = np.abs(r) <= delta
-    value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum() / delta**2
-    g = np.clip(r, -delta, delta) / delta**2
-    grad = np.array(
-        [
-            (g * w[0]).sum(),
-            (g * w[1]).sum(),
-            (g * w[2]).sum(),
-            -(g * w[0] * log_n).sum(),
-            -(g * w[1] * log_d).sum(),
-        ]
-    )
-    return value, grad
-
-
-def _grid_objectives(grid: np.ndarray, log_n, log_d, log_l, delta) -> np.ndarray:
-    """The objective at each init [I, 5] of (a, b, e, alpha, beta), vectorised."""
-    a, b, e, alpha, beta = (grid[:, i : i + 1] for i in range(5))  # [I, 1] each
-    lse = np.logaddexp(np.logaddexp(a - alpha * log_n, b - beta * log_d), e)  # [I, R]
-    r = lse - log_l
-    return np.where(np.abs(r) <= delta, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum(1)
-
-
-def hoffmann_grid() -> np.ndarray:
-    """Hoffmann et al.'s initialisations as rows of (a, b, e, alpha, beta) [4500, 5]."""
-    g = HOFFMANN_GRID
-    rows = itertools.product(g["a"], g["b"], g["e"], g["alpha"], g["beta"])
-    return np.array(list(rows), dtype=np.float64)
-
-
-def fit_chinchilla(
-    n, d, loss, delta: float = HUBER_DELTA, inits: np.ndarray | None = None, top_k: int = 64
-) -> ChinchillaFit:
-    """Fits L(N, D) as Hoffmann et al. 2022 did: Huber loss (delta 1e-3) on log L with the law
-    in LSE form, L-BFGS from a grid of initialisations, the best optimum kept. The objective
-    is evaluated at every grid point and L-BFGS is run from the top_k best of them (all when
-    top_k is None): all 4,500 cost 70 times as long and, on a synthetic 36-run grid,
-    reached the same optimum as the best 64."""
-    n, d, loss = _array("N", n), _array("D", d), _array("loss", loss)
-    if not len(n) == len(d) == len(loss):
-        raise ValueError(f"{len(n)} N, {len(d)} D and {len(loss)} losses; give one of each per run")
-    if len(loss) < 5:
-        raise ValueError(f"{len(loss)} runs; the five-parameter L(N, D) needs at least 5")
-    log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
-    grid = hoffmann_grid() if inits is None else np.atleast_2d(np.asarray(inits, np.float64))
-    if top_k is not None and len(grid) > top_k:
-        screen = _grid_objectives(grid, log_n, log_d, log_l, delta)
-        grid = grid[np.argsort(screen, kind="stable")[:top_k]]
-    best = None
-    with _one_blas_thread():
-        for theta in grid:
-            res = optimize.minimize(
-                _huber_objective,
-                theta,
-                args=(log_n, log_d, log_l, delta),
-                jac=True,
-                method="L-BFGS-B",
-                # Bounds keep exp() finite where the data leave a term unidentified (a
-                # bootstrap draw of few distinct D can send log B to 1e3 and beyond).
-                bounds=THETA_BOUNDS,
-                options={"maxiter": 1000, "ftol": 1e-12, "gtol": 1e-8},
-            )
-            if np.all(np.isfinite(res.x)) and (best is None or res.fun < best.fun):
-                best = res
-    if best is None:
-        raise ValueError("no initialisation of L(N, D) gave a finite fit; check the losses")
-    a, b, e, alpha, beta = (float(t) for t in best.x)
-    fit = ChinchillaFit(math.exp(e), math.exp(a), math.exp(b), alpha, beta, float(best.fun), None)
-    return dataclasses.replace(fit, residuals=log_l - np.log(fit.predict(n, d)))
-
-
-def _theta(fit: ChinchillaFit) -> np.ndarray:
-    return np.array([math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta])
-
-
-@dataclasses.dataclass(frozen=True)
-class ChinchillaBootstrap:
-    key: str
-    metric: str
-    fit: ChinchillaFit
-    intervals: dict  # "E", "A", "B", "alpha", "beta", "a", "b" -> Interval
-    resampled: tuple[str, ...]  # "runs" and, where recorded, "documents"
-
-
-def bootstrap_chinchilla(
-    records: Sequence[dict],
-    key: str = "params",
-    metric: str = "loss",
-    n_boot: int = 200,
-    seed: int = 0,
-    delta: float = HUBER_DELTA,
-) -> ChinchillaBootstrap:
-    """Intervals of the L(N, D) fit: each replicate draws the R runs with replacement and the
-    K documents with replacement (jointly), then refits from the full-data optimum and the
-    four best grid points."""
-    check_metric(metric)
-    n = np.array([record_value(r, key) for r in records])
-    d = np.array([record_value(r, "tokens") for r in records])
-    loss = np.array([record_metric(r, metric) for r in records])
-    fit = fit_chinchilla(n, d, loss, delta)
-    rng = np.random.default_rng(seed)
-    grid = hoffmann_grid()
-    samples = []
-    for metrics in _replicate_metrics(records, metric, n_boot, rng):  # [b, R]
-        for row in metrics:
-            runs = rng.integers(0, len(records), size=len(records))
-            if len(set(zip(n[runs], d[runs], strict=True))) < 5:
-                runs = np.arange(len(records))  # a degenerate draw cannot fit five parameters
-            log_args = (np.log(n[runs]), np.log(d[runs]), np.log(row[runs]), delta)
-            screen = _grid_objectives(grid, *log_args)
-            starts = np.vstack([_theta(fit), grid[np.argsort(screen, kind="stable")[:4]]])
-            rep = fit_chinchilla(n[runs], d[runs], row[runs], delta, inits=starts, top_k=None)
-            samples.append([rep.E, rep.A, rep.B, rep.alpha, rep.beta, rep.a, rep.b])
-    samples = np.array(samples)
-    names = ("E", "A", "B", "alpha", "beta", "a", "b")
-    intervals = {k: Interval.of(getattr(fit, k), samples[:, i]) for i, k in enumerate(names)}
-    docs = _doc_matrices(records, metric) is not None
-    return ChinchillaBootstrap(
-        key, metric, fit, intervals, ("runs", "documents") if docs else ("runs",)
-    )
-
-
-# ----------------------------------------------------------------------------- IsoFLOP
-
-
-@dataclasses.dataclass(frozen=True)
-class IsoFlopMinimum:
-    """The compute-optimal size of one budget from a parabola of loss in log10 N."""
-
-    budget: str
-    flops: float  # the label's FLOPs, else the runs' mean
-    n_opt: float  # the parabola's vertex when u_shaped, else the best measured N
-    loss_opt: float  # the parabola at its vertex when u_shaped, else the best measured loss
-    tokens_opt: float  # D at n_opt, interpolated in log-log between the runs' (N, D)
-    u_shaped: bool  # positive curvature and the vertex strictly inside the measured N
-    coefficients: tuple[float, float, float] | None  # loss = c2 x^2 + c1 x + c0, x = log10 N
-    sizes: np.ndarray  # [S] distinct N, ascending
-    losses: np.ndarray  # [S] their seed-mean metric
-    tokens: np.ndarray  # [S] their training tokens
-
-
-def isoflop_minima(
-    records: Sequence[dict], key: str = "params", metric: str = "bpb"
-) -> list[IsoFlopMinimum]:
-    """One minimum per compute budget (every budget but TOKEN_MATCHED), by ascending FLOPs.
-    A budget with fewer than 3 sizes has no parabola: its best run, u_shaped False."""
-    check_metric(metric)
-    budgets: dict[str, list[dict]] = {}
-    for r in records:
-        if str(r.get("budget", "")) != TOKEN_MATCHED:
-            budgets.setdefault(str(r.get("budget", "")), []).append(r)
-    out = []
-    for label, runs in budgets.items():
-        flops = budget_flops(label) or float(np.mean([record_value(r, "flops") for r in runs]))
-        by_size: dict[float, list[dict]] = {}
-        for r in runs:
-            by_size.setdefault(record_value(r, key), []).append(r)
-        sizes = np.array(sorted(by_size))
-        losses = np.array([np.mean([record_metric(r, metric) for r in by_size[s]]) for s in sizes])
-        tokens = np.array([np.mean([record_value(r, "tokens") for r in by_size[s]]) for s in sizes])
-        x = np.log10(sizes)
-        best = int(np.argmin(losses))
-        n_opt, loss_opt, coefficients, u_shaped = sizes[best], losses[best], None, False
-        if len(sizes) >= 3:
-            c2, c1, c0 = (float(c) for c in np.polyfit(x, losses, 2))
-            coefficients = (c2, c1, c0)
-            if c2 > 0 and x[0] < -c1 / (2 * c2) < x[-1]:
-                u_shaped, vertex = True, -c1 / (2 * c2)
-                n_opt, loss_opt = 10**vertex, c0 - c1**2 / (4 * c2)
-        tokens_opt = 10 ** np.interp(np.log10(n_opt), x, np.log10(tokens))
-        out.append(
-            IsoFlopMinimum(
-                label,
-                flops,
-                float(n_opt),
-                float(loss_opt),
-                float(tokens_opt),
-                u_shaped,
-                coefficients,
-                sizes,
-                losses,
-                tokens,
-            )  # fmt: skip
-        )
-    return sorted(out, key=lambda m: m.flops)
-
-
-@dataclasses.dataclass(frozen=True)
-class AllocationFit:
-    """N_opt = kn C^a and D_opt = kd C^b from IsoFLOP minima (Hoffmann et al. approach 2)."""
-
-    a: float
-    kn: float
-    b: float
-    kd: float
-    budgets: tuple[str, ...]
-
-
-def fit_allocation(minima: Sequence[IsoFlopMinimum]) -> AllocationFit:
-    """Log-log least squares of the U-shaped budgets' N_opt and D_opt against their FLOPs."""
-    used = [m for m in minima if m.u_shaped]
-    if len({m.flops for m in used}) < 2:
-        raise ValueError(
-            f"{len(used)} U-shaped IsoFLOP budgets ({[m.budget for m in used]}); the allocation "
-            "exponent needs 2 or more: add sizes around each budget's optimum"
-        )
-    log_c = np.log([m.flops for m in used])
-    a, log_kn = np.polyfit(log_c, np.log([m.n_opt for m in used]), 1)
-    b, log_kd = np.polyfit(log_c, np.log([m.tokens_opt for m in used]), 1)
-    return AllocationFit(
-        float(a), math.exp(log_kn), float(b), math.exp(log_kd), tuple(m.budget for m in used)
-    )
-
-
-def compute_frontier(records: Sequence[dict], metric: str = "bpb") -> list[dict]:
-    """The runs no run of fewer or equal FLOPs beats: the lower envelope of loss vs FLOPs."""
-    ordered = sorted(records, key=lambda r: (record_value(r, "flops"), record_metric(r, metric)))
-    frontier, best = [], math.inf
-    for r in ordered:
-        value = record_metric(r, metric)
-        if value < best:
-            frontier.append(r)
-            best = value
-    return frontier

@@ -10,13 +10,72 @@ A value a run lacks is an empty cell.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
-from gopher import scaling
+from gopher import compute_optimal, scaling
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedLaw:
+    """A published fit, in its own conventions (which N, which loss)."""
+
+    name: str
+    citation: str
+    form: str
+    parameter_count: str
+    loss_unit: str
+    alpha: float
+    beta: float | None = None
+    E: float | None = None
+    A: float | None = None
+    B: float | None = None
+    Nc: float | None = None
+    a: float | None = None  # N_opt ∝ C^a as published (None: beta / (alpha + beta) of the law)
+
+
+KAPLAN_2020 = PublishedLaw(
+    name="Kaplan et al. 2020",
+    citation="Kaplan et al. 2020, Scaling Laws for Neural Language Models, arXiv:2001.08361, eq. 1.1",
+    form="L(N) = (N_c / N)^alpha_N",
+    parameter_count="non-embedding parameters",
+    loss_unit="nats/token (WebText2, GPT-2 BPE), models trained to convergence",
+    alpha=0.076,
+    Nc=8.8e13,
+    a=0.73,
+)
+HOFFMANN_2022 = PublishedLaw(
+    name="Hoffmann et al. 2022 (Chinchilla)",
+    citation="Hoffmann et al. 2022, Training Compute-Optimal Large Language Models, "
+    "arXiv:2203.15556, eq. 10 (approach 3)",
+    form="L(N, D) = E + A / N^alpha + B / D^beta",
+    parameter_count="total parameters (embedding included)",
+    loss_unit="nats/token (MassiveText, SentencePiece 32k)",
+    alpha=0.34,
+    beta=0.28,
+    E=1.69,
+    A=406.4,
+    B=410.7,
+)
+BESIROGLU_2024 = PublishedLaw(
+    name="Besiroglu et al. 2024 (Epoch refit)",
+    citation="Besiroglu et al. 2024, Chinchilla Scaling: A replication attempt, arXiv:2404.10102 "
+    "(refit of the data read off Hoffmann et al.'s Figure 4)",
+    form="L(N, D) = E + A / N^alpha + B / D^beta",
+    parameter_count="total parameters (embedding included)",
+    loss_unit="nats/token (MassiveText, SentencePiece 32k)",
+    alpha=0.35,
+    beta=0.37,
+    E=1.82,
+    A=482.01,
+    B=2085.43,
+)
+PUBLISHED = (KAPLAN_2020, HOFFMANN_2022, BESIROGLU_2024)
+
 
 BASE_COLUMNS = (
     "name",
@@ -112,10 +171,10 @@ def _number(value, digits: int = 3) -> str:
 
 def fits_markdown(
     power_law: scaling.PowerLawBootstrap | None = None,
-    chinchilla: scaling.ChinchillaBootstrap | None = None,
-    allocation: scaling.AllocationFit | None = None,
+    chinchilla: compute_optimal.ChinchillaBootstrap | None = None,
+    allocation: compute_optimal.AllocationFit | None = None,
     allocation_key: str = "params",
-    published: Sequence[scaling.PublishedLaw] = scaling.PUBLISHED,
+    published: Sequence[PublishedLaw] = PUBLISHED,
 ) -> str:
     """The sweep's fits (point [2.5%, 97.5%] bootstrap) beside the published laws, each in
     its own conventions: which N it counts and which loss it fits."""

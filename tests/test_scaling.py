@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from gopher import plots, scaling, scaling_tables
+from gopher import compute_optimal, plots, scaling, scaling_tables
 
-CHINCHILLA = scaling.HOFFMANN_2022
+CHINCHILLA = scaling_tables.HOFFMANN_2022
 
 
 def sweep(rng, sizes, alpha=0.3, nc=1e5, docs=200, doc_sigma=0.3, shared_sigma=0.5, seeds=1):
@@ -195,25 +195,25 @@ def CHINCHILLA_LAW(n, d):
 
 def test_chinchilla_fit_recovers_law():
     n, d, loss = chinchilla_grid(0.002, np.random.default_rng(7))
-    fit = scaling.fit_chinchilla(n, d, loss, top_k=16)
+    fit = compute_optimal.fit_chinchilla(n, d, loss, top_k=16)
     assert pytest.approx(1.69, abs=0.03) == fit.E
     assert fit.alpha == pytest.approx(0.34, abs=0.02)
     assert fit.beta == pytest.approx(0.28, abs=0.02)
     np.testing.assert_allclose(fit.predict(n, d), CHINCHILLA_LAW(n, d), rtol=0.003)
     with pytest.raises(ValueError, match="4 runs; the five-parameter L"):
-        scaling.fit_chinchilla(n[:4], d[:4], loss[:4])
+        compute_optimal.fit_chinchilla(n[:4], d[:4], loss[:4])
 
 
 def test_huber_gradient_matches_finite_differences():
     n, d, loss = chinchilla_grid(0.01, np.random.default_rng(8))
     args = (np.log(n), np.log(d), np.log(loss), 1e-3)
     theta = np.array([6.0, 6.1, 0.5, 0.35, 0.3])
-    _, grad = scaling._huber_objective(theta, *args)
+    _, grad = compute_optimal._huber_objective(theta, *args)
     step = 1e-7
     numeric = [
         (
-            scaling._huber_objective(theta + step * e, *args)[0]
-            - scaling._huber_objective(theta - step * e, *args)[0]
+            compute_optimal._huber_objective(theta + step * e, *args)[0]
+            - compute_optimal._huber_objective(theta - step * e, *args)[0]
         )
         / (2 * step)
         for e in np.eye(5)
@@ -222,7 +222,7 @@ def test_huber_gradient_matches_finite_differences():
 
 
 def test_optimal_allocation_minimises_the_law_at_fixed_compute():
-    fit = scaling.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
+    fit = compute_optimal.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
     for c in (1e20, 5.76e23):
         n_opt, d_opt = fit.optimal_allocation(c)
         grid = np.geomspace(n_opt / 10, n_opt * 10, 20001)  # brute force along C = 6 N D
@@ -248,7 +248,7 @@ def test_chinchilla_bootstrap_of_noiseless_runs_is_the_law():
         }
         for i, (ni, di) in enumerate(zip(n.ravel(), d.ravel(), strict=True))
     ]
-    result = scaling.bootstrap_chinchilla(records, n_boot=4)
+    result = compute_optimal.bootstrap_chinchilla(records, n_boot=4)
     assert result.resampled == ("runs", "documents")
     for name in ("E", "alpha", "beta"):
         iv = result.intervals[name]
@@ -281,7 +281,7 @@ def test_isoflop_minimum_of_a_parabola_is_its_vertex():
     # Two seeds of one size, symmetric about the parabola: averaged before the fit.
     records += [dict(records[2], heldout_bpb=records[2]["heldout_bpb"] + 0.05, seed=1)]
     records[2] = dict(records[2], heldout_bpb=records[2]["heldout_bpb"] - 0.05)
-    (m,) = scaling.isoflop_minima(records)
+    (m,) = compute_optimal.isoflop_minima(records)
     assert m.u_shaped and m.flops == 1e17
     assert m.n_opt == pytest.approx(n_star, rel=1e-9)
     assert m.loss_opt == pytest.approx(2.0, abs=1e-12)
@@ -289,19 +289,19 @@ def test_isoflop_minimum_of_a_parabola_is_its_vertex():
 
 
 def test_isoflop_minima_of_the_chinchilla_law_and_allocation_exponent():
-    fit = scaling.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
+    fit = compute_optimal.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
     records = []
     for c in (1e18, 1e19, 1e20, 1e21):
         n_opt, _ = fit.optimal_allocation(c)
         sizes = np.geomspace(n_opt / 3, n_opt * 3, 7)
         records += isoflop_records(f"c{c:.0e}", sizes, fit.predict(sizes, c / (6 * sizes)), c)
     records += isoflop_records("tokens", [1e6, 1e7], [3.0, 2.5], 1e15)  # not a budget
-    minima = scaling.isoflop_minima(records)
+    minima = compute_optimal.isoflop_minima(records)
     assert [m.flops for m in minima] == [1e18, 1e19, 1e20, 1e21]
     for m in minima:
         assert m.u_shaped
         assert m.n_opt == pytest.approx(fit.optimal_allocation(m.flops)[0], rel=0.03)
-    allocation = scaling.fit_allocation(minima)
+    allocation = compute_optimal.fit_allocation(minima)
     assert allocation.a == pytest.approx(fit.a, abs=0.01)
     assert allocation.b == pytest.approx(fit.b, abs=0.01)
 
@@ -310,11 +310,11 @@ def test_isoflop_without_a_u_shape():
     sizes = np.geomspace(1e6, 1e8, 4)
     falling = isoflop_records("c1e16", sizes, [3.0, 2.6, 2.4, 2.3], 1e16)
     two = isoflop_records("c1e15", sizes[:2], [3.0, 3.1], 1e15)
-    short, monotone = scaling.isoflop_minima(falling + two)
+    short, monotone = compute_optimal.isoflop_minima(falling + two)
     assert not monotone.u_shaped and monotone.n_opt == sizes[-1] and monotone.loss_opt == 2.3
     assert not short.u_shaped and short.coefficients is None and short.n_opt == sizes[0]
     with pytest.raises(ValueError, match="0 U-shaped IsoFLOP budgets"):
-        scaling.fit_allocation([short, monotone])
+        compute_optimal.fit_allocation([short, monotone])
 
 
 def test_compute_frontier_is_the_lower_envelope():
@@ -323,7 +323,7 @@ def test_compute_frontier_is_the_lower_envelope():
         {"name": str(i), "flops": float(f), "heldout_bpb": float(b)}
         for i, (f, b) in enumerate(zip(rng.uniform(1, 100, 60), rng.uniform(1, 3, 60), strict=True))
     ]
-    frontier = {r["name"] for r in scaling.compute_frontier(records)}
+    frontier = {r["name"] for r in compute_optimal.compute_frontier(records)}
     naive = {
         r["name"]
         for r in records
@@ -341,7 +341,7 @@ def test_compute_frontier_is_the_lower_envelope():
 
 def full_sweep():
     """Runs of three budgets and a token-matched group, with sources and evals."""
-    fit = scaling.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
+    fit = compute_optimal.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
     records = []
     sizes = np.geomspace(2.5e6, 3.2e8, 8)  # every size at every budget
     for c in (1e16, 1e17, 1e18):
@@ -369,7 +369,7 @@ def test_plots_write_readable_pngs(tmp_path):
     for r in tokens:
         r["bpb_by_source"] = {"web": 1.0, "books": 1.2}
     boot = scaling.bootstrap_power_law(tokens, n_boot=50)
-    minima = scaling.isoflop_minima(records)
+    minima = compute_optimal.isoflop_minima(records)
     steps = np.arange(0, 1000, 50)
     curves = [
         {
@@ -427,7 +427,7 @@ def test_results_csv_round_trips(tmp_path):
 def test_fits_markdown_sits_beside_published_laws():
     tokens = sweep(np.random.default_rng(12), np.logspace(5, 8, 4), docs=30)
     boot = scaling.bootstrap_power_law(tokens, n_boot=50)
-    allocation = scaling.fit_allocation(scaling.isoflop_minima(full_sweep()))
+    allocation = compute_optimal.fit_allocation(compute_optimal.isoflop_minima(full_sweep()))
     text = scaling_tables.fits_markdown(power_law=boot, allocation=allocation)
     iv = boot.alpha
     assert f"{iv.point:.3f} [{iv.low:.3f}, {iv.high:.3f}]" in text
