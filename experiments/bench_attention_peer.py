@@ -77,16 +77,22 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gopher.attention_xla import QUERY_CHUNK, grouped_relative_attention, heads_per_group
+    from gopher.attention_xla import (
+        MAX_QUERY_CHUNKS,
+        QUERY_CHUNK,
+        grouped_relative_attention,
+        heads_per_group,
+    )
 
     keys = jax.random.split(jax.random.key(0), 2)
     qkv = 0.3 * jax.random.normal(keys[0], (b, t, 3, h * kd), jnp.float32)  # [B, T, 3, H*K]
     r = 0.3 * jax.random.normal(keys[1], (h, t + 1, kd), jnp.float32)  # [H, T+1, K]
     bias = jnp.zeros((h, 1, kd), jnp.float32)
-    group = heads_per_group(b, h, t, QUERY_CHUNK)
+    chunk = max(QUERY_CHUNK, -(-t // MAX_QUERY_CHUNKS))  # as RelativeAttention chooses it
+    group = heads_per_group(b, h, t, chunk)
 
     def forward(qkv, r):
-        return grouped_relative_attention(qkv, r, bias, bias, None, QUERY_CHUNK, group)
+        return grouped_relative_attention(qkv, r, bias, bias, None, chunk, group)
 
     both = jax.grad(lambda qkv, r: jnp.sum(forward(qkv, r)), argnums=(0, 1))
     fwd = jax.jit(forward).lower(qkv, r).compile()
@@ -95,10 +101,10 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
         "side": "gopher",
         "what": "gopher.attention_xla.grouped_relative_attention",
         "heads_per_group": group,
-        "query_chunk": QUERY_CHUNK,
+        "query_chunk": chunk,
         "forward_s": _median_seconds(lambda: jax.block_until_ready(fwd(qkv, r)), reps),
         "forward_backward_s": _median_seconds(lambda: jax.block_until_ready(fwd_bwd(qkv, r)), reps),
-        "forward_backward_matmul_flops": gopher_matmul_flops(b, h, kd, t, QUERY_CHUNK),
+        "forward_backward_matmul_flops": gopher_matmul_flops(b, h, kd, t, chunk),
         "jax": jax.__version__,
     }
 
@@ -115,6 +121,7 @@ def torch_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
             F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def forward_backward():
+        q.grad = k.grad = v.grad = None  # as the peer's zero_grad(set_to_none=True)
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
     return {
