@@ -1,0 +1,114 @@
+"""The sweep's plots (gopher/plots.py) and tables (gopher/scaling_tables.py) on disk, from
+synthetic runs."""
+
+import csv
+
+import numpy as np
+import pytest
+from sweep_records import isoflop_records, sweep  # tests/ is on sys.path
+
+from gopher import compute_optimal, plots, scaling, scaling_tables
+
+CHINCHILLA = scaling_tables.HOFFMANN_2022
+
+
+# ----------------------------------------------------------------------------- plots, tables
+
+
+def full_sweep():
+    """Runs of three budgets and a token-matched group, with sources and evals."""
+    fit = compute_optimal.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
+    records = []
+    sizes = np.geomspace(2.5e6, 3.2e8, 8)  # every size at every budget
+    for c in (1e16, 1e17, 1e18):
+        records += isoflop_records(f"c{c:.0e}", sizes, fit.predict(sizes, c / (6 * sizes)), c)
+    for r in records:
+        r["nonembedding_params"] = r["params"] * 0.7
+        r["bpb_by_source"] = {"web": r["heldout_bpb"] * 0.9, "books": r["heldout_bpb"] * 1.1}
+        r["evals"] = {"lambada": {"accuracy": 0.1, "perplexity": 50.0}, "piqa": 0.55}
+        r["seed"] = 0
+    return records
+
+
+def check_png(path):
+    import matplotlib.pyplot as plt
+
+    assert path.stat().st_size > 10_000
+    image = plt.imread(str(path))
+    assert image.shape == (576, 768, 4)  # 6.4 x 4.8 in at 120 dpi
+    assert image[..., :3].std() > 0.05  # something drawn, not a blank canvas
+
+
+def test_plots_write_readable_pngs(tmp_path):
+    records = full_sweep()
+    tokens = sweep(np.random.default_rng(11), np.logspace(5, 8, 4), docs=30)
+    for r in tokens:
+        r["bpb_by_source"] = {"web": 1.0, "books": 1.2}
+    boot = scaling.bootstrap_power_law(tokens, n_boot=50)
+    minima = compute_optimal.isoflop_minima(records)
+    steps = np.arange(0, 1000, 50)
+    curves = [
+        {
+            "label": label,
+            "seed": s,
+            "step": steps,
+            "bpb": 3 * np.exp(-steps / 400) + shift + 0.02 * s,
+        }
+        for label, shift in (("fp32", 1.0), ("bf16 + stochastic rounding", 1.05))
+        for s in range(3)
+    ] + [{"label": "bf16 no rounding", "step": steps, "bpb": 3 * np.exp(-steps / 400) + 1.2}]
+    written = [
+        plots.plot_loss_vs_params(tokens, str(tmp_path / "params.png"), fit=boot),
+        plots.plot_loss_vs_flops(records, str(tmp_path / "flops.png")),
+        plots.plot_isoflop(minima, str(tmp_path / "isoflop.png")),
+        plots.plot_source_bpb(tokens, str(tmp_path / "sources.png")),
+        plots.plot_loss_curves(curves, str(tmp_path / "sub" / "curves.png"), x="step"),
+    ]
+    for path in written:
+        check_png(tmp_path / path)
+    with pytest.raises(ValueError, match="needs equal-length 'step' and 'bpb'"):
+        plots.plot_loss_curves(
+            [{"label": "x", "step": [1, 2]}], str(tmp_path / "bad.png"), x="step"
+        )
+
+
+def test_results_csv_round_trips(tmp_path):
+    records = full_sweep()
+    records[0].pop("bpb_by_source")  # a run without per-source bpb: empty cells
+    path = scaling_tables.write_results_csv(records, str(tmp_path / "results.csv"))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records)
+    assert list(rows[0]) == [
+        *scaling_tables.BASE_COLUMNS,
+        "bpb_books",
+        "bpb_web",
+        "eval_lambada",
+        "eval_piqa",
+    ]
+    for row, r in zip(rows, records, strict=True):
+        assert row["name"] == r["name"] and row["budget"] == r["budget"]
+        for key in ("params", "nonembedding_params", "tokens", "flops", "heldout_bpb"):
+            assert float(row[key]) == r[key]  # full precision
+        assert row["heldout_loss"] == ""
+        assert float(row["eval_lambada"]) == 0.1 and float(row["eval_piqa"]) == 0.55
+        if "bpb_by_source" in r:
+            assert float(row["bpb_web"]) == r["bpb_by_source"]["web"]
+    assert rows[0]["bpb_web"] == ""
+    table = scaling_tables.results_markdown(records).splitlines()
+    assert len(table) == len(records) + 2
+    assert {line.count("|") for line in table} == {len(rows[0]) + 1}
+
+
+def test_fits_markdown_sits_beside_published_laws():
+    tokens = sweep(np.random.default_rng(12), np.logspace(5, 8, 4), docs=30)
+    boot = scaling.bootstrap_power_law(tokens, n_boot=50)
+    allocation = compute_optimal.fit_allocation(compute_optimal.isoflop_minima(full_sweep()))
+    text = scaling_tables.fits_markdown(power_law=boot, allocation=allocation)
+    iv = boot.alpha
+    assert f"{iv.point:.3f} [{iv.low:.3f}, {iv.high:.3f}]" in text
+    assert "| Kaplan et al. 2020 |" in text and "| 0.076 |" in text
+    assert "| Hoffmann et al. 2022 (Chinchilla) |" in text and "| 406.40 | 410.70 |" in text
+    assert "| 482.01 | 2085.43 |" in text
+    assert f"| {allocation.a:.3f} |" in text
+    assert "non-embedding parameters" in text and "total parameters (embedding included)" in text
