@@ -159,6 +159,9 @@ def _summary(rounds: list[dict], layers: int) -> dict:
 def main(argv):
     del argv
     shape = (_BATCH.value, _HEADS.value, _KEY.value, _SEQ.value)
+    for flag in (_BATCH, _HEADS, _KEY, _SEQ, _LAYERS, _ROUNDS, _REPS):
+        if flag.value < 1:
+            raise app.UsageError(f"--{flag.name}={flag.value} must be 1 or more")
     if _SIDE.value:  # one side, in this process
         fn = gopher_side if _SIDE.value == "gopher" else torch_side
         print(json.dumps(fn(*shape, _REPS.value)), flush=True)

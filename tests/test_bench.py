@@ -378,6 +378,8 @@ def test_attention_peer_gopher_side_end_to_end(tmp_path):
     assert "gopher: forward" in proc.stdout and "per layer" in proc.stdout
     bad = _attention_peer("--sides=gopher,jax")
     assert bad.returncode != 0 and "--sides=jax is not a side" in bad.stderr
+    bad = _attention_peer("--seq_len=0")
+    assert bad.returncode != 0 and "--seq_len=0 must be 1 or more" in bad.stderr
 
 
 def test_attention_peer_torch_side_runs():
