@@ -28,6 +28,7 @@ import time
 
 from absl import app, flags
 
+from experiments import common
 from experiments.bench_machine import ROOT, git_revision, machine_record
 from experiments.bench_peer import peer_python, run_json
 
@@ -161,28 +162,28 @@ def main(argv):
     shape = (_BATCH.value, _HEADS.value, _KEY.value, _SEQ.value)
     for flag in (_BATCH, _HEADS, _KEY, _SEQ, _LAYERS, _ROUNDS, _REPS):
         if flag.value < 1:
-            raise app.UsageError(f"--{flag.name}={flag.value} must be 1 or more")
+            common.fail(f"--{flag.name}={flag.value}: pass 1 or more")
     if _SIDE.value:  # one side, in this process
         fn = gopher_side if _SIDE.value == "gopher" else torch_side
         print(json.dumps(fn(*shape, _REPS.value)), flush=True)
         return
     bad = [s for s in _SIDES.value if s not in ("gopher", "torch")]
     if bad:
-        raise app.UsageError(f"--sides={','.join(bad)} is not a side; use gopher and/or torch")
+        common.fail(f"--sides={','.join(bad)} is not a side; use gopher and/or torch")
     torch_version = None
     if "torch" in _SIDES.value:
         try:
             python, torch_version = peer_python(_PEER_PYTHON.value)
         except ValueError as e:
-            raise app.UsageError(str(e)) from None
-    common = [
+            common.fail(str(e))
+    shape_flags = [
         f"--batch={shape[0]}",
         f"--heads={shape[1]}",
         f"--key_size={shape[2]}",
         f"--seq_len={shape[3]}",
         f"--reps={_REPS.value}",
     ]
-    module = ["-m", "experiments.bench_attention_peer", *common]
+    module = ["-m", "experiments.bench_attention_peer", *shape_flags]
     rounds = []
     for i in range(_ROUNDS.value):
         rec = {}

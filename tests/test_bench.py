@@ -376,10 +376,8 @@ def test_attention_peer_gopher_side_end_to_end(tmp_path):
     assert g["per_step_s"] == pytest.approx(3 * g["forward_backward_s"])
     assert rec["shape"] == {"batch": 2, "heads": 2, "key_size": 8, "seq_len": 64}
     assert "gopher: forward" in proc.stdout and "per layer" in proc.stdout
-    bad = _attention_peer("--sides=gopher,jax")
-    assert bad.returncode != 0 and "--sides=jax is not a side" in bad.stderr
-    bad = _attention_peer("--seq_len=0")
-    assert bad.returncode != 0 and "--seq_len=0 must be 1 or more" in bad.stderr
+    _one_line_error(_attention_peer("--sides=gopher,jax"), "--sides=jax is not a side")
+    _one_line_error(_attention_peer("--seq_len=0"), "--seq_len=0: pass 1 or more")
 
 
 def test_attention_peer_torch_side_runs():
