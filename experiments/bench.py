@@ -21,7 +21,8 @@ and appends it, with the command line, to --out (`benchmarks/train_speed.jsonl`)
 Side by side (--peer=torch): experiments/bench_peer.py runs this module in single-run mode
 and the PyTorch GPT-2 of benchmarks/peers/ (eager, then compiled) in turn, --rounds times,
 each in its own process; prints both sides' tokens/s, MFU, peak memory and their ratio, and
-writes everything to --peer_out (`benchmarks/bench_<shape>_peer.json`, overwritten).
+writes everything to --peer_out (`benchmarks/bench_<shape>_peer.json`, overwritten) and appends
+the sitting's one-line summary to `benchmarks/bench_<shape>_peer_sittings.jsonl` (kept).
 
 Shapes:
   nanogpt  the 44m row (8 layers, d_model 512, 16 heads, key 32, vocab 32000) at

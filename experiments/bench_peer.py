@@ -304,5 +304,40 @@ def side_by_side(
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with open(out_path, "w") as f:
         f.write(json.dumps(result, indent=2) + "\n")
-    print(f"saved {out_path}")
+    history = sittings_path(out_path)
+    with open(history, "a") as f:
+        f.write(json.dumps(sitting_line(result)) + "\n")
+    print(f"saved {out_path}; appended its summary to {history}")
     return result
+
+
+def sittings_path(out_path: str) -> str:
+    """Where every sitting's one-line summary accumulates, beside the (overwritten) record:
+    bench_nanogpt_peer.json -> bench_nanogpt_peer_sittings.jsonl."""
+    return os.path.splitext(out_path)[0] + "_sittings.jsonl"
+
+
+def sitting_line(result: dict) -> dict:
+    """One sitting of a side-by-side record, as a line: when, where, both sides and the ratio.
+    The machine's speed moves between sittings and the sides do not move together, so the
+    spread of these lines' ratios is the figure to trust, not one sitting's."""
+    s, m = result["summary"], result["machine"]
+    return {
+        "time": result["time"],
+        "git": result["git"],
+        "shape": result["shape"],
+        "cpu": m["cpu"],
+        "cores": m["cores"],
+        "jax": m["jax"],
+        "torch": m.get("torch"),
+        "gopher_tokens_per_sec": s["gopher_tokens_per_sec"],
+        "peer_eager_tokens_per_sec": s["peer_eager_tokens_per_sec"],
+        "peer_compile_tokens_per_sec": s["peer_compile_tokens_per_sec"],
+        "peer_mode": s["peer_mode"],
+        "ratio_median": s["ratio_median"],
+        "ratio_min": s["ratio_min"],
+        "ratio_max": s["ratio_max"],
+        "rounds": len(s["rounds"]),
+        "peak_rss_gib": s["peak_rss_gib"],
+        "command": result["command"],
+    }

@@ -72,6 +72,21 @@ def test_summarise_ratios_medians_and_the_faster_peer_mode():
     assert (s["peer_tokens_per_sec"], s["peer_mode"]) == (640.0, "eager")
 
 
+def test_a_sitting_is_one_line_beside_the_record():
+    rounds = [{"gopher": 900.0, "peer_eager": 800.0, "peer_compile": 1000.0}]
+    line = _call(
+        "bench_peer.sitting_line({'summary': dict(bench_peer.summarise(args[0]), "
+        "peak_rss_gib={'gopher': 2.0}), 'machine': {'cpu': 'Xeon', 'cores': 2, 'jax': '0.10.2', "
+        "'torch': '2.13.0'}, 'time': 't', 'git': 'abc', 'shape': 'nanogpt', 'command': 'c'})",
+        rounds,
+    )
+    assert (line["gopher_tokens_per_sec"], line["peer_mode"], line["rounds"]) == (900, "compile", 1)
+    assert line["ratio_median"] == line["ratio_min"] == line["ratio_max"] == 0.9
+    assert (line["cpu"], line["git"], line["peak_rss_gib"]) == ("Xeon", "abc", {"gopher": 2.0})
+    path = _call("bench_peer.sittings_path(args[0])", "benchmarks/bench_nanogpt_peer.json")
+    assert path == "benchmarks/bench_nanogpt_peer_sittings.jsonl"
+
+
 def test_summarise_refuses_rounds_without_figures():
     assert "pass --rounds=1" in _call("bench_peer.summarise(args[0])", [])["error"]
     bad = [{"gopher": 900.0, "peer_eager": None, "peer_compile": None}]
@@ -254,6 +269,8 @@ def test_side_by_side_end_to_end(tmp_path):
     assert rec["summary"]["ratio_median"] == pytest.approx(r["gopher"]["tokens_per_sec"] / best)
     assert rec["machine"]["torch"] and rec["command"].startswith("python -m experiments.bench")
     assert "gopher/torch: median" in proc.stdout
+    (line,) = (tmp_path / "peer_sittings.jsonl").read_text().splitlines()
+    assert json.loads(line)["ratio_median"] == rec["summary"]["ratio_median"]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
