@@ -6,7 +6,8 @@ as `make bench`), then benchmarks/peers/gpt2_torch.py (nanoGPT's GPT-2 on PyTorc
 heads, d_model, vocab, seq and batch) eager, then compiled, repeated `rounds` times, so each
 side's peak memory (ru_maxrss) is its own. A round's peer figure is the faster of its eager and
 compiled medians; `summarise` gives every round's gopher / peer ratio and their median (min,
-max). The record (machine, each round's full records, the commands) is written to `out`.
+max). The record (machine, each round's full records, the commands) is written to `out`, and
+its one-line summary appended to the sittings file beside it (`sittings_path`).
 The two models differ as the papers do: gopher has relative attention (a 13th d^2 per
 layer, W_R) and RMSNorm; GPT-2 has absolute positions and LayerNorm; MFU counts each
 model's own FLOPs.
