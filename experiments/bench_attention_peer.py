@@ -10,9 +10,12 @@ gpt2_torch.py calls, `F.scaled_dot_product_attention(q, k, v, is_causal=True)` o
 Each times the forward and the forward+backward of the output's sum (median of --reps calls
 after two warm-ups), in its own process, alternating --rounds times. Multiplied by --layers,
 beside the whole step's times of `make bench-peer`, the figures split the step's gap into
-attention and the rest. Gopher's side also reports the FLOPs XLA compiled for one
-forward+backward (`cost_analysis()`), the work the relative term and the chunked causal
-mask add.
+attention and the rest. Each side's matmul FLOPs per forward+backward are counted as its
+code does them: gopher's 11 matmuls per query chunk (forward: content, position, p v;
+backward: the two score matmuls again, then dv, dp, dq twice, dk, d r) over the keys each
+chunk sees, the position ones over one more distance; the peer's 7 (forward 2, backward 5
+with the scores recomputed, as flash attention does) over the causal half of the scores.
+(XLA's cost_analysis() counts a loop's body once, so it cannot count the head groups.)
 
 Writes the rounds and their medians to --out (benchmarks/bench_attention_peer_cpu.json).
 """
