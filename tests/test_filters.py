@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import pytest
 
-from gopher.data import filters
+from gopher.data import dedup, filters
 from gopher.data.sources import Document
 
 CONSONANTS, VOWELS = "bcdfghjklmnprstvwz", "aeiou"
@@ -272,9 +272,9 @@ def test_near_duplicates_use_exact_jaccard_at_0_8():
     assert shingle_jaccard(base, close) > 0.85
     assert 0.7 < shingle_jaccard(base, far) < 0.8
     # Order decides which copy stays: the first.
-    assert filters.near_duplicates([base, far, close, other]) == [2]
-    assert filters.near_duplicates([close, base]) == [1]
-    assert filters.jaccard(filters.shingles(base, 13), filters.shingles(far, 13)) == pytest.approx(
+    assert dedup.near_duplicates([base, far, close, other]) == [2]
+    assert dedup.near_duplicates([close, base]) == [1]
+    assert dedup.jaccard(dedup.shingles(base, 13), dedup.shingles(far, 13)) == pytest.approx(
         shingle_jaccard(base, far)
     )
 
@@ -282,12 +282,12 @@ def test_near_duplicates_use_exact_jaccard_at_0_8():
 def test_minhash_signatures_estimate_jaccard():
     w = Words()
     base = " ".join(w.take(2000))
-    config = filters.MinHashConfig()
+    config = dedup.MinHashConfig()
     for every in (400, 60, 25):
         variant = edited(base, every, 7, w)
         truth = shingle_jaccard(base, variant)
-        a = filters.minhash_signature(filters.shingles(base, 13), config)
-        b = filters.minhash_signature(filters.shingles(variant, 13), config)
+        a = dedup.minhash_signature(dedup.shingles(base, 13), config)
+        b = dedup.minhash_signature(dedup.shingles(variant, 13), config)
         assert a.shape == (128,) and a.dtype == np.uint64
         # K = 128: the standard error is at most 0.045.
         assert np.mean(a == b) == pytest.approx(truth, abs=0.15)

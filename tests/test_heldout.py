@@ -1,6 +1,6 @@
 """Held-out splits by work, bpb over the original text's bytes, eval batches of their own.
 
-Oracles: exact set overlap (filters.jaccard), the greedy fill's closed-form error bound,
+Oracles: exact set overlap (dedup.jaccard), the greedy fill's closed-form error bound,
 len(text.encode()), the stream itself, and a one-device forward pass.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gopher import config, engine, loop, train
-from gopher.data import filters, packing, pipeline, sources
+from gopher.data import dedup, packing, pipeline, sources
 from gopher.data.sources import Document, split_by_work, stdlib_documents, work_shingles
 from gopher.data.tokenizer import Tokenizer
 
@@ -87,7 +87,7 @@ def _nbytes(docs) -> int:
 
 
 def _jaccard_raw(a: str, b: str) -> float:
-    return filters.jaccard(filters.shingles(a, 13), filters.shingles(b, 13))
+    return dedup.jaccard(dedup.shingles(a, 13), dedup.shingles(b, 13))
 
 
 def test_editions_and_contained_copies_stay_on_one_side():
@@ -104,10 +104,10 @@ def test_editions_and_contained_copies_stay_on_one_side():
         Document("books", "excerpts/part.txt", part),
     ]
     # The editions are far below the dedup threshold, and the part far below in Jaccard.
-    assert _jaccard_raw(modern, folio) < filters.MinHashConfig().threshold / 4
+    assert _jaccard_raw(modern, folio) < dedup.MinHashConfig().threshold / 4
     assert _jaccard_raw(big, part) < 0.5
     a, b = work_shingles(modern), work_shingles(folio)
-    assert filters.jaccard(a, b) >= sources.WorkGrouping().jaccard  # folded, they group
+    assert dedup.jaccard(a, b) >= sources.WorkGrouping().jaccard  # folded, they group
 
     pairs = [
         ("plays/play_modern.txt", "plays/play_folio.txt"),

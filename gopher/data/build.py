@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from gopher.data import filters
+from gopher.data import dedup, filters
 from gopher.data.packing import stream_with_bytes
 from gopher.data.shards import shard_order_key, write_shards
 from gopher.data.sources import Document, WorkGrouping, split_by_work
@@ -32,7 +32,6 @@ from gopher.data.tokenizer import Tokenizer, training_sample
 # 2: held-out split by work and held-out byte counts of the original text; a corpus of
 # another format is rebuilt (the default cache) or refused (gopher.data.pipeline).
 FORMAT = "gopher-corpus/2"
-DEFAULT_MINHASH = filters.MinHashConfig()
 
 
 def split_documents(
@@ -89,7 +88,7 @@ def build_corpus(
     heldout_fraction: float = 0.02,
     tokenizer_sample_bytes: int = 8_000_000,
     max_bytes_per_source: int | None = None,
-    minhash: filters.MinHashConfig | None = DEFAULT_MINHASH,
+    minhash: dedup.MinHashConfig | None = dedup.DEFAULT_MINHASH,
     num_threads: int = 2,
     skipped: Sequence[str] = (),
     log: Callable[[str], None] = print,

@@ -1,7 +1,7 @@
-"""MassiveText's quality filter, repetition removal and document deduplication.
+"""MassiveText's quality filter and repetition removal, and the pipeline that applies them
+and the deduplication of gopher/data/dedup.py.
 
-Shapes: m is the number of words in a document, n an n-gram length, K the number of
-MinHash functions (= bands * rows).
+Shapes: m is the number of words in a document, n an n-gram length.
 
 Rules and thresholds are Gopher's (Rae et al. 2021, App. A.1.1), applied in
 the paper's order; a document is attributed to the first rule it fails, so each removed
@@ -30,19 +30,13 @@ document is counted once. Definitions where the paper leaves a choice:
 - Code sources skip the quality and repetition rules (as MassiveText's GitHub subset)
   and go through deduplication only.
 
-Deduplication runs over all sources together in a fixed order (the first document
-wins): exact duplicates by SHA-256 of the text, then near duplicates by MinHash-LSH on
-word 13-grams. Two documents are near duplicates when the exact Jaccard similarity of
-their 13-gram sets is >= 0.8 (the paper's threshold). LSH with
-16 bands x 8 rows (K = 128 hash functions) proposes candidates: a pair at Jaccard 0.8
-becomes a candidate with probability 1 - (1 - 0.8^8)^16 = 0.95, at 0.85 with 0.997;
-candidates are then checked exactly, so no pair below the threshold is ever removed.
-Near duplicates form clusters (union-find) and each cluster keeps its first document.
+Deduplication (gopher/data/dedup.py) runs over all sources together in a fixed order (the
+first document wins): exact duplicates by SHA-256 of the text, then near duplicates by
+MinHash-LSH on word 13-grams.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import re
@@ -50,8 +44,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from gopher.data.dedup import DEFAULT_MINHASH, MinHashConfig, near_duplicates
+from gopher.data.hashing import ngram_hashes, word_hashes
 from gopher.data.sources import Document
-from gopher.data.unionfind import UnionFind
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 BULLETS = ("•", "‣", "●", "◦", "▪", "▸", "►", "-", "*", "–", "—", "·")
@@ -179,41 +174,6 @@ def _duplicate_fractions(items: Sequence[str]) -> tuple[float, float]:
     return dup_items / max(1, len(items)), dup_chars / max(1, total_chars)
 
 
-_WORD_HASH_CACHE: dict[str, int] = {}  # words recur across documents; bounded below
-
-
-def _word_hash(word: str) -> int:
-    digest = hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def word_hashes(words: Sequence[str]) -> np.ndarray:
-    """[m] uint64: a stable 64-bit hash of each word (the same in every process)."""
-    if len(_WORD_HASH_CACHE) > 4_000_000:
-        _WORD_HASH_CACHE.clear()
-    cache = _WORD_HASH_CACHE
-    unique = dict.fromkeys(words)  # first-seen order
-    for w in unique:
-        if w not in cache:
-            cache[w] = _word_hash(w)
-    table = np.fromiter(map(cache.__getitem__, unique), dtype=np.uint64, count=len(unique))
-    index = {w: i for i, w in enumerate(unique)}
-    ids = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
-    return table[ids]
-
-
-_NGRAM_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: n-gram hashes stay well mixed
-
-
-def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
-    """[m - n + 1] uint64 hashes of the word n-grams, given [m] word hashes."""
-    out = hashes[: len(hashes) - n + 1].copy()
-    with np.errstate(over="ignore"):
-        for k in range(1, n):
-            out = out * _NGRAM_MULTIPLIER + hashes[k : len(hashes) - n + 1 + k]
-    return out
-
-
 def _covered_chars(starts: np.ndarray, n: int, lengths: np.ndarray) -> int:
     """Characters of the words covered by n-grams starting at `starts`, each word once."""
     if len(starts) == 0:
@@ -310,91 +270,6 @@ def violations(
     return [*quality_violations(text, quality), *repetition_violations(text, repetition)]
 
 
-# --- deduplication --------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MinHashConfig:
-    """MinHash-LSH over word n-grams; see the module docstring for the numbers."""
-
-    ngram: int = 13
-    bands: int = 16
-    rows: int = 8
-    threshold: float = 0.8
-    seed: int = 0
-
-    @property
-    def num_hashes(self) -> int:
-        return self.bands * self.rows
-
-
-def shingles(text: str, n: int) -> np.ndarray:
-    """Sorted unique uint64 hashes of the word n-grams (the whole text if shorter)."""
-    hashes = word_hashes(text.split())
-    if len(hashes) == 0:
-        return np.zeros([0], np.uint64)
-    return np.unique(ngram_hashes(hashes, min(n, len(hashes))))
-
-
-def minhash_signature(shingle_set: np.ndarray, config: MinHashConfig) -> np.ndarray:
-    """[K] uint64 MinHash signature: min over shingles of K random bijections of uint64."""
-    rng = np.random.default_rng([config.seed, 0x6D696E68])
-    xors = rng.integers(0, 2**63, size=config.num_hashes, dtype=np.uint64) * np.uint64(2)
-    muls = rng.integers(0, 2**62, size=config.num_hashes, dtype=np.uint64) * np.uint64(
-        2
-    ) + np.uint64(1)
-    if len(shingle_set) == 0:
-        return np.full(config.num_hashes, np.iinfo(np.uint64).max, np.uint64)
-    out = np.empty(config.num_hashes, np.uint64)
-    chunk = 16
-    with np.errstate(over="ignore"):
-        for k in range(0, config.num_hashes, chunk):
-            # Shingles are already uniform 64-bit hashes: xor-then-odd-multiply is a
-            # different bijection of uint64 per k, enough for min-wise sampling.
-            mixed = (shingle_set[None, :] ^ xors[k : k + chunk, None]) * muls[k : k + chunk, None]
-            out[k : k + chunk] = mixed.min(axis=1)  # [chunk]
-    return out
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Exact Jaccard similarity of two sorted unique uint64 arrays."""
-    if len(a) == 0 and len(b) == 0:
-        return 1.0
-    inter = len(np.intersect1d(a, b, assume_unique=True))
-    return inter / (len(a) + len(b) - inter)
-
-
-def near_duplicates(texts: Sequence[str], config: MinHashConfig = MinHashConfig()) -> list[int]:
-    """Indices of the documents to drop: all but the first of each near-duplicate cluster."""
-    sets = [shingles(t, config.ngram) for t in texts]
-    signatures = np.stack([minhash_signature(s, config) for s in sets]) if sets else None
-    clusters = UnionFind(len(texts))  # the earliest document is each cluster's root
-    find, union = clusters.find, clusters.union
-    checked: set[tuple[int, int]] = set()
-    for band in range(config.bands):
-        buckets: dict[bytes, list[int]] = collections.defaultdict(list)
-        rows = signatures[:, band * config.rows : (band + 1) * config.rows] if len(texts) else []
-        for i, key in enumerate(rows):
-            buckets[key.tobytes()].append(i)
-        for members in buckets.values():
-            if len(members) < 2:
-                continue
-            # All pairs in small buckets; against the first member only in big ones, so
-            # a bucket of boilerplate costs linear, not quadratic, time.
-            pairs = (
-                [(a, b) for k, a in enumerate(members) for b in members[k + 1 :]]
-                if len(members) <= 32
-                else [(members[0], b) for b in members[1:]]
-            )
-            for a, b in pairs:
-                if (a, b) in checked or find(a) == find(b):
-                    continue
-                checked.add((a, b))
-                if jaccard(sets[a], sets[b]) >= config.threshold:
-                    union(a, b)
-    return [i for i in range(len(texts)) if find(i) != i]
-
-
 # --- the whole pipeline ---------------------------------------------------------------
 
 
@@ -407,7 +282,7 @@ def filter_documents(
     code_sources: Iterable[str] = (),
     quality: QualityThresholds = QualityThresholds(),
     repetition: RepetitionThresholds = RepetitionThresholds(),
-    minhash: MinHashConfig | None = MinHashConfig(),
+    minhash: MinHashConfig | None = DEFAULT_MINHASH,
 ) -> tuple[list[Document], dict[str, dict[str, int]]]:
     """Quality, repetition, exact and near-duplicate filtering; (kept, report per source).
 
