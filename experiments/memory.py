@@ -45,7 +45,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 def measure(model_cfg, train_cfg, mesh_dm, zero, precision, abstract=False) -> dict:
     import jax
 
-    from gopher import sharding, train
+    from gopher import partition, sharding, train
     from gopher.config import ParallelConfig
 
     d, m = mesh_dm
@@ -55,7 +55,7 @@ def measure(model_cfg, train_cfg, mesh_dm, zero, precision, abstract=False) -> d
         sizes = {"replica": 1, "data": d, "model": m}
         fns = train.make_train_functions(model_cfg, train_cfg, precision=precision)
         state = jax.eval_shape(fns.init, jax.random.key(0))
-        specs = sharding.state_partition_specs(state, sizes, zero)
+        specs = partition.state_partition_specs(state, sizes, zero)
         notes = specs.notes
         n = d * m
 

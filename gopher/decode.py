@@ -61,7 +61,8 @@ def mesh_constraint(mesh: Mesh | None, num_heads: int) -> Callable[[jax.Array, s
     rows over the batch axes, heads over "model" (when the heads divide over it)."""
     if mesh is None:
         return _identity
-    from gopher.sharding import BATCH_AXES, axis_sizes
+    from gopher.partition import axis_sizes
+    from gopher.sharding import BATCH_AXES
 
     heads = "model" if num_heads % axis_sizes(mesh)["model"] == 0 else None
     specs = {

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gopher import sharding
+from gopher import partition, sharding
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 
 
@@ -111,7 +111,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
     fns, sharded = sharding.build_train(
         model_cfg, train_cfg, parallel, mesh, fault_steps=train_cfg.inject_nan_steps
     )
-    sizes = sharding.axis_sizes(mesh)
+    sizes = partition.axis_sizes(mesh)
 
     compiled = {}
     # Sums over the global [B, T] NLL inside one program: the result is replicated, so

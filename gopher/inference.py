@@ -58,7 +58,7 @@ class LoadedModel:
     @property
     def batch_multiple(self) -> int:
         """Row counts must be a multiple of this (the devices the batch is split over)."""
-        from gopher.sharding import axis_sizes
+        from gopher.partition import axis_sizes
 
         sizes = axis_sizes(self.mesh)
         return sizes["replica"] * sizes["data"]
@@ -234,11 +234,11 @@ def from_params(
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     """NamedShardings of `params` by the training Megatron rules (no ZeRO split)."""
-    from gopher import sharding
+    from gopher import partition, sharding
     from gopher.train import TrainState
 
     state = TrainState(params, None, None, None, None, None)
-    specs = sharding.state_partition_specs(state, mesh, zero=0).specs.params
+    specs = partition.state_partition_specs(state, mesh, zero=0).specs.params
     return sharding.named_shardings(mesh, specs)
 
 

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from gopher import hlo, metrics, sharding
+from gopher import hlo, metrics, partition, sharding
 from gopher import train as train_lib
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 from gopher.topology import CHIPS, TPU_FIX, GiB, libtpu_available, parse_topology
@@ -148,7 +148,7 @@ def leaf_bytes(tree: Any) -> int:
 
 def check_batch(batch: int, microbatches: int, mesh: Mesh) -> None:
     """One-line error unless each of the `microbatches` spans the batch axes evenly."""
-    sizes = sharding.axis_sizes(mesh)
+    sizes = partition.axis_sizes(mesh)
     n = sizes["replica"] * sizes["data"]
     if batch % (microbatches * n):
         raise ValueError(
@@ -223,7 +223,7 @@ def plan(
 
 def describe(model_cfg, train_cfg, parallel, mesh, hw, mfu) -> dict:
     """The configuration, the hardware and the step time at `mfu` (no compile)."""
-    sizes = sharding.axis_sizes(mesh)
+    sizes = partition.axis_sizes(mesh)
     tokens = train_cfg.batch_size * model_cfg.seq_len
     flops = metrics.flops_per_token(model_cfg) * tokens
     n = mesh.devices.size
@@ -332,7 +332,7 @@ def residual_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh) -
 
 def microbatch_rows(train_cfg: TrainConfig, mesh: Mesh) -> int:
     """Sequences one device runs per microbatch (the batch over replica x data x K)."""
-    sizes = sharding.axis_sizes(mesh)
+    sizes = partition.axis_sizes(mesh)
     return train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
 
 
@@ -340,7 +340,7 @@ def state_bytes(model_cfg, train_cfg, parallel: ParallelConfig, mesh: Mesh) -> i
     """Per-device bytes of the train state under `parallel` (shard arithmetic, no compile)."""
     fns = train_lib.make_train_functions(model_cfg, train_cfg, precision=train_cfg.precision)
     abstract = jax.eval_shape(fns.init, jax.random.key(0))
-    specs = sharding.state_partition_specs(abstract, mesh, parallel.zero).specs
+    specs = partition.state_partition_specs(abstract, mesh, parallel.zero).specs
     return sharding.abstract_bytes_per_device(abstract, specs, mesh)
 
 
@@ -410,7 +410,7 @@ def search(
 
 def _counts(batch: int, mesh: Mesh) -> list[int]:
     """Microbatch counts K for which each of the K microbatches spans replica * data."""
-    sizes = sharding.axis_sizes(mesh)
+    sizes = partition.axis_sizes(mesh)
     rows = batch // (sizes["replica"] * sizes["data"])
     return [k for k in range(1, rows + 1) if rows % k == 0] or [1]
 

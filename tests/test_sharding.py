@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gopher import config, sharding, train
+from gopher import config, partition, sharding, train
 
 STEPS = 20
 BATCH = 8
@@ -128,14 +128,14 @@ def _abstract_state(model_cfg, precision="fp32"):
 def test_every_param_of_every_preset_matches_a_rule(preset):
     state = _abstract_state(config.get_preset(preset))
     for key_path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]:
-        sharding.match_rule(sharding.param_path(key_path))  # raises if unmatched
+        partition.match_rule(partition.param_path(key_path))  # raises if unmatched
 
 
 @pytest.mark.parametrize("zero", [1, 3])
 def test_280b_rules_divide_evenly_on_a_256x16_mesh(zero):
     mesh = AbstractMesh((1, 256, 16), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     state = _abstract_state(config.get_preset("280b"), "bf16_master")
-    specs = sharding.state_partition_specs(state, mesh, zero)
+    specs = partition.state_partition_specs(state, mesh, zero)
     # Megatron never falls back; ZeRO only for the small [L, H, K] u/v biases.
     assert all("bias" in note and "data=256" in note for note in specs.notes), specs.notes
     flat = zip(
@@ -148,7 +148,7 @@ def test_280b_rules_divide_evenly_on_a_256x16_mesh(zero):
         block = NamedSharding(mesh, spec).shard_shape(leaf.shape)  # jax's own arithmetic
         factor = [n // b for n, b in zip(leaf.shape, block, strict=True)]
         assert [b * f for b, f in zip(block, factor, strict=True)] == list(leaf.shape)
-        assert sharding.shard_shape(leaf.shape, spec, mesh) == block
+        assert partition.shard_shape(leaf.shape, spec, mesh) == block
         if len(leaf.shape) == 3 and "model" in str(spec):
             assert math.prod(factor) >= 16  # every matrix is split over model
         if leaf.dtype == np.float32 and leaf.shape:  # Adam moments and the fp32 master
@@ -160,14 +160,14 @@ def test_280b_rules_divide_evenly_on_a_256x16_mesh(zero):
 def test_zero_picks_the_largest_free_dim_that_data_divides():
     sizes = {"replica": 1, "data": 4, "model": 2}
     notes = []
-    assert sharding.add_data_axis("a", (8, 64, 256), P(), sizes, notes) == P(None, None, "data")
-    assert sharding.add_data_axis("b", (8, 64, 256), P(None, None, "model"), sizes, notes) == P(
+    assert partition.add_data_axis("a", (8, 64, 256), P(), sizes, notes) == P(None, None, "data")
+    assert partition.add_data_axis("b", (8, 64, 256), P(None, None, "model"), sizes, notes) == P(
         None, "data", "model"
     )
-    assert sharding.add_data_axis("c", (3, 16), P(None, "model"), sizes, notes) == P(
+    assert partition.add_data_axis("c", (3, 16), P(None, "model"), sizes, notes) == P(
         None, ("model", "data")
     )
-    assert sharding.add_data_axis("d", (3, 6), P(), sizes, notes) == P()
+    assert partition.add_data_axis("d", (3, 6), P(), sizes, notes) == P()
     assert notes == ["d: no dim of (3, 6) divisible by data=4, not partitioned"]
 
 
@@ -175,8 +175,8 @@ def test_unmatched_param_raises_naming_it():
     leaf = jax.ShapeDtypeStruct((4, 4), np.float32)
     state = _abstract_state(MODEL)
     params = {**state.params, "lm/adapter": {"w": leaf}}
-    with pytest.raises(sharding.UnmatchedParamError, match="'lm/adapter/w'"):
-        sharding.state_partition_specs(state._replace(params=params), {"data": 1, "model": 1})
+    with pytest.raises(partition.UnmatchedParamError, match="'lm/adapter/w'"):
+        partition.state_partition_specs(state._replace(params=params), {"data": 1, "model": 1})
 
 
 def test_mesh_that_does_not_match_the_devices_is_a_one_line_error():
