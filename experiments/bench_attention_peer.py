@@ -48,6 +48,7 @@ _PEER_PYTHON = flags.DEFINE_string("peer_python", None, "Interpreter with torch 
 _OUT = flags.DEFINE_string(
     "out", os.path.join("benchmarks", "bench_attention_peer_cpu.json"), "JSON written."
 )
+_SHAPE = (_BATCH, _HEADS, _KEY, _SEQ)  # the order gopher_side and torch_side take them
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -162,8 +163,8 @@ def _summary(rounds: list[dict], layers: int) -> dict:
 
 def main(argv):
     del argv
-    shape = (_BATCH.value, _HEADS.value, _KEY.value, _SEQ.value)
-    for flag in (_BATCH, _HEADS, _KEY, _SEQ, _LAYERS, _ROUNDS, _REPS):
+    shape = tuple(flag.value for flag in _SHAPE)
+    for flag in (*_SHAPE, _LAYERS, _ROUNDS, _REPS):
         if flag.value < 1:
             common.fail(f"--{flag.name}={flag.value}: pass 1 or more")
     if _SIDE.value:  # one side, in this process
@@ -179,13 +180,7 @@ def main(argv):
             python, torch_version = peer_python(_PEER_PYTHON.value)
         except ValueError as e:
             common.fail(str(e))
-    shape_flags = [
-        f"--batch={shape[0]}",
-        f"--heads={shape[1]}",
-        f"--key_size={shape[2]}",
-        f"--seq_len={shape[3]}",
-        f"--reps={_REPS.value}",
-    ]
+    shape_flags = [f"--{flag.name}={flag.value}" for flag in (*_SHAPE, _REPS)]
     module = ["-m", "experiments.bench_attention_peer", *shape_flags]
     rounds = []
     for i in range(_ROUNDS.value):
@@ -217,7 +212,7 @@ def main(argv):
         )
     record = {
         "command": shlex.join(["python", "-m", __spec__.name, *sys.argv[1:]]),
-        "shape": dict(zip(("batch", "heads", "key_size", "seq_len"), shape, strict=True)),
+        "shape": {flag.name: flag.value for flag in _SHAPE},
         "layers": _LAYERS.value,
         "machine": machine_record(torch_version),
         "git": git_revision(),
@@ -225,7 +220,7 @@ def main(argv):
         "summary": summary,
         "rounds": rounds,
     }
-    out = os.path.join(ROOT, _OUT.value) if not os.path.isabs(_OUT.value) else _OUT.value
+    out = os.path.join(ROOT, _OUT.value)  # an absolute --out stays as it is
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
