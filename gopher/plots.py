@@ -1,8 +1,8 @@
 """Figures of a model-size sweep, each saved as a PNG (6.4 x 4.8 in at 120 dpi, Agg backend).
 
 Inputs are the run records of gopher/scaling.py (its docstring lists their keys) and the fit
-results of it and gopher/compute_optimal.py. matplotlib is imported inside each function, so importing this module (and the
-sweep's non-plotting paths) does not need it.
+results of it and gopher/compute_optimal.py. matplotlib is imported inside each function, so
+importing this module (and the sweep's non-plotting paths) does not need it.
 
 Loss curves (plot_loss_curves) take one dict per run: "label" (its setting, e.g. "fp32"),
 optionally "seed", and equal-length lists under the x key ("tokens" or "step") and the y key

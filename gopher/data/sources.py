@@ -11,7 +11,7 @@ near-copy of a text lands on the same side. Two documents are one work when
   letters, a final e): the embedded corpus's 36 Shakespeare plays in First Folio and
   Gutenberg spelling measure 0.106-0.193 folded (0.0005-0.0019 raw), the best
   non-matching play 0.0026; unrelated dictionary chunks reach 0.031 and unrelated
-  stdlib modules ~0.05 (dedup, dedup.py, drops pairs at 0.8); or
+  stdlib modules ~0.05 (gopher/data/dedup.py drops pairs at 0.8); or
 - one holds most of the other: containment |A & B| / min(|A|, |B|) >= 0.5 over the same
   13-gram sets (a pydoc topic inside pydoc_data/topics.py, a speech inside a longer one),
   which the Jaccard misses when the sizes differ; or
