@@ -235,16 +235,18 @@ def test_survivor_exits_when_a_process_dies(tmp_path, victim):
 
 
 class _FakeCoordination:
-    """The key-value calls PeerMonitor makes; `frozen` processes stop beating."""
+    """The key-value calls PeerMonitor makes for a job of `processes`; `frozen` ones stop
+    beating."""
 
-    def __init__(self, frozen=(), unreachable=False):
+    def __init__(self, processes, frozen=(), unreachable=False):
         self.values, self.frozen, self.unreachable = {}, set(frozen), unreachable
+        self.processes = processes
 
     def key_value_set(self, key, value, allow_overwrite=False):
         if self.unreachable:
             raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
         self.values[key] = value
-        for p in range(3):  # the other processes beat as this one does, unless frozen
+        for p in range(self.processes):  # the others beat as this one does, unless frozen
             if p not in self.frozen and key != f"gopher/beat/{p}":
                 self.values[f"gopher/beat/{p}"] = value
 
@@ -258,7 +260,7 @@ class _FakeCoordination:
 def test_peer_monitor_says_which_process_stopped(monkeypatch, case):
     from gopher import distributed
 
-    fake = _FakeCoordination(frozen={2}, unreachable=case == "coordinator-gone")
+    fake = _FakeCoordination(3, frozen={2}, unreachable=case == "coordinator-gone")
     monkeypatch.setattr(distributed, "_client", lambda: fake)
     said = []
     job = distributed.Job(process_index=1, process_count=3, coordinator="10.0.0.1:8476")
@@ -281,7 +283,7 @@ def test_peer_monitor_says_which_process_stopped(monkeypatch, case):
 def test_peer_monitor_stopped_on_purpose_says_nothing(monkeypatch):
     from gopher import distributed
 
-    monkeypatch.setattr(distributed, "_client", lambda: _FakeCoordination(frozen={0}))
+    monkeypatch.setattr(distributed, "_client", lambda: _FakeCoordination(2, frozen={0}))
     job = distributed.Job(process_index=1, process_count=2, coordinator="10.0.0.1:8476")
     monitor = distributed.PeerMonitor(job, peer_timeout_s=0.05, beat_every_s=0.02)
     exits = []
