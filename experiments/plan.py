@@ -97,7 +97,9 @@ def _space(plan_lib, model_cfg, per_slice: int):
     else:
         zeros, remats = tuple(int(z) for z in _ZERO.value), (_REMAT.value,)
     micro = [_MICRO.value] if _MICRO.value else [int(k) for k in _S_MICRO.value]
-    return plan_lib.Space(
+    from gopher import plan_search  # imports jax: after the environment is set
+
+    return plan_search.Space(
         tuple(models) if models else None, zeros, remats, tuple(micro) if micro else None
     )
 
@@ -114,8 +116,10 @@ def plan_preset(plan_lib, preset, devices, hw, log) -> dict:
             f"--replica={_replica()} but --slices={_SLICES.value}; the replica axis spans "
             f"the slices here, use --replica={_SLICES.value}"
         )
+    from gopher import plan_search
+
     space = _space(plan_lib, model_cfg, len(devices) // _SLICES.value)
-    return plan_lib.search(
+    return plan_search.search(
         model_cfg,
         train_cfg,
         devices,

@@ -19,7 +19,8 @@ communication assumed not overlapped with compute. FLOPs and collective bytes ar
 from the compiled HLO with loop trips counted (gopher/hlo.py), the bytes accessed from
 cost_analysis() (see `roofline`).
 A program that does not fit fails to compile on TPU with RESOURCE_EXHAUSTED; its
-temporaries are then read from the error.
+temporaries are then read from the error. The search over meshes, ZeRO settings, remat
+policies and microbatch counts that calls `plan` is gopher/plan_search.py.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from gopher import hlo, metrics, partition, sharding
-from gopher import train as train_lib
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 from gopher.topology import CHIPS, TPU_FIX, GiB, libtpu_available, parse_topology
 
@@ -293,144 +293,10 @@ def roofline(compiled: Any, module: hlo.Module, mesh: Mesh, hw: Hardware, report
     return out
 
 
-# ------------------------------------------------------------------------- search
-
-
-@dataclasses.dataclass(frozen=True)
-class Space:
-    """What a search tries: model axis sizes (None: every divisor of the heads that
-    divides a slice), ZeRO settings, remat policies and microbatch counts (None: every
-    count whose microbatches split evenly over replica * data, ascending)."""
-
-    models: tuple[int, ...] | None = None
-    zeros: tuple[int, ...] = (1,)
-    remats: tuple[str, ...] = ("full",)
-    microbatches: tuple[int, ...] | None = None
-
-
-def model_axis_sizes(model_cfg: ModelConfig, per_slice: int, batch: int) -> list[int]:
-    """Model axis sizes dividing one slice's devices, ascending: those that divide the
-    heads, and, when the batch is too small for the rest of the devices to be data
-    parallel with those, the smallest size that leaves a data axis dividing the batch
-    (the heads are then split mid-way; sharding notes it)."""
-    h = model_cfg.num_heads
-    sizes = [m for m in range(1, per_slice + 1) if per_slice % m == 0]
-    fits_batch = [m for m in sizes if batch % (per_slice // m) == 0]
-    heads = [m for m in sizes if h % m == 0 and m <= h]
-    extra = [] if any(m in fits_batch for m in heads) or not fits_batch else fits_batch[:1]
-    return sorted(set(heads + extra))
-
-
-def residual_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh) -> int:
-    """A floor on the activations the backward pass keeps: every layer's input
-    [b, T, D] of one microbatch (the layer scan saves them whatever the remat policy;
-    the model axis does not split them), in the compute dtype."""
-    rows = microbatch_rows(train_cfg, mesh)
-    itemsize = 4 if train_cfg.precision == "fp32" else 2
-    return model_cfg.num_layers * rows * model_cfg.seq_len * model_cfg.d_model * itemsize
-
-
 def microbatch_rows(train_cfg: TrainConfig, mesh: Mesh) -> int:
     """Sequences one device runs per microbatch (the batch over replica x data x K)."""
     sizes = partition.axis_sizes(mesh)
     return train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
-
-
-def state_bytes(model_cfg, train_cfg, parallel: ParallelConfig, mesh: Mesh) -> int:
-    """Per-device bytes of the train state under `parallel` (shard arithmetic, no compile)."""
-    fns = train_lib.make_train_functions(model_cfg, train_cfg, precision=train_cfg.precision)
-    abstract = jax.eval_shape(fns.init, jax.random.key(0))
-    specs = partition.state_partition_specs(abstract, mesh, parallel.zero).specs
-    return sharding.abstract_bytes_per_device(abstract, specs, mesh)
-
-
-def search(
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    devices: Sequence[Any],
-    hw: Hardware,
-    space: Space,
-    mfu: float = 0.4,
-    max_compiles: int = 50,
-    time_budget: float = 540.0,
-    max_fits: int | None = None,
-    log=lambda line: None,
-) -> dict:
-    """Plans every (mesh, zero, remat) of `space` at its fewest fitting microbatches.
-
-    Pruned before compiling: batches that do not split over replica*data per microbatch,
-    and states whose bytes alone exceed HBM. More microbatches do the same FLOPs in
-    smaller pieces, so a count is tried only when the one before it did not fit. Stops
-    after `max_compiles` compiles, `time_budget` seconds, or `max_fits` fitting plans.
-    Returns {"fits": [plans, best roofline throughput first], "tried": [...], "pruned":
-    [reasons], "compiles", "seconds", "stopped"}.
-    """
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
-    per_slice = len(devices) // slices
-    start, tried, pruned, stopped = time.perf_counter(), [], [], ""
-    for m in space.models or model_axis_sizes(model_cfg, per_slice, train_cfg.batch_size):
-        shape = (slices, per_slice // m, m)
-        mesh = physical_mesh(devices, shape)
-        for zero in space.zeros:
-            parallel = ParallelConfig(replica=slices, data=shape[1], model=m, zero=zero)
-            need = state_bytes(model_cfg, train_cfg, parallel, mesh)
-            if need > hw.hbm_bytes:
-                pruned.append(f"mesh {shape} zero {zero}: state {need / GiB:.2f} GiB > HBM")
-                continue
-            for remat in space.remats:
-                for k in space.microbatches or _counts(train_cfg.batch_size, mesh):
-                    cfg = dataclasses.replace(train_cfg, remat=remat, microbatches=k)
-                    try:
-                        check_batch(cfg.batch_size, k, mesh)
-                    except ValueError as e:
-                        pruned.append(f"mesh {shape} K={k}: {e}")
-                        continue
-                    floor = need + residual_bytes(model_cfg, cfg, mesh)
-                    if floor > hw.hbm_bytes:
-                        pruned.append(
-                            f"mesh {shape} zero {zero} K={k}: state + saved layer inputs "
-                            f"{floor / GiB:.2f} GiB > HBM"
-                        )
-                        continue
-                    if len(tried) >= max_compiles or time.perf_counter() - start > time_budget:
-                        stopped = (
-                            f"after {len(tried)} compiles, {time.perf_counter() - start:.0f} s"
-                        )
-                        return _ranked(tried, pruned, start, stopped)
-                    result = plan(model_cfg, cfg, parallel, mesh, hw, mfu)
-                    tried.append(result)
-                    log(summary_line(result))
-                    if result["fits"]:
-                        break
-                fits = sum(r["fits"] for r in tried)
-                if max_fits and fits >= max_fits:
-                    return _ranked(tried, pruned, start, f"after {fits} fitting plan(s)")
-    return _ranked(tried, pruned, start, stopped or "space exhausted")
-
-
-def _counts(batch: int, mesh: Mesh) -> list[int]:
-    """Microbatch counts K for which each of the K microbatches spans replica * data."""
-    sizes = partition.axis_sizes(mesh)
-    rows = batch // (sizes["replica"] * sizes["data"])
-    return [k for k in range(1, rows + 1) if rows % k == 0] or [1]
-
-
-def _ranked(tried: list[dict], pruned: list[str], start: float, stopped: str) -> dict:
-    """The search's result: fitting plans by roofline tokens/s (fewest FLOPs on CPU)."""
-
-    def key(r):
-        step = r.get("roofline_step_seconds")
-        return (step is None, step or r.get("matmul_flops_per_device", 0.0))
-
-    fits = sorted((r for r in tried if r["fits"]), key=key)
-    return {
-        "fits": fits,
-        "tried": tried,
-        "pruned": pruned,
-        "compiles": len(tried),
-        "seconds": time.perf_counter() - start,
-        "stopped": stopped,
-    }
 
 
 def summary_line(r: dict) -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from experiments import common
 from experiments.configs import gopher as gopher_configs
-from gopher import hlo, metrics, plan, sharding, topology
+from gopher import hlo, metrics, plan, plan_search, sharding, topology
 from gopher import train as train_lib
 from gopher.config import ParallelConfig
 
@@ -97,7 +97,7 @@ def test_totals_from_memory_analysis(tiny_plan):
     assert 0.7 < report["matmul_flops_per_device"] * 8 / report["model_flops_per_step"] < 1.5
     # The search's pruning floor (state + every layer's saved input) is below what XLA needs.
     model_cfg, train_cfg, parallel, mesh, _ = tiny_plan
-    floor = per["state"] + plan.residual_bytes(model_cfg, train_cfg, mesh)
+    floor = per["state"] + plan_search.residual_bytes(model_cfg, train_cfg, mesh)
     assert 0 < floor <= per["total"]
     # Tensor parallelism that splits the work gathers at most one [b, T, D] block per
     # device inside the layer loop.
