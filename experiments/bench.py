@@ -111,7 +111,7 @@ def configs(shape=None, preset=None, seq_len=None, batch=None, attention=None):
 def peak_flops(peak_gflops: float = 0.0) -> tuple[float | None, str]:
     """Peak FLOP/s of the one device the bench's step runs on, and where it came from.
 
-    The training loop's rule (gopher.loop._peak_flops) for a single device: the user's
+    The training loop's rule (gopher.step_log.peak_flops) for a single device: the user's
     figure, else the device table, else on CPU the measured matmul peak of the host
     (whose cores the one CPU device uses). loop's version multiplies by the device
     count, which a one-device step must not."""

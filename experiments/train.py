@@ -66,7 +66,7 @@ def main(argv):
     with common.user_errors(_VERBOSE.value):
         model_cfg, train_cfg, data_cfg, parallel = common.configs_from_dict(_CONFIG.value)
         # Imported late so that flag errors print before jax loads.
-        from gopher import checkpoint, distributed, loop
+        from gopher import checkpoint, distributed, loop, step_log
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         try:
@@ -77,7 +77,7 @@ def main(argv):
                 "does not redo",
                 code=loop.INTERRUPTED_EXIT_CODE,
             )
-        except loop.Diverged as e:
+        except step_log.Diverged as e:
             common.fail(str(e), code=loop.DIVERGED_EXIT_CODE)
         except checkpoint.RestoreFailed as e:
             common.fail(str(e), code=RESTORE_FAILED_EXIT_CODE)

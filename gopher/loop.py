@@ -10,6 +10,7 @@ The pieces, in the order a run meets them:
   build_data        this process's rows of the data; every process agrees on it
   restore_or_init   the newest good checkpoint, or a fresh state (never a silent restart)
   StepLog           reads a step's metrics: non-finite guard, tokens/s, MFU, the log line
+                    (gopher/step_log.py)
   evaluate          held-out bits per byte per source, summed over every host's rows
   Saver             checkpoint cadence and the one-line disk-full error (gopher/saver)
   train_steps       the step loop itself
@@ -22,7 +23,6 @@ logged again with the same values. SIGTERM / SIGINT checkpoint and exit (gopher/
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any
@@ -39,6 +39,7 @@ from gopher import workdir as workdir_lib
 from gopher.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from gopher.data.pipeline import Pipeline, build_pipeline
 from gopher.saver import Saver
+from gopher.step_log import StepLog
 from gopher.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stopper, Watchdog
 
 DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
@@ -52,10 +53,6 @@ class Stopped(SystemExit):
 
     def __init__(self, code: int):
         super().__init__(code)
-
-
-class Diverged(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass
@@ -164,106 +161,6 @@ def restore_or_init(r: Run) -> tuple[int, Any]:
     r.data.restore(meta["data"])
     r.say(f"resumed from checkpoint step {start} in {r.ckpt.directory}")
     return start, r.engine.from_checkpoint(ck_state)
-
-
-def _peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
-    dev = jax.devices()[0]
-    peak = metrics_lib.device_peak_flops(dev, train_cfg.peak_flops)
-    if peak is not None:
-        return peak * jax.device_count(), "configured" if train_cfg.peak_flops else dev.device_kind
-    if dev.platform == "cpu":
-        # Simulated CPU devices share their host's cores: each host's matmul peak counts.
-        return metrics_lib.measure_cpu_peak_flops() * jax.process_count(), "measured CPU matmul"
-    return None, "unknown (set --config.train.peak_flops)"
-
-
-# ----------------------------------------------------------------------- logging
-
-
-class StepLog:
-    """Reads a finished step's metrics: the non-finite guard, speed, MFU and the log."""
-
-    def __init__(self, r: Run, start: int):
-        self.r, self.start = r, start
-        t = r.train_cfg
-        # Steps that may compile (the first, the first at each new batch size: pmap; the jit
-        # path precompiled them) are read at once and left out of tokens/s.
-        self.first_steps = {start + 1} | {a + 1 for a, _ in t.batch_schedule if a >= start}
-        self.flops = metrics_lib.flops_per_token(r.model_cfg)
-        self.flops_causal = metrics_lib.flops_per_token(r.model_cfg, causal=True)
-        self.peak, source = _peak_flops(t)
-        r.say(f"MFU peak: {self.peak / 1e12 if self.peak else float('nan'):.2f} TFLOP/s ({source})")
-        self.bad_run = 0
-        self.last: dict = {}
-        self.pending = None  # (step, metrics on device) of the last dispatched step
-        self.clock = (start, time.perf_counter())
-        self.bar = tqdm(
-            total=t.steps, initial=start, disable=not r.show_progress, dynamic_ncols=True
-        )
-
-    def hold(self, step: int, metrics) -> None:
-        """Keeps a dispatched step's metrics, to be read one step later (no device stall),
-        with the data's accounting as of that step (the next step's batch is read first)."""
-        self.flush()
-        self.pending = (step, metrics, self.r.data.stats())
-
-    def flush(self) -> None:
-        """Reads the held step's metrics now (before an eval, a checkpoint or the end)."""
-        if self.pending is not None:
-            step, metrics, data_stats = self.pending
-            self.pending = None
-            self.read(step, metrics, data_stats)
-
-    def restart_clock(self, step: int) -> None:
-        """Time from here on counts toward tokens/s (eval and first-step compile do not)."""
-        self.clock = (step, time.perf_counter())
-
-    def exclude(self, seconds: float) -> None:
-        """Leaves `seconds` (the loop blocked on a checkpoint) out of the next tokens/s."""
-        self.clock = (self.clock[0], self.clock[1] + seconds)
-
-    def read(self, step: int, metrics, data_stats: dict) -> None:
-        rec = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        self._guard(step, rec)
-        if step % self.r.train_cfg.log_every and step != self.r.end:
-            return
-        now = time.perf_counter()
-        seconds = max(now - self.clock[1], 1e-9)
-        tps = (self.tokens_seen(step) - self.tokens_seen(self.clock[0])) / seconds
-        rec.update(step=step, kind="train", tokens_per_sec=tps, tokens=self.tokens_seen(step))
-        rec["batch_size"] = self.r.train_cfg.batch_size_at(step)
-        if step in self.first_steps:  # may include compilation: not a speed measurement
-            rec["tokens_per_sec"] = float("nan")
-        else:
-            rec["mfu"] = metrics_lib.mfu(tps, self.flops, self.peak)
-            rec["mfu_causal"] = metrics_lib.mfu(tps, self.flops_causal, self.peak)
-            rec["step_time_s"] = seconds / (step - self.clock[0])
-        self.clock = (step, now)
-        rec["bpt"] = rec["loss"] / math.log(2)  # bits per token
-        rec.update(data_stats)
-        self.r.writer.write({k: v for k, v in rec.items() if v is not None})
-        self.last = rec
-        mfu = (rec.get("mfu") or 0) * 100
-        self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1f}%")
-
-    def tokens_seen(self, step: int) -> int:
-        """Tokens (global) that steps 1 .. `step` trained on, with the batch schedule."""
-        return self.r.train_cfg.sequences_seen(step) * self.r.model_cfg.seq_len
-
-    def _guard(self, step: int, rec: dict) -> None:
-        finite = math.isfinite(rec["loss"]) and math.isfinite(rec["grad_norm"])
-        self.bad_run = 0 if finite else self.bad_run + 1
-        if not finite:
-            self.r.say(
-                f"step {step}: non-finite loss {rec['loss']} / grad norm {rec['grad_norm']}; "
-                f"update skipped ({int(rec['skipped'])} skipped so far)"
-            )
-        if self.bad_run >= self.r.train_cfg.max_bad_steps:
-            raise Diverged(
-                f"{self.bad_run} consecutive steps (to step {step}) had a non-finite loss or "
-                f"gradient norm; stopping. The last good checkpoint in {self.r.ckpt.directory} "
-                f"is intact; lower --config.train.max_lr or check the data"
-            )
 
 
 # -------------------------------------------------------------------- evaluation
