@@ -82,9 +82,9 @@ bench: $(STAMP)
 # The same shape side by side with nanoGPT's GPT-2 on PyTorch (benchmarks/peers/gpt2_torch.py),
 # each run in its own process, 3 rounds (~10 min on 2 cores); writes
 # benchmarks/bench_nanogpt_peer.json. Then one attention layer of each, the same way (~2 min;
-# benchmarks/bench_attention_peer_cpu.json): how much of the gap is attention. torch comes
-# from the [bench] extra, installed once, the CPU build (PyPI's Linux wheel pulls in several
-# GiB of CUDA libraries).
+# benchmarks/bench_attention_peer_cpu.json): how much of the gap is attention, and how far
+# any attention could take the step beside that sitting. torch comes from the [bench] extra,
+# installed once, the CPU build (PyPI's Linux wheel pulls in several GiB of CUDA libraries).
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 bench-peer: $(STAMP)
 	$(PY) -c "import torch" 2>/dev/null || \

@@ -17,6 +17,12 @@ chunk sees, the position ones over one more distance; the peer's 7 (forward 2, b
 with the scores recomputed, as flash attention does) over the causal half of the scores.
 (XLA's cost_analysis() counts a loop's body once, so it cannot count the head groups.)
 
+With both sides and a train-step sitting of the same shape (--step_record, the one
+`make bench-peer` has just written), it also prints how far any attention could take the
+step toward --target: the rest of the step is the sitting's step less the layers' attention,
+and relative attention's least work (`least_matmul_flops`) is set against the time that
+leaves and against the peer kernel's rate.
+
 Writes the rounds and their medians to --out (benchmarks/bench_attention_peer_cpu.json).
 """
 
@@ -48,6 +54,13 @@ _PEER_PYTHON = flags.DEFINE_string("peer_python", None, "Interpreter with torch 
 _OUT = flags.DEFINE_string(
     "out", os.path.join("benchmarks", "bench_attention_peer_cpu.json"), "JSON written."
 )
+_STEP = flags.DEFINE_string(
+    "step_record",
+    os.path.join("benchmarks", "bench_nanogpt_peer.json"),
+    "The train-step sitting (experiments.bench --peer=torch) to set the layer beside: what "
+    "any attention could reach (skipped when its shape is not this one).",
+)
+_TARGET = flags.DEFINE_float("target", 1.1, "The gopher/peer tokens/s ratio asked for.")
 _SHAPE = (_BATCH, _HEADS, _KEY, _SEQ)  # the order gopher_side and torch_side take them
 
 
@@ -76,6 +89,74 @@ def gopher_matmul_flops(b: int, h: int, kd: int, t: int, chunk: int) -> float:
 def torch_matmul_flops(b: int, h: int, kd: int, t: int) -> float:
     """Matmul FLOPs of one causal flash-attention forward+backward: 7 over half the scores."""
     return 7.0 * b * h * t * t * kd
+
+
+def least_matmul_flops(b: int, h: int, kd: int, t: int) -> float:
+    """The least matmul work of relative attention's forward+backward: 9 passes over the
+    exact causal half (query i against keys 0..i), none recomputed. Forward: content scores,
+    position scores, p v; backward: dv, dp, dq from each score term, dk, d r."""
+    return 9.0 * 2 * b * h * kd * t * (t + 1) / 2
+
+
+def rest_matmul_flops(step: dict) -> float:
+    """Matmul FLOPs of a train step outside attention, from a bench --peer record: per token
+    6 x (12 L D^2 + D V) (q, k, v, the output projection and the 4D MLP; the tied output
+    layer), plus W_R over the T+1 distances once a step and layer (forward and backward)."""
+    n, d, t = step["layers"], step["d_model"], step["seq"]
+    tokens = step["batch"] * t
+    return 6.0 * tokens * (12 * n * d * d + d * step["vocab"]) + 6.0 * n * (t + 1) * d * d
+
+
+def reach(summary: dict, step: dict, shape: tuple, layers: int, target: float) -> dict:
+    """What any attention could bring the step sitting `step` to, beside `summary`'s layer
+    timings: the rest of gopher's step (its step less `layers` attention layers), the
+    attention time a `target` ratio leaves, the rate the least work needs in it, the ratio
+    at the peer kernel's rate, and the same with the rest at `step`'s measured matmul peak."""
+    b, h, kd, t = shape
+    tokens = step["batch"] * step["seq"]
+    gopher_s = tokens / step["summary"]["gopher_tokens_per_sec"]
+    peer_s = tokens / step["summary"]["peer_tokens_per_sec"]
+    rest_s = gopher_s - layers * summary["gopher"]["forward_backward_s"]
+    peer_rest_s = peer_s - layers * summary["torch"]["forward_backward_s"]
+    target_s = peer_s / target
+    least = least_matmul_flops(b, h, kd, t)
+    peer_rate = summary["torch"]["matmul_gflops_per_s"] * 1e9
+    at_peer_rate_s = rest_s + layers * least / peer_rate
+    rest_peak_s = rest_matmul_flops(step) / step["peak_flops"]
+    out = {
+        "target": target,
+        "step_sitting": {"time": step.get("time"), "git": step.get("git")},
+        "gopher_step_s": gopher_s,
+        "peer_step_s": peer_s,
+        "gopher_rest_s": rest_s,
+        "peer_rest_s": peer_rest_s,
+        "target_step_s": target_s,
+        "attention_budget_per_layer_s": (target_s - rest_s) / layers,
+        "least_matmul_flops": least,
+        "ratio_least_work_at_peer_rate": peer_s / at_peer_rate_s,
+        "rest_matmul_flops": rest_matmul_flops(step),
+        "peak_flops": step["peak_flops"],
+        "rest_at_peak_s": rest_peak_s,
+        "attention_budget_per_layer_rest_at_peak_s": (target_s - rest_peak_s) / layers,
+    }
+    for key in ("", "_rest_at_peak"):
+        budget = out[f"attention_budget_per_layer{key}_s"]
+        out[f"needed_gflops_per_s{key}"] = least / budget / 1e9 if budget > 0 else float("inf")
+    return out
+
+
+def step_record(path: str, shape: tuple, layers: int) -> tuple[dict | None, str]:
+    """The step sitting at `path` when it is of this shape, else None and why."""
+    b, h, kd, t = shape
+    try:
+        with open(path) as f:
+            step = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"no step sitting to set it beside ({e})"
+    got = tuple(step.get(k) for k in ("batch", "heads", "d_model", "seq", "layers"))
+    if got != (b, h, h * kd, t, layers) or "peer_tokens_per_sec" not in step.get("summary", {}):
+        return None, f"{path} is another shape (batch, heads, d_model, seq, layers = {got})"
+    return step, ""
 
 
 def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
@@ -161,12 +242,37 @@ def _summary(rounds: list[dict], layers: int) -> dict:
     return out
 
 
+def _print_reach(summary: dict, shape: tuple) -> None:
+    step, why = step_record(os.path.join(ROOT, _STEP.value), shape, _LAYERS.value)
+    if step is None:
+        print(f"reach: {why}")
+        return
+    r = summary["reach"] = reach(summary, step, shape, _LAYERS.value, _TARGET.value)
+    n, peer_rate = _LAYERS.value, summary["torch"]["matmul_gflops_per_s"]
+    print(
+        f"reach, beside the step sitting of {step.get('time')} ({step.get('git')}): gopher's step "
+        f"{r['gopher_step_s']:.3f} s, the peer's {r['peer_step_s']:.3f} s; outside attention "
+        f"{r['gopher_rest_s']:.3f} s and {r['peer_rest_s']:.3f} s. {r['target']:g}x needs "
+        f"{r['target_step_s']:.3f} s: attention {r['attention_budget_per_layer_s'] * 1e3:.1f} "
+        f"ms a layer, the least work ({r['least_matmul_flops'] / 1e9:.2f} GFLOP) at "
+        f"{r['needed_gflops_per_s']:.0f} GFLOP/s, {r['needed_gflops_per_s'] / peer_rate:.2f}x "
+        f"the peer kernel's {peer_rate:.0f}. The least work at the peer's rate: "
+        f"{r['ratio_least_work_at_peer_rate']:.3f}x. With the rest at the measured matmul peak "
+        f"({r['rest_matmul_flops'] / 1e12:.3f} TFLOP at {r['peak_flops'] / 1e9:.1f} GFLOP/s: "
+        f"{r['rest_at_peak_s']:.2f} s), attention could take "
+        f"{r['attention_budget_per_layer_rest_at_peak_s'] * 1e3:.1f} ms a layer: the least "
+        f"work at {r['needed_gflops_per_s_rest_at_peak']:.0f} GFLOP/s (x{n} layers)"
+    )
+
+
 def main(argv):
     del argv
     shape = tuple(flag.value for flag in _SHAPE)
     for flag in (*_SHAPE, _LAYERS, _ROUNDS, _REPS):
         if flag.value < 1:
             common.fail(f"--{flag.name}={flag.value}: pass 1 or more")
+    if not _TARGET.value > 0:
+        common.fail(f"--target={_TARGET.value}: pass a ratio above 0, such as 1.1")
     if _SIDE.value:  # one side, in this process
         fn = gopher_side if _SIDE.value == "gopher" else torch_side
         print(json.dumps(fn(*shape, _REPS.value)), flush=True)
@@ -210,6 +316,8 @@ def main(argv):
             f"gopher/torch forward+backward {summary['gopher_over_torch_forward_backward']:.2f}x; "
             f"attention adds {summary['step_gap_from_attention_s']:.2f} s to gopher's step"
         )
+    if "step_gap_from_attention_s" in summary:
+        _print_reach(summary, shape)
     record = {
         "command": shlex.join(["python", "-m", __spec__.name, *sys.argv[1:]]),
         "shape": {flag.name: flag.value for flag in _SHAPE},

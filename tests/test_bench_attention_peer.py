@@ -1,0 +1,164 @@
+"""experiments/bench_attention_peer.py: one attention layer, gopher's against the PyTorch
+peer's, and how far any attention could take the step.
+
+Like experiments.bench, the module registers absl flags when imported, so its functions
+run in a short subprocess here. The torch side needs torch (see tests/test_bench.py).
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_bench import ENV, ROOT, _one_line_error, _peer_python
+
+
+def _pure(expr: str, *args):
+    """`expr` evaluated with the module imported as `m` and `args` bound, as JSON."""
+    code = (
+        "import json, sys\nfrom experiments import bench_attention_peer as m\n"
+        f"args = json.loads(sys.argv[1])\nprint(json.dumps({expr}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _attention_peer(*flags, python=sys.executable):
+    cmd = [python, "-m", "experiments.bench_attention_peer", *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_attention_peer_flop_counts_match_a_per_query_count():
+    """Each side's matmul FLOPs against an independent count: gopher's, query by query
+    (a query's chunk computes every key up to the chunk's end, and one more distance);
+    the peer's, as 7 matmuls over half the T^2 scores (the causal half, as FLOP counts of
+    flash attention take it)."""
+    code = (
+        "import json\nfrom experiments import bench_attention_peer as m\n"
+        "print(json.dumps([m.gopher_matmul_flops(2, 3, 8, t, c) for t, c in "
+        "((64, 16), (100, 32), (512, 128))] + [m.torch_matmul_flops(8, 16, 32, 512)]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *got, peer = json.loads(proc.stdout.splitlines()[-1])
+    for (t, c), flops in zip(((64, 16), (100, 32), (512, 128)), got, strict=True):
+        ends = [min((i // c + 1) * c, t) for i in range(t)]  # the keys query i's chunk sees
+        assert flops == 2 * 2 * 3 * 8 * sum(7 * s + 4 * (s + 1) for s in ends)
+    assert peer == 7 * 2 * 8 * 16 * 32 * 512**2 / 2
+
+
+def test_attention_peer_gopher_side_end_to_end(tmp_path):
+    out = tmp_path / "attention_peer.json"
+    shape = ["--batch=2", "--heads=2", "--key_size=8", "--seq_len=64", "--layers=3"]
+    proc = _attention_peer(*shape, "--sides=gopher", "--rounds=2", "--reps=1", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert [sorted(r) for r in rec["rounds"]] == [["gopher"], ["gopher"]]
+    g = rec["summary"]["gopher"]
+    times = [r["gopher"]["forward_backward_s"] for r in rec["rounds"]]
+    assert g["forward_backward_s"] == pytest.approx(sum(times) / 2)  # median of two
+    assert g["per_step_s"] == pytest.approx(3 * g["forward_backward_s"])
+    assert rec["shape"] == {"batch": 2, "heads": 2, "key_size": 8, "seq_len": 64}
+    assert "gopher: forward" in proc.stdout and "per layer" in proc.stdout
+    _one_line_error(_attention_peer("--sides=gopher,jax"), "--sides=jax is not a side")
+    _one_line_error(_attention_peer("--seq_len=0"), "--seq_len=0: pass 1 or more")
+    _one_line_error(_attention_peer("--target=0"), "--target=0.0: pass a ratio above 0")
+
+
+def test_attention_peer_torch_side_runs():
+    shape = ["--batch=1", "--heads=2", "--key_size=8", "--seq_len=32"]
+    proc = _attention_peer("--side=torch", *shape, "--reps=1", python=_peer_python())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(proc.stdout.splitlines()[-1])
+    assert rec["side"] == "torch" and rec["forward_backward_s"] > rec["forward_s"] > 0
+
+
+def test_least_work_is_nine_passes_over_each_query_and_its_past():
+    """Against a count query by query: query i scores keys 0..i, and each of the 9 passes
+    does one K-long dot product (2 K FLOPs) per (query, key) pair."""
+    for b, h, kd, t in ((2, 3, 8, 64), (1, 1, 4, 7), (8, 16, 32, 512)):
+        pairs = sum(i + 1 for i in range(t))
+        got = _pure("m.least_matmul_flops(*args[0])", [b, h, kd, t])
+        assert got == 9 * 2 * kd * b * h * pairs
+        # and below what gopher's chunks do (11 passes, keys to each chunk's end)
+        assert got < _pure("m.gopher_matmul_flops(*args[0], 128)", [b, h, kd, t])
+
+
+def _sitting(**over):
+    step = {
+        "batch": 4,
+        "seq": 100,
+        "heads": 2,
+        "d_model": 16,
+        "layers": 3,
+        "vocab": 50,
+        "peak_flops": 2e9,
+        "summary": {"gopher_tokens_per_sec": 400.0, "peer_tokens_per_sec": 500.0},
+        "time": "t",
+        "git": "g",
+    }
+    return {**step, **over}
+
+
+def test_reach_by_hand():
+    # A made-up sitting: 400 tokens of 4 x 100 a step -> gopher 1.0 s, the peer 0.8 s.
+    summary = {
+        "gopher": {"forward_backward_s": 0.1},
+        "torch": {"forward_backward_s": 0.05, "matmul_gflops_per_s": 2.0},
+    }
+    r = _pure("m.reach(*args)", summary, _sitting(), [4, 2, 8, 100], 3, 1.25)
+    least = 9 * 2 * 4 * 2 * 8 * (100 * 101 / 2)  # 581,760 FLOPs
+    assert r["least_matmul_flops"] == least
+    assert r["gopher_rest_s"] == pytest.approx(1.0 - 3 * 0.1)  # 0.7 s
+    assert r["peer_rest_s"] == pytest.approx(0.8 - 3 * 0.05)
+    assert r["target_step_s"] == pytest.approx(0.8 / 1.25)  # 0.64 s: less than the rest
+    assert r["attention_budget_per_layer_s"] == pytest.approx((0.64 - 0.7) / 3)
+    assert r["needed_gflops_per_s"] == float("inf")  # no attention time left at all
+    at_peer = 0.7 + 3 * least / 2e9
+    assert r["ratio_least_work_at_peer_rate"] == pytest.approx(0.8 / at_peer)
+    # outside attention: 6 x (12 L D^2 + D V) a token, and W_R over 101 distances a layer
+    rest = 6 * 400 * (12 * 3 * 16**2 + 16 * 50) + 6 * 3 * 101 * 16**2
+    assert r["rest_matmul_flops"] == rest
+    assert r["rest_at_peak_s"] == pytest.approx(rest / 2e9)
+    budget = (0.64 - rest / 2e9) / 3
+    assert r["attention_budget_per_layer_rest_at_peak_s"] == pytest.approx(budget)
+    assert r["needed_gflops_per_s_rest_at_peak"] == pytest.approx(least / budget / 1e9)
+
+
+def test_step_sitting_of_another_shape_is_not_used(tmp_path):
+    path = tmp_path / "sitting.json"
+    path.write_text(json.dumps(_sitting()))
+    same = _pure("m.step_record(*args)", str(path), [4, 2, 8, 100], 3)
+    assert same[0]["batch"] == 4 and same[1] == ""
+    for shape, layers in (([4, 2, 8, 128], 3), ([4, 2, 16, 100], 3), ([4, 2, 8, 100], 8)):
+        step, why = _pure("m.step_record(*args)", str(path), shape, layers)
+        assert step is None and "another shape" in why
+    step, why = _pure("m.step_record(*args)", str(tmp_path / "none.json"), [4, 2, 8, 100], 3)
+    assert step is None and "no step sitting" in why
+
+
+def test_both_sides_print_the_reach_beside_a_sitting_of_their_shape(tmp_path):
+    python = _peer_python()
+    sitting, out = tmp_path / "sitting.json", tmp_path / "attention_peer.json"
+    sitting.write_text(json.dumps(_sitting()))
+    shape = ["--batch=4", "--heads=2", "--key_size=8", "--seq_len=100", "--layers=3"]
+    flags = ["--rounds=1", "--reps=1", f"--peer_python={python}", f"--out={out}"]
+    proc = _attention_peer(*shape, *flags, f"--step_record={sitting}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "reach, beside the step sitting of t (g)" in proc.stdout, proc.stdout
+    r = json.loads(out.read_text())["summary"]["reach"]
+    assert r["least_matmul_flops"] == 9 * 2 * 4 * 2 * 8 * (100 * 101 / 2)
+    assert r["gopher_step_s"] == pytest.approx(1.0)
+    proc = _attention_peer(*shape, *flags, f"--step_record={tmp_path / 'none.json'}")
+    assert proc.returncode == 0 and "reach: no step sitting" in proc.stdout, proc.stdout
