@@ -32,21 +32,18 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
+from experiments.sweep_eval import RESULT_FILE, evaluate_run, read_result, write_json
 from experiments.sweep_lib import (
     INTERRUPTED,
     PREEMPTED,
-    RESULT_FILE,
     Child,
     RunSpec,
     check_repeats,
     die_with_parent,
-    evaluate_run,
     log_tail,
     plan_runs,
     plan_table,
-    read_result,
     train_run,
-    write_json,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from experiments import sweep_eval
 from experiments import sweep_lib as sweep
 from experiments.configs import sweep as sweep_configs
 from gopher import metrics
@@ -115,7 +116,7 @@ def _records(path):
 
 
 def _result(workdir, name):
-    with open(os.path.join(workdir, "runs", name, sweep.RESULT_FILE)) as f:
+    with open(os.path.join(workdir, "runs", name, sweep_eval.RESULT_FILE)) as f:
         return json.load(f)
 
 
@@ -148,7 +149,7 @@ def test_smoke_sweep_killed_mid_run_resumes_to_the_same_result(tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its trainer, with no warning
     proc.wait()
     _wait_until_dead(os.path.join(killed, "runs", "t2_s20", "lock.json"))
-    assert not os.path.exists(os.path.join(killed, "runs", "t2_s20", sweep.RESULT_FILE))
+    assert not os.path.exists(os.path.join(killed, "runs", "t2_s20", sweep_eval.RESULT_FILE))
     done = [r["step"] for r in _records(t2_metrics) if r.get("kind") == "train"]
     assert done and max(done) < 20, f"the kill did not land mid-run: {done}"
     t1_files = {n: os.stat(os.path.join(t1, n)).st_mtime_ns for n in os.listdir(t1)}

@@ -1,0 +1,136 @@
+"""Evaluating a finished sweep run, and its result file: held-out bits per byte per
+document and source, the zero-shot tasks, and the loss curve from the run's own log.
+
+A run's result is written once, atomically, beside its checkpoints (RESULT_FILE), keyed by
+the run's digest: `read_result` returns it only for the same run, so a changed recipe is
+evaluated again and a torn write is redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+from experiments.sweep_lib import RunSpec
+
+RESULT_FILE = "sweep_result.json"
+
+
+def heldout_texts(model_cfg, data_cfg, run_dir, docs: int, doc_bytes: int) -> dict:
+    """{source: [text]}: the first `docs` held-out documents, each cut to `doc_bytes`."""
+    from gopher.data.pipeline import heldout_documents
+
+    out = {}
+    for source, group in heldout_documents(model_cfg, data_cfg, run_dir).items():
+        texts = []
+        for d in group[:docs] if docs else group:
+            text = d.text
+            if doc_bytes and len(text.encode("utf-8")) > doc_bytes:
+                text = text.encode("utf-8")[:doc_bytes].decode("utf-8", errors="ignore")
+            if text:
+                texts.append(text)
+        if texts:
+            out[source] = texts
+    return out
+
+
+def evaluate_run(cfg, run: RunSpec, run_dir: str, say) -> dict:
+    """Held-out bpb (per document and source) and task accuracies of a trained run."""
+    import numpy as np
+
+    from gopher import inference
+    from gopher.evals import harness, tasks
+    from gopher.evals.scoring import Scorer
+
+    start = time.perf_counter()
+    model = inference.load(run_dir)
+    if model.step != run.steps:
+        raise RuntimeError(
+            f"run {run.name}: newest checkpoint is step {model.step}, not {run.steps}"
+        )
+    n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(model.params))
+    scorer = Scorer(model, batch_size=32)
+    seq = model.model_cfg.seq_len
+    texts = heldout_texts(
+        model.model_cfg, model.data_cfg, run_dir, cfg.eval.heldout_docs, cfg.eval.doc_bytes
+    )
+    docs, by_source = [], {}
+    total_nll = total_bytes = total_tokens = 0.0
+    for source, group in texts.items():
+        nll, count = scorer.text_nll(group, window=seq, stride=seq)
+        nbytes = [len(t.encode("utf-8")) for t in group]
+        for i in range(len(group)):
+            docs.append([source, float(nll[i]), int(count[i]), nbytes[i]])
+        by_source[source] = float(nll.sum() / (math.log(2) * sum(nbytes)))
+        total_nll += float(nll.sum())
+        total_bytes += sum(nbytes)
+        total_tokens += int(count.sum())
+    results = {}
+    for name in tasks.parse_task_spec(cfg.eval.tasks) if cfg.eval.tasks else []:
+        task = tasks.load_task(name, None, cfg.eval.limit or None)
+        r = harness.evaluate_task(scorer, task)
+        results[name] = {k: r[k] for k in ("accuracy", "chance", "items") if k in r}
+    train_log = _train_records(run_dir)
+    return {
+        "name": run.name,
+        "digest": run.digest(),
+        "step": model.step,
+        **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("overrides", "skip")},
+        "params_exact": n_params,
+        "heldout_bpb": total_nll / (math.log(2) * total_bytes),
+        "heldout_loss": total_nll / total_tokens,
+        "heldout_tokens": int(total_tokens),
+        "heldout_bytes": int(total_bytes),
+        "bpb_by_source": by_source,
+        "doc_losses": docs,  # [source, nll nats, tokens, bytes] per held-out document
+        "tasks": results,
+        "train_log": train_log,
+        "eval_s": time.perf_counter() - start,
+    }
+
+
+def _train_records(run_dir: str) -> dict:
+    """The run's loss curve and in-training evals, from its metrics.jsonl (last of each step)."""
+    train, evals, seconds, last = {}, {}, 0.0, 0
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("kind") == "eval":
+                    evals[rec["step"]] = rec["heldout_bpb"]
+                elif rec.get("kind") == "train":
+                    train[rec["step"]] = rec["loss"]
+                    # Each record's median step time stands for the steps since the last.
+                    seconds += rec.get("step_time_s", 0.0) * max(rec["step"] - last, 0)
+                    last = rec["step"]
+    except (OSError, ValueError):
+        pass
+    return {
+        "steps": sorted(train),
+        "loss": [train[s] for s in sorted(train)],
+        "eval_steps": sorted(evals),
+        "eval_bpb": [evals[s] for s in sorted(evals)],
+        "train_s": seconds,  # steps x step time, from the log (restarts' compiles excluded)
+    }
+
+
+def read_result(run: RunSpec, run_dir: str) -> dict | None:
+    path = os.path.join(run_dir, RESULT_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None  # a torn write: evaluated again
+    return result if result.get("digest") == run.digest() else None
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
