@@ -22,15 +22,9 @@ PEER = os.path.join(ROOT, "benchmarks", "peers", "gpt2_torch.py")
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
 
-def _call(snippet: str, *args):
-    """Runs `snippet` with `bench`, `bench_machine` and `bench_peer` imported and `args`
-    bound; returns its `out` as JSON."""
-    code = (
-        "import json, sys\nfrom experiments import bench, bench_machine, bench_peer\n"
-        "args = json.loads(sys.argv[1])\n"
-        f"try:\n    out = {snippet}\nexcept ValueError as e:\n    out = {{'error': str(e)}}\n"
-        "print(json.dumps(out))"
-    )
+def run_python(code: str, *args):
+    """Runs `code` in a short subprocess with `args` as JSON in sys.argv[1]; returns the
+    JSON its last line prints."""
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(args)],
         cwd=ROOT,
@@ -41,6 +35,18 @@ def _call(snippet: str, *args):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _call(snippet: str, *args):
+    """Runs `snippet` with `bench`, `bench_machine` and `bench_peer` imported and `args`
+    bound; returns its `out` as JSON."""
+    return run_python(
+        "import json, sys\nfrom experiments import bench, bench_machine, bench_peer\n"
+        "args = json.loads(sys.argv[1])\n"
+        f"try:\n    out = {snippet}\nexcept ValueError as e:\n    out = {{'error': str(e)}}\n"
+        "print(json.dumps(out))",
+        *args,
+    )
 
 
 def _bench(*flags, timeout=300):

@@ -11,25 +11,16 @@ import sys
 
 import pytest
 
-from tests.test_bench import ENV, ROOT, _one_line_error, _peer_python
+from tests.test_bench import ENV, ROOT, _one_line_error, _peer_python, run_python
 
 
 def _pure(expr: str, *args):
     """`expr` evaluated with the module imported as `m` and `args` bound, as JSON."""
-    code = (
+    return run_python(
         "import json, sys\nfrom experiments import bench_attention_peer as m\n"
-        f"args = json.loads(sys.argv[1])\nprint(json.dumps({expr}))"
+        f"args = json.loads(sys.argv[1])\nprint(json.dumps({expr}))",
+        *args,
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def _attention_peer(*flags, python=sys.executable):
