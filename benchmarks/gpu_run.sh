@@ -12,7 +12,7 @@
 #    (8192 did not finish inside 100 s on an H200)
 # 3. train-step speed and MFU (experiments.bench, mixed precision, seq 2048) of the 1.4b,
 #    417m and 117m presets with attention=pallas, =pallas_fused (1.4b) and =xla, and
-#    profiles of the 1.4b steps
+#    profiles of the 1.4b steps and of 117m's XLA step
 #    -> train_speed_gpu.jsonl, profile summaries in the log
 # On an H200 (2026-12-04) the whole script took 6 minutes; results: benchmarks/gpu_h200/.
 # Each step has its own timeout; a step whose timeout would end past BUDGET_S is skipped.
@@ -47,7 +47,7 @@ bench 1.4b 8 xla full --profile="$OUT/profile_1.4b_xla"
 bench 417m 8 pallas none
 bench 417m 8 xla none
 bench 117m 8 pallas none
-bench 117m 8 xla none
+bench 117m 8 xla none --profile="$OUT/profile_117m_xla"  # why 117m sits near 12% MFU
 for p in "$OUT"/profile_*; do  # the traces, when small enough to come back
   [ -d "$p" ] && find "$p" -name perfetto_trace.json.gz -size -15M -exec cp {} "$p.json.gz" \;
   rm -rf "$p"
