@@ -154,8 +154,10 @@ def step_record(path: str, shape: tuple, layers: int) -> tuple[dict | None, str]
     except (OSError, ValueError) as e:
         return None, f"no step sitting to set it beside ({e})"
     got = tuple(step.get(k) for k in ("batch", "heads", "d_model", "seq", "layers"))
-    if got != (b, h, h * kd, t, layers) or "peer_tokens_per_sec" not in step.get("summary", {}):
+    if got != (b, h, h * kd, t, layers):
         return None, f"{path} is another shape (batch, heads, d_model, seq, layers = {got})"
+    if "peer_tokens_per_sec" not in step.get("summary", {}) or not step.get("peak_flops"):
+        return None, f"{path} has no peer figure or matmul peak (run bench --peer=torch)"
     return step, ""
 
 
@@ -252,16 +254,17 @@ def _print_reach(summary: dict, shape: tuple) -> None:
     print(
         f"reach, beside the step sitting of {step.get('time')} ({step.get('git')}): gopher's step "
         f"{r['gopher_step_s']:.3f} s, the peer's {r['peer_step_s']:.3f} s; outside attention "
-        f"{r['gopher_rest_s']:.3f} s and {r['peer_rest_s']:.3f} s. {r['target']:g}x needs "
-        f"{r['target_step_s']:.3f} s: attention {r['attention_budget_per_layer_s'] * 1e3:.1f} "
-        f"ms a layer, the least work ({r['least_matmul_flops'] / 1e9:.2f} GFLOP) at "
-        f"{r['needed_gflops_per_s']:.0f} GFLOP/s, {r['needed_gflops_per_s'] / peer_rate:.2f}x "
-        f"the peer kernel's {peer_rate:.0f}. The least work at the peer's rate: "
-        f"{r['ratio_least_work_at_peer_rate']:.3f}x. With the rest at the measured matmul peak "
-        f"({r['rest_matmul_flops'] / 1e12:.3f} TFLOP at {r['peak_flops'] / 1e9:.1f} GFLOP/s: "
-        f"{r['rest_at_peak_s']:.2f} s), attention could take "
-        f"{r['attention_budget_per_layer_rest_at_peak_s'] * 1e3:.1f} ms a layer: the least "
-        f"work at {r['needed_gflops_per_s_rest_at_peak']:.0f} GFLOP/s (x{n} layers)"
+        f"{r['gopher_rest_s']:.3f} s and {r['peer_rest_s']:.3f} s (x{n} layers)\n"
+        f"  {r['target']:g}x needs {r['target_step_s']:.3f} s: attention "
+        f"{r['attention_budget_per_layer_s'] * 1e3:.1f} ms a layer, the least work "
+        f"({r['least_matmul_flops'] / 1e9:.2f} GFLOP) at {r['needed_gflops_per_s']:.0f} GFLOP/s, "
+        f"{r['needed_gflops_per_s'] / peer_rate:.2f}x the peer kernel's {peer_rate:.0f}\n"
+        f"  the least work at the peer kernel's rate: "
+        f"{r['ratio_least_work_at_peer_rate']:.3f}x\n"
+        f"  with the rest at the measured matmul peak ({r['rest_matmul_flops'] / 1e12:.3f} TFLOP "
+        f"at {r['peak_flops'] / 1e9:.1f} GFLOP/s: {r['rest_at_peak_s']:.2f} s), attention could "
+        f"take {r['attention_budget_per_layer_rest_at_peak_s'] * 1e3:.1f} ms a layer: the least "
+        f"work at {r['needed_gflops_per_s_rest_at_peak']:.0f} GFLOP/s"
     )
 
 
@@ -316,7 +319,6 @@ def main(argv):
             f"gopher/torch forward+backward {summary['gopher_over_torch_forward_backward']:.2f}x; "
             f"attention adds {summary['step_gap_from_attention_s']:.2f} s to gopher's step"
         )
-    if "step_gap_from_attention_s" in summary:
         _print_reach(summary, shape)
     record = {
         "command": shlex.join(["python", "-m", __spec__.name, *sys.argv[1:]]),

@@ -137,6 +137,9 @@ def test_step_sitting_of_another_shape_is_not_used(tmp_path):
         assert step is None and "another shape" in why
     step, why = _pure("m.step_record(*args)", str(tmp_path / "none.json"), [4, 2, 8, 100], 3)
     assert step is None and "no step sitting" in why
+    path.write_text(json.dumps(_sitting(peak_flops=None)))
+    step, why = _pure("m.step_record(*args)", str(path), [4, 2, 8, 100], 3)
+    assert step is None and "no peer figure or matmul peak" in why
 
 
 def test_both_sides_print_the_reach_beside_a_sitting_of_their_shape(tmp_path):
