@@ -46,6 +46,8 @@ import time
 
 from absl import app, flags
 
+from experiments.bench_machine import median_seconds
+
 _TINY = flags.DEFINE_bool("tiny", False, "CPU smoke: seq 64 and 128, 2 heads, key 16.")
 _SEQS = flags.DEFINE_list("seqs", ["512", "1024", "2048", "4096", "8192"], "Sequence lengths.")
 _HEADS = flags.DEFINE_integer("heads", 16, "Heads.")
@@ -70,13 +72,7 @@ def _time(fn, *args, reps: int) -> float:
     """Median seconds of `reps` blocking calls of a compiled `fn` (after one warm-up)."""
     import jax
 
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: jax.block_until_ready(fn(*args)), reps)
 
 
 def _rel_diff(got, want) -> float:

@@ -38,7 +38,7 @@ import time
 from absl import app, flags
 
 from experiments import common
-from experiments.bench_machine import ROOT, git_revision, machine_record
+from experiments.bench_machine import ROOT, git_revision, machine_record, median_seconds
 from experiments.bench_peer import peer_python, run_json
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences.")
@@ -62,17 +62,6 @@ _STEP = flags.DEFINE_string(
 )
 _TARGET = flags.DEFINE_float("target", 1.1, "The gopher/peer tokens/s ratio asked for.")
 _SHAPE = (_BATCH, _HEADS, _KEY, _SEQ)  # the order gopher_side and torch_side take them
-
-
-def _median_seconds(fn, reps: int) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def gopher_matmul_flops(b: int, h: int, kd: int, t: int, chunk: int) -> float:
@@ -190,8 +179,10 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
         "what": "gopher.attention_xla.grouped_relative_attention",
         "heads_per_group": group,
         "query_chunk": chunk,
-        "forward_s": _median_seconds(lambda: jax.block_until_ready(fwd(qkv, r)), reps),
-        "forward_backward_s": _median_seconds(lambda: jax.block_until_ready(fwd_bwd(qkv, r)), reps),
+        "forward_s": median_seconds(lambda: jax.block_until_ready(fwd(qkv, r)), reps, warmups=2),
+        "forward_backward_s": median_seconds(
+            lambda: jax.block_until_ready(fwd_bwd(qkv, r)), reps, warmups=2
+        ),
         "forward_backward_matmul_flops": gopher_matmul_flops(b, h, kd, t, chunk),
         "jax": jax.__version__,
     }
@@ -215,8 +206,8 @@ def torch_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
     return {
         "side": "torch",
         "what": "torch.nn.functional.scaled_dot_product_attention(is_causal=True)",
-        "forward_s": _median_seconds(forward, reps),
-        "forward_backward_s": _median_seconds(forward_backward, reps),
+        "forward_s": median_seconds(forward, reps, warmups=2),
+        "forward_backward_s": median_seconds(forward_backward, reps, warmups=2),
         "forward_backward_matmul_flops": torch_matmul_flops(b, h, kd, t),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

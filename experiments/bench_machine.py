@@ -1,12 +1,15 @@
 """The benchmark records' common parts: the machine (CPU model and flags from `lscpu`, cores,
-jax/jaxlib, the peer's torch), this process's peak memory, and the git revision."""
+jax/jaxlib, the peer's torch), this process's peak memory, the git revision, and the median
+time of a blocking call."""
 
 from __future__ import annotations
 
 import os
 import platform
 import resource
+import statistics
 import subprocess
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CPU features that decide which matmul kernels the two stacks can use.
@@ -48,6 +51,19 @@ def machine_record(torch_version: str | None = None) -> dict:
         "jaxlib": jaxlib.__version__,
         "torch": torch_version,
     }
+
+
+def median_seconds(fn, reps: int, warmups: int = 1) -> float:
+    """Median seconds of `reps` calls of `fn`, which must block until its work is done, after
+    `warmups` untimed calls."""
+    for _ in range(warmups):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def peak_rss_gib() -> float:
