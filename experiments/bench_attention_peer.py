@@ -111,7 +111,8 @@ def reach(summary: dict, step: dict, shape: tuple, layers: int, target: float) -
     least = least_matmul_flops(b, h, kd, t)
     peer_rate = summary["torch"]["matmul_gflops_per_s"] * 1e9
     at_peer_rate_s = rest_s + layers * least / peer_rate
-    rest_peak_s = rest_matmul_flops(step) / step["peak_flops"]
+    rest_flops = rest_matmul_flops(step)
+    rest_peak_s = rest_flops / step["peak_flops"]
     out = {
         "target": target,
         "step_sitting": {"time": step.get("time"), "git": step.get("git")},
@@ -123,7 +124,7 @@ def reach(summary: dict, step: dict, shape: tuple, layers: int, target: float) -
         "attention_budget_per_layer_s": (target_s - rest_s) / layers,
         "least_matmul_flops": least,
         "ratio_least_work_at_peer_rate": peer_s / at_peer_rate_s,
-        "rest_matmul_flops": rest_matmul_flops(step),
+        "rest_matmul_flops": rest_flops,
         "peak_flops": step["peak_flops"],
         "rest_at_peak_s": rest_peak_s,
         "attention_budget_per_layer_rest_at_peak_s": (target_s - rest_peak_s) / layers,
