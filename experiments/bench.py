@@ -13,7 +13,7 @@ per step, all threads) is the steadier number. `mfu` is tokens/s x model FLOPs p
 on (--peak_gflops, else the device table, else on CPU a measured fp32 matmul: the figure
 the training loop uses). `peak_rss_gib` is the process's ru_maxrss; on GPU / TPU
 `device_peak_gib` is the device allocator's peak, and `temp_gib` is XLA's temporaries for
-the step. --attention overrides the preset's attention path (xla, pallas, pallas_fused);
+the step. --attention overrides the preset's attention path (xla, pallas, pallas_fused, cudnn);
 --profile=DIR traces 2 more steps with jax.profiler after the timed ones and adds their
 kernels, summed by name (experiments/trace_summary.py), as `profile`. Prints one JSON line
 and appends it, with the command line, to --out (`benchmarks/train_speed.jsonl`).
@@ -32,6 +32,7 @@ Shapes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -65,6 +66,9 @@ _ATTENTION = flags.DEFINE_enum(
 )
 _PROFILE = flags.DEFINE_string(
     "profile", None, "Also trace 2 steps with jax.profiler into this folder and summarise them."
+)
+_UNROLL = flags.DEFINE_enum(
+    "unroll_layers", None, ["auto", "yes", "no"], "Unroll the layer loop (default: the config's)."
 )
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default 10; 5 with --peer).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
@@ -202,6 +206,7 @@ def single_run(
         "batch": b,
         "precision": precision,
         "remat": remat,
+        "unroll_layers": train_cfg.unroll_layers,
         "steps": steps,
         "warmup": warmup,
         "tokens_per_sec": round(tokens_per_sec, 1),
@@ -244,6 +249,8 @@ def main(argv):
         name, model_cfg, train_cfg = configs(
             _SHAPE.value, _PRESET.value, _SEQ_LEN.value, _BATCH.value, _ATTENTION.value
         )
+        if _UNROLL.value:
+            train_cfg = dataclasses.replace(train_cfg, unroll_layers=_UNROLL.value)
         if _PEER.value:
             opts = bench_peer.PeerOptions(
                 peer=_PEER.value,

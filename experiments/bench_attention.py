@@ -1,4 +1,5 @@
-"""Relative attention: the Pallas kernels against the XLA path, forward and
+"""Relative attention: the Pallas kernels (and on GPU cuDNN's flash attention with the
+position bias, gopher/attention_cudnn.py) against the XLA path, forward and
 forward+backward, and (--train_step) a preset's whole train step with each.
 
     python -m experiments.bench_attention                      # GPU / TPU: seq 512 ... 8192
@@ -26,8 +27,8 @@ Check mode (--check, before any timing is trusted on a new device): the kernel's
 and all six gradients against the XLA path's, bf16, H=4, K=64, at a length off the tile
 and one on it (100 and 256), and 256 at K=128 (H=2) (--tiny: 40 and 64, H=2, K=16), for
 each backward (the three-kernel "split" one; off TPU also the one-kernel "fused" one,
-gopher/pallas_attention_fused.py, whose timings are the `pallas_fused` rows); exits 1 when
-any relative difference reaches 5e-2. --stages, --warps and --block set the Triton
+gopher/pallas_attention_fused.py, whose timings are the `pallas_fused` rows; on GPU also
+`cudnn`); exits 1 when any relative difference reaches 5e-2. --stages, --warps and --block set the Triton
 kernels' pipelining, warps and tiles.
 
 Writes one JSON (device kind, jax version, the command, every row) to --out (default
@@ -36,6 +37,7 @@ benchmarks/bench_attention_<device kind>.json).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -99,7 +101,7 @@ def attention_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from gopher import attention_xla, pallas_attention
+    from gopher import attention_cudnn, attention_xla, pallas_attention
 
     h, kd = (2, 16) if _TINY.value else (_HEADS.value, _KEY.value)
     seqs = [64, 128] if _TINY.value else [int(s) for s in _SEQS.value]
@@ -125,6 +127,8 @@ def attention_rows(platform: str) -> list[dict]:
             impls["pallas_fused"] = lambda *a, o=fused: pallas_attention.relative_attention(
                 *a, opts=o
             )
+        if platform == "gpu":
+            impls["cudnn"] = attention_cudnn.relative_attention
         flops = 3 * b * h * t * t * kd
         results = {}  # mode -> the XLA path's outputs, to check the kernel's against
         for name, fn in impls.items():
@@ -170,7 +174,7 @@ def check_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from gopher import attention_xla, pallas_attention
+    from gopher import attention_cudnn, attention_xla, pallas_attention
 
     rows = []
     cases = (  # (batch, heads, key size, length): off the tile, on it; K = 128 as in 1.4b
@@ -195,16 +199,24 @@ def check_rows(platform: str) -> list[dict]:
         want = value_and_grads(
             lambda *a: attention_xla.relative_attention(*a, None, attention_xla.QUERY_CHUNK)
         )
+        candidates = {}  # backward -> (the kernel's options or None, its function)
         for backward in pallas_attention.backwards_for(platform):
             opts = _kernel_options(platform, backward)
-            got = value_and_grads(
-                lambda *a, o=opts: pallas_attention.relative_attention(*a, opts=o)
-            )
+            fn = functools.partial(pallas_attention.relative_attention, opts=opts)
+            candidates[backward] = (opts, fn)
+        if platform == "gpu":  # cuDNN's flash attention with the position bias
+            candidates["cudnn"] = (None, attention_cudnn.relative_attention)
+        for backward, (opts, fn) in candidates.items():
+            got = value_and_grads(fn)
             labels = ("out", "dq", "dk", "dv", "dr", "du", "dv_bias")
             for label, w, g in zip(labels, want, got, strict=True):
                 diff = _rel_diff(g, w)
                 row = {"seq_len": t, "heads": h, "key_size": kd, "output": label}
-                row |= {"block": opts.block, "stages": opts.stages, "backward": backward}
+                row |= {
+                    "block": opts and opts.block,
+                    "stages": opts and opts.stages,
+                    "backward": backward,
+                }
                 rows.append({**row, "max_rel_diff_vs_xla": diff, "ok": diff < CHECK_TOLERANCE})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -219,7 +231,8 @@ def train_rows() -> list[dict]:
     rows = []
     backwards = pallas_attention.backwards_for(jax.devices()[0].platform)
     fused = ("pallas_fused",) if "fused" in backwards else ()
-    for impl in ("xla", "pallas", *fused):
+    cudnn = ("cudnn",) if jax.devices()[0].platform == "gpu" else ()
+    for impl in ("xla", "pallas", *fused, *cudnn):
         model_cfg = config.get_preset(_PRESET.value).replace(seq_len=_SEQ_LEN.value, attention=impl)
         train_cfg = config.TrainConfig(steps=100, batch_size=_BATCH.value, warmup_steps=10)
         fns = train.make_train_functions(model_cfg, train_cfg, _PRECISION.value, _REMAT.value)

@@ -6,7 +6,9 @@ computes it, and the Haiku module.
 R is the fixed sinusoid table over distances and W_R a per-layer projection of it
 (the 13th d^2 of each block). Two implementations behind `attend`, chosen by
 `ModelConfig.attention` ("auto": the Pallas kernels of gopher/pallas_attention.py on
-TPU, the XLA path of gopher/attention_xla.py on GPU and CPU): the kernel cannot be
+TPU, cuDNN's flash attention with the position scores as a bias on GPU
+(gopher/attention_cudnn.py), the XLA path of gopher/attention_xla.py on CPU and wherever
+the others cannot run): the kernel cannot be
 split by XLA's partitioner, so under a mesh it runs inside `shard_map`, batch over the
 data axes and heads over "model", as the XLA path is split.
 
@@ -24,9 +26,10 @@ from typing import Any
 import haiku as hk
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from gopher import pallas_attention
+from gopher import attention_cudnn, pallas_attention
 from gopher.attention_xla import (
     MAX_QUERY_CHUNKS,
     QUERY_CHUNK,
@@ -43,6 +46,11 @@ from gopher.layers import Dense
 # though it needs far less memory (1.4b: 47.5 GiB peak with no remat at all);
 # benchmarks/gpu_h200/, README "GPU". attention="pallas" still picks it there.
 KERNEL_PLATFORMS = ("tpu",)
+# Where "auto" picks cuDNN's flash attention with the position bias (gopher/attention_cudnn.py),
+# falling back to the XLA path where it cannot run (fp32, a mask of its own, odd T, a GPU
+# without it): on the H200, 1.4b's step at 36.7k tokens/s against XLA's 26.8k (scanned
+# layers), 417m's 104.6k against 83.1k (benchmarks/gpu_h200/run4_*).
+CUDNN_PLATFORMS = attention_cudnn.PLATFORMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +66,19 @@ class AttentionLayout:
     batch_axes: tuple[str, ...] = ()
     head_axis: str = "model"
     device_kind: str = ""  # e.g. "TPU v4": the kernel's skew depends on the TPU generation
+    # What runs where `implementation` cannot (only "auto"'s choice of cudnn has one: "xla").
+    fallback: str | None = None
 
 
 def attention_layout(
     choice: str, platform: str, mesh: Any = None, batch_axes: tuple[str, ...] = ()
 ) -> AttentionLayout:
     """The layout for `ModelConfig.attention` = `choice` ("auto", "xla", "pallas",
-    "pallas_fused") on devices of `platform` (the mesh's, else the first of the platform's
-    devices); "auto" is the kernel on TPU v4+, XLA elsewhere."""
+    "pallas_fused", "cudnn") on devices of `platform` (the mesh's, else the first of the
+    platform's devices); "auto" is the kernel on TPU v4+, cuDNN on GPU (XLA where cuDNN
+    cannot run), XLA elsewhere."""
+    if choice == "cudnn" and platform not in CUDNN_PLATFORMS:
+        raise ValueError(attention_cudnn.platform_problem(platform))
     if choice == "pallas_fused" and "fused" not in pallas_attention.backwards_for(platform):
         raise ValueError(
             "attention = 'pallas_fused' needs atomic adds, which TPU kernels do not have; "
@@ -78,12 +91,17 @@ def attention_layout(
             kind = jax.devices(platform)[0].device_kind
         except RuntimeError:  # no such backend here (e.g. planning for another platform)
             kind = ""
+    fallback = None
+    if choice == "auto" and not attention_cudnn.platform_problem(platform, kind):
+        choice, fallback = "cudnn", "xla"
     if choice == "auto":
         choice = "pallas" if platform in KERNEL_PLATFORMS else "xla"
         generation = pallas_attention.tpu_generation(kind) if platform == "tpu" else None
         if generation is not None and generation < pallas_attention.MIN_TPU_GENERATION:
             choice = "xla"  # TPU v2, v3: the kernel does not compile there
-    return AttentionLayout(choice, platform, mesh, tuple(batch_axes), device_kind=kind)
+    return AttentionLayout(
+        choice, platform, mesh, tuple(batch_axes), device_kind=kind, fallback=fallback
+    )
 
 
 def _on_each_device(fn, layout: AttentionLayout, qkv, r, u, v_bias) -> jax.Array:
@@ -129,6 +147,28 @@ def attend(qkv, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.
     if layout.implementation == "xla":
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         return relative_attention(q, k, v, r, u, v_bias, mask, chunk)
+    if layout.implementation == "cudnn":
+        fallback = dataclasses.replace(layout, implementation=layout.fallback, fallback=None)
+        why_not = attention_cudnn.unsupported(
+            qkv.dtype, mask, t, layout.platform, layout.device_kind
+        )
+        if why_not and layout.fallback:
+            logging.log_first_n(logging.INFO, "attention: %s; XLA's instead", 1, why_not)
+            return attend(qkv, r, u, v_bias, mask, chunk, fallback)
+        if why_not:
+            raise ValueError(why_not)
+
+        def cudnn(qkv, r, u, v_bias):
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            return attention_cudnn.relative_attention(q, k, v, r, u, v_bias, mask=mask)
+
+        try:
+            return _on_each_device(cudnn, layout, qkv, r, u, v_bias)
+        except (NotImplementedError, RuntimeError) as e:  # jax's cuDNN checks: sm80+, cuDNN 9
+            if not layout.fallback:
+                raise
+            logging.log_first_n(logging.WARNING, "attention: cuDNN cannot: %s; XLA's", 1, e)
+            return attend(qkv, r, u, v_bias, mask, chunk, fallback)
     backward = "fused" if layout.implementation == "pallas_fused" else "split"
     opts = pallas_attention.options_for(
         layout.platform, device_kind=layout.device_kind, backward=backward

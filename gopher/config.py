@@ -27,7 +27,7 @@ def _positive(obj: Any, *names: str) -> None:
 
 
 PRECISIONS = ("fp32", "mixed", "bf16", "bf16_sr", "bf16_master")  # Gopher App. C
-ATTENTIONS = ("auto", "xla", "pallas", "pallas_fused")  # ModelConfig.attention
+ATTENTIONS = ("auto", "xla", "pallas", "pallas_fused", "cudnn")  # ModelConfig.attention
 TRAIN_TOKENS = 300_000_000_000  # every Gopher model trained on 300B tokens
 
 
@@ -112,9 +112,10 @@ class ModelConfig:
     scale_residual_init: bool = True
     # How attention is computed (the same maths): "pallas", the fused kernels of
     # gopher/pallas_attention.py (interpret mode on CPU: slow, for tests); "xla", the
-    # chunked XLA path; "auto", the kernel on TPU and XLA on GPU and CPU (on an H200 the
-    # kernel's backward is slower than XLA's; gopher/attention.py KERNEL_PLATFORMS);
-    # "pallas_fused", the kernel with its one-kernel backward (atomic adds: GPU only).
+    # chunked XLA path; "pallas_fused", the kernel with its one-kernel backward (atomic
+    # adds: GPU only); "cudnn", cuDNN's flash attention with the position scores as a bias
+    # (NVIDIA GPU, bf16/fp16; gopher/attention_cudnn.py); "auto", the kernel on TPU, cudnn
+    # on GPU (XLA where it cannot run) and XLA on CPU (gopher/attention.py).
     attention: str = "auto"
 
     def __post_init__(self):

@@ -175,16 +175,19 @@ def make_train_functions(
     return TrainFunctions(init, train_step, eval_step, forward)
 
 
-# "auto" unrolls the layer loop on XLA CPU up to this depth: 11% faster at the nanoGPT
-# shape (benchmarks/train_speed.jsonl); a scan elsewhere (TPU and GPU compile it well, and
-# an unrolled 80-layer step compiles for minutes).
-UNROLL_MAX_LAYERS = 16
+# "auto" unrolls the layer loop up to these depths; a scan beyond them and on TPU (an
+# unrolled 80-layer step compiles for minutes). XLA CPU: 11% faster at the nanoGPT shape
+# (benchmarks/train_speed.jsonl). GPU: on an H200, the scan stacks each layer's saved
+# activations into [L, ...] buffers, a broadcast and a copy per layer (30% of 1.4b's step
+# with cuDNN attention); unrolled, 1.4b ran at 44.8k tokens/s against 36.7k and 417m at
+# 128.1k against 104.6k, compiling in 21 s against 9 (benchmarks/gpu_h200/run5_*).
+UNROLL_MAX_LAYERS = {"cpu": 16, "gpu": 24, "cuda": 24}
 
 
 def unroll_layers(train_cfg: TrainConfig, model_cfg: ModelConfig, platform: str) -> bool:
     """Whether the training step unrolls the layer loop (TrainConfig.unroll_layers)."""
     if train_cfg.unroll_layers == "auto":
-        return platform == "cpu" and model_cfg.num_layers <= UNROLL_MAX_LAYERS
+        return model_cfg.num_layers <= UNROLL_MAX_LAYERS.get(platform, 0)
     return train_cfg.unroll_layers == "yes"
 
 

@@ -127,7 +127,8 @@ def test_attention_choice_is_validated():
     ):
         config.get_preset("test").replace(attention="flash")
     assert attention.attention_layout("auto", "tpu").implementation == "pallas"
-    assert attention.attention_layout("auto", "gpu").implementation == "xla"  # faster on H200
+    on_gpu = attention.attention_layout("auto", "gpu")  # cuDNN, XLA where it cannot run
+    assert (on_gpu.implementation, on_gpu.fallback) == ("cudnn", "xla")
     assert attention.attention_layout("pallas", "gpu").implementation == "pallas"
     assert attention.attention_layout("auto", "cpu").implementation == "xla"
     with pytest.raises(ValueError, match="'pallas_fused' needs atomic adds.*attention=pallas"):
