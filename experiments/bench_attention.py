@@ -19,8 +19,8 @@ mask removes; those are not counted. Temporaries are XLA's memory_analysis() fig
 any of the six gradients) over that array's largest magnitude (bf16: ~1e-2 expected).
 
 Train-step mode: the preset's train step (gopher.train.make_train_functions, state
-donated) at --seq_len, --batch, --precision, --remat with attention=xla, =pallas and
-(off TPU) =pallas_fused;
+donated) at --seq_len, --batch, --precision, --remat with attention=xla, =pallas,
+(off TPU) =pallas_fused and (on GPU) =cudnn;
 MFU = tokens/s x (6 N + 12 L H Q T) / peak FLOP/s of the device (gopher/metrics.py).
 
 Check mode (--check, before any timing is trusted on a new device): the kernel's output

@@ -48,17 +48,18 @@ from gopher.layers import Dense
 KERNEL_PLATFORMS = ("tpu",)
 # Where "auto" picks cuDNN's flash attention with the position bias (gopher/attention_cudnn.py),
 # falling back to the XLA path where it cannot run (fp32, a mask of its own, odd T, a GPU
-# without it): on the H200, 1.4b's step at 36.7k tokens/s against XLA's 26.8k (scanned
-# layers), 417m's 104.6k against 83.1k (benchmarks/gpu_h200/run4_*).
+# without it): on an H200 with scanned layers, 1.4b's step ran at 36.7k tokens/s against
+# the XLA path's best (26.8k, full remat), 417m's at 104.6k against 83.1k
+# (benchmarks/gpu_h200/run3_*, run4_*).
 CUDNN_PLATFORMS = attention_cudnn.PLATFORMS
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionLayout:
-    """How `attend` computes: "xla", "pallas" or "pallas_fused" (the kernel with its
-    one-kernel backward) on `platform` (the kernel runs in
-    interpret mode on "cpu"), and, with a `mesh`, the kernel's shard_map: the batch
-    over `batch_axes`, heads over `head_axis`."""
+    """How `attend` computes: "xla", "pallas", "pallas_fused" (the kernel with its
+    one-kernel backward) or "cudnn" on `platform` (the kernel runs in interpret mode on
+    "cpu"), and, with a `mesh`, the kernel's or cuDNN's shard_map: the batch over
+    `batch_axes`, heads over `head_axis`."""
 
     implementation: str = "xla"
     platform: str = "cpu"

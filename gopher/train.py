@@ -177,10 +177,11 @@ def make_train_functions(
 
 # "auto" unrolls the layer loop up to these depths; a scan beyond them and on TPU (an
 # unrolled 80-layer step compiles for minutes). XLA CPU: 11% faster at the nanoGPT shape
-# (benchmarks/train_speed.jsonl). GPU: on an H200, the scan stacks each layer's saved
-# activations into [L, ...] buffers, a broadcast and a copy per layer (30% of 1.4b's step
-# with cuDNN attention); unrolled, 1.4b ran at 44.8k tokens/s against 36.7k and 417m at
-# 128.1k against 104.6k, compiling in 21 s against 9 (benchmarks/gpu_h200/run5_*).
+# (benchmarks/train_speed.jsonl). GPU: on an H200 the scanned step spent 15% of its GPU
+# time on broadcasts and copies (seemingly the saved activations stacked into [L, ...]
+# buffers) that unrolled it does not have; 1.4b ran at 44.8k tokens/s against 36.7k and
+# 417m at 128.1k against 104.6k (cuDNN attention), compiling in 21 s against 9
+# (benchmarks/gpu_h200/run4_*, run5_*).
 UNROLL_MAX_LAYERS = {"cpu": 16, "gpu": 24, "cuda": 24}
 
 
