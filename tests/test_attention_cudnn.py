@@ -126,3 +126,25 @@ def test_under_a_mesh_each_device_gets_its_own_batch_rows_and_heads(monkeypatch)
     np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=3e-2, atol=3e-2
     )
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN runs on an NVIDIA GPU only")
+def test_on_a_gpu_cudnn_matches_the_xla_path_in_bf16():
+    """Where a GPU is at hand: cuDNN's own call, value and six gradients, against the XLA
+    path (bf16; the same tolerance as `experiments.bench_attention --check`)."""
+    b, h, t, kd = 2, 4, 256, 64
+    q, k, v, r, u, vb = _inputs(b, h, t, kd, dtype=jnp.bfloat16)
+    args = (*_packed(q, k, v), r, u, vb)
+
+    def value_and_grads(fn):
+        def run(*a):
+            out, vjp = jax.vjp(fn, *a)
+            return (out, *vjp(jnp.ones_like(out)))
+
+        return jax.jit(run)(*args)
+
+    got = value_and_grads(attention_cudnn.relative_attention)
+    want = value_and_grads(lambda *a: attention_xla.relative_attention(*a, None, 128))
+    for g, w in zip(got, want, strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert np.max(np.abs(g - w)) < 5e-2 * np.max(np.abs(w))
