@@ -12,8 +12,9 @@
 #    and pallas_fused) and cudnn -> bench_attention.json
 # 3. train-step speed and MFU (experiments.bench, mixed precision, seq 2048) with the default
 #    attention (auto: cudnn on an NVIDIA GPU) and layer loop (unrolled to 24 layers) for 1.4b
-#    (profiled), 417m and 117m (profiled), 1.4b under full remat, then the XLA path and the
-#    Pallas kernel unrolled -> train_speed_gpu.jsonl, profile summaries in the log
+#    (profiled), 417m and 117m (profiled), 1.4b under full remat and with cuBLAS for every
+#    GEMM, then the XLA path and the Pallas kernel unrolled -> train_speed_gpu.jsonl,
+#    profile summaries in the log
 # On an H200 (2026-12-04) an earlier version of this script took 6 minutes; results:
 # benchmarks/gpu_h200/.
 # Each step has its own timeout; a step whose timeout would end past BUDGET_S is skipped.
@@ -45,6 +46,8 @@ bench 1.4b 8 auto none --profile="$OUT/profile_1.4b_auto"  # auto: cudnn, layers
 bench 417m 8 auto none
 bench 117m 8 auto none --profile="$OUT/profile_117m_auto"
 bench 1.4b 8 auto full
+# The position matmuls ran as XLA's Triton GEMMs at ~195 TFLOP/s (run 5): try cuBLAS for all.
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench 1.4b 8 auto none
 bench 1.4b 8 xla full --unroll_layers=yes  # the other paths unrolled: not measured yet
 bench 417m 8 xla none --unroll_layers=yes
 bench 1.4b 8 pallas none --unroll_layers=yes
