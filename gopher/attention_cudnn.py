@@ -14,7 +14,7 @@ bias, whose gradient cuDNN returns:
             d(q + v) = d P (W_R R) and d(W_R R) = sum over the batch of d P^T (q + v),
             two matmuls (XLA's autodiff of the two ops above).
 
-The [B, H, T, T] bias is the price: one bf16 copy each way per layer (1 GiB at B 8, H 16,
+The [H*B, T, T] bias is the price: one bf16 copy each way per layer (1 GiB at B 8, H 16,
 T 2048), kept for the backward unless the layer is rematerialised. Entries above the
 diagonal are the skew's leftovers; the causal mask drops them and their gradient is 0.
 
@@ -34,8 +34,6 @@ import jax.numpy as jnp
 from gopher.attention_xla import _skew
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
 PLATFORMS = ("gpu", "cuda")
 
 
