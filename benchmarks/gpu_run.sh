@@ -46,6 +46,7 @@ bench 1.4b 8 auto none --profile="$OUT/profile_1.4b_auto"  # auto: cudnn, layers
 bench 417m 8 auto none
 bench 117m 8 auto none --profile="$OUT/profile_117m_auto"
 bench 1.4b 8 auto full
+bench 117m 32 auto none  # 117m near 15% at batch 8: memory-bound fusions; a bigger batch?
 # The position matmuls ran as XLA's Triton GEMMs at ~195 TFLOP/s (run 5): try cuBLAS for all.
 XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench 1.4b 8 auto none
 bench 1.4b 8 xla full --unroll_layers=yes  # the other paths unrolled: not measured yet
