@@ -27,9 +27,9 @@ Check mode (--check, before any timing is trusted on a new device): the kernel's
 and all six gradients against the XLA path's, bf16, H=4, K=64, at a length off the tile
 and one on it (100 and 256), and 256 at K=128 (H=2) (--tiny: 40 and 64, H=2, K=16), for
 each backward (the three-kernel "split" one; off TPU also the one-kernel "fused" one,
-gopher/pallas_attention_fused.py, whose timings are the `pallas_fused` rows; on GPU also
-`cudnn`); exits 1 when any relative difference reaches 5e-2. --stages, --warps and --block set the Triton
-kernels' pipelining, warps and tiles.
+gopher/pallas_attention_fused.py, whose timings are the `pallas_fused` rows; on an NVIDIA
+GPU also `cudnn`); exits 1 when any relative difference reaches 5e-2. --stages, --warps
+and --block set the Triton kernels' pipelining, warps and tiles.
 
 Writes one JSON (device kind, jax version, the command, every row) to --out (default
 benchmarks/bench_attention_<device kind>.json).
@@ -97,6 +97,16 @@ def _kernel_options(platform: str, backward: str = "split"):
     )
 
 
+def _cudnn_here() -> bool:
+    """Whether cuDNN's attention (gopher/attention_cudnn.py) runs on this device."""
+    import jax
+
+    from gopher import attention_cudnn
+
+    device = jax.devices()[0]
+    return not attention_cudnn.platform_problem(device.platform, device.device_kind)
+
+
 def attention_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -127,7 +137,7 @@ def attention_rows(platform: str) -> list[dict]:
             impls["pallas_fused"] = lambda *a, o=fused: pallas_attention.relative_attention(
                 *a, opts=o
             )
-        if platform == "gpu":
+        if _cudnn_here():
             impls["cudnn"] = attention_cudnn.relative_attention
         flops = 3 * b * h * t * t * kd
         results = {}  # mode -> the XLA path's outputs, to check the kernel's against
@@ -204,7 +214,7 @@ def check_rows(platform: str) -> list[dict]:
             opts = _kernel_options(platform, backward)
             fn = functools.partial(pallas_attention.relative_attention, opts=opts)
             candidates[backward] = (opts, fn)
-        if platform == "gpu":  # cuDNN's flash attention with the position bias
+        if _cudnn_here():  # cuDNN's flash attention with the position bias
             candidates["cudnn"] = (None, attention_cudnn.relative_attention)
         for backward, (opts, fn) in candidates.items():
             got = value_and_grads(fn)
@@ -231,7 +241,7 @@ def train_rows() -> list[dict]:
     rows = []
     backwards = pallas_attention.backwards_for(jax.devices()[0].platform)
     fused = ("pallas_fused",) if "fused" in backwards else ()
-    cudnn = ("cudnn",) if jax.devices()[0].platform == "gpu" else ()
+    cudnn = ("cudnn",) if _cudnn_here() else ()
     for impl in ("xla", "pallas", *fused, *cudnn):
         model_cfg = config.get_preset(_PRESET.value).replace(seq_len=_SEQ_LEN.value, attention=impl)
         train_cfg = config.TrainConfig(steps=100, batch_size=_BATCH.value, warmup_steps=10)

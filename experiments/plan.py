@@ -81,7 +81,7 @@ def _configs(preset: str | None):
     )
 
 
-def _space(plan_lib, model_cfg, per_slice: int):
+def _space(per_slice: int):
     """The search space the flags describe (--search) or the first-fit space (default)."""
     models = [_MODEL.value] if _MODEL.value else None
     if _DATA.value != -1:  # a fixed data axis fixes the model axis
@@ -118,7 +118,7 @@ def plan_preset(plan_lib, preset, devices, hw, log) -> dict:
         )
     from gopher import plan_search
 
-    space = _space(plan_lib, model_cfg, len(devices) // _SLICES.value)
+    space = _space(len(devices) // _SLICES.value)
     return plan_search.search(
         model_cfg,
         train_cfg,

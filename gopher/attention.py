@@ -46,12 +46,6 @@ from gopher.layers import Dense
 # though it needs far less memory (1.4b: 47.5 GiB peak with no remat at all);
 # benchmarks/gpu_h200/, README "GPU". attention="pallas" still picks it there.
 KERNEL_PLATFORMS = ("tpu",)
-# Where "auto" picks cuDNN's flash attention with the position bias (gopher/attention_cudnn.py),
-# falling back to the XLA path where it cannot run (fp32, a mask of its own, odd T, a GPU
-# without it): on an H200 with scanned layers, 1.4b's step ran at 36.7k tokens/s against
-# the XLA path's best (26.8k, full remat), 417m's at 104.6k against 83.1k
-# (benchmarks/gpu_h200/run3_*, run4_*).
-CUDNN_PLATFORMS = attention_cudnn.PLATFORMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +72,6 @@ def attention_layout(
     "pallas_fused", "cudnn") on devices of `platform` (the mesh's, else the first of the
     platform's devices); "auto" is the kernel on TPU v4+, cuDNN on GPU (XLA where cuDNN
     cannot run), XLA elsewhere."""
-    if choice == "cudnn" and platform not in CUDNN_PLATFORMS:
-        raise ValueError(attention_cudnn.platform_problem(platform))
     if choice == "pallas_fused" and "fused" not in pallas_attention.backwards_for(platform):
         raise ValueError(
             "attention = 'pallas_fused' needs atomic adds, which TPU kernels do not have; "
@@ -92,8 +84,16 @@ def attention_layout(
             kind = jax.devices(platform)[0].device_kind
         except RuntimeError:  # no such backend here (e.g. planning for another platform)
             kind = ""
+    cudnn_problem = attention_cudnn.platform_problem(platform, kind)
+    if choice == "cudnn" and cudnn_problem:
+        raise ValueError(cudnn_problem)
     fallback = None
-    if choice == "auto" and not attention_cudnn.platform_problem(platform, kind):
+    if choice == "auto" and not cudnn_problem:
+        # cuDNN's flash attention with the position bias (gopher/attention_cudnn.py), the XLA
+        # path where it cannot run (fp32, a mask of its own, odd T, a GPU without it): on an
+        # H200 with scanned layers, 1.4b's step ran at 36.7k tokens/s against the XLA path's
+        # best (26.8k, full remat), 417m's at 104.6k against 83.1k
+        # (benchmarks/gpu_h200/run3_*, run4_*).
         choice, fallback = "cudnn", "xla"
     if choice == "auto":
         choice = "pallas" if platform in KERNEL_PLATFORMS else "xla"
