@@ -32,6 +32,7 @@ Shapes:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,7 +44,7 @@ import time
 
 from absl import app, flags
 
-from experiments import bench_peer, common
+from experiments import bench_peer, common, devices
 from experiments.bench_machine import git_revision, machine_record, peak_rss_gib
 from gopher import config as config_lib
 
@@ -70,10 +71,23 @@ _PROFILE = flags.DEFINE_string(
 _UNROLL = flags.DEFINE_enum(
     "unroll_layers", None, ["auto", "yes", "no"], "Unroll the layer loop (default: the config's)."
 )
+_MESH = flags.DEFINE_string(
+    "mesh",
+    None,
+    "D,M: run the step jitted over a (data D, model M) mesh of the first D*M devices, as "
+    "training does (on CPU, D*M simulated devices); default: one device.",
+)
+_ZERO = flags.DEFINE_enum(
+    "zero", "0", ["0", "1", "3"], "With --mesh: optimiser-state partitioning (1) or FSDP (3)."
+)
+_MICROBATCHES = flags.DEFINE_integer("microbatches", 1, "Gradient-accumulation microbatches.")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps (default 10; 5 with --peer).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _PEAK_GFLOPS = flags.DEFINE_float(
-    "peak_gflops", 0.0, "Peak GFLOP/s for MFU (0: the device table, or on CPU a measured matmul)."
+    "peak_gflops",
+    0.0,
+    "Peak GFLOP/s of one device for MFU (0: the device table, or on CPU a measured matmul; "
+    "simulated CPU devices share their host's peak).",
 )
 _OUT = flags.DEFINE_string("out", "benchmarks/train_speed.jsonl", "Where to append the result.")
 _NOTE = flags.DEFINE_string("note", "", "Free text stored with the result (what was measured).")
@@ -112,26 +126,94 @@ def configs(shape=None, preset=None, seq_len=None, batch=None, attention=None):
     return name, model_cfg, train_cfg
 
 
-def peak_flops(peak_gflops: float = 0.0) -> tuple[float | None, str]:
-    """Peak FLOP/s of the one device the bench's step runs on, and where it came from.
+def peak_flops(peak_gflops: float = 0.0, devices: int = 1) -> tuple[float | None, str]:
+    """Peak FLOP/s of the `devices` the bench's step runs on, and where it came from.
 
-    The training loop's rule (gopher.step_log.peak_flops) for a single device: the user's
-    figure, else the device table, else on CPU the measured matmul peak of the host
-    (whose cores the one CPU device uses). loop's version multiplies by the device
-    count, which a one-device step must not."""
+    The training loop's rule (gopher.step_log.peak_flops): the user's figure, else the
+    device table, each per device; else on CPU the measured matmul peak of the host,
+    which its simulated devices share (so it is not multiplied by their count)."""
     import jax
 
     from gopher import metrics as metrics_lib
 
-    if peak_gflops:
-        return peak_gflops * 1e9, "--peak_gflops"
     device = jax.devices()[0]
+    shared = device.platform == "cpu"  # simulated devices: one host's cores
+    n = 1 if shared else devices
+    if peak_gflops:
+        return peak_gflops * 1e9 * n, "--peak_gflops"
     peak = metrics_lib.device_peak_flops(device)
     if peak is not None:
-        return peak, device.device_kind
-    if device.platform == "cpu":
+        return peak * n, device.device_kind
+    if shared:
         return metrics_lib.measure_cpu_peak_flops(), "measured fp32 matmul (jax)"
     return None, "unknown (pass --peak_gflops)"
+
+
+def ask_cpu_devices(n: int) -> None:
+    """n simulated CPU devices for a --mesh run, asked before jax starts its backend
+    (unless XLA_FLAGS sets a count). Leaves the platform alone: a GPU host keeps its GPUs."""
+    if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        import jax
+
+        with contextlib.suppress(RuntimeError):  # the backend is up: devices are checked later
+            jax.config.update("jax_num_cpu_devices", n)
+
+
+def _one_device(model_cfg, train_cfg, precision, remat, tokens):
+    """(state, tokens, the compiled step) on one device, jitted with the state donated."""
+    import jax
+
+    from gopher import train as train_lib
+
+    fns = train_lib.make_train_functions(model_cfg, train_cfg, precision, remat)
+    state = jax.jit(fns.init)(jax.random.key(train_cfg.seed))
+    tokens = jax.device_put(tokens)
+    return state, tokens, jax.jit(fns.train_step, donate_argnums=0).lower(state, tokens).compile()
+
+
+def _on_mesh(model_cfg, train_cfg, mesh_shape, zero, tokens):
+    """(state, tokens, the compiled step) jitted over a (data, model) mesh with the state's
+    shardings, as training builds it (gopher.sharding.build_train)."""
+    import jax
+
+    from gopher import config as gopher_config
+    from gopher import sharding
+
+    d, m = mesh_shape
+    if jax.device_count() < d * m:
+        raise ValueError(
+            f"--mesh={d},{m} needs {d * m} devices but jax has {jax.device_count()}; unset "
+            f"XLA_FLAGS or set --xla_force_host_platform_device_count={d * m} in it"
+        )
+    parallel = gopher_config.ParallelConfig(data=d, model=m, zero=zero)
+    mesh = sharding.make_mesh(parallel, jax.devices()[: d * m])
+    _, sharded = sharding.build_train(model_cfg, train_cfg, parallel, mesh)
+    state = sharded.init(jax.random.key(train_cfg.seed))
+    tokens = sharding.make_global_batch(tokens, mesh)
+    return state, tokens, sharded.train_step.lower(state, tokens).compile()
+
+
+def compiled_program(exe, devices: int, model_flops: float) -> dict:
+    """What the compiled step does per device (gopher/hlo.py): its matmul FLOPs, their
+    total over the devices against the model's FLOPs (about equal on every mesh when the
+    work is split, the model axis times more when it is replicated), and its collectives
+    (runs and bytes one device sends per step, ring algorithm)."""
+    from gopher import hlo
+
+    module = hlo.Module(exe.as_text())
+    dots = module.dot_flops()
+    collectives: dict[str, dict] = {}
+    for c in module.collectives():
+        entry = collectives.setdefault(c.op, {"runs": 0, "sent_gib": 0.0})
+        entry["runs"] += c.runs
+        entry["sent_gib"] += c.runs * c.sent / 2**30
+    for entry in collectives.values():
+        entry["sent_gib"] = round(entry["sent_gib"], 4)
+    return {
+        "dot_flops_per_device": dots,
+        "dot_flops_x_devices_over_model": round(dots * devices / model_flops, 4) if dots else None,
+        "collectives": collectives,
+    }
 
 
 def single_run(
@@ -144,26 +226,30 @@ def single_run(
     warmup=2,
     peak_gflops=0.0,
     profile=None,
+    mesh=None,
+    zero=0,
 ) -> dict:
-    """Times the jitted train step; the record `experiments.bench` prints."""
+    """Times the jitted train step (on one device, or with `mesh` (D, M) over a data x
+    model mesh); the record `experiments.bench` prints."""
     import jax
-    import jax.numpy as jnp
+    import numpy as np
 
     from gopher import engine as engine_lib
     from gopher import metrics as metrics_lib
-    from gopher import train as train_lib
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps={steps} --warmup={warmup}; pass --steps>=1 and --warmup>=0")
+    if zero and not mesh:
+        raise ValueError(f"--zero={zero} shards over a mesh's data axis; pass --mesh=D,M too")
     b, t = train_cfg.batch_size, model_cfg.seq_len
-    fns = train_lib.make_train_functions(model_cfg, train_cfg, precision, remat)
-    state = jax.jit(fns.init)(jax.random.key(train_cfg.seed))
-    tokens = jax.random.randint(jax.random.key(1), (b, t + 1), 0, model_cfg.vocab_size, jnp.int32)
-
-    step = jax.jit(fns.train_step, donate_argnums=0)
+    train_cfg = dataclasses.replace(train_cfg, precision=precision, remat=remat)
+    rows = np.random.default_rng(1).integers(0, model_cfg.vocab_size, (b, t + 1), np.int32)
     start = time.perf_counter()
-    compiled = step.lower(state, tokens).compile()
-    compile_s = time.perf_counter() - start
+    if mesh:
+        state, tokens, compiled = _on_mesh(model_cfg, train_cfg, mesh, zero, rows)
+    else:
+        state, tokens, compiled = _one_device(model_cfg, train_cfg, precision, remat, rows)
+    compile_s = time.perf_counter() - start  # (with the state's init, a small part)
     engine_lib.release_freed_host_memory()  # as the training loop does after compiling
 
     for _ in range(warmup):
@@ -187,11 +273,13 @@ def single_run(
             jax.block_until_ready((state, metrics))
         profile_summary = trace_summary.summarize(profile, top=15)
         print(trace_summary.format_summary(profile_summary), file=sys.stderr)
-    memory = jax.devices()[0].memory_stats() or {}  # None on CPU
+    n = mesh[0] * mesh[1] if mesh else 1
+    used = jax.devices()[:n]
+    stats = [d.memory_stats() or {} for d in used]  # None on CPU
     step_s = statistics.median(times)
     tokens_per_sec = b * t / step_s
     flops_token = metrics_lib.flops_per_token(model_cfg, t)
-    peak, peak_source = peak_flops(peak_gflops)
+    peak, peak_source = peak_flops(peak_gflops, n)
     mfu = metrics_lib.mfu(tokens_per_sec, flops_token, peak)
 
     return {
@@ -207,6 +295,9 @@ def single_run(
         "precision": precision,
         "remat": remat,
         "unroll_layers": train_cfg.unroll_layers,
+        "mesh": list(mesh) if mesh else None,
+        "zero": zero,
+        "microbatches": train_cfg.microbatches,
         "steps": steps,
         "warmup": warmup,
         "tokens_per_sec": round(tokens_per_sec, 1),
@@ -222,13 +313,15 @@ def single_run(
         "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_rss_gib": peak_rss_gib(),
         "attention": model_cfg.attention,
-        "device_peak_gib": round(memory["peak_bytes_in_use"] / 2**30, 3)
-        if "peak_bytes_in_use" in memory
+        # the largest of the devices' allocator peaks (accelerators only)
+        "device_peak_gib": round(max(s["peak_bytes_in_use"] for s in stats) / 2**30, 3)
+        if all("peak_bytes_in_use" in s for s in stats)
         else None,
         "temp_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 3),
+        "compiled": compiled_program(compiled, n, flops_token * b * t),
         "profile": profile_summary,
         "jax": jax.__version__,
-        "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+        "devices": f"{n}x {used[0].device_kind}",
         "cpus": os.cpu_count(),
         "host": platform.node(),
         "machine": machine_record(),
@@ -251,6 +344,16 @@ def main(argv):
         )
         if _UNROLL.value:
             train_cfg = dataclasses.replace(train_cfg, unroll_layers=_UNROLL.value)
+        if _MICROBATCHES.value != 1:
+            train_cfg = dataclasses.replace(train_cfg, microbatches=_MICROBATCHES.value)
+        mesh, zero = devices.parse_mesh(_MESH.value) if _MESH.value else None, int(_ZERO.value)
+        if _PEER.value and (mesh or zero or _MICROBATCHES.value != 1):
+            raise ValueError(
+                "--peer times one device against the peer's one process; drop --mesh, --zero "
+                "and --microbatches (or run them without --peer)"
+            )
+        if mesh:
+            ask_cpu_devices(mesh[0] * mesh[1])
         if _PEER.value:
             opts = bench_peer.PeerOptions(
                 peer=_PEER.value,
@@ -277,6 +380,8 @@ def main(argv):
             warmup,
             _PEAK_GFLOPS.value,
             _PROFILE.value,
+            mesh,
+            zero,
         )
     result["note"] = _NOTE.value
     print(json.dumps(result))

@@ -191,6 +191,30 @@ def test_single_run_test_preset_prints_and_appends_the_record(tmp_path):
     assert sum(f["ms"] for f in profile["families"].values()) == pytest.approx(profile["busy_ms"])
 
 
+def test_mesh_run_matches_one_device_and_splits_its_work():
+    """--mesh jits the step over a data x model mesh as training does. The oracle is the
+    one-device run of the same step: the same first loss, and the compiled program's
+    matmul FLOPs per device x 4 devices equal to the one device's (work split, not
+    repeated); the model axis brings all-reduces, ZeRO-1 the parameters' all-gathers."""
+    common = ["--preset=test", "--steps=1", "--warmup=0", "--peak_gflops=50", "--out="]
+    runs = {}
+    for key, extra in [("one", []), ("mesh", ["--mesh=2,2", "--zero=1"])]:
+        proc = _bench(*common, *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[key] = json.loads(proc.stdout.splitlines()[-1])
+    one, mesh = runs["one"], runs["mesh"]
+    assert (one["mesh"], one["devices"]) == (None, "1x cpu")
+    assert (mesh["mesh"], mesh["zero"], mesh["devices"]) == ([2, 2], 1, "4x cpu")
+    assert mesh["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    dots = mesh["compiled"]["dot_flops_per_device"] * 4
+    assert dots == pytest.approx(one["compiled"]["dot_flops_per_device"], rel=0.05)
+    assert one["compiled"]["collectives"] == {}
+    ops = mesh["compiled"]["collectives"]
+    assert ops["all-reduce"]["runs"] > 0 and ops["all-gather"]["runs"] > 0
+    # Simulated devices share the host: the peak is not multiplied by their count.
+    assert mesh["peak_flops"] == 50e9
+
+
 def _one_line_error(proc, *needles):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
@@ -214,6 +238,9 @@ def _one_line_error(proc, *needles):
         ),
         (["--preset=test", "--peer=torch", "--rounds=0"], ["--rounds=0"]),
         (["--preset=test", "--peer=torch", "--warmup=0"], ["--warmup=0"]),
+        (["--preset=test", "--mesh=4"], ["--mesh='4'", "D,M"]),
+        (["--preset=test", "--zero=1"], ["--zero=1", "--mesh=D,M"]),
+        (["--preset=test", "--peer=torch", "--mesh=2,1"], ["--peer", "drop --mesh"]),
     ],
 )
 def test_bad_flags_are_one_line(flags, needles):
