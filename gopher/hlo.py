@@ -349,36 +349,55 @@ def lowered_dot_flops(stablehlo: str) -> float:
     while bodies per trip (the `constant dense<N>` their condition compares against).
 
     The lowered module has global shapes, so this is the step's matmul FLOPs over all
-    devices. Unlike compiled.cost_analysis(), which leaves out while-loop bodies (the
-    layer stack), it grows with the layers."""
+    devices; except inside a shard_map (`sdy.manual_computation`), whose body has one
+    device's shapes, so its count is multiplied by the sizes of its manual mesh axes.
+    Unlike compiled.cost_analysis(), which leaves out while-loop bodies (the layer
+    stack), it grows with the layers."""
     funcs: dict[str, list[str]] = {}
+    meshes: dict[str, dict[str, int]] = {}  # sdy.mesh name -> {axis: size}
     current = None
     for line in stablehlo.splitlines():
         m = re.match(r"\s*func\.func\s+(?:public|private)?\s*@([\w.\-]+)\(", line)
-        if m:
+        mesh = re.match(r"\s*sdy\.mesh @([\w.\-]+) = <\[(.*?)\]", line)
+        if mesh:
+            axes = re.findall(r'"(\w+)"=(\d+)', mesh.group(2))
+            meshes[mesh.group(1)] = {a: int(n) for a, n in axes}
+        elif m:
             current = m.group(1)
             funcs[current] = []
         elif current is not None:
             funcs[current].append(line)
     memo: dict[str, float] = {}
 
+    def manual_devices(line: str) -> int:
+        """The devices a shard_map region's body runs on: its manual axes' sizes."""
+        mesh = re.search(r"<@([\w.\-]+),", line)
+        sizes = meshes.get(mesh.group(1), {}) if mesh else {}
+        axes = re.search(r"manual_axes=\{(.*?)\}", line)
+        names = re.findall(r'"(\w+)"', axes.group(1)) if axes else []
+        return math.prod(sizes.get(a, 1) for a in names)
+
     def total(name: str, stack: tuple[str, ...]) -> float:
         if name in memo:
             return memo[name]
-        flops, loops, cond_trips = 0.0, [], None  # loops: [(indent, trips)]
+        # regions: [(indent, factor)] of the enclosing while bodies (trips) and shard_map
+        # bodies (devices), closed by a line at their opening indent starting with "}".
+        flops, regions, cond_trips = 0.0, [], None
         for line in funcs.get(name, []):
             indent = len(line) - len(line.lstrip())
-            scale = math.prod(t for _, t in loops)
+            scale = math.prod(f for _, f in regions)
             if line.strip() == "cond {":
                 cond_trips = 1
             elif cond_trips is not None and line.strip().startswith("} do {"):
-                loops.append((indent, cond_trips))
+                regions.append((indent, cond_trips))
                 cond_trips = None
             elif cond_trips is not None:
                 c = re.search(r"constant dense<(\d+)> : tensor<i(?:32|64)>", line)
                 cond_trips = max(cond_trips, int(c.group(1))) if c else cond_trips
-            elif loops and line.strip() == "}" and indent == loops[-1][0]:
-                loops.pop()
+            elif regions and line.lstrip().startswith("}") and indent == regions[-1][0]:
+                regions.pop()
+            elif "sdy.manual_computation(" in line and line.rstrip().endswith("{"):
+                regions.append((indent, manual_devices(line)))
             elif "stablehlo.dot_general" in line:
                 flops += scale * _dot_general_flops(line)
             for callee in re.findall(r"\bcall @([\w.\-]+)\(", line):

@@ -28,24 +28,50 @@ def _attention_peer(*flags, python=sys.executable):
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
 
-def test_attention_peer_flop_counts_match_a_per_query_count():
-    """Each side's matmul FLOPs against an independent count: gopher's, query by query
-    (a query's chunk computes every key up to the chunk's end, and one more distance);
-    the peer's, as 7 matmuls over half the T^2 scores (the causal half, as FLOP counts of
-    flash attention take it)."""
+def _lowered_attention_flops(b, h, kd, t, chunk, group):
+    """Matmul FLOPs of gopher's grouped attention, forward and backward, read from the
+    lowered program of its gradient (gopher/hlo.py: every dot_general, loop trips
+    included): a count of what the implementation does, apart from the formula."""
+    import jax
+    import jax.numpy as jnp
+
+    from gopher import attention_xla, hlo
+
+    def loss(qkv, r, u, vb):
+        out = attention_xla.grouped_relative_attention(qkv, r, u, vb, None, chunk, group)
+        return jnp.sum(out)
+
+    f32 = jnp.float32
+    args = (
+        jax.ShapeDtypeStruct((b, t, 3, h * kd), f32),
+        jax.ShapeDtypeStruct((h, t + 1, kd), f32),
+        jax.ShapeDtypeStruct((h, 1, kd), f32),
+        jax.ShapeDtypeStruct((h, 1, kd), f32),
+    )
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).as_text()
+    return hlo.lowered_dot_flops(text)
+
+
+def test_attention_peer_flop_counts_match_the_programs():
+    """gopher's count against the matmuls of the lowered forward+backward program, at
+    three shapes (one with a ragged last chunk, one in head groups); the peer's is flash
+    attention's convention, 7 matmuls over the causal half of the T^2 scores."""
+    shapes = [(2, 3, 8, 64, 16, 3), (2, 3, 8, 100, 32, 3), (2, 4, 8, 256, 64, 2)]
     code = (
         "import json\nfrom experiments import bench_attention_peer as m\n"
-        "print(json.dumps([m.gopher_matmul_flops(2, 3, 8, t, c) for t, c in "
-        "((64, 16), (100, 32), (512, 128))] + [m.torch_matmul_flops(8, 16, 32, 512)]))"
+        f"print(json.dumps([m.gopher_matmul_flops(*s[:5]) for s in {shapes!r}]"
+        " + [m.torch_matmul_flops(8, 16, 32, 512)]))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     *got, peer = json.loads(proc.stdout.splitlines()[-1])
-    for (t, c), flops in zip(((64, 16), (100, 32), (512, 128)), got, strict=True):
-        ends = [min((i // c + 1) * c, t) for i in range(t)]  # the keys query i's chunk sees
-        assert flops == 2 * 2 * 3 * 8 * sum(7 * s + 4 * (s + 1) for s in ends)
+    for shape, flops in zip(shapes, got, strict=True):
+        b, h, kd = shape[:3]
+        # (+ the u and v_bias gradients' sums over the batch, written as matmuls with ones
+        # by gopher.layers.sum_over_batch: 2 b h K each)
+        assert flops + 2 * (2 * b * h * kd) == _lowered_attention_flops(*shape), shape
     assert peer == 7 * 2 * 8 * 16 * 32 * 512**2 / 2
 
 

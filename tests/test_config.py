@@ -92,6 +92,12 @@ def test_unknown_override_field_is_named():
         config.model_from_dict({"preset": "tiny", "n_layer": 3})
 
 
-def test_param_count_formula():
-    c = config.get_preset("280b")
-    assert c.param_count_formula() == 13 * 16384**2 * 80 + 32000 * 16384
+def test_param_count_formula_gives_the_table_column():
+    """The presets' counts against Gopher Table 1's parameter column as printed (4 digits);
+    tests/test_model.py counts the real parameters' shapes against the same expression."""
+    table = {"44m": 43.66e6, "117m": 116.6e6, "417m": 417.3e6, "1.4b": 1.374e9,
+             "7.1b": 7.111e9, "280b": 279.7e9}  # fmt: skip
+    assert set(table) == set(config.TABLE_PRESETS)
+    for name, published in table.items():
+        count = config.get_preset(name).param_count_formula()
+        assert count == pytest.approx(published, rel=6e-4), name

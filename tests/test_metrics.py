@@ -1,4 +1,4 @@
-"""FLOPs per token, MFU and bits per byte against closed forms; run artefacts on disk."""
+"""FLOPs per token, MFU and bits per byte against closed forms; the metrics writer on disk."""
 
 import math
 
@@ -41,3 +41,44 @@ def test_mixture_weights_string():
         parse_weights("books=0,code=0")
     with pytest.raises(ValueError, match=r"'books=x' is not SOURCE=NUMBER"):
         parse_weights("books=x")
+
+
+def test_metrics_writer_on_local_disk(tmp_path):
+    """metrics.jsonl read back as written (numpy scalars as plain numbers, each line on
+    disk at once, before any flush or close), and the TensorBoard events read by
+    TensorBoard's own loader (which checks every record's CRCs): finite numbers only."""
+    import json
+
+    import numpy as np
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    writer = metrics.MetricsWriter(str(tmp_path), flush_every_s=3600)
+    records = [
+        {"step": 1, "kind": "train", "loss": np.float32(2.5), "lr": 1e-3, "note": "x"},
+        {"step": 2, "kind": "train", "loss": float("nan"), "skipped": True},
+        {"step": 2, "kind": "eval", "heldout_bpb": np.float64(1.25), "tokens": np.int64(7)},
+    ]
+    for r in records:
+        writer.write(r)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    back = [json.loads(x) for x in lines]
+    assert back[0] == {"step": 1, "kind": "train", "loss": 2.5, "lr": 1e-3, "note": "x"}
+    assert math.isnan(back[1]["loss"]) and back[1]["skipped"] is True
+    assert back[2] == {"step": 2, "kind": "eval", "heldout_bpb": 1.25, "tokens": 7}
+    writer.close()
+
+    (events_file,) = list((tmp_path / "tensorboard").iterdir())
+    events = list(EventFileLoader(str(events_file)).Load())
+    assert events[0].file_version == "brain.Event:2"
+    scalars = {
+        (e.step, v.tag): tensor_util.make_ndarray(v.tensor).item()
+        for e in events[1:]
+        for v in e.summary.value
+    }
+    assert scalars == {
+        (1, "train/loss"): 2.5,
+        (1, "train/lr"): pytest.approx(1e-3),
+        (2, "eval/heldout_bpb"): 1.25,
+        (2, "eval/tokens"): 7.0,
+    }

@@ -84,17 +84,19 @@ def test_state_bytes_match_real_arrays(tiny_plan):
     assert report["memory_analysis"]["alias"] == real_state == per["state"]
 
 
-def test_totals_from_memory_analysis(tiny_plan):
+def test_matmul_work_is_split_and_near_the_model_count(tiny_plan):
     report = tiny_plan[-1]
-    mem, per = report["memory_analysis"], report["per_device_bytes"]
-    assert per["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-    assert per["temp"] == mem["temp"] > 0
-    assert report["fits"] is (per["total"] <= report["hbm_bytes"])
-    # Model FLOPs per step: flops_per_token x B x T; the compiled program's matmuls per
-    # device (with full remat off here) come to about that over the 8 devices.
+    per = report["per_device_bytes"]
+    assert per["temp"] > 0 and per["total"] > per["state"]
+    # Two independent counts of the same step's matmuls: what the compiled program runs
+    # per device, and the lowered (global) program's over 8 devices. Their ratio is 1 when
+    # the mesh splits the work without repeating it (XLA drops a few recomputed ones).
+    assert report["matmul_split_ratio"] == pytest.approx(1.0, abs=0.05)
+    # Against the closed form 6N + 12LHQT per token (attention's position term and
+    # causal chunks move it a little).
     tokens = report["batch"] * report["seq_len"]
-    assert report["model_flops_per_step"] == metrics.flops_per_token(tiny_plan[0]) * tokens
-    assert 0.7 < report["matmul_flops_per_device"] * 8 / report["model_flops_per_step"] < 1.5
+    model_flops = metrics.flops_per_token(tiny_plan[0]) * tokens
+    assert 0.9 < report["matmul_flops_per_device"] * 8 / model_flops < 1.1
     # The search's pruning floor (state + every layer's saved input) is below what XLA needs.
     model_cfg, train_cfg, parallel, mesh, _ = tiny_plan
     floor = per["state"] + plan_search.residual_bytes(model_cfg, train_cfg, mesh)
@@ -112,9 +114,7 @@ def test_json_fields(tmp_path):
     assert obj == json.loads(out.read_text())
     for key in ("fits", "hbm_bytes", "compile_seconds", "per_device_bytes", "search"):
         assert key in obj, key
-    per, mem = obj["per_device_bytes"], obj["memory_analysis"]
-    assert set(per) >= {"params", "opt_state", "temp", "total"}
-    assert per["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    assert set(obj["per_device_bytes"]) >= {"params", "opt_state", "temp", "total"}
     assert obj["mesh"] == {"replica": 1, "data": 4, "model": 2}
     assert obj["fits"] and obj["compile_seconds"] > 0
 
@@ -218,6 +218,5 @@ def test_tpu_topology_compile(tmp_path):
     assert obj["peak_flops_per_device"] == 61.5e12
     assert obj["hardware"]["devices_per_chip"] == 2
     assert obj["hbm_bytes"] == 16 * 2**30 and obj["fits"]
-    per, mem = obj["per_device_bytes"], obj["memory_analysis"]
-    assert per["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+    assert obj["matmul_split_ratio"] is None  # TPU writes matmuls as convolutions
     assert obj["roofline_step_seconds"] > 0 and obj["collective_bytes_per_device"]["ici"] > 0

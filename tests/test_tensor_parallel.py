@@ -164,3 +164,28 @@ def test_hlo_reader_counts_loops():
     assert 3 in module.while_trip_counts().values()
     assert module.dot_flops() == 3 * 2 * 16 * 32 * 32
     assert math.prod(hlo.array_dims("f32[4,8]{1,0}")[0]) == 32
+
+
+def test_lowered_dot_flops_count_a_shard_map_body_on_every_device():
+    """A shard_map body carries one device's shapes: its matmuls count once per device
+    of its manual axes (a scan inside it, once per trip too), against the closed form
+    2 M N K of the global product."""
+    import jax.numpy as jnp
+    from jax.sharding import AxisType
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+
+    def body(a, b):
+        return jax.lax.scan(lambda c, _: (c + a @ b, None), jnp.zeros((16, 8)), None, length=3)[0]
+
+    def f(x, w):
+        spec = dict(in_specs=(P("data", None), P(None, "model")), out_specs=P("data", "model"))
+        y = jax.shard_map(body, mesh=mesh, check_vma=False, **spec)(x, w)  # [64, 16]
+        return y @ w.T  # outside the shard_map: global shapes  [64, 32]
+
+    x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    w = jax.ShapeDtypeStruct((32, 16), jnp.float32)
+    text = jax.jit(f).lower(x, w).as_text()
+    assert "manual_computation" in text
+    assert hlo.lowered_dot_flops(text) == 3 * 2 * 64 * 16 * 32 + 2 * 64 * 32 * 16

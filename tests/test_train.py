@@ -77,6 +77,9 @@ def test_nonfinite_gradient_skips_the_update():
     assert int(new.skipped) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(state.opt_state), strict=True):
         np.testing.assert_array_equal(a, b)
+    # The parameters are left as they came in (NaN compares equal to NaN here).
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(poisoned.params), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_stochastic_rounding_is_unbiased_and_plain_rounding_is_not():
