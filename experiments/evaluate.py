@@ -1,8 +1,8 @@
 """Evaluate a trained run: zero-shot tasks and bits per byte of held-out and given text.
 
   python -m experiments.evaluate --workdir=DIR --tasks=lambada,piqa|all [--limit=N]
-      [--heldout [--heldout_docs=N]] [--text_files=a.txt,b.txt] [--batch_size=32] [--step=N] [--json]
-      [--out=FILE]
+      [--heldout [--heldout_docs=N] [--data_paths=DIR,...]] [--text_files=a.txt,b.txt]
+      [--batch_size=32] [--max_len=N] [--step=N] [--json] [--out=FILE]
 
 Loads the newest checkpoint of DIR (or --step) with gopher.inference.load onto all local
 devices, scores each task (gopher/evals/harness.py; items from gopher/evals/tasks.py,
@@ -10,16 +10,26 @@ fetched on first use, or file:PATH for a JSON-lines task) and, with --heldout, t
 held-out split of each of the run's data sources, and each --text_files file as one
 document, in bits per byte at windows of 1x, 1.5x and 2x the model's seq_len.
 
-Prints a markdown table (task, split, items, metrics, chance) or, with --json, one JSON
-object {task: {"accuracy" or "bpb", "chance", other metrics}}; writes them with the step
-and timings to --out, and into WORKDIR/eval/step_<N>.json (which keeps the results of
-earlier runs for other tasks at that step). Progress and
-compile vs run time go to stderr. Exit status 2 on bad input (one line `error: ...`).
+A task item longer than --max_len tokens (default 4 x seq_len) loses the start of its
+context; an item whose continuation alone is longer is skipped. Both are counted per task
+(truncated_requests, skipped_items) and shown in the table.
+
+Reads the run and changes nothing in it but WORKDIR/eval/: an unreadable newest checkpoint
+is skipped with a one-line warning (training quarantines it, not this), and a
+restart_from_scratch in progress stays in progress.
+
+Writes WORKDIR/eval/step_<N>.json after each task (it keeps the results of earlier runs
+for other tasks at that step, so a failure later loses nothing scored), then prints a
+markdown table (task, split, items, metrics, chance) or, with --json, one JSON object
+{task: {"accuracy" or "bpb", "chance", other metrics}}, then writes them with the step and
+timings to --out (checked before anything is scored). Progress and compile vs run time go
+to stderr. Exit status 2 on bad input (one line `error: ...`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -35,7 +45,16 @@ _HELDOUT = flags.DEFINE_bool("heldout", False, "Bits per byte of the run's held-
 _HELDOUT_DOCS = flags.DEFINE_integer(
     "heldout_docs", None, "With --heldout: only the first N documents of each source."
 )
+_DATA_PATHS = flags.DEFINE_list(
+    "data_paths",
+    None,
+    "With --heldout, a source=files run: read its data from these paths (where it is now) "
+    "instead of config.json's data.paths. Give the same files, moved.",
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows of seq_len tokens per batch.")
+_MAX_LEN = flags.DEFINE_integer(
+    "max_len", None, "Longest task row in tokens (default 4 x the model's seq_len)."
+)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a markdown table.")
 _OUT = flags.DEFINE_string("out", None, "Also write the results JSON to this file.")
@@ -60,6 +79,42 @@ def _check_flags() -> None:
         common.fail(f"--batch_size={_BATCH_SIZE.value} must be >= 1; e.g. --batch_size=32")
     if _STEP.value is not None and _STEP.value < 0:
         common.fail(f"--step={_STEP.value} must be >= 0; omit it for the newest checkpoint")
+    if _MAX_LEN.value is not None and _MAX_LEN.value < 1:
+        common.fail(f"--max_len={_MAX_LEN.value} must be >= 1; omit it for 4 x seq_len")
+    if _DATA_PATHS.value is not None:
+        if not _HELDOUT.value:
+            common.fail(
+                "--data_paths only says where --heldout reads the run's data; add --heldout"
+            )
+        if not _DATA_PATHS.value:
+            common.fail("--data_paths is empty; pass the directories or files the run trained on")
+        for path in _DATA_PATHS.value:
+            if "://" not in path and not os.path.exists(os.path.expanduser(path)):
+                common.fail(f"--data_paths: {path!r} does not exist; pass where the data is now")
+    if _OUT.value is not None:
+        _check_out(_OUT.value)
+
+
+def _check_out(out: str) -> None:
+    """--out must be a file we can create: before scoring, not after (remote: at the end)."""
+    if not out:
+        common.fail("--out is empty; pass a file path, e.g. --out=results.json")
+    if "://" in out:
+        return
+    path = os.path.abspath(os.path.expanduser(out))
+    if os.path.isdir(path):
+        common.fail(
+            f"--out={out} is a directory; pass a file path, e.g. --out={out.rstrip('/')}/results.json"
+        )
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):  # the nearest existing ancestor is what decides
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        common.fail(
+            f"--out={out} cannot be created: {parent} is a file, not a directory; pass another path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        common.fail(f"--out={out} cannot be created: {parent} is not writable; pass another path")
 
 
 def read_text_file(path: str) -> str:
@@ -78,61 +133,110 @@ def read_text_file(path: str) -> str:
     return text
 
 
-def evaluate() -> dict:
+def _heldout_texts(workdir: str) -> dict[str, list[str]]:
+    """{heldout/source: document texts} of the run's held-out split (--heldout)."""
+    import dataclasses
+
+    from gopher import inference
+    from gopher.data.pipeline import heldout_documents
+
+    model_cfg, _, data_cfg, _ = inference.read_config(workdir)
+    if _DATA_PATHS.value is not None:
+        if data_cfg.source != "files":
+            raise ValueError(
+                f"--data_paths: the run's data source is {data_cfg.source!r}, not files; "
+                "drop --data_paths"
+            )
+        data_cfg = dataclasses.replace(data_cfg, paths=tuple(_DATA_PATHS.value))
+    elif data_cfg.source == "files":
+        for path in data_cfg.paths:
+            if "://" not in path and not os.path.exists(path):
+                raise ValueError(
+                    f"the run's data path {path!r} (config.json data.paths) does not exist; "
+                    "pass --data_paths=PATH[,PATH...] with where its data is now"
+                )
+    docs = heldout_documents(model_cfg, data_cfg, workdir)
+    cut = slice(_HELDOUT_DOCS.value)
+    return {f"heldout/{s}": [d.text for d in ds[cut]] for s, ds in docs.items() if ds}
+
+
+class _StepFile:
+    """WORKDIR/eval/step_<N>.json, rewritten after each task: this run's results over
+    those of earlier runs for other tasks at that step."""
+
+    def __init__(self, workdir: str, step: int):
+        from gopher import paths
+
+        self.path = paths.resolve(paths.join(workdir, "eval", f"step_{step}.json"))
+        try:
+            self.earlier = json.loads(self.path.read_text())["tasks"] if self.path.exists() else {}
+            if not isinstance(self.earlier, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            say(f"warning: {self.path} is unreadable; it is rewritten with this run's results")
+            self.earlier = {}
+
+    def write(self, record: dict) -> None:
+        from gopher import paths
+
+        record = dict(record, tasks={**self.earlier, **record["tasks"]})
+        paths.write_atomic(str(self.path), (json.dumps(record, indent=1) + "\n").encode())
+
+
+def evaluate() -> tuple[dict, dict, str]:
+    """(results by task, the record for --out, the step file it is saved in)."""
     from gopher.evals import tasks
 
-    # Tasks and files first: a bad name fails before jax loads and the model restores.
+    # Tasks, files and held-out text first: bad input fails before the model restores.
     names = tasks.parse_task_spec(_TASKS.value) if _TASKS.value else []
     loaded = {name: tasks.load_task(name, _CACHE_DIR.value, _LIMIT.value) for name in names}
     texts = {f"text/{p}": read_text_file(p) for p in _TEXT_FILES.value}
     t0 = time.perf_counter()
+    sources = _heldout_texts(_WORKDIR.value) if _HELDOUT.value else {}
     import jax
 
-    from gopher import inference, paths
-    from gopher.data.pipeline import heldout_documents
+    from gopher import checkpoint, inference
     from gopher.evals import harness
     from gopher.evals.scoring import Scorer
 
+    if not _VERBOSE.value:
+        checkpoint.quiet_background_errors()  # a damaged step: one warning, not Orbax's 70 lines
     if jax.process_count() > 1:
         raise ValueError("evaluate runs in one process; start it on one host only")
+    t_load = time.perf_counter()
     model = inference.load(_WORKDIR.value, step=_STEP.value)
-    say(f"loaded step {model.step} of {_WORKDIR.value} in {time.perf_counter() - t0:.1f} s")
-    scorer = Scorer(model, batch_size=_BATCH_SIZE.value, log=_throttled(say, 10.0))
+    say(f"loaded step {model.step} of {_WORKDIR.value} in {time.perf_counter() - t_load:.1f} s")
+    scorer = Scorer(
+        model, batch_size=_BATCH_SIZE.value, max_len=_MAX_LEN.value, log=_throttled(say, 10.0)
+    )
+    step_file = _StepFile(_WORKDIR.value, model.step)
     results: dict = {}
+
+    def record() -> dict:
+        timings = dict(vars(scorer.timings), total_s=time.perf_counter() - t0)
+        return {"step": model.step, "workdir": _WORKDIR.value, "tasks": results, "timings": timings}
+
     for name, task in loaded.items():
         say(f"{name}: {len(task.items)} items ({task.split})")
         key = task.name if name.startswith("file:") else name
         results[key] = harness.evaluate_task(scorer, task)
         _say_done(key, results[key])
-    sources = {}
-    if _HELDOUT.value:
-        docs = heldout_documents(model.model_cfg, model.data_cfg, _WORKDIR.value)
-        cut = slice(_HELDOUT_DOCS.value)
-        sources = {f"heldout/{s}": [d.text for d in ds[cut]] for s, ds in docs.items() if ds}
+        step_file.write(record())
     for name, group in {**sources, **{k: [v] for k, v in texts.items()}}.items():
         say(f"{name}: {len(group)} documents")
         results[name] = harness.evaluate_text(scorer, group)
         results[name]["split"] = "heldout" if name.startswith("heldout/") else "file"
         _say_done(name, results[name])
-    timings = dict(vars(scorer.timings), total_s=time.perf_counter() - t0)
+        step_file.write(record())
+    final = record()
+    timings = final["timings"]
     say(
         f"compile {timings['compile_s']:.1f} s ({timings['compiles']} programs), run "
         f"{timings['run_s']:.1f} s ({timings['tokens']:,} positions), total "
         f"{timings['total_s']:.1f} s (with loading and tokenising)"
     )
-    record = {"step": model.step, "workdir": _WORKDIR.value, "tasks": results, "timings": timings}
-    if _OUT.value:
-        paths.write_atomic(_OUT.value, (json.dumps(record, indent=1) + "\n").encode())
-    # The step's file keeps earlier runs' results for other tasks (this run's replace its own).
-    step_file = paths.resolve(paths.join(_WORKDIR.value, "eval", f"step_{model.step}.json"))
-    try:
-        earlier = json.loads(step_file.read_text())["tasks"] if step_file.exists() else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        say(f"warning: {step_file} is unreadable; it is rewritten with this run's results")
-        earlier = {}
-    record = dict(record, tasks={**earlier, **results})
-    paths.write_atomic(str(step_file), (json.dumps(record, indent=1) + "\n").encode())
-    return results
+    step_file.write(final)
+    return results, final, str(step_file.path)
 
 
 def _throttled(log, every_s: float):
@@ -149,8 +253,14 @@ def _throttled(log, every_s: float):
 
 def _say_done(name: str, r: dict) -> None:
     main = f"bpb {r['bpb']:.4f}" if "bpb" in r else f"accuracy {r['accuracy']:.4f}"
+    cut = ""
+    if r.get("truncated_requests") or r.get("skipped_items"):
+        cut = (
+            f"; {r.get('truncated_requests', 0)} requests truncated and "
+            f"{r.get('skipped_items', 0)} items skipped to fit --max_len"
+        )
     say(
-        f"  {name}: {main} (chance {r['chance']:.4f}); compile {r['compile_s']:.1f} s, "
+        f"  {name}: {main} (chance {r['chance']:.4f}){cut}; compile {r['compile_s']:.1f} s, "
         f"run {r['run_s']:.1f} s"
     )
 
@@ -161,13 +271,22 @@ def main(argv):
         logging.set_verbosity(logging.FATAL)  # Orbax's INFO and warnings on restore
     _check_flags()
     with common.user_errors(_VERBOSE.value):
-        results = evaluate()
+        results, record, step_file = evaluate()
     if _JSON.value:
         print(json.dumps(results))
     else:
         from gopher.evals import harness
 
-        print(harness.markdown_table(results))
+        print(harness.markdown_table(results), flush=True)
+    if _OUT.value:
+        from gopher import paths
+
+        try:
+            paths.write_atomic(_OUT.value, (json.dumps(record, indent=1) + "\n").encode())
+        except OSError as e:
+            common.fail(
+                f"--out={_OUT.value} cannot be written ({e}); the results are in {step_file}"
+            )
     return 0
 
 

@@ -14,6 +14,7 @@ the traceback).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -42,11 +43,13 @@ def _check_flags() -> str:
         common.fail("--workdir is required; pass the --workdir of a training run")
     if _MAX_NEW.value < 1:
         common.fail(f"--max_new_tokens={_MAX_NEW.value}; pass a whole number >= 1")
-    if _TEMPERATURE.value < 0:
-        common.fail(f"--temperature={_TEMPERATURE.value}; pass >= 0 (0 means greedy)")
+    if not math.isfinite(_TEMPERATURE.value) or _TEMPERATURE.value < 0:
+        common.fail(
+            f"--temperature={_TEMPERATURE.value}; pass a finite number >= 0 (0 means greedy)"
+        )
     if _TOP_K.value < 0:
         common.fail(f"--top_k={_TOP_K.value}; pass >= 0 (0 keeps every token)")
-    if not 0 < _TOP_P.value <= 1:
+    if not math.isfinite(_TOP_P.value) or not 0 < _TOP_P.value <= 1:
         common.fail(f"--top_p={_TOP_P.value}; pass a probability in (0, 1] (1 keeps all)")
     if _NUM_SAMPLES.value < 1:
         common.fail(f"--num_samples={_NUM_SAMPLES.value}; pass a whole number >= 1")
@@ -70,9 +73,18 @@ def main(argv):
     if not _VERBOSE.value:
         logging.set_verbosity(logging.FATAL)  # Orbax logs every restore at INFO
     with common.user_errors(_VERBOSE.value):
-        from gopher import inference, sample  # late: flag errors print before jax loads
+        # late: flag errors print before jax loads
+        from gopher import checkpoint, inference, sample
 
+        if not _VERBOSE.value:
+            checkpoint.quiet_background_errors()  # a damaged step: one warning line
         model = inference.load(_WORKDIR.value, step=_STEP.value)
+        # The longest prompt row (after the EOS), padded as generate pads it.
+        prompt_len = len(model.tokenizer.encode(prompt)) + 1
+        prompt_len = -(-prompt_len // sample.PROMPT_MULTIPLE) * sample.PROMPT_MULTIPLE
+        sample.check_memory(
+            model, model.batch_multiple, prompt_len, _MAX_NEW.value, name="--max_new_tokens"
+        )
         print(
             f"[{_WORKDIR.value} step {model.step}: {model.model_cfg.name}, "
             f"{model.mesh.devices.size} devices]",
@@ -89,7 +101,8 @@ def main(argv):
                 print(f"--- sample {i + 1} (seed {_SEED.value + i}) ---", flush=True)
             sys.stdout.write(prompt)
             start = time.perf_counter()
-            result = sample.generate_with_details(
+            result = _generate(
+                sample,
                 model,
                 [prompt],
                 _MAX_NEW.value,
@@ -110,6 +123,20 @@ def main(argv):
                 flush=True,
             )
     return 0
+
+
+def _generate(sample, *args, **kwargs):
+    """sample.generate_with_details; running out of memory is one line, naming the flag."""
+    try:
+        return sample.generate_with_details(*args, **kwargs)
+    except Exception as e:
+        if "RESOURCE_EXHAUSTED" not in str(e) or _VERBOSE.value:
+            raise
+        first = str(e).strip().splitlines()[0][:200]
+        common.fail(
+            f"out of memory decoding --max_new_tokens={_MAX_NEW.value} ({first}); "
+            "lower --max_new_tokens or shorten the prompt"
+        )
 
 
 if __name__ == "__main__":

@@ -17,9 +17,18 @@ garbage-collect the steps it could not read):
     WORKDIR/quarantine/<checkpoint dir>/<step>-<time>/ (outside the Orbax directory: on
     gs:// Orbax removes any subdirectory without a commit marker as unfinished), with a
     line in <checkpoint dir>/quarantine.jsonl; a later save of that step number is free;
-  - if no step restores, `RestoreFailed` names every step and why, and nothing moves.
+  - if no step restores, `RestoreFailed` names every step and why, and nothing moves;
+  - a step whose arrays have other shapes than the model asks for (another config) is
+    reported as "a model of another shape", naming the shapes and the config fields its
+    `meta` records, not as damaged.
 Starting over is explicit: `--config.train.restart_from_scratch=true` makes
 `checkpoint_directory` start a new checkpoint subdirectory beside the old one.
+
+Read-only users (evaluate, sample) open a `Checkpointer(..., read_only=True)` on
+`active_checkpoint_directory(workdir)`: nothing on disk changes (no record, no directory,
+no tmp cleanup, no quarantine); an unreadable newest step is skipped with a one-line
+warning on stderr. `quiet_background_errors()` turns Orbax's and TensorStore's background
+copies of a failure into one line each (none for a restore failure reported here).
 """
 
 from __future__ import annotations
@@ -28,7 +37,11 @@ import contextlib
 import json
 import logging
 import os
+import re
+import sys
+import threading
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -62,12 +75,85 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
+# Fields of ModelConfig that decide the shapes of the parameters (seq_len does not:
+# relative attention has no position table).
+SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "key_size", "ffw_multiplier")
+_SHAPE_ERROR = re.compile(
+    r"Requested shape: (\([^)]*\)) is not compatible with the stored shape: (\([^)]*\))"
+)
+_OTHER_SHAPE = "a model of another shape"
+_muted = 0  # > 0 while a restore whose failure the caller reports itself is running
+_failed_steps: set[str] = set()  # "DIR/STEP/" of every restore that failed here
+
+
+@contextlib.contextmanager
+def _background_muted():
+    """Background copies of this block's failure (TensorStore's threads, Orbax's read
+    coroutines that raise again when they are collected) are dropped by
+    `quiet_background_errors` while it runs; `_failed_steps` catches the later ones."""
+    global _muted
+    _muted += 1
+    try:
+        yield
+    finally:
+        _muted -= 1
+
+
+def _is_restore_copy(exc: BaseException) -> bool:
+    """exc is a background copy of a restore failure that this module reports itself."""
+    if _muted:
+        return True
+    if not _failed_steps:
+        return False
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        text = str(exc)
+        if any(step in text for step in _failed_steps):
+            return True
+        if isinstance(exc, RuntimeError) and text == "Event loop is closed":
+            return True  # the failed read's event loop, closed under its coroutines
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def quiet_background_errors() -> None:
+    """One line on stderr per distinct background failure instead of Orbax's and
+    TensorStore's tracebacks (an async save's failure raises in their threads too; the
+    main thread reports it itself), and none for the copies of a restore failure that
+    `Checkpointer` reports (it names the step and why). For command-line tools
+    (experiments/evaluate.py, sample.py); --verbose should skip it."""
+    seen = set()
+
+    def quiet(kind, exc):
+        if _is_restore_copy(exc):
+            return
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        text = f"{type(exc).__name__}: {first}"
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {kind}: {text}", file=sys.stderr, flush=True)
+
+    threading.excepthook = lambda args: quiet("background thread", args.exc_value)
+    sys.unraisablehook = lambda u: quiet("ignored in background", u.exc_value)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    # A failed read leaves Orbax's coroutines unawaited; Python warns at exit.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and the fix."""
 
 
 class RestoreFailed(RuntimeError):
-    """Checkpoints exist but none restores; the run must stop, not start over."""
+    """Checkpoints exist but none restores; the run must stop, not start over.
+
+    `other_shape`: every step holds a model of another shape (a config mismatch, not
+    damage); `tried`: the steps and why each failed, for a caller's own message."""
+
+    def __init__(self, message: str, other_shape: bool = False, tried: str = ""):
+        super().__init__(message)
+        self.other_shape, self.tried = other_shape, tried
 
 
 def _is_url(path: str) -> bool:
@@ -94,6 +180,18 @@ def _short(e: BaseException, limit: int = 120) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
+def _shape_mismatch(e: BaseException) -> tuple[str, str] | None:
+    """(requested, stored) shapes when `e` (or its cause) is Orbax's shape refusal."""
+    seen = []
+    while e is not None and e not in seen:
+        seen.append(e)
+        found = _SHAPE_ERROR.search(str(e))
+        if found:
+            return found.group(1), found.group(2)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _step_dirs(directory: epath.Path) -> list[epath.Path]:
     """Committed Orbax steps (integer-named directories; tmp ones carry a suffix)."""
     if not directory.exists():
@@ -114,27 +212,37 @@ class Checkpointer:
     """Saves and restores (TrainState, meta) under DIRECTORY/<step>/ (local or gs://).
 
     `restore_tries` and `retry_backoff_s` set the retries of a transient read error:
-    waits of backoff, 2 * backoff, ... seconds between tries.
+    waits of backoff, 2 * backoff, ... seconds between tries. `read_only`: restores
+    only, and writes, creates, cleans up and moves nothing (evaluate and sample read a
+    run that may be training at the same time); `restore_latest` then skips an
+    unreadable step with a warning instead of quarantining it.
     """
 
     def __init__(
         self,
         directory: str,
-        max_to_keep: int = 3,
+        max_to_keep: int | None = 3,
         async_save: bool = True,
         restore_tries: int = 3,
         retry_backoff_s: float = 1.0,
+        read_only: bool = False,
     ):
         self.directory = _absolute(directory)
         self._path = epath.Path(self.directory)
         self.restore_tries = max(1, restore_tries)
         self.retry_backoff_s = retry_backoff_s
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
-        )
+        self.read_only = read_only
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, cleanup_tmp_directories=False
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=async_save,
+                create=True,
+                cleanup_tmp_directories=True,
+            )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
@@ -144,6 +252,8 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, force: bool = False) -> bool:
         """Starts an (async) save of `state` and `meta`; returns whether it saved."""
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only; it saves nothing")
         return self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -165,8 +275,10 @@ class Checkpointer:
     def _restore_with_retries(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         for attempt in range(self.restore_tries):
             try:
-                return self.restore(step, abstract_state)
+                with _background_muted():
+                    return self.restore(step, abstract_state)
             except Exception as e:  # a damaged step raises many kinds of error
+                _failed_steps.add(f"{self.directory}/{step}/")
                 last = attempt + 1 == self.restore_tries
                 if not is_transient(e) or last:
                     # For the message; an exception type without a __dict__ refuses it.
@@ -184,24 +296,104 @@ class Checkpointer:
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    def _saved_model(self, step: int) -> dict:
+        """The model config that step's meta records ({} if it records none)."""
+        try:
+            with _background_muted():
+                out = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )
+            model = out["meta"].get("model")
+        except Exception:  # the meta is damaged too: the shapes alone must do
+            return {}
+        return model if isinstance(model, dict) else {}
+
+    def _why(self, step: int, e: BaseException, model: dict | None) -> str:
+        """Why step did not restore: transient, damaged, or a model of another shape."""
+        shapes = _shape_mismatch(e)
+        if shapes is None:
+            tries = getattr(e, "tries", 1)
+            if is_transient(e):
+                return f"transient, {tries} tries: {_short(e)}"
+            root, seen = e, {id(e)}  # Orbax wraps TensorStore's error: it names the array
+            while root.__cause__ is not None and id(root.__cause__) not in seen:
+                root = root.__cause__
+                seen.add(id(root))
+            return f"damaged: {_short(root)}"
+        requested, stored = shapes
+        why = f"{_OTHER_SHAPE}: an array of shape {stored} where this model has {requested}"
+        saved = self._saved_model(step)
+        fields = [k for k in SHAPE_FIELDS if k in saved]
+        differ = [k for k in fields if model and k in model and model[k] != saved[k]]
+        if differ:
+            why += "; its model has " + ", ".join(
+                f"{k}={saved[k]} (this one {model[k]})" for k in differ
+            )
+        elif fields:
+            why += "; its model has " + ", ".join(f"{k}={saved[k]}" for k in fields)
+        return why
+
+    def restore_step(
+        self, step: int, abstract_state: Any, model: dict | None = None
+    ) -> tuple[Any, dict]:
+        """Restores exactly `step`; CheckpointError (one line) names why it cannot."""
+        steps = self.steps()
+        if step not in steps:
+            moved = [q for q in _quarantined(self._path) if q.split("-", 1)[0] == str(step)]
+            where = (
+                f"; it was quarantined as unreadable to {_quarantine_root(self._path)}/"
+                f"{moved[-1]} (see {self.directory}/quarantine.jsonl)"
+                if moved
+                else ""
+            )
+            raise CheckpointError(
+                f"{self.directory} has no checkpoint step {step} (it has {steps}){where}; "
+                "pass one of those or omit --step for the newest"
+            )
+        try:
+            return self._restore_with_retries(step, abstract_state)
+        except Exception as e:
+            log.info("checkpoint %s/%d is unreadable: %s", self.directory, step, str(e))
+            why = self._why(step, e, model)
+            others = [s for s in steps if s != step]
+            if why.startswith(_OTHER_SHAPE):
+                fix = "restore with the config of the model it holds"
+            elif others:
+                fix = f"pass another --step (it has {others}) or omit --step for the newest"
+            else:
+                fix = "it is the only step; fix the storage or train again"
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} does not restore ({why}); {fix}"
+            ) from e
+
+    def restore_latest(
+        self, abstract_state: Any, model: dict | None = None
+    ) -> tuple[int, Any, dict] | None:
         """The newest step that restores, as (step, state, meta).
 
         None only when the directory holds no steps at all (live or quarantined). Newer
-        steps that fail are quarantined once an older one restores; if none restores,
-        raises RestoreFailed and moves nothing.
+        steps that fail are quarantined once an older one restores (read-only: skipped,
+        with a warning); if none restores, raises RestoreFailed and moves nothing.
+        `model`: the config (a dict) the state was built from, to name the fields that
+        differ when a step holds a model of another shape.
         """
         failed: list[tuple[int, str]] = []
         for step in reversed(self.steps()):
             try:
                 state, meta = self._restore_with_retries(step, abstract_state)
             except Exception as e:
-                tries = getattr(e, "tries", 1)
-                kind = f"transient, {tries} tries" if is_transient(e) else "damaged"
                 log.info("checkpoint %s/%d is unreadable: %s", self.directory, step, str(e))
-                failed.append((step, f"{kind}: {_short(e)}"))
+                failed.append((step, self._why(step, e, model)))
                 continue
-            if failed:
+            if failed and self.read_only:
+                skipped = "; ".join(f"step {s} ({why})" for s, why in failed)
+                print(
+                    f"warning: skipped checkpoint {skipped} in {self.directory}; loaded "
+                    f"step {step}, the newest that restores (nothing was moved)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            elif failed:
                 for bad, why in failed:
                     self._quarantine(bad, why)
                 bad_steps = ", ".join(str(s) for s, _ in failed)
@@ -213,10 +405,21 @@ class Checkpointer:
                 )
             return step, state, meta
         if failed:
-            tried = "; ".join(f"step {s} ({why})" for s, why in failed)
+            other_shape = all(why.startswith(_OTHER_SHAPE) for _, why in failed)
+            if other_shape:
+                tried = f"steps {', '.join(str(s) for s, _ in failed)} each hold {failed[0][1]}"
+                hint = (
+                    "train with the model config these checkpoints were written with (the "
+                    "fields named above), or use a new --workdir"
+                )
+            else:
+                tried = "; ".join(f"step {s} ({why})" for s, why in failed)
+                hint = _RESTART_HINT
             raise RestoreFailed(
                 f"no checkpoint in {self.directory} restores, nothing was moved or deleted: "
-                f"{tried}. To proceed, {_RESTART_HINT}"
+                f"{tried}. To proceed, {hint}",
+                other_shape=other_shape,
+                tried=tried,
             )
         if _quarantined(self._path):
             raise RestoreFailed(
@@ -261,6 +464,30 @@ def _has_work(directory: epath.Path) -> bool:
     return bool(_step_dirs(directory)) or bool(_quarantined(directory))
 
 
+def _read_record(root: epath.Path) -> dict:
+    path = root / RECORD
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} is unreadable ({_short(e)}); it names the active checkpoint "
+            "directory: restore it, or delete it if the run never restarted from scratch"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("active", ""), str):
+        raise CheckpointError(f"{path} is not a checkpoint record; restore it from the run")
+    return record
+
+
+def active_checkpoint_directory(workdir: str) -> str:
+    """The checkpoint directory WORKDIR's training uses now, as checkpoints.json records
+    it (WORKDIR/checkpoints without a record). Reads only: evaluate and sample must not
+    end a restart_from_scratch latch, as `checkpoint_directory` does for training."""
+    root = epath.Path(_absolute(workdir))
+    return str(root / _read_record(root).get("active", "checkpoints"))
+
+
 def checkpoint_directory(workdir: str, restart_from_scratch: bool) -> str:
     """The active checkpoint directory of WORKDIR: WORKDIR/checkpoints unless a restart
     chose another, as recorded in WORKDIR/checkpoints.json.
@@ -278,7 +505,7 @@ def checkpoint_directory(workdir: str, restart_from_scratch: bool) -> str:
     """
     root = epath.Path(_absolute(workdir))
     record_path = root / RECORD
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record = _read_record(root)
     active = record.get("active", "checkpoints")
     latched = bool(record.get("latched", False))
     history = list(record.get("history", [])) or [{"directory": active}]

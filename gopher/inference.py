@@ -6,6 +6,9 @@ restores the newest good checkpoint (or `step`) onto a mesh of this machine's de
 run's tokenizer by the sha256 the checkpoint recorded. What it returns holds the
 parameters as the training forward pass reads them, split over the mesh by the same
 Megatron rules as training, and that forward pass (the run's compute dtype, no remat).
+Loading only reads the workdir: checkpoints.json (a restart_from_scratch in progress) and
+every checkpoint stay as they are; an unreadable newest step is skipped with a warning
+(training quarantines it, not this), and an explicit `step` that fails is an error.
 
 Shape glossary: B batch, T sequence length, V vocabulary.
 """
@@ -143,12 +146,28 @@ def restore_state(
         run_train_cfg, batch_size=sizes, batch_schedule=(), microbatches=1
     )
     engine = engine_lib.build(model_cfg, train_cfg, parallel)
-    directory = checkpoint_lib.checkpoint_directory(workdir, restart_from_scratch=False)
-    ckpt = checkpoint_lib.Checkpointer(directory, max_to_keep=10**6, async_save=False)
+    # Read-only: a run may be training (or waiting to be rerun) in this workdir; loading
+    # it changes nothing there (no record, no quarantine, no tmp cleanup).
+    directory = checkpoint_lib.active_checkpoint_directory(workdir)
+    if not paths.resolve(directory).is_dir():
+        raise ValueError(
+            f"{workdir!r} has no checkpoint in {directory}; train first "
+            "(python -m experiments.train --workdir=...)"
+        )
+    ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+    model = dataclasses.asdict(model_cfg)
     try:
         abstract = engine.abstract_state()
         if step is None:
-            restored = ckpt.restore_latest(abstract)
+            try:
+                restored = ckpt.restore_latest(abstract, model=model)
+            except checkpoint_lib.RestoreFailed as e:
+                if e.other_shape:  # config.json was rewritten for another model
+                    raise checkpoint_lib.CheckpointError(
+                        f"{workdir}/config.json does not describe the model its checkpoints "
+                        f"hold: {e.tried}; restore config.json from the run that wrote them"
+                    ) from e
+                raise checkpoint_lib.CheckpointError(str(e)) from e
             if restored is None:
                 raise ValueError(
                     f"{workdir!r} has no checkpoint in {directory}; train first "
@@ -156,12 +175,7 @@ def restore_state(
                 )
             step, state, meta = restored
         else:
-            if step not in ckpt.steps():
-                raise ValueError(
-                    f"{workdir!r} has no checkpoint step {step} (it has {ckpt.steps()}); "
-                    "pass one of those or omit --step for the newest"
-                )
-            state, meta = ckpt.restore(step, abstract)
+            state, meta = ckpt.restore_step(step, abstract, model=model)
     finally:
         ckpt.close()
     state = engine.from_checkpoint(state)

@@ -6,7 +6,8 @@ decodes one token per step inside a single compiled `lax.while_loop`, which stop
 soon as every row has ended. Rows are split over the mesh's batch axes and heads over
 "model", as in training. A compiled loop is reused for every call with the same batch
 size, padded prompt length (a multiple of 8) and `max_new_tokens`; temperature, top-k,
-top-p, greedy, the seed and the EOS id are arguments of it, not constants.
+top-p, greedy, the seed and the EOS id are arguments of it, not constants. A call whose
+cache cannot fit in the devices' memory is refused first (`check_memory`, one line).
 
 A row ends at EOS (not returned), at `max_new_tokens`, or at a stop string. Stop strings
 are checked on the host on the decoded text: when stop strings or a `stream` callback
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -224,14 +226,65 @@ def compute_dtype_of(model: LoadedModel):
     return model.params["lm"]["embeddings"].dtype
 
 
+def decode_bytes(
+    cfg: ModelConfig, rows: int, prompt_len: int, new_tokens: int, dtype, keep_logits=False
+) -> int:
+    """A lower bound of the bytes the decode loop holds over all devices while it runs:
+    the key/value cache and the projected relative encodings of every position, and the
+    output (and kept logits). Temporaries (prefill attention, the projection) come on top.
+    """
+    length = prompt_len + new_tokens
+    hk_bytes = cfg.num_heads * cfg.key_size * jnp.dtype(dtype).itemsize
+    cache = 2 * cfg.num_layers * rows * length * hk_bytes
+    encodings = cfg.num_layers * length * hk_bytes
+    out = rows * new_tokens * (4 + (4 * cfg.vocab_size if keep_logits else 0))
+    return cache + encodings + out
+
+
+def check_memory(
+    model: LoadedModel,
+    rows: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    dtype=None,
+    keep_logits: bool = False,
+    name: str = "max_new_tokens",
+) -> None:
+    """ValueError (one line, naming `name` and the most that fits) when decoding
+    `max_new_tokens` after prompts of `prompt_len` tokens cannot fit in memory, or its
+    positions do not fit int32. Runs before anything compiles."""
+    from gopher.engine import available_bytes_per_device
+
+    if prompt_len + max_new_tokens >= 2**31 - 1:
+        raise ValueError(
+            f"{name}={max_new_tokens} after a prompt of {prompt_len} tokens passes 2**31 "
+            f"positions; pass at most {2**31 - 2 - prompt_len}"
+        )
+    dtype = jnp.dtype(dtype or compute_dtype_of(model))
+    devices = model.mesh.devices.size
+    need = decode_bytes(model.model_cfg, rows, prompt_len, max_new_tokens, dtype, keep_logits)
+    have = available_bytes_per_device()
+    if have is None or need / devices <= have:
+        return
+    fixed = decode_bytes(model.model_cfg, rows, prompt_len, 0, dtype, keep_logits)
+    per_token = decode_bytes(model.model_cfg, rows, prompt_len, 1, dtype, keep_logits) - fixed
+    most = max(0, int((have * devices - fixed) // max(per_token, 1)))
+    gib = 2.0**30
+    raise ValueError(
+        f"{name}={max_new_tokens} needs at least {need / devices / gib:.1f} GiB per device "
+        f"(key/value cache of {rows} rows x {prompt_len + max_new_tokens} positions) but "
+        f"{have / gib:.1f} GiB is available; pass {name} of at most {most}"
+    )
+
+
 def _check(model, prompts, max_new_tokens, temperature, top_k, top_p, stop):
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens!r}; pass a whole number >= 1")
-    if temperature < 0:
-        raise ValueError(f"temperature = {temperature}; pass >= 0 (0 means greedy)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature = {temperature}; pass a finite number >= 0 (0 means greedy)")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k = {top_k!r}; pass a whole number >= 0 (0 keeps every token)")
-    if not 0 < top_p <= 1:
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p = {top_p}; pass a probability in (0, 1] (1 keeps every token)")
     if any(not s for s in stop):
         raise ValueError(f"stop strings {list(stop)!r} include an empty one; drop it")
@@ -287,6 +340,7 @@ def generate_with_details(
         tokens[i, p_len - len(p) :] = p
         valid[i, p_len - len(p) :] = True
     multiple = model.batch_multiple
+    check_memory(model, -(-n // multiple) * multiple, p_len, max_new_tokens, dtype, keep_logits)
     tokens = pad_rows(tokens, multiple)
     valid = pad_rows(valid, multiple)
     valid[n:, -1] = True  # a filler row attends to one token, and is done from the start

@@ -226,3 +226,78 @@ def test_restart_from_scratch_in_a_fresh_workdir_uses_the_default_directory(tmp_
     assert got == os.path.join(workdir, "checkpoints")
     _save_steps(got, [10])
     assert checkpoint_lib.checkpoint_directory(workdir, True) == got  # rerun: resume
+
+
+def _tree(root) -> dict:
+    """{relative path: (bytes, mtime_ns)} of every file, and every directory, under root."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs:
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def test_active_checkpoint_directory_reads_the_record_and_writes_nothing(tmp_path):
+    workdir = str(tmp_path / "run")
+    _save_steps(checkpoint_lib.checkpoint_directory(workdir, False), [10])
+    new = checkpoint_lib.checkpoint_directory(workdir, True)  # a restart, in progress
+    before = _tree(tmp_path)
+    assert checkpoint_lib.active_checkpoint_directory(workdir) == new
+    assert _tree(tmp_path) == before  # the latch stays set: same bytes, same mtime
+    # ... so the rerun of the restart resumes in its directory instead of another one.
+    assert checkpoint_lib.checkpoint_directory(workdir, True) == new
+    # No record (a run that never restarted): the default directory, nothing created.
+    fresh = str(tmp_path / "fresh")
+    assert checkpoint_lib.active_checkpoint_directory(fresh) == os.path.join(fresh, "checkpoints")
+    assert not os.path.exists(fresh)
+
+
+def test_read_only_skips_a_damaged_step_with_one_line_and_moves_nothing(tmp_path, capfd):
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10, 20, 30])
+    _truncate_state(directory / "30")
+    # A save in flight in the training process: Orbax's tmp directory must survive.
+    os.makedirs(directory / "40.orbax-checkpoint-tmp-1234567")
+    before = _tree(tmp_path)
+    ck = _checkpointer(directory, read_only=True)
+    step, state, meta = ck.restore_latest(_abstract())
+    assert step == 20 and meta == {"step": 20}
+    np.testing.assert_array_equal(state["w"], _state(20)["w"])
+    (line,) = capfd.readouterr().err.strip().splitlines()
+    assert line.startswith("warning: skipped checkpoint step 30 (damaged: ")
+    assert "loaded step 20" in line and "nothing was moved" in line
+    with pytest.raises(checkpoint_lib.CheckpointError) as err:
+        ck.restore_step(30, _abstract())  # asked for by number: an error, not a fallback
+    assert "\n" not in str(err.value) and "step 30" in str(err.value)
+    assert "damaged" in str(err.value) and "[10, 20]" in str(err.value)
+    with pytest.raises(RuntimeError, match="read-only"):
+        ck.save(50, _state(50), {"step": 50})
+    ck.close()
+    assert _tree(tmp_path) == before  # no quarantine, no cleanup: same paths, bytes, mtimes
+
+
+def test_a_model_of_another_shape_is_named_not_called_damaged(tmp_path):
+    directory = tmp_path / "checkpoints"
+    saved = {"num_layers": 2, "d_model": 64, "vocab_size": 512}
+    ck = _checkpointer(directory)
+    for s in (10, 20):
+        assert ck.save(s, _state(s), {"step": s, "model": saved})
+    ck.close()
+    before = _files(tmp_path)
+    wider = dict(_abstract(), w=jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=SHARDED))
+    ck = _checkpointer(directory)
+    with pytest.raises(checkpoint_lib.RestoreFailed) as err:
+        ck.restore_latest(wider, model=dict(saved, num_layers=3))
+    msg = str(err.value)
+    assert err.value.other_shape and "damaged" not in msg and "\n" not in msg
+    assert "steps 20, 10 each hold a model of another shape" in msg
+    assert "(16, 4) where this model has (16, 8)" in msg and "num_layers=2 (this one 3)" in msg
+    assert "restart_from_scratch" not in msg  # the fix is the config, not a new directory
+    with pytest.raises(checkpoint_lib.CheckpointError, match="another shape"):
+        ck.restore_step(10, wider)
+    ck.close()
+    assert _files(tmp_path) == before

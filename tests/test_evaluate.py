@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -135,3 +136,177 @@ def test_trained_model_scores_gold_through_the_command(tmp_path):
     assert "| sentences | user | 8 | accuracy | 1.0000 |" in table.stdout
     merged = json.loads((tmp_path / "run" / "eval" / "step_300.json").read_text())["tasks"]
     assert merged.keys() == printed.keys()  # the second run kept the first run's results
+
+
+# ---- a small trained run that the read-only tools must leave as it is ------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The `test` preset, 2 steps on 8 text files (checkpoints 1 and 2), started with
+    restart_from_scratch, so checkpoints.json holds a latch a rerun must find set."""
+    root = tmp_path_factory.mktemp("run")
+    data = root / "text"
+    data.mkdir()
+    docs = [d.text for d in stdlib_documents("train", 0.05)[:160]]
+    for i in range(8):
+        (data / f"doc{i}.txt").write_text("\n\n".join(docs[i::8])[:12_000])
+    workdir = root / "run"
+    trained = _run(
+        "-m",
+        "experiments.train",
+        "--config=experiments/configs/gopher.py:test",
+        f"--workdir={workdir}",
+        "--config.data.source=files",
+        f"--config.data.paths={data}",
+        f"--config.data.heldout_fraction={HELDOUT_FRACTION}",
+        "--config.data.tokenizer_sample_bytes=100000",
+        "--config.train.steps=2",
+        "--config.train.checkpoint_every=1",
+        "--config.train.eval_every=1000",
+        "--config.train.restart_from_scratch=true",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    record = json.loads((workdir / "checkpoints.json").read_text())
+    assert record["latched"] and sorted(os.listdir(workdir / record["active"])) == ["1", "2"]
+    task = root / "task.jsonl"
+    task.write_text(
+        "".join(
+            json.dumps({"context": c, "continuations": [k, " cat."], "gold": 0}) + "\n"
+            for c, k in SENTENCES
+        )
+    )
+    return workdir, data, task
+
+
+def _copy(run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(run, workdir, ignore=shutil.ignore_patterns("eval"))
+    return workdir
+
+
+def _tree(root, skip=("eval",)) -> dict:
+    """{path: (bytes, mtime_ns) or "dir"} under root, but for `skip` (evaluate's output)."""
+    out = {}
+    for dirpath, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if os.path.relpath(os.path.join(dirpath, d), root) not in skip]
+        for d in dirs:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (f.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def test_read_only_tools_change_nothing_and_skip_a_damaged_step(run, tmp_path):
+    """evaluate and sample leave checkpoints.json (the restart latch) and every checkpoint
+    file as they were; a damaged newest step is one warning line, the previous step is
+    loaded, and --step naming the damaged step is a one-line error."""
+    workdir = _copy(run[0], tmp_path)
+    state = workdir / "checkpoints" / "2" / "state"
+    biggest = max((p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(1000)
+    before = _tree(workdir)
+
+    ev = _run("-m", "experiments.evaluate", f"--workdir={workdir}", f"--tasks=file:{run[2]}")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    warnings = [x for x in ev.stderr.splitlines() if x.startswith("warning")]
+    assert len(warnings) == 1, ev.stderr[-3000:]
+    assert warnings[0].startswith("warning: skipped checkpoint step 2 (damaged: ")
+    assert "loaded step 1," in warnings[0] and "nothing was moved" in warnings[0]
+    assert f"loaded step 1 of {workdir}" in ev.stderr
+    assert "Traceback" not in ev.stderr and "Exception ignored" not in ev.stderr
+    assert json.loads((workdir / "eval" / "step_1.json").read_text())["step"] == 1
+
+    sampled = _run(
+        "-m", "experiments.sample", f"--workdir={workdir}", "--prompt=The", "--max_new_tokens=3"
+    )
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    lines = sampled.stderr.strip().splitlines()
+    assert len(lines) == 3, sampled.stderr[-3000:]
+    assert lines[0].startswith("warning: skipped checkpoint step 2 (damaged: ")  # the same
+    assert lines[0].endswith(warnings[0].split(") in ", 1)[1])  # the first bad array may differ
+    assert lines[1].startswith(f"[{workdir} step 1: test")
+
+    named = _run(
+        "-m", "experiments.evaluate", f"--workdir={workdir}", f"--tasks=file:{run[2]}", "--step=2"
+    )
+    line = _error_line(named)
+    assert "checkpoint step 2 in" in line and "damaged" in line and "[1]" in line
+
+    assert _tree(workdir) == before  # checkpoints.json and every step: same bytes, mtimes
+    assert not (workdir / "quarantine").exists()
+
+
+def test_out_is_checked_first_and_results_are_written_as_tasks_finish(run, tmp_path):
+    workdir = _copy(run[0], tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = ["-m", "experiments.evaluate", f"--workdir={workdir}", f"--tasks=file:{run[2]}"]
+    for out in (a_file / "r.json", tmp_path):
+        bad = _run(*base, f"--out={out}")
+        assert f"--out={out}" in _error_line(bad)  # before loading anything
+    assert not (workdir / "eval").exists()
+
+    # One item whose continuation alone passes --max_len is skipped and counted; a task
+    # where every item is skipped fails after the first task's results were written.
+    long = tmp_path / "long.jsonl"
+    ending = " and then the lazy fox" * 20
+    long.write_text(
+        json.dumps({"context": "The red fox", "continuations": [ending, " dog."], "gold": 1}) + "\n"
+    )
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(run[2].read_text() + long.read_text())
+    out = tmp_path / "new" / "dir" / "results.json"
+    ok = _run(*base[:3], f"--tasks=file:{mixed},file:{run[2]}", "--max_len=32", f"--out={out}")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "| mixed | user | 4 |" in ok.stdout and "skipped items 1" in ok.stdout
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks["mixed"]["skipped_items"] == 1 and tasks["mixed"]["items"] == 4
+    for metric in ("accuracy", "acc_per_token", "acc_per_byte", "chance"):
+        assert tasks["mixed"][metric] == tasks["task"][metric]  # as if it were not there
+    step_file = workdir / "eval" / "step_2.json"
+    assert json.loads(step_file.read_text())["tasks"] == tasks
+
+    step_file.unlink()
+    failed = _run(*base[:3], f"--tasks=file:{run[2]},file:{long}", "--max_len=32")
+    assert failed.returncode == 2 and "pass --max_len=" in failed.stderr.splitlines()[-1]
+    assert list(json.loads(step_file.read_text())["tasks"]) == ["task"]  # kept
+
+
+@pytest.mark.slow  # make test-all; the suite's time budget
+def test_shape_mismatch_moved_data_and_oversized_sample_are_one_line(run, tmp_path):
+    workdir = _copy(run[0], tmp_path)
+    config_path = workdir / "config.json"
+    config = json.loads(config_path.read_text())
+    wrong = dict(config, model=dict(config["model"], num_layers=3))
+    config_path.write_text(json.dumps(wrong))
+    shape = _run("-m", "experiments.evaluate", f"--workdir={workdir}", f"--tasks=file:{run[2]}")
+    line = _error_line(shape)
+    assert "another shape" in line and "num_layers=2 (this one 3)" in line
+    assert "damaged" not in line
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run[1], moved)
+    config_path.write_text(json.dumps(dict(config, data=dict(config["data"], paths=["/gone"]))))
+    base = ["-m", "experiments.evaluate", f"--workdir={workdir}", "--heldout", "--json"]
+    base.append("--heldout_docs=1")
+    assert "--data_paths=" in _error_line(_run(*base))
+    found = _run(*base, f"--data_paths={moved}")
+    assert found.returncode == 0, found.stderr[-3000:]
+    original = _run(*base[:2], f"--workdir={run[0]}", *base[3:])
+    assert original.returncode == 0, original.stderr[-3000:]
+    assert json.loads(found.stdout)["heldout/files"]["bpb"] == pytest.approx(
+        json.loads(original.stdout)["heldout/files"]["bpb"], rel=1e-6
+    )
+
+    huge = _run(
+        "-m",
+        "experiments.sample",
+        f"--workdir={run[0]}",
+        "--prompt=a",
+        "--max_new_tokens=2000000000",
+    )
+    assert _error_line(huge).startswith("error: --max_new_tokens=2000000000 needs at least")

@@ -236,6 +236,9 @@ def test_stop_string_ends_a_row_and_streaming_shows_the_text_before_it(one):
         (dict(top_p=0.0), "top_p = 0.0"),
         (dict(top_k=-1), "top_k = -1"),
         (dict(temperature=-1.0), "temperature = -1.0"),
+        (dict(temperature=float("nan")), "temperature = nan"),
+        (dict(temperature=float("inf")), "temperature = inf"),
+        (dict(top_p=float("nan")), "top_p = nan"),
         (dict(max_new_tokens=0), "max_new_tokens = 0"),
         (dict(prompts=[[]]), "prompt 0 has no tokens"),
         (dict(prompts=[[1, 9999]]), "outside [0, 512)"),
@@ -271,13 +274,44 @@ def test_cli_streams_samples(one, monkeypatch, capsys):
         assert f"--- sample {i + 1} (seed {3 + i}) ---\nab{want}\n" in out
 
 
-def test_cli_bad_flag_is_one_line():
-    bad = [sys.executable, "-m", "experiments.sample", "--workdir=x", "--top_p=2"]
+def test_decode_that_cannot_fit_is_refused_before_it_compiles(one, cfg, monkeypatch):
+    """The bound is checked against the cache's real size (jax.eval_shape of
+    decode.init_cache, an oracle apart from the estimate): a budget one byte short of
+    the cache is refused, naming the flag and the most that fits, which does fit."""
+    from gopher import decode, engine
+
+    n, p_len = 1000, 8
+    valid = jax.ShapeDtypeStruct((1, p_len + n), jnp.bool_)
+    shapes = jax.eval_shape(lambda v: decode.init_cache(cfg, v, jnp.float32), valid)
+    cache = shapes.k.size * 4 + shapes.v.size * 4
+    monkeypatch.setattr(engine, "available_bytes_per_device", lambda: cache - 1)
+    with pytest.raises(ValueError) as err:
+        sample.generate(one, [[1, 2]], n)
+    msg = str(err.value)
+    assert msg.startswith(f"max_new_tokens={n} needs") and "\n" not in msg
+    most = int(msg.rsplit("at most ", 1)[1])
+    assert 0 < most < n
+    sample.check_memory(one, 1, p_len, most)  # the number it names passes
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="--max_new_tokens=2000000000 needs at least"):
+        sample.check_memory(one, 1, p_len, 2_000_000_000, name="--max_new_tokens")
+
+
+@pytest.mark.parametrize(
+    "flag, line",
+    [
+        ("--top_p=2", "error: --top_p=2.0; pass a probability in (0, 1] (1 keeps all)"),
+        (
+            "--temperature=nan",
+            "error: --temperature=nan; pass a finite number >= 0 (0 means greedy)",
+        ),
+    ],
+)
+def test_cli_bad_flag_is_one_line(flag, line):
+    bad = [sys.executable, "-m", "experiments.sample", "--workdir=x", flag]
     proc = subprocess.run(bad, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "error: --top_p=2.0; pass a probability in (0, 1] (1 keeps all)"
-    ]
+    assert proc.stderr.strip().splitlines() == [line]
 
 
 @pytest.mark.slow

@@ -160,6 +160,42 @@ def test_bigram_task_metrics_match_closed_form(tokenizer):
     assert got["perplexity_per_word"] == pytest.approx(math.exp(nll / len(words)), rel=1e-5)
 
 
+def test_items_past_max_len_are_truncated_or_skipped_and_counted(tokenizer):
+    """An item whose continuation alone passes max_len is skipped whole and counted; one
+    with a long context loses its first tokens (the bigram's score of the continuation
+    depends only on the token before each, so the untruncated closed form still holds);
+    the others score as if the skipped item were not there."""
+    max_len = 24
+    table = _bigram_table(seed=3)
+    scorer = Scorer(_bigram_model(tokenizer, table), batch_size=8, max_len=max_len)
+    long_cont = " and then" * 20
+    assert len(tokenizer.encode(long_cont)) > max_len
+    items = [
+        Item(0, ("The sky is",) * 2, (" blue", " green"), 0),
+        Item(1, ("Water is",) * 2, (" wet", long_cont), 1),  # skipped: one choice too long
+        Item(2, ("word " * 40,) * 2, (" end", " stop"), 1),  # context truncated
+        Item(3, ("A cat says",) * 3, (" meow", " woof", " x"), 0),
+    ]
+    kept = [items[0], items[2], items[3]]
+    got = harness.evaluate_task(scorer, _task("mc", "multiple_choice", items))
+    hits = []
+    for item in kept:
+        lp = [
+            _oracle_request(tokenizer, table, c, k)[0]
+            for c, k in zip(item.contexts, item.continuations, strict=True)
+        ]
+        hits.append(np.argmax(lp) == item.gold)
+    assert got["accuracy"] == pytest.approx(np.mean(hits))
+    assert got["items"] == 3 and got["skipped_items"] == 1 and got["truncated_requests"] == 2
+    assert got["chance"] == pytest.approx((1 / 2 + 1 / 2 + 1 / 3) / 3)  # of the items scored
+    alone = harness.evaluate_task(scorer, _task("mc", "multiple_choice", kept))
+    for name in ("accuracy", "acc_per_token", "acc_per_byte", "chance", "items"):
+        assert got[name] == alone[name], name
+    assert "skipped items 1" in harness.markdown_table({"mc": got})
+    with pytest.raises(ValueError, match=r"every item .* pass --max_len=\d+"):
+        harness.evaluate_task(scorer, _task("mc", "multiple_choice", [items[1]]))
+
+
 def test_windows_score_every_target_exactly_once():
     ids = np.arange(10, 10 + 57, dtype=np.int32)
     eos = 2

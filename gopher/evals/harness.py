@@ -9,6 +9,12 @@ wins: accuracy by raw sum log-likelihood, acc_per_token by log-likelihood per
 continuation token, acc_per_byte by log-likelihood per continuation UTF-8 byte (ties go
 to the first choice).
 
+Items that do not fit: a request longer than the scorer's max_len loses the first tokens
+of its context (lm-evaluation-harness's left truncation; counted in
+`truncated_requests`); an item with a continuation longer than max_len on its own is
+skipped whole, every choice of it (counted in `skipped_items`; its metrics, `items` and
+`chance` are those of the items scored).
+
 Text: bits per byte (gopher/evals/scoring.py) at windows of 1x, 1.5x and 2x the
 model's seq_len, each with stride half its window: the model was trained at seq_len,
 so the longer windows test relative attention's extrapolation. Its "chance" is the bpb
@@ -69,31 +75,47 @@ def evaluate_task(scorer: Scorer, task) -> dict:
     """The task's metrics, with its split, item count, chance and time taken."""
     if not task.items:
         raise ValueError(f"task {task.name!r} has no items; check its file or --limit")
-    start, before = time.perf_counter(), (scorer.timings.compile_s, scorer.timings.run_s)
-    per_item = [_choices(item) for item in task.items]
-    if task.kind == "lambada":
-        requests = [choices[item.gold] for choices, item in zip(per_item, task.items, strict=True)]
-        scores = scorer.score_requests(requests)
-        metrics = lambada_metrics(scores)
-    elif task.kind == "multiple_choice":
-        flat = scorer.score_requests([r for choices in per_item for r in choices])
-        grouped, at = [], 0
-        for choices in per_item:
-            grouped.append(flat[at : at + len(choices)])
-            at += len(choices)
-        scores = flat
-        metrics = multiple_choice_metrics([item.gold for item in task.items], grouped)
-    else:
+    if task.kind not in ("lambada", "multiple_choice"):
         raise ValueError(
             f"task {task.name!r} has kind {task.kind!r}; use lambada or multiple_choice"
         )
+    start, before = time.perf_counter(), (scorer.timings.compile_s, scorer.timings.run_s)
+    per_item = [_choices(item) for item in task.items]
+    if task.kind == "lambada":  # the gold request only
+        per_item = [
+            [choices[item.gold]] for choices, item in zip(per_item, task.items, strict=True)
+        ]
+    flat = scorer.score_requests([r for choices in per_item for r in choices], skip_too_long=True)
+    grouped, at = [], 0
+    for choices in per_item:
+        grouped.append(flat[at : at + len(choices)])
+        at += len(choices)
+    kept = [i for i, g in enumerate(grouped) if all(s is not None for s in g)]
+    if not kept:
+        longest = max(scorer.continuation_tokens(r.continuation) for c in per_item for r in c)
+        raise ValueError(
+            f"every item of task {task.name!r} has a continuation longer than max_len "
+            f"{scorer.max_len} tokens; pass --max_len={longest} or more, or drop the task"
+        )
+    items = [task.items[i] for i in kept]
+    grouped = [grouped[i] for i in kept]
+    scores = [s for g in grouped for s in g]
+    if task.kind == "lambada":
+        metrics = lambada_metrics(scores)
+        chance = float(task.chance)
+    else:
+        metrics = multiple_choice_metrics([item.gold for item in items], grouped)
+        chance = float(np.mean([1.0 / len(item.continuations) for item in items]))
+        if len(items) == len(task.items):
+            chance = float(task.chance)
     return {
         **metrics,
-        "chance": float(task.chance),
-        "items": len(task.items),
+        "chance": chance,
+        "items": len(items),
         "split": task.split,
         "kind": task.kind,
         "truncated_requests": sum(1 for s in scores if s.truncated),
+        "skipped_items": len(task.items) - len(items),
         "compile_s": scorer.timings.compile_s - before[0],
         "run_s": scorer.timings.run_s - before[1],
         "wall_s": time.perf_counter() - start,
@@ -150,6 +172,12 @@ def markdown_table(results: dict) -> str:
             main, count = "accuracy", str(r["items"])
             others = [k for k in ("acc_per_token", "acc_per_byte", "perplexity") if k in r]
         other = ", ".join(f"{k} {_fmt(r[k])}" for k in others)
+        notes = [
+            f"{k.replace('_', ' ')} {r[k]}"
+            for k in ("truncated_requests", "skipped_items")
+            if r.get(k)
+        ]
+        other = "; ".join(x for x in (other, ", ".join(notes)) if x)
         lines.append(
             f"| {name} | {r['split']} | {count} | {main} | {_fmt(r[main])} | {other} | "
             f"{_fmt(r['chance'])} |"

@@ -20,7 +20,9 @@ so the continuation's tokens would depend on the context. Put the space before a
 in the continuation (" sat"), as the tasks do. Rows longer than the model's seq_len run
 at their own length (relative attention has no position table) up to `max_len` (default
 4 x seq_len); past it, the first tokens of [EOS] + context are dropped (counted in
-`Score.truncated`).
+`Score.truncated`), as lm-evaluation-harness truncates from the left. A continuation
+longer than max_len on its own cannot be scored: `score_requests` raises, or with
+`skip_too_long=True` returns None for it (the harness then skips the whole item).
 
 Text (bits per byte). Each document is its own stream s = [EOS] + encode(text) + [EOS]:
 every token of the text and the closing EOS is a target (the EOS decodes to 0 bytes).
@@ -104,7 +106,7 @@ def request_row(
     if len(continuation_ids) > max_len:
         raise ValueError(
             f"a continuation of {len(continuation_ids)} tokens does not fit max_len {max_len}; "
-            "raise max_len or shorten it"
+            "raise max_len (evaluate: --max_len) or shorten it"
         )
     seq = np.asarray([eos_id, *context_ids, *continuation_ids], dtype=np.int32)
     dropped = max(0, len(seq) - (max_len + 1))
@@ -239,28 +241,40 @@ class Scorer:
         self.timings.rows += len(rows)
         return nll, count, greedy
 
-    def score_requests(self, requests: Sequence[Request]) -> list[Score]:
-        """Log-likelihood of each continuation given its context (see the module docstring)."""
+    def score_requests(
+        self, requests: Sequence[Request], skip_too_long: bool = False
+    ) -> list[Score | None]:
+        """Log-likelihood of each continuation given its context (see the module docstring).
+
+        A continuation longer than max_len tokens raises ValueError, or with
+        `skip_too_long` is not scored: its entry is None."""
         tok = self.model.tokenizer
         if not requests:
             return []
         contexts = tok.encode_batch([r.context for r in requests])
         continuations = tok.encode_batch([r.continuation for r in requests])
-        built = [
-            request_row(c, k, tok.eos_id, self.max_len)
-            for c, k in zip(contexts, continuations, strict=True)
-        ]
-        nll, count, greedy = self.score_rows([row for row, _ in built])
-        return [
-            Score(
-                logprob=-float(nll[i]),
-                num_tokens=int(count[i]),
-                greedy=bool(greedy[i]),
-                num_bytes=len(r.continuation.encode("utf-8")),
+        built: list[tuple[Row, int] | None] = []
+        for c, k in zip(contexts, continuations, strict=True):
+            if skip_too_long and len(k) > self.max_len:
+                built.append(None)
+            else:
+                built.append(request_row(c, k, tok.eos_id, self.max_len))
+        kept = [i for i, b in enumerate(built) if b is not None]
+        nll, count, greedy = self.score_rows([built[i][0] for i in kept])
+        scores: list[Score | None] = [None] * len(requests)
+        for j, i in enumerate(kept):
+            scores[i] = Score(
+                logprob=-float(nll[j]),
+                num_tokens=int(count[j]),
+                greedy=bool(greedy[j]),
+                num_bytes=len(requests[i].continuation.encode("utf-8")),
                 truncated=built[i][1],
             )
-            for i, r in enumerate(requests)
-        ]
+        return scores
+
+    def continuation_tokens(self, continuation: str) -> int:
+        """How many tokens `continuation` encodes to (what must fit max_len)."""
+        return len(self.model.tokenizer.encode(continuation))
 
     def text_nll(
         self, texts: Sequence[str], window: int, stride: int | None = None
