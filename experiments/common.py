@@ -38,24 +38,100 @@ def user_errors(verbose: bool):
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+# Model-row recipe fields the config file copies into the train section, which is what
+# training reads (experiments/configs/gopher.py); `model.X` keeps the row's value.
+RECIPE_FIELDS = ("max_lr", "clip_norm", "batch_size", "batch_schedule", "precision")
+
+# Data fields only one source reads: {field: the source that reads it}.
+SOURCE_FIELDS = {"paths": "files", "mixture": "embedded", "corpus_dir": "embedded"}
+
+
+def _plain(value):
+    """Lists as tuples, all the way down (flags and JSON give lists, presets tuples)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _check_recipe_overrides(model: dict) -> None:
+    """A changed model.X of the preset's recipe would be silently ignored: refuse it,
+    naming --config.train.X, which training reads."""
+    preset = model.get("preset")
+    if not preset:
+        return
+    row = gopher_config.get_preset(preset)
+    for name in RECIPE_FIELDS:
+        if name in model and _plain(model[name]) != _plain(getattr(row, name)):
+            value = model[name]
+            shown = f"'{value}'" if isinstance(value, tuple) else value
+            raise gopher_config.ConfigError(
+                f"--config.model.{name}={value} is not read: training takes the recipe from "
+                f"the train section; set --config.train.{name}={shown} instead"
+            )
+
+
+def _check_source_fields(data: dict) -> None:
+    """A data field the chosen source does not read would be silently ignored: refuse it."""
+    source = data.get("source", "stdlib")
+    for name, reader in SOURCE_FIELDS.items():
+        if data.get(name) and source != reader:
+            value = data[name]
+            shown = ",".join(value) if isinstance(value, (list, tuple)) else value
+            raise gopher_config.ConfigError(
+                f"--config.data.{name}={shown} is read only with --config.data.source={reader} "
+                f"(source is {source!r}); add --config.data.source={reader} or drop "
+                f"--config.data.{name}"
+            )
+
+
 def configs_from_dict(cfg):
-    """The frozen dataclasses the library takes, from an experiment ConfigDict."""
+    """The frozen dataclasses the library takes, from an experiment ConfigDict.
+
+    Refuses an override that nothing would read (one line naming the flag to use): a
+    model-row recipe field (`RECIPE_FIELDS`; training reads train.X) or a data field of
+    another source (`SOURCE_FIELDS`). A run's saved config.json is read by
+    gopher.inference, not here, so runs recorded before these checks still load.
+    """
     model = dict(cfg.model)
+    _check_recipe_overrides(model)
     model_cfg = gopher_config.model_from_dict(model)
     train_cfg = gopher_config.train_from_dict(dict(cfg.train))
     data = dict(cfg.data)
     paths = data.get("paths", ())
     if isinstance(paths, str):
         data["paths"] = tuple(p for p in paths.split(",") if p)
+    _check_source_fields(data)
     data_cfg = gopher_config.data_from_dict(data)
     parallel = gopher_config.parallel_from_dict(dict(cfg.get("parallel", {})))
     return model_cfg, train_cfg, data_cfg, parallel
+
+
+def _missing_config_file(argv) -> str | None:
+    """The last --config=PATH[:ARGS] of `argv` whose PATH is not a file, if any."""
+    value = None
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+    if value is None:
+        return None
+    path = value.split(":", 1)[0]
+    return None if os.path.isfile(path) else path
 
 
 def parse_flags(argv):
     """absl flags parser that reports a bad --config (e.g. an unknown preset) in one line."""
     from absl import flags
 
+    missing = _missing_config_file(argv) if "config" in flags.FLAGS else None
+    if missing is not None and "--verbose" not in argv:
+        # config_flags defers this error to the first read of the config, without the path.
+        what = "is a directory" if os.path.isdir(missing) else "does not exist"
+        fail(
+            f"config file {missing!r} {what}; fix --config, e.g. "
+            "--config=experiments/configs/gopher.py:tiny"
+        )
     try:
         return flags.FLAGS(argv)
     except Exception as e:  # flag parsing raises several types; all are bad input here

@@ -8,6 +8,7 @@ Every config validates itself on construction and names the bad field and the fi
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,10 +20,33 @@ class ConfigError(ValueError):
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             raise ConfigError(
-                f"{type(obj).__name__}.{name} = {value!r} must be a positive number; "
+                f"{type(obj).__name__}.{name} = {value!r} must be a finite number > 0; "
                 f"set --config.{_prefix(obj)}{name} to a value > 0"
+            )
+
+
+def _at_least_zero(obj: Any, *names: str, integer: bool = False) -> None:
+    """Each field is a finite number >= 0 (a whole number if `integer`)."""
+    for name in names:
+        value = getattr(obj, name)
+        kind = int if integer else (int, float)
+        if (
+            not isinstance(value, kind)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise ConfigError(
+                f"{type(obj).__name__}.{name} = {value!r} must be "
+                f"{'an integer' if integer else 'a finite number'} >= 0; set "
+                f"--config.{_prefix(obj)}{name} to a value >= 0"
             )
 
 
@@ -289,7 +313,10 @@ class TrainConfig:
             "max_to_keep",
             "max_bad_steps",
             "microbatches",
+            "eps",
         )
+        _at_least_zero(self, "stop_at_step", integer=True)
+        _at_least_zero(self, "warmup_init_lr", "weight_decay", "peak_flops", "watchdog_s")
         if self.profile_steps and (
             len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]
         ):
@@ -403,6 +430,16 @@ class DataConfig:
             raise ConfigError(
                 f"DataConfig.source = {self.source!r} is unknown; use 'stdlib', 'files' or "
                 "'embedded'"
+            )
+        if (
+            not isinstance(self.tokenizer_sample_bytes, int)
+            or isinstance(self.tokenizer_sample_bytes, bool)
+            or self.tokenizer_sample_bytes <= 0
+        ):
+            raise ConfigError(
+                f"DataConfig.tokenizer_sample_bytes = {self.tokenizer_sample_bytes!r} must be "
+                "a whole number of bytes > 0; set --config.data.tokenizer_sample_bytes (default "
+                "4000000)"
             )
         if self.source == "files" and not self.paths:
             raise ConfigError(

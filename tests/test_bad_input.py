@@ -172,3 +172,54 @@ def test_full_disk_while_checkpointing_keeps_previous(trained, tmp_path):
         assert meta["step"] == 20
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_one_text_file_trains_evaluates_and_resumes(tmp_path):
+    """The commonest first run: one text file. Its tail is the held-out split (a file-level
+    split has no second file); the run trains, scores it, and resumes."""
+    from pydoc_data.topics import topics
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(topics[k] for k in sorted(topics))[:400_000])
+    flags = [
+        "--config.data.source=files",
+        f"--config.data.paths={book}",
+        "--config.train.eval_every=10",
+        "--config.train.checkpoint_every=10",
+    ]
+    first = _train(tmp_path / "run", "--config.train.steps=10", *flags, devices=1)
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = first.stdout + first.stderr
+    assert "held-out split of files: inside files (1 file is too few" in log
+    assert "step 10: held-out" in log
+    again = _train(tmp_path / "run", "--config.train.steps=20", *flags, devices=1)
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = again.stdout + again.stderr
+    assert "resumed from checkpoint step 10" in log and "step 20: held-out" in log
+
+
+@pytest.mark.parametrize(
+    "flag,needles",
+    [
+        (
+            "--config.model.batch_size=4",
+            ["--config.model.batch_size=4", "--config.train.batch_size=4"],
+        ),
+        ("--config.model.precision=bf16", ["--config.train.precision=bf16"]),
+        ("--config.data.paths=/nonexistent", ["--config.data.paths", "--config.data.source=files"]),
+        ("--config.train.stop_at_step=-5", ["stop_at_step = -5", "--config.train.stop_at_step"]),
+        ("--config.train.warmup_init_lr=-1", ["--config.train.warmup_init_lr"]),
+    ],
+)
+def test_overrides_nothing_would_read_are_one_line(tmp_path, flag, needles):
+    out = _train(tmp_path / "run", flag)
+    _one_line_error(out, *needles)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_missing_config_file_is_named(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    for config in (f"--config={tmp_path}/nope.py:tiny", f"--config={tmp_path}"):
+        cmd = [sys.executable, "-m", "experiments.train", config, f"--workdir={tmp_path}/w"]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        _one_line_error(out, f"config file {str(tmp_path)!r}"[:-1], "--config")

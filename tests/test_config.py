@@ -101,3 +101,81 @@ def test_param_count_formula_gives_the_table_column():
     for name, published in table.items():
         count = config.get_preset(name).param_count_formula()
         assert count == pytest.approx(published, rel=6e-4), name
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("stop_at_step", -5),
+        ("warmup_init_lr", -1.0),
+        ("warmup_init_lr", float("nan")),
+        ("eps", 0.0),
+        ("eps", -1.0),
+        ("eps", float("inf")),
+        ("weight_decay", -0.1),
+        ("peak_flops", -1.0),
+        ("watchdog_s", -1.0),
+    ],
+)
+def test_train_fields_out_of_range_name_the_flag(field, value):
+    with pytest.raises(
+        config.ConfigError, match=rf"TrainConfig\.{field} = .*--config\.train\.{field}"
+    ):
+        config.TrainConfig(**{field: value})
+
+
+def test_train_and_data_field_boundaries_are_accepted():
+    """Zero means "off" or "none" for these; the defaults pass."""
+    config.TrainConfig(stop_at_step=0, warmup_init_lr=0.0, weight_decay=0.0, peak_flops=0.0)
+    config.TrainConfig(watchdog_s=0.0, eps=1e-12)
+    config.DataConfig(tokenizer_sample_bytes=1)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5])
+def test_tokenizer_sample_bytes_must_be_positive(value):
+    with pytest.raises(
+        config.ConfigError,
+        match=r"tokenizer_sample_bytes = .*--config\.data\.tokenizer_sample_bytes",
+    ):
+        config.DataConfig(tokenizer_sample_bytes=value)
+
+
+def test_overrides_nothing_reads_are_refused_naming_the_flag_to_use():
+    """A model-row recipe field (training reads train.X) or a data field of another source
+    would be silently ignored; every preset's defaults still pass."""
+    from experiments import common
+    from experiments.configs import gopher
+
+    for preset in config.PRESETS:
+        common.configs_from_dict(gopher.get_config(preset))
+    for name, value in [
+        ("batch_size", 4),
+        ("precision", "bf16"),
+        ("max_lr", 0.5),
+        ("clip_norm", 0.5),
+        ("batch_schedule", ((10, 16),)),
+    ]:
+        cfg = gopher.get_config("test")
+        cfg.model[name] = value
+        with pytest.raises(
+            config.ConfigError, match=rf"--config\.model\.{name}=.*--config\.train\.{name}="
+        ):
+            common.configs_from_dict(cfg)
+        cfg.model[name] = getattr(config.get_preset("test"), name)  # the row's own: fine
+        common.configs_from_dict(cfg)
+    cases = [("paths", "/data/a.txt", "files"), ("mixture", "books=1", "embedded"),
+             ("corpus_dir", "/corpus", "embedded")]  # fmt: skip
+    for name, value, reader in cases:
+        for source in ("stdlib", "files", "embedded"):
+            cfg = gopher.get_config("test")
+            cfg.data.source, cfg.data[name] = source, value
+            if source == "files" and name != "paths":
+                cfg.data.paths = "/data/a.txt"
+            if source == reader:
+                common.configs_from_dict(cfg)
+                continue
+            with pytest.raises(
+                config.ConfigError,
+                match=rf"--config\.data\.{name}=.*--config\.data\.source={reader}",
+            ):
+                common.configs_from_dict(cfg)

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import unicodedata
 
@@ -119,8 +120,13 @@ def test_mixture_reads_the_built_corpus(built):
     for source in mixture.heldout_sources:
         batch, num_bytes = next(mixture.eval_batches(source, 2, 64))
         assert batch.shape == (2, 65) and num_bytes > 0
-    with pytest.raises(ValueError, match="not available"):
-        Mixture.from_corpus(str(out), {"books": 1.0}, 4, 64, process_index=0, process_count=1)
+    # An unknown source is named beside the corpus's real ones (the manifest's).
+    real = ", ".join(sorted(manifest["sources"]))
+    assert real == "code, technical"
+    for weights in ({"books": 1.0}, {"books": 1.0, "code": 1.0}):
+        with pytest.raises(ValueError, match=re.escape("['books'] that corpus")) as e:
+            Mixture.from_corpus(str(out), weights, 4, 64, process_index=0, process_count=1)
+        assert str(e.value).endswith(f"its sources: {real}")
     with pytest.raises(ValueError, match="--vocab_size=4096"):
         Mixture.from_corpus(str(out), None, 4, 64, 0, 0, 1, vocab_size=4096)
     assert mixture.tokenizer.vocab_size == 512 and mixture.manifest["name"] == "stdlib"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -11,6 +12,7 @@ import unicodedata
 import numpy as np
 import pytest
 
+from gopher.config import DataConfig
 from gopher.data import (
     Document,
     Packer,
@@ -22,6 +24,8 @@ from gopher.data import (
     text_files,
     unigram_bits_per_byte,
 )
+from gopher.data.pipeline import _tokenizer
+from gopher.data.sources import heldout_cut, read_text_files, split_files
 
 VOCAB = 512
 SAMPLE_BYTES = 200_000
@@ -91,6 +95,86 @@ def test_text_files_dirs_globs_and_errors(tmp_path):
         text_files([str(tmp_path / "*.nothing")])
     with pytest.raises(ValueError, match="not UTF-8"):
         text_files([str(tmp_path / "a" / "bad.bin")])
+
+
+def _prose(paragraphs: int, seed: int = 0) -> str:
+    """Paragraphs of 2-6 lines of random words, blank lines between them (~50 KB per 200)."""
+    rng = np.random.default_rng(seed)
+    words = [
+        "".join(rng.choice(list(string.ascii_lowercase), rng.integers(2, 9))) for _ in range(300)
+    ]
+    paras = []
+    for _ in range(paragraphs):
+        lines = [" ".join(rng.choice(words, 8)) for _ in range(rng.integers(2, 7))]
+        paras.append("\n".join(lines) + "\n")
+    return "\n".join(paras)
+
+
+def _hash_side(name: str, fraction: float) -> bool:
+    """The by-file rule, restated: held out when sha256(name)'s first 32 bits < fraction."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 2**32 < fraction
+
+
+def test_one_text_file_is_split_inside_it(tmp_path):
+    """One file cannot be split by file: its tail is held out, cut at a paragraph break,
+    and head + tail is exactly the file, wherever the file lives."""
+    text = _prose(400)
+    book = tmp_path / "book.txt"
+    book.write_text(text)
+    for fraction in (0.05, 0.2, 0.5):
+        (train,) = text_files([str(book)], "train", fraction)
+        (held,) = text_files([str(book)], "heldout", fraction)
+        assert train.text + held.text == text  # a partition, in order
+        assert abs(len(held.text) / len(text) - fraction) <= fraction / 4  # near the fraction
+        assert train.text.endswith("\n\n") and held.text.strip()  # at a paragraph break
+    _, _, rule = split_files(read_text_files([str(book)]), 0.05)
+    assert rule.startswith("inside files (1 file is too few")
+    # Stable when the file moves or is renamed: the cut depends on the text only.
+    moved = tmp_path / "elsewhere" / "renamed.txt"
+    moved.parent.mkdir()
+    moved.write_text(text)
+    for split in ("train", "heldout"):
+        assert [d.text for d in text_files([str(moved)], split, 0.05)] == [
+            d.text for d in text_files([str(book)], split, 0.05)
+        ]
+
+
+def test_few_files_split_inside_each_many_files_by_file(tmp_path):
+    fraction = 0.2
+    names = [f"part_{i:02d}.txt" for i in range(40)]
+    expected = {n for n in names if _hash_side(n, fraction)}
+    assert expected and len(expected) < len(names)  # the by-file rule gives both sides
+    texts = {n: _prose(4, seed=i) for i, n in enumerate(names)}
+    many = tmp_path / "many"
+    many.mkdir()
+    for n in names:
+        (many / n).write_text(texts[n])
+    train, held, rule = split_files(read_text_files([str(many)]), fraction)
+    assert rule == f"by file: {len(expected)} of 40 files held out"
+    assert {d.name for d in held} == expected and [d.text for d in held] == [
+        texts[n] for n in names if n in expected
+    ]  # whole files, in order
+    assert [d.name for d in train] == [n for n in names if n not in expected]
+    # Three files that all hash to the training side: each one's tail is held out.
+    few = tmp_path / "few"
+    few.mkdir()
+    for n in [n for n in names if n not in expected][:3]:
+        (few / n).write_text(texts[n])
+    train, held, rule = split_files(read_text_files([str(few)]), fraction)
+    assert rule.startswith("inside files (3 files are too few")
+    assert [d.name for d in train] == [d.name for d in held] == sorted(os.listdir(few))
+    for t, h in zip(train, held, strict=True):
+        assert t.text + h.text == texts[t.name] and h.text.strip()
+
+
+def test_heldout_cut_takes_a_line_then_a_space_then_a_character():
+    assert heldout_cut("aaaa\nbbbb\ncccc\ndddd\n", 0.25) == 15  # after "cccc\n"
+    words = "word " * 40  # no line breaks: after the space nearest 95% of 200
+    cut = heldout_cut(words, 0.05)
+    assert words[cut - 1] == " " and abs(cut - 190) <= 5
+    assert heldout_cut("x" * 100, 0.05) == 95
+    assert heldout_cut("ab", 0.01) == 1  # both sides keep a character
+    assert heldout_cut("a", 0.5) == 1 and heldout_cut("abc", 0.0) == 3
 
 
 def test_unigram_bpb_matches_closed_form_entropy():
@@ -164,6 +248,44 @@ def test_load_bad_path_names_it(tmp_path):
     junk.write_bytes(b"not a model")
     with pytest.raises(ValueError, match=re.escape("junk.model")):
         Tokenizer.load(str(junk))
+
+
+def test_tokenizer_errors_name_the_value_that_fixes_them(tmp_path):
+    """The limits the errors quote are the real ones: training at them succeeds, one past
+    them fails (SentencePiece is the oracle)."""
+    text = _prose(40)  # ~10 KB, 26 letters
+    path = str(tmp_path / "t.model")
+    with pytest.raises(ValueError) as e:
+        Tokenizer.train([text], 2000, path)
+    most = int(re.search(r"lower vocab_size to (\d+) or less, or give more text", str(e.value))[1])
+    Tokenizer.train([text], most, path)
+    with pytest.raises(ValueError, match="lower vocab_size"):
+        Tokenizer.train([text], most + 1, path)
+    with pytest.raises(ValueError, match=r"the sample is [\d,]+ of the text's [\d,]+ bytes"):
+        Tokenizer.train([text], most, path, sample_bytes=2_000)  # more text is there
+    with pytest.raises(ValueError) as e:
+        Tokenizer.train([text], 5, path)
+    least = int(re.search(r"raise vocab_size to (\d+) or more", str(e.value))[1])
+    Tokenizer.train([text], least, path)
+    with pytest.raises(ValueError, match="raise vocab_size"):
+        Tokenizer.train([text], least - 1, path)
+
+
+def test_a_damaged_run_tokenizer_says_delete_it_and_rerun(tmp_path):
+    """Deleting it and rerunning is the fix: the rerun trains the same model again."""
+    docs = [Document("files", "a.txt", _prose(200))]
+    data = DataConfig(source="files", paths=("a.txt",), tokenizer_sample_bytes=100_000)
+    first = _tokenizer(data, 300, str(tmp_path), docs)
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00 damaged")
+    with pytest.raises(ValueError, match="delete it and rerun") as e:
+        _tokenizer(data, 300, str(tmp_path), docs)
+    assert "retrain it" not in str(e.value)
+    (tmp_path / "tokenizer.model").unlink()
+    assert _tokenizer(data, 300, str(tmp_path), docs).sha256 == first.sha256
+    given = DataConfig(tokenizer_path=str(tmp_path / "junk.model"))
+    (tmp_path / "junk.model").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="fix --config.data.tokenizer_path"):
+        _tokenizer(given, 300, str(tmp_path / "other"), docs)
 
 
 # --- packing -------------------------------------------------------------------------

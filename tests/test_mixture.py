@@ -177,6 +177,39 @@ def test_bad_configurations_name_the_fix():
     mixture = make_mixture()
     with pytest.raises(ValueError, match="sources"):
         mixture.restore({"step": 0, "windows": {"a": 0}})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="must be finite"):
+            make_mixture({"a": bad, "b": 1.0})
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("books=inf,code=1", "'books=inf'"),
+        ("books=nan", "'books=nan'"),
+        ("code=-inf,books=1", "'code=-inf'"),
+        ("books=abc", "'books=abc'"),
+        ("=1", "'=1'"),
+        ("books=0.5,code=1,books=2", "'books' twice"),
+    ],
+)
+def test_mixture_flag_needs_finite_weights_each_source_once(text, needle):
+    from gopher.data.pipeline import parse_weights
+
+    with pytest.raises(ValueError, match=needle) as e:
+        parse_weights(text)
+    assert "--config.data.mixture" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mixture_flag_parses_good_weights():
+    from gopher.data.pipeline import parse_weights
+
+    assert parse_weights("books=0.3, code=1e-1,news=0.6") == {
+        "books": 0.3,
+        "code": 0.1,
+        "news": 0.6,
+    }
+    assert parse_weights("massivetext") == "massivetext" and parse_weights("") is None
 
 
 # --- TFDS, read without TensorFlow --------------------------------------------------------

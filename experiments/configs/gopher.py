@@ -35,7 +35,8 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     train = gopher_config.TrainConfig()
     cfg.train = ml_collections.ConfigDict(dataclasses.asdict(train))
     # Recipe fields that default to the model row (None) need a concrete type to be
-    # overridable from the command line.
+    # overridable from the command line. Training reads these train.X copies: override
+    # --config.train.X (a changed --config.model.X is refused, experiments/common.py).
     cfg.train.max_lr = model.max_lr
     cfg.train.clip_norm = model.clip_norm
     cfg.train.batch_size = model.batch_size

@@ -43,6 +43,7 @@ magnitude faster than a step needs (experiments/bench_data.py) without worker pr
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -182,8 +183,10 @@ class Mixture:
                 f"weights name sources {unknown} that are not available; available: "
                 f"{sorted(by_name)} (a mixture for another corpus?)"
             )
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ValueError(f"weights {dict(weights)} must be >= 0 with a positive sum")
+        if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or not (
+            sum(weights.values()) > 0
+        ):
+            raise ValueError(f"weights {dict(weights)} must be finite, >= 0, with a positive sum")
         self.names = sorted(name for name, w in weights.items() if w > 0)
         total = sum(weights[n] for n in self.names)
         self.weights = {n: weights[n] / total for n in self.names}
@@ -244,10 +247,16 @@ class Mixture:
             if weights not in MIXTURES:
                 raise ValueError(f"unknown mixture {weights!r}; choose from {sorted(MIXTURES)}")
             weights = {k: w for k, w in MIXTURES[weights].items() if k in manifest["sources"]}
+        unknown = sorted(set(weights) - set(manifest["sources"]))
+        if unknown:
+            skipped = manifest.get("skipped") or []
+            raise ValueError(
+                f"weights name sources {unknown} that corpus {corpus_dir!r} does not have; "
+                f"its sources: {', '.join(sorted(manifest['sources']))}"
+                + (f" (skipped when it was built: {', '.join(skipped)})" if skipped else "")
+            )
         sources = []
         for name in sorted(weights):
-            if name not in manifest["sources"]:
-                continue  # reported by __init__
             entry = manifest["sources"][name]
             train = _load_tokens(corpus_dir, entry["train"]["tokens_file"])
             heldout = _load_tokens(corpus_dir, entry["heldout"]["tokens_file"])

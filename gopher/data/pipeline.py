@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -38,11 +39,12 @@ from gopher.config import DataConfig, ModelConfig, TrainConfig
 from gopher.data.packing import TokenDataset, eval_windows, stream_with_bytes
 from gopher.data.sources import (
     Document,
+    read_text_files,
+    split_files,
     stdlib_documents,
-    text_files,
     unigram_bits_per_byte,
 )
-from gopher.data.tokenizer import Tokenizer
+from gopher.data.tokenizer import Tokenizer, TrainingError
 
 
 @dataclasses.dataclass
@@ -71,23 +73,44 @@ def data_fingerprint(*arrays, manifest: dict | None = None) -> str:
     return h.hexdigest()
 
 
-def _documents(data: DataConfig, split: str) -> list[Document]:
+def _split(data: DataConfig) -> tuple[list[Document], list[Document], str]:
+    """(train, heldout, how the split was made) of a stdlib or files source."""
     if data.source == "stdlib":
-        return stdlib_documents(split, data.heldout_fraction)
-    return text_files(list(data.paths), split=split, heldout_fraction=data.heldout_fraction)
+        train = stdlib_documents("train", data.heldout_fraction)
+        return train, stdlib_documents("heldout", data.heldout_fraction), "by work"
+    return split_files(read_text_files(list(data.paths)), data.heldout_fraction)
+
+
+def _documents(data: DataConfig, split: str) -> list[Document]:
+    train, heldout, _ = _split(data)
+    return heldout if split == "heldout" else train
 
 
 def _tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs) -> Tokenizer:
     """The configured tokenizer, or one trained on the training documents into the workdir."""
     path = data.tokenizer_path or paths.join(workdir, "tokenizer.model")
     if paths.resolve(path).is_file():
-        tok = Tokenizer.load(path)
+        try:
+            tok = Tokenizer.load(path)
+        except ValueError:
+            if data.tokenizer_path:
+                fix = "fix --config.data.tokenizer_path (or leave it empty to train one)"
+            else:  # the run's own: training it again from the same text gives the same model
+                fix = "delete it and rerun: the run trains it again from the data"
+            raise ValueError(
+                f"tokenizer {path!r} is not a SentencePiece model (damaged?); {fix}"
+            ) from None
     elif data.tokenizer_path:
         raise ValueError(f"tokenizer {path!r} does not exist; fix --config.data.tokenizer_path")
     else:
-        tok = Tokenizer.train(
-            (d.text for d in docs), vocab_size, path, sample_bytes=data.tokenizer_sample_bytes
-        )
+        try:
+            tok = Tokenizer.train(
+                (d.text for d in docs), vocab_size, path, sample_bytes=data.tokenizer_sample_bytes
+            )
+        except TrainingError as e:
+            raise ValueError(
+                e.with_flags("--config.model.vocab_size", "--config.data.tokenizer_sample_bytes")
+            ) from None
     if tok.vocab_size != vocab_size:
         raise ValueError(
             f"tokenizer {path!r} has {tok.vocab_size} pieces but the model's vocab_size is "
@@ -127,7 +150,7 @@ def _eval_set(source, tokens, target_bytes, train_cfg, seq_len, say) -> list:
 def _no_eval_error(t):
     return ValueError(
         f"no source has a held-out split of 2 tokens or more to score at seq_len {t}; "
-        "raise --config.data.heldout_fraction"
+        "raise --config.data.heldout_fraction or give more text"
     )
 
 
@@ -140,8 +163,8 @@ def _local_windows(windows: list, rows) -> list:
 
 
 def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say) -> Pipeline:
-    train_docs = _documents(data_cfg, "train")
-    heldout_docs = _documents(data_cfg, "heldout")
+    train_docs, heldout_docs, rule = _split(data_cfg)
+    say(f"held-out split of {data_cfg.source}: {rule}")
     tokenizer = _tokenizer(data_cfg, model_cfg.vocab_size, workdir, train_docs)
     cache = data_cfg.cache_dir or _token_cache_dir(workdir)
     train_ds = TokenDataset.from_documents(tokenizer, train_docs, train_cfg.seed, cache)
@@ -240,13 +263,22 @@ def parse_weights(text: str) -> str | dict[str, float] | None:
     weights = {}
     for part in text.split(","):
         name, _, value = part.partition("=")
+        name = name.strip()
         try:
-            weights[name.strip()] = float(value)
+            weight = float(value)
         except ValueError:
+            weight = math.nan
+        if not name or not math.isfinite(weight):
             raise ValueError(
-                f"mixture weight {part!r} is not SOURCE=NUMBER; e.g. "
+                f"mixture weight {part!r} is not SOURCE=NUMBER with a finite number; e.g. "
                 "--config.data.mixture=books=0.3,code=0.1,news=0.6"
-            ) from None
+            )
+        if name in weights:
+            raise ValueError(
+                f"mixture names source {name!r} twice ({text!r}); give each source one "
+                "weight in --config.data.mixture"
+            )
+        weights[name] = weight
     bad = {k: v for k, v in weights.items() if v < 0}
     if bad or sum(weights.values()) <= 0:
         raise ValueError(

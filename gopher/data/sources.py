@@ -25,6 +25,14 @@ held-out bytes closer to `heldout_fraction` of its total: a per-group hash meets
 fraction only in expectation, and a few big groups (topics.py and its ~80 topics)
 swing it far off.
 The split is a pure function of the documents' names and texts (not of their order).
+
+Local text files (`text_files`, `split_files`) are split by file, each file's side
+decided by a hash of its name (`is_heldout`), when that gives both sides text. With one
+file, or a few that all hash to one side, no file-level split exists, so the split is
+inside each file instead (`split_within_files`): the last `heldout_fraction` of each
+file's text, cut at a paragraph or line break near that point (`heldout_cut`), is held
+out and the rest trains. That cut depends only on the text, so it is the same on every
+resume and wherever the files move; the rule taken is logged.
 """
 
 from __future__ import annotations
@@ -79,6 +87,86 @@ def select_split(
         raise ValueError(f"heldout_fraction {heldout_fraction!r} is not in [0, 1]; use e.g. 0.02")
     want_heldout = split == "heldout"
     return [d for d in documents if is_heldout(d.name, heldout_fraction) == want_heldout]
+
+
+def heldout_cut(text: str, heldout_fraction: float) -> int:
+    """Where the held-out tail of `text` starts: a character index near
+    len(text) * (1 - heldout_fraction), after a paragraph break (a blank line) within a
+    quarter of the tail's length of it, else after the nearest line break, else after the
+    nearest whitespace, else at that point itself. Both sides are non-empty when
+    0 < fraction < 1 and the text has two characters or more."""
+    n = len(text)
+    if n < 2 or heldout_fraction <= 0:
+        return n
+    if heldout_fraction >= 1:
+        return 0
+    target = min(max(round(n * (1.0 - heldout_fraction)), 1), n - 1)
+
+    def nearest(sep: str, slack: int | None = None) -> int | None:
+        """The cut after the `sep` nearest to target, within `slack` of it (None: any)."""
+        best = None
+        before = text.rfind(sep, 0, target)
+        after = text.find(sep, target)
+        for i in (before, after):
+            if i < 0:
+                continue
+            cut = i + len(sep)
+            if not 0 < cut < n or (slack is not None and abs(cut - target) > slack):
+                continue
+            if best is None or abs(cut - target) < abs(best - target):
+                best = cut
+        return best
+
+    slack = max(1, (n - target) // 4)
+    for sep, within in (("\n\n", slack), ("\n", None), (" ", None), ("\t", None)):
+        cut = nearest(sep, within)
+        if cut is not None:
+            return cut
+    return target
+
+
+def split_within_files(
+    docs: Sequence[Document], heldout_fraction: float
+) -> tuple[list[Document], list[Document]]:
+    """(train, heldout): each document's head trains and its tail (`heldout_cut`) is held
+    out, both under the document's name; head + tail is the text. A document too short
+    to cut into two parts with non-space text trains whole."""
+    train, heldout = [], []
+    for d in docs:
+        cut = heldout_cut(d.text, heldout_fraction)
+        head, tail = d.text[:cut], d.text[cut:]
+        if head.strip() and tail.strip():
+            train.append(d._replace(text=head))
+            heldout.append(d._replace(text=tail))
+        else:
+            train.append(d)
+    return train, heldout
+
+
+def split_files(
+    docs: Sequence[Document], heldout_fraction: float
+) -> tuple[list[Document], list[Document], str]:
+    """(train, heldout, rule) for local text files, each list in the given order.
+
+    By file (`is_heldout`, a hash of each name) when that leaves text on both sides;
+    otherwise (one file, or a few that hash to one side) inside each file
+    (`split_within_files`). `rule` says which, for the log.
+    """
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise ValueError(f"heldout_fraction {heldout_fraction!r} is not in [0, 1]; use e.g. 0.02")
+    heldout = [d for d in docs if is_heldout(d.name, heldout_fraction)]
+    train = [d for d in docs if not is_heldout(d.name, heldout_fraction)]
+    if (train and heldout) or heldout_fraction in (0.0, 1.0) or not docs:
+        return train, heldout, f"by file: {len(heldout)} of {len(docs)} files held out"
+    train, heldout = split_within_files(docs, heldout_fraction)
+    few = "1 file is" if len(docs) == 1 else f"{len(docs)} files are"
+    return (
+        train,
+        heldout,
+        f"inside files ({few} too few to split by file): the last "
+        f"~{heldout_fraction:.0%} of each file's text, cut at a paragraph or line break, "
+        f"held out ({len(heldout)} of {len(docs)} files)",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +371,17 @@ def text_files(
     heldout_fraction: float = 0.02,
     source: str = "files",
 ) -> list[Document]:
-    """Documents from local text files, directories (recursive) and glob patterns.
+    """The `split` ("train" or "heldout") of local text files, directories (recursive) and
+    glob patterns; see `split_files` for the split and `read_text_files` for the rest."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}; use split='train' or 'heldout'")
+    train, heldout, _ = split_files(read_text_files(paths, source), heldout_fraction)
+    return heldout if split == "heldout" else train
+
+
+def read_text_files(paths: Sequence[str], source: str = "files") -> list[Document]:
+    """Documents (one per file) from local text files, directories (recursive) and glob
+    patterns, in the given order (sorted within a directory or glob).
 
     A document's name is its path relative to the directory it was found under (or the
     path as matched, for files and globs), so the split is stable when the tree moves.
@@ -327,7 +425,7 @@ def text_files(
             raise ValueError(
                 f"data path {p!r} holds no non-empty UTF-8 text; fix the path or remove it"
             )
-    return select_split(docs, split, heldout_fraction)
+    return docs
 
 
 def unigram_bits_per_byte(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -62,10 +63,48 @@ def training_sample(texts: Iterable[str], sample_bytes: int, max_sentence_bytes:
     Takes every k-th chunk of the whole corpus rather than its first chunks, so the sample
     covers every document kind even when the input is sorted by name.
     """
+    return _sample(texts, sample_bytes, max_sentence_bytes)[0]
+
+
+def _sample(texts: Iterable[str], sample_bytes: int, max_sentence_bytes: int):
+    """(`training_sample`, the UTF-8 bytes of all the text it was drawn from)."""
     chunks = [c for t in texts for c in _chunks(t, max_sentence_bytes) if c.strip()]
     total = sum(len(c.encode("utf-8")) for c in chunks)
     stride = max(1, -(-total // max(1, sample_bytes)))  # ceil(total / sample_bytes)
-    return chunks[::stride]
+    return chunks[::stride], total
+
+
+class TrainingError(ValueError):
+    """SentencePiece could not train at this vocab_size on this text; the message says
+    what to change. `with_flags` names the knobs as the caller's flags."""
+
+    def __init__(self, vocab_size, sample_size, total, reason, most=None, least=None):
+        self.vocab_size, self.sample_size, self.total = vocab_size, sample_size, total
+        self.reason, self.most, self.least = reason, most, least
+        super().__init__(self.with_flags())
+
+    def with_flags(self, vocab: str = "vocab_size", sample: str = "sample_bytes") -> str:
+        if self.least is not None:
+            return (
+                f"{vocab}={self.vocab_size} is below the {self.least} pieces this text's "
+                f"characters need; raise {vocab} to {self.least} or more"
+            )
+        if self.most is not None:
+            found = (
+                f"{vocab}={self.vocab_size} is more pieces than SentencePiece finds in "
+                f"{self.sample_size:,} bytes of text (at most {self.most})"
+            )
+            lower = f"lower {vocab} to {self.most} or less"
+            if self.total > self.sample_size:  # the text has more: a bigger sample helps
+                return (
+                    f"{found}; raise {sample} (the sample is {self.sample_size:,} of the "
+                    f"text's {self.total:,} bytes) or {lower}"
+                )
+            return f"{found}; {lower}, or give more text"
+        return (
+            f"SentencePiece training with {vocab}={self.vocab_size} on {self.sample_size:,} "
+            f"bytes failed: {self.reason}; check {vocab} and the text"
+        )
 
 
 class Tokenizer:
@@ -74,9 +113,11 @@ class Tokenizer:
     def __init__(self, model_bytes: bytes, path: str = "<memory>"):
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        except RuntimeError as e:
+        except RuntimeError:
             raise ValueError(
-                f"tokenizer model {path!r} is not a SentencePiece model ({e}); retrain it"
+                f"tokenizer model {path!r} is not a SentencePiece model (damaged or another "
+                "kind of file); replace it with a good copy, or delete it and rerun training, "
+                "which trains it again from the data"
             ) from None
         self._model_bytes = model_bytes
         self.path = path
@@ -119,7 +160,7 @@ class Tokenizer:
         """
         if model_type not in ("unigram", "bpe"):
             raise ValueError(f"model_type {model_type!r} is not 'unigram' or 'bpe'")
-        sample = training_sample(texts, sample_bytes, max_sentence_bytes)
+        sample, total = _sample(texts, sample_bytes, max_sentence_bytes)
         if not sample:
             raise ValueError("no training text for the tokenizer; check the data sources")
         model = io.BytesIO()
@@ -149,9 +190,16 @@ class Tokenizer:
             )
         except RuntimeError as e:
             sample_size = sum(len(s.encode("utf-8")) for s in sample)
-            raise ValueError(
-                f"SentencePiece training with vocab_size={vocab_size} on {sample_size} bytes "
-                f"failed: {str(e).splitlines()[-1]}; lower vocab_size or give more text"
+            reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
+            most = re.search(r"too high \(\d+\)\. Please set it to a value <= (\d+)", reason)
+            least = re.search(r"smaller than required_chars\. \d+ vs (\d+)", reason)
+            raise TrainingError(
+                vocab_size,
+                sample_size,
+                total,
+                reason,
+                most=int(most.group(1)) if most else None,
+                least=int(least.group(1)) if least else None,
             ) from None
         model_bytes = model.getvalue()
         paths.write_atomic(path, model_bytes)  # readers never see a half-written model
