@@ -4,12 +4,15 @@ Writes WORKDIR/metrics.jsonl (one JSON object per line), WORKDIR/config.json,
 WORKDIR/tokenizer.model, WORKDIR/checkpoints/ and WORKDIR/tensorboard/. Restarting with
 the same workdir resumes from the newest good checkpoint.
 
-Exit status: 0 done; 2 bad input (one line naming the value and the fix; --verbose for
-the traceback); 3 diverged (too many consecutive non-finite steps); 4 no checkpoint could
-be restored (each step tried is named; nothing was deleted); 6 another process of the
-job died or hangs; 75 preempted (SIGTERM: a checkpoint was written; run the same command
-again to resume); 130 interrupted (Ctrl-C: a checkpoint was written; a second Ctrl-C
-exits at once).
+Exit status: 0 done (or nothing to train: a line says so); 1 an unexpected error (a bug:
+--verbose for the traceback); 2 bad input (one line naming the value and the fix; --verbose
+for the traceback), including a run too big for device memory (the line names what to
+lower; the train and eval steps are checked before training where XLA reports their
+memory, and a step that runs out anyway leaves every checkpoint written intact); 3
+diverged (too many consecutive non-finite steps); 4 no checkpoint could be restored (each
+step tried is named; nothing was deleted); 6 another process of the job died or hangs; 75
+preempted (SIGTERM: a checkpoint was written; run the same command again to resume); 130
+interrupted (Ctrl-C: a checkpoint was written; a second Ctrl-C exits at once).
 
 Several processes (one per host): on a Cloud TPU VM pod run the same command on every
 worker (jax finds the others); elsewhere pass --coordinator_address=HOST:PORT
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import logging as pylogging
 import sys
-import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -41,26 +43,47 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 RESTORE_FAILED_EXIT_CODE = 4
 
 
+def _quiet_main_thread() -> None:
+    """Orbax's logs off (every save at INFO, a failed save's traceback at ERROR: the main
+    thread reports each failure in one line) and an uncaught error in one line."""
+    logging.set_verbosity(logging.FATAL)
+
+    def uncaught(typ, exc, tb):
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        print(
+            f"error: uncaught {typ.__name__} (a bug; rerun with --verbose for the "
+            f"traceback): {first}",
+            file=sys.stderr,
+        )
+
+    sys.excepthook = uncaught
+    pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+
+
+def quiet_background_errors() -> None:
+    """Without --verbose every failure is reported by the main thread in one line; what
+    background threads and finalizers raise meanwhile becomes one warning per message
+    (checkpoint.quiet_background_errors, shared with evaluate and sample: none for the
+    copies of a restore failure), and an asyncio loop closed under tensorstore's reads
+    after a failed restore none at all. Imports jax."""
+    _quiet_main_thread()
+    from gopher import checkpoint
+
+    checkpoint.quiet_background_errors()
+    theirs = sys.unraisablehook
+
+    def unraisable(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return  # noise beside the one-line error that follows, never a cause
+        theirs(u)
+
+    sys.unraisablehook = unraisable
+
+
 def main(argv):
     del argv
     if not _VERBOSE.value:
-        # Orbax logs every save at INFO and, for a failed save, a traceback at ERROR; the
-        # main thread reports every failure itself in one line.
-        logging.set_verbosity(logging.FATAL)
-        # A failed async save also raises in Orbax's and tensorstore's threads; the main
-        # thread reports it in one line, so background copies become one warning each.
-        seen = set()
-
-        def quiet(kind, exc):
-            text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            if text not in seen:
-                seen.add(text)
-                print(f"warning: {kind}: {text}", file=sys.stderr)
-
-        threading.excepthook = lambda args: quiet("background thread", args.exc_value)
-        sys.unraisablehook = lambda u: quiet("ignored in background", u.exc_value)
-        sys.excepthook = lambda typ, exc, tb: quiet("uncaught (rerun with --verbose)", exc)
-        pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+        _quiet_main_thread()
     if not _WORKDIR.value:
         common.fail("--workdir is required; pass --workdir=DIR (it is created if missing)")
     with common.user_errors(_VERBOSE.value):
@@ -68,6 +91,8 @@ def main(argv):
         # Imported late so that flag errors print before jax loads.
         from gopher import checkpoint, distributed, loop, step_log
 
+        if not _VERBOSE.value:
+            quiet_background_errors()
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         try:
             result = loop.run(model_cfg, train_cfg, data_cfg, _WORKDIR.value, parallel)
@@ -83,6 +108,15 @@ def main(argv):
             common.fail(str(e), code=RESTORE_FAILED_EXIT_CODE)
         except loop.Stopped as e:
             common.exit_now(e.code)  # leaves the job with the others (common.exit_now)
+        except Exception as e:  # loop.run names the step; this catches any other place
+            if _VERBOSE.value or not loop.is_out_of_memory(e):
+                raise
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            common.fail(
+                f"out of device memory ({first}); lower --config.train.batch_size, "
+                "--config.train.eval_batch_size or --config.model.seq_len, or use "
+                "--config.train.remat=full"
+            )
         distributed.shutdown()
     ev, tr = result["eval"], result["train"]
     if ev and result.get("chief", True):

@@ -9,6 +9,7 @@ restores on the other and on any mesh.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -37,8 +38,16 @@ class Engine:
     # jit path: compile the step ahead of time for a global batch shape; returns bytes per
     # device {"temp", "argument", "output", "alias"} from XLA's memory analysis, or None.
     precompile: Callable[[tuple[int, int]], dict | None] = lambda shape: None
+    # jit path: the same for the eval step at a global eval batch shape; the bytes also
+    # count "resident", the state the eval step does not take (the optimiser's) but that
+    # stays on the device meanwhile.
+    precompile_eval: Callable[[tuple[int, int]], dict | None] = lambda shape: None
     # The rows [lo, hi) of a global batch of B rows that this process feeds.
     local_rows: Callable[[int], tuple[int, int]] = lambda b: _even_rows(b)
+    # A global batch (train or eval) must be a multiple of this: the devices it is split over.
+    batch_multiple: int = 1
+    # Sharding fallbacks worth a line in the log (e.g. heads split mid-way).
+    notes: tuple[str, ...] = ()
 
 
 def _even_rows(global_batch: int) -> tuple[int, int]:
@@ -96,6 +105,30 @@ def release_freed_host_memory() -> bool:
         return False
 
 
+def _memory(exe) -> dict | None:
+    """Bytes per device of a compiled program, from XLA's memory analysis (or None)."""
+    try:
+        m = exe.memory_analysis()
+    except Exception:  # not every backend reports it
+        return None
+    if m is None:
+        return None
+    return {
+        "temp": int(m.temp_size_in_bytes),
+        "argument": int(m.argument_size_in_bytes),
+        "output": int(m.output_size_in_bytes),
+        "alias": int(m.alias_size_in_bytes),
+    }
+
+
+def _bytes_per_device(abstract_tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs that carry shardings."""
+    return sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+        for a in jax.tree.leaves(abstract_tree)
+    )
+
+
 def build(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
@@ -129,10 +162,13 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         fn = compiled.get(tokens.shape, sharded.train_step)
         return fn(state, tokens)
 
+    compiled_eval = {}
+
     def eval_sums(state, batch, mask):
         tokens = sharding.make_global_batch(batch, mesh, train_cfg.eval_batch_size)
         mask = sharding.make_global_batch(np.asarray(mask, bool), mesh, train_cfg.eval_batch_size)
-        total, count = nll_sums(sharded.eval_step(state.params, tokens)["nll"], mask)
+        fn = compiled_eval.get(tokens.shape, sharded.eval_step)
+        total, count = nll_sums(fn(state.params, tokens)["nll"], mask)
         return float(total), int(count)
 
     def precompile(shape):
@@ -142,18 +178,19 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         exe = sharded.train_step.lower(abstract, tokens).compile()
         compiled[tuple(shape)] = exe
         release_freed_host_memory()
-        try:
-            m = exe.memory_analysis()
-        except Exception:  # not every backend reports it
-            return None
-        if m is None:
-            return None
-        return {
-            "temp": int(m.temp_size_in_bytes),
-            "argument": int(m.argument_size_in_bytes),
-            "output": int(m.output_size_in_bytes),
-            "alias": int(m.alias_size_in_bytes),
-        }
+        return _memory(exe)
+
+    def precompile_eval(shape):
+        sharding.check_batch_size(shape[0], mesh)
+        abstract = sharding.abstract_state_with_shardings(fns, sharded)
+        tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
+        exe = sharded.eval_step.lower(abstract.params, tokens).compile()
+        compiled_eval[tuple(shape)] = exe
+        release_freed_host_memory()
+        mem = _memory(exe)
+        if mem is not None:
+            mem["resident"] = _bytes_per_device(abstract) - _bytes_per_device(abstract.params)
+        return mem
 
     zero = {0: "off", 1: "ZeRO-1", 3: "FSDP"}[parallel.zero]
     hosts = ""
@@ -173,7 +210,10 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
             f"partitioning {zero}, remat {train_cfg.remat}, precision {train_cfg.precision}{hosts}"
         ),
         precompile=precompile,
+        precompile_eval=precompile_eval,
         local_rows=lambda b: sharding.local_rows(mesh, b),  # checks that B divides
+        batch_multiple=sizes["replica"] * sizes["data"],
+        notes=sharded.notes,
     )
 
 
@@ -205,4 +245,5 @@ def _pmap_engine(model_cfg, train_cfg, parallel) -> Engine:
             f"pmap data parallel over {p.num_devices} devices with optimiser-state "
             f"partitioning by hand, remat {train_cfg.remat}, precision {train_cfg.precision}"
         ),
+        batch_multiple=jax.device_count(),
     )

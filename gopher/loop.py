@@ -6,9 +6,12 @@ the loop dispatches step N before it reads step N-1's metrics, so reading them d
 not stall the device.
 
 The pieces, in the order a run meets them:
-  open_workdir      check it, take the workdir lock, record (or check) the experiment
+  open_workdir      check it, take the workdir lock, check the experiment against it
   build_data        this process's rows of the data; every process agrees on it
-  restore_or_init   the newest good checkpoint, or a fresh state (never a silent restart)
+  check_memory      the train and eval steps compiled ahead of time; they must fit
+  restore_or_init   the newest good checkpoint, or a fresh state (never a silent restart);
+                    only then is the experiment recorded (WORKDIR/config.json), so a run
+                    that fails before it leaves nothing a corrected rerun trips over
   StepLog           reads a step's metrics: non-finite guard, tokens/s, MFU, the log line
                     (gopher/step_log.py)
   evaluate          held-out bits per byte per source, summed over every host's rows
@@ -18,6 +21,9 @@ With several processes only process 0 writes metrics, TensorBoard, the lock and 
 config; checkpoints go through Orbax's multi-process protocol. A run in an existing
 workdir resumes and appends to metrics.jsonl; the steps redone after its checkpoint are
 logged again with the same values. SIGTERM / SIGINT checkpoint and exit (gopher/stopping).
+Running out of device memory is a one-line OutOfMemory (a ValueError: the CLI exits 2)
+naming what to lower; checkpoints go before the eval of their step, so a failing eval
+loses no training.
 """
 
 from __future__ import annotations
@@ -45,7 +51,15 @@ from gopher.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stopper,
 DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
 # Tests only: seconds to sleep after each step, so that a kill lands mid-run.
 _TEST_STEP_SLEEP_S = float(os.environ.get("GOPHER_TEST_STEP_SLEEP_S") or 0.0)
-__all__ = ["DIVERGED_EXIT_CODE", "INTERRUPTED_EXIT_CODE", "PREEMPTED_EXIT_CODE", "run"]
+__all__ = [
+    "DIVERGED_EXIT_CODE",
+    "INTERRUPTED_EXIT_CODE",
+    "PREEMPTED_EXIT_CODE",
+    "OutOfMemory",
+    "is_out_of_memory",
+    "run",
+]
+_GIB = 2.0**30
 
 
 class Stopped(SystemExit):
@@ -53,6 +67,24 @@ class Stopped(SystemExit):
 
     def __init__(self, code: int):
         super().__init__(code)
+
+
+class OutOfMemory(ValueError):
+    """A step ran out of device memory: one line naming what to lower (CLI exit 2)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An XLA runtime error for memory that ran out (RESOURCE_EXHAUSTED on an accelerator;
+    "Out of memory allocating N bytes" from XLA CPU, labelled INTERNAL)."""
+    if not isinstance(e, jax.errors.JaxRuntimeError):
+        return False
+    text = str(e)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]
 
 
 @dataclasses.dataclass
@@ -87,15 +119,16 @@ class Run:
 # ------------------------------------------------------------------------ set-up
 
 
-def open_workdir(workdir: str, config: dict, chief: bool):
-    """Checks the workdir; on process 0 takes its lock and records the experiment."""
+def open_workdir(workdir: str, config: dict, chief: bool, say=print):
+    """Checks the workdir; on process 0 takes its lock and checks the experiment against
+    the one recorded (it is recorded once the run is set up, in `run`)."""
     workdir_lib.check_writable(workdir)
     if not chief:
         return None
     lock = workdir_lib.WorkdirLock(workdir)
     lock.acquire()
     try:
-        workdir_lib.record_config(workdir, config)
+        workdir_lib.check_config(workdir, config, say)
     except BaseException:
         lock.release()
         raise
@@ -118,27 +151,60 @@ def build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say, eval_rows=Non
     return data
 
 
+def _need(mem: dict) -> int:
+    """Bytes per device a compiled step needs (its own and the state left resident)."""
+    return mem["temp"] + mem["argument"] + mem["output"] - mem["alias"] + mem.get("resident", 0)
+
+
 def check_memory(engine, model_cfg: ModelConfig, train_cfg: TrainConfig, say) -> None:
-    """Compiles the step ahead of time for every batch size the run uses (a batch
-    schedule's too) and refuses to start one that cannot fit."""
+    """Compiles the train step ahead of time for every batch size the run uses (a batch
+    schedule's too) and the eval step at eval_batch_size, and refuses to start a run
+    whose steps cannot fit."""
     t = model_cfg.seq_len
+    have = engine_lib.available_bytes_per_device()
     for b in train_cfg.batch_sizes():
         mem = engine.precompile((b, t + 1))
         if not mem:
             continue
-        need = mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
-        have = engine_lib.available_bytes_per_device()
-        gib = 2.0**30
+        need = _need(mem)
         say(
-            f"step memory per device at batch {b}: {need / gib:.2f} GiB "
-            f"(temp {mem['temp'] / gib:.2f} GiB)"
+            f"step memory per device at batch {b}: {need / _GIB:.2f} GiB "
+            f"(temp {mem['temp'] / _GIB:.2f} GiB)"
         )
         if have is not None and need > have:
             raise ValueError(
-                f"seq_len {t} x batch {b} needs {need / gib:.1f} GiB per device for the train "
-                f"step but {have / gib:.1f} GiB is available; lower --config.model.seq_len or "
+                f"seq_len {t} x batch {b} needs {need / _GIB:.1f} GiB per device for the train "
+                f"step but {have / _GIB:.1f} GiB is available; lower --config.model.seq_len or "
                 f"the batch, use --config.train.remat=full, or add devices"
             )
+    eb = train_cfg.eval_batch_size
+    mem = engine.precompile_eval((eb, t + 1))
+    if not mem:
+        return
+    need = _need(mem)
+    say(f"eval memory per device at batch {eb}: {need / _GIB:.2f} GiB")
+    if have is not None and need > have:
+        raise ValueError(
+            f"--config.train.eval_batch_size={eb} needs {need / _GIB:.1f} GiB per device for "
+            f"the eval step at seq_len {t} but {have / _GIB:.1f} GiB is available; "
+            + _eval_fit(engine, eb, t, need, have)
+        )
+
+
+def _eval_fit(engine, eb: int, t: int, need: int, have: int) -> str:
+    """The fix for an eval batch that does not fit: a smaller eval_batch_size that does
+    (memory is affine in the rows: measured at the smallest batch the mesh takes too)."""
+    m = max(1, engine.batch_multiple)
+    small = engine.precompile_eval((m, t + 1)) if eb > m else None
+    if not small or _need(small) > have:
+        return (
+            f"even --config.train.eval_batch_size={m} does not fit: lower "
+            "--config.model.seq_len or add devices"
+        )
+    per_row = (need - _need(small)) / (eb - m)
+    rows = m + int((0.9 * have - _need(small)) / per_row) if per_row > 0 else m
+    fit = max(m, min(eb - m, rows) // m * m)
+    return f"use --config.train.eval_batch_size={fit} (or less)"
 
 
 def restore_or_init(r: Run) -> tuple[int, Any]:
@@ -203,14 +269,16 @@ def run_eval(r: Run, step: int, state) -> dict:
 
 def _eval_rows(engine, train_cfg: TrainConfig) -> tuple[int, int]:
     """This process's rows of an eval batch; a one-line error if it does not split."""
-    b = train_cfg.eval_batch_size
+    b, m = train_cfg.eval_batch_size, engine.batch_multiple
+    if b % m:
+        raise ValueError(
+            f"--config.train.eval_batch_size={b} does not split over the {m} devices the "
+            f"batch is split over; use --config.train.eval_batch_size={-(-b // m) * m}"
+        )
     try:
         lo, hi = engine.local_rows(b)
     except ValueError as e:
-        raise ValueError(
-            f"--config.train.eval_batch_size={b} does not split over the mesh ({e}); use a "
-            "multiple of the devices the batch is split over"
-        ) from None
+        raise ValueError(f"--config.train.eval_batch_size={b}: {e}") from None
     if hi <= lo or (hi - lo) % jax.local_device_count() and "pmap" in engine.description:
         raise ValueError(
             f"--config.train.eval_batch_size={b} gives this process {hi - lo} rows, not a "
@@ -230,8 +298,10 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
     rows = {b: r.engine.local_rows(b) for b in t.batch_sizes()}  # this process's, per B
     evals: dict = {}
     profiling = False
+    saved, doing, step = start, "train", start  # the newest checkpoint; what the loop does
     try:
         for step in range(start + 1, end + 1):
+            doing = "train"
             if t.profile_steps and step == t.profile_steps[0]:
                 jax.profiler.start_trace(os.path.join(r.workdir, "profile"))
                 profiling = True
@@ -251,20 +321,26 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
                 jax.profiler.stop_trace()
                 profiling = False
                 r.say(f"profile of steps {t.profile_steps} in {r.workdir}/profile")
-            if step % t.eval_every == 0 or step == end:
-                log.flush()
-                evals = run_eval(r, step, state)
-                log.restart_clock(step)
             stop = stopper.reached(step)
-            if saver.due(step) or stop:
+            if saver.due(step) or stop:  # before the eval: a failing eval loses no training
                 r.check_lock()
                 log.flush()  # a diverged run stops before it saves
                 log.exclude(saver.save(step, state, force=step == end or stop))
+                saved = step
+            if step % t.eval_every == 0 or step == end:
+                log.flush()
+                doing = "eval"
+                evals = run_eval(r, step, state)
+                log.restart_clock(step)
             if stop:
                 code = Stopper.exit_code(stop)
                 r.say(f"{stop}: checkpointed step {step}; exiting with {code} (rerun to resume)")
                 raise Stopped(code)
         log.flush()
+    except jax.errors.JaxRuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(_oom_message(r, doing, step, saved, e)) from e
     finally:
         if profiling:
             jax.profiler.stop_trace()
@@ -275,6 +351,40 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
     result["state"] = state
     result["chief"] = jax.process_index() == 0
     return result
+
+
+def _oom_message(r: Run, doing: str, step: int, saved: int, e: BaseException) -> str:
+    t, seq = r.train_cfg, r.model_cfg.seq_len
+    kept = (
+        f"checkpoint step {saved} in {r.ckpt.directory} is intact"
+        + (" (rerun to resume)" if saved < r.end else "")
+        if saved
+        else "no checkpoint was written yet"
+    )
+    if doing == "eval":
+        return (
+            f"out of device memory in the held-out eval at step {step} "
+            f"(--config.train.eval_batch_size={t.eval_batch_size} x seq_len {seq}: "
+            f"{_first_line(e, 100)}); lower --config.train.eval_batch_size; {kept}"
+        )
+    return (
+        f"out of device memory in train step {step} (batch {t.batch_size_at(step)} x seq_len "
+        f"{seq}: {_first_line(e, 100)}); lower --config.train.batch_size or "
+        "--config.model.seq_len, raise --config.train.microbatches or use "
+        f"--config.train.remat=full; {kept}"
+    )
+
+
+def _nothing_to_train(r: Run, start: int) -> str | None:
+    """The line for a run already at (or past) its last step, else None."""
+    if start < r.end:
+        return None
+    t = r.train_cfg
+    field = "stop_at_step" if t.stop_at_step and t.stop_at_step < t.steps else "steps"
+    return (
+        f"already at step {start} >= {field} {r.end}; nothing to train "
+        f"(raise --config.train.{field})"
+    )
 
 
 def _config_record(model_cfg, train_cfg, data_cfg, parallel) -> dict:
@@ -300,7 +410,7 @@ def run(
     show_progress = show_progress and chief
     say = (tqdm.write if show_progress else print) if chief else (lambda *a, **k: None)
     config = _config_record(model_cfg, train_cfg, data_cfg, parallel)
-    lock = open_workdir(workdir, config, chief)
+    lock = open_workdir(workdir, config, chief, say)
     writer = ckpt = None
     try:
         engine = engine_lib.build(model_cfg, train_cfg, parallel)
@@ -309,10 +419,14 @@ def run(
             model_cfg, train_cfg, data_cfg, workdir, rows, say, _eval_rows(engine, train_cfg)
         )
         say(data.summary)
+        if chief:  # moved data is fine (data.paths may change), other data is not
+            workdir_lib.check_data(workdir, config, data.fingerprint)
         say(
             f"model: {model_cfg.name}, {model_cfg.param_count_formula():,} params; "
             f"{engine.description}"
         )
+        for note in engine.notes:
+            say(f"sharding: {note}")
         check_memory(engine, model_cfg, train_cfg, say)
         directory = checkpoint_lib.checkpoint_directory(workdir, train_cfg.restart_from_scratch)
         ckpt = checkpoint_lib.Checkpointer(
@@ -325,10 +439,32 @@ def run(
         )
         r = Run(model_cfg, train_cfg, workdir, data, engine, ckpt, writer, say, show_progress, lock)
         start, state = restore_or_init(r)
+        nothing = _nothing_to_train(r, start)
+        if nothing:
+            say(nothing)
+            return {
+                "train": {},
+                "eval": {},
+                "unigram_bpb": data.unigram_bpb,
+                "state": state,
+                "chief": chief,
+            }
+        if chief:  # set up: the experiment is recorded only now
+            workdir_lib.record_config(
+                workdir, config, data_sha256=data.fingerprint, replace_untrained=True
+            )
         if start == 0:
             writer.write({"step": 0, "kind": "baseline", "heldout_unigram_bpb": data.unigram_bpb})
         with Stopper() as stopper, Watchdog(train_cfg.watchdog_s) as watchdog:
             return train_steps(r, start, state, stopper, watchdog)
+    except jax.errors.JaxRuntimeError as e:  # the steps' own say which step ran out
+        if not is_out_of_memory(e):
+            raise
+        raise OutOfMemory(
+            f"out of device memory setting the run up ({_first_line(e)}); lower "
+            "--config.train.batch_size, --config.train.eval_batch_size or "
+            "--config.model.seq_len, or use --config.train.remat=full"
+        ) from e
     finally:
         _close(writer, ckpt, lock, say)
 

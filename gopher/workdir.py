@@ -1,9 +1,18 @@
 """The run directory: writable, holding this experiment and no other.
 
 WORKDIR/config.json records the experiment. A restart with the same workdir must be
-the same experiment (model, data, optimiser recipe, seed, parallel layout may change);
+the same experiment (model, data, optimiser recipe, seed; the parallel layout may change);
 fields that only change cadence or length (steps, logging, eval, checkpoint cadence)
-may differ, so a run can be extended.
+may differ, so a run can be extended. Beside the config it records `data_sha256`, the
+sha256 of the data the run trains on (gopher/data/pipeline.py data_fingerprint: the
+tokens of every train and held-out document after the split, or the embedded corpus's
+manifest with its shards' hashes), so `data.paths` may change (the data moved) while
+different data is refused.
+
+The training loop checks the config before it sets a run up (`check_config`) and writes
+it only once the run is set up (`record_config`), so a run that failed before that
+leaves nothing behind. A workdir that holds no checkpoint (nothing trained was kept)
+takes a different experiment's config; one with checkpoints refuses it.
 """
 
 from __future__ import annotations
@@ -46,8 +55,11 @@ MUTABLE = {
         "watchdog_s",
     },
     "parallel": {"mode", "replica", "data", "model", "zero", "device_order"},
-    "data": {"cache_dir"},
+    # paths: where the files are, not what they hold; data_sha256 guards that (with a
+    # config.json recorded without one, paths may not change either)
+    "data": {"cache_dir", "paths"},
 }
+DATA_SHA256 = "data_sha256"  # config.json's top-level key: sha256 of the data trained on
 
 
 def check_writable(workdir: str) -> None:
@@ -72,34 +84,134 @@ def check_writable(workdir: str) -> None:
 
 def _differences(old: dict, new: dict) -> list[str]:
     out = []
-    for section in sorted(set(old) | set(new)):
+    sections = {k for k in set(old) | set(new) if isinstance(old.get(k, new.get(k)), dict)}
+    for section in sorted(sections):
         a, b = old.get(section, {}), new.get(section, {})
+        mutable = MUTABLE.get(section, set())
+        if section == "data" and not old.get(DATA_SHA256):
+            mutable = mutable - {"paths"}  # nothing recorded to check the data against
         for key in sorted(set(a) | set(b)):
-            if key in MUTABLE.get(section, set()):
+            if key in mutable:
                 continue
             if a.get(key) != b.get(key):
                 out.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return out
 
 
-def record_config(workdir: str, config: dict) -> None:
-    """Writes config.json, or checks that an existing one is the same experiment."""
+def kept_checkpoints(workdir: str) -> list[str]:
+    """What WORKDIR keeps of a run's training: each checkpoint directory with committed
+    steps (WORKDIR/checkpoints, or checkpoints-K after a restart_from_scratch) and each
+    quarantined step, as short descriptions; [] when it keeps none."""
+    root = paths.resolve(workdir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in sorted(root.iterdir(), key=lambda p: p.name):
+        name = d.name
+        if name == "checkpoints" or (name.startswith("checkpoints-") and name[12:].isdigit()):
+            steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+            if steps:
+                span = f"{steps[0]}..{steps[-1]}" if len(steps) > 1 else f"{steps[0]}"
+                found.append(f"{name}/ step{'s' * (len(steps) > 1)} {span}")
+        elif name == "quarantine" and d.is_dir():
+            moved = [f"{s.name}/{p.name}" for s in d.iterdir() if s.is_dir() for p in s.iterdir()]
+            if moved:
+                found.append(f"quarantine/ {', '.join(sorted(moved)[:3])}")
+    return found
+
+
+def _read(workdir: str) -> dict | None:
+    path = paths.resolve(workdir) / "config.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is unreadable ({e}); restore it or use a new --workdir") from None
+    return old
+
+
+def _refuse(workdir: str, diff: list[str], kept: list[str]) -> ValueError:
+    return ValueError(
+        f"workdir {workdir!r} holds a different experiment ({'; '.join(diff[:3])}) with "
+        f"checkpoints ({'; '.join(kept)}); use a new --workdir or the same config"
+    )
+
+
+def _check_data(workdir: str, old: dict, config: dict, data_sha256: str | None) -> None:
+    """Refuses data other than what the workdir's checkpoints were trained on."""
+    was = old.get(DATA_SHA256)
+    if data_sha256 and was and was != data_sha256 and kept_checkpoints(workdir):
+        data = config.get("data", {})
+        a, b = old.get("data", {}).get("paths"), data.get("paths")
+        if data.get("source") == "files":
+            where = f"data.paths {a!r} -> {b!r}" if a != b else f"data.paths {b!r}"
+            fix = "point --config.data.paths at that run's data, or use a new --workdir"
+        else:
+            where = f"data.source {data.get('source')!r}"
+            fix = "use that run's data, or a new --workdir"
+        raise ValueError(
+            f"the data ({where}) is not the data workdir {workdir!r} was trained on (sha256 "
+            f"{was[:12]} -> {data_sha256[:12]}: files added, removed, renamed or edited); {fix}"
+        )
+
+
+def check_config(workdir: str, config: dict, say: Callable[[str], None] = print) -> None:
+    """Before a run is set up: refuses a different experiment in a workdir that keeps
+    checkpoints; for one that keeps none, says in one line that this run's config will
+    replace the recorded one (the run that wrote it kept nothing)."""
+    old = _read(workdir)
+    if old is None:
+        return
+    diff = _differences(old, json.loads(json.dumps(config, sort_keys=True)))
+    if not diff:
+        return
+    kept = kept_checkpoints(workdir)
+    if kept:
+        raise _refuse(workdir, diff, kept)
+    say(
+        f"note: workdir {workdir!r} keeps no checkpoint, so this run's config replaces its "
+        f"config.json ({'; '.join(diff[:3])})"
+    )
+
+
+def check_data(workdir: str, config: dict, data_sha256: str) -> None:
+    """Refuses data other than what the workdir's checkpoints were trained on (the sha256
+    recorded in config.json); data a workdir without checkpoints recorded is no bar."""
+    old = _read(workdir)
+    if old is not None:
+        _check_data(workdir, old, json.loads(json.dumps(config, sort_keys=True)), data_sha256)
+
+
+def record_config(
+    workdir: str,
+    config: dict,
+    data_sha256: str | None = None,
+    replace_untrained: bool = False,
+) -> None:
+    """Writes config.json (with `data_sha256`), or checks that an existing one is the
+    same experiment first. `replace_untrained`: a workdir that keeps no checkpoint takes
+    the new config whatever the old one was (the training loop, after check_config)."""
     path = paths.resolve(workdir) / "config.json"
     # Round-trip through JSON so tuples and lists compare equal.
     config = json.loads(json.dumps(config, sort_keys=True))
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(
-                f"{path} is unreadable ({e}); restore it or use a new --workdir"
-            ) from None
+    old = _read(workdir)
+    if old is not None:
+        _check_data(workdir, old, config, data_sha256)
         diff = _differences(old, config)
-        if diff:
+        if diff and not replace_untrained:
             raise ValueError(
                 f"workdir {workdir!r} holds a different experiment ({'; '.join(diff[:3])}); "
                 "use a new --workdir or the same config"
             )
+        kept = kept_checkpoints(workdir) if diff else []
+        if kept:
+            raise _refuse(workdir, diff, kept)
+        data_sha256 = data_sha256 or (None if diff else old.get(DATA_SHA256))
+    if data_sha256:
+        config[DATA_SHA256] = data_sha256
     paths.write_atomic(path, json.dumps(config, indent=2, sort_keys=True).encode())
 
 

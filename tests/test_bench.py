@@ -336,6 +336,7 @@ def test_release_freed_host_memory_returns_freed_heap_pages():
     libc.free(pin)
 
 
+@pytest.mark.slow  # make test-all; the suite's time budget
 def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     """experiments.bench_attention --tiny (the CPU smoke of the GPU/TPU benchmark): rows
     for the XLA path and the Pallas kernel (interpret mode), forward and forward+backward,

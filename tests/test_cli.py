@@ -85,6 +85,8 @@ def test_train_cli_writes_metrics_and_beats_unigram(tmp_path):
             "--config.data.source=embedded --config.data.mixture=books=1,code=-1",
             "(negative: code); fix --config.data.mixture",
         ),
+        # 8 devices (tests/conftest.py): the field to fix is the eval batch's
+        ("--config.train.eval_batch_size=4", "; use --config.train.eval_batch_size=8"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_value(tmp_path, flag, message):
@@ -94,3 +96,37 @@ def test_bad_config_is_one_line_naming_the_value(tmp_path, flag, message):
     err = [line for line in out.stderr.splitlines() if line.strip()]
     assert any(message in line for line in err), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_train_reports_background_errors_once_and_drops_closed_event_loop_noise():
+    """What train.py's hooks print for exceptions raised where no one catches them: a
+    finalizer calling into a closed asyncio loop (tensorstore after a failed restore)
+    prints nothing, another finalizer's error one warning, an uncaught one an error."""
+    code = (
+        "import asyncio\n"
+        "from experiments import train\n"
+        "train.quiet_background_errors()\n"
+        "loop = asyncio.new_event_loop()\n"
+        "loop.close()\n"
+        "class Late:\n"
+        "    def __del__(self):\n"
+        "        loop.call_soon_threadsafe(print)\n"
+        "class Broken:\n"
+        "    def __del__(self):\n"
+        "        raise KeyError('x')\n"
+        "Late(); Late(); Broken(); Broken()\n"
+        "raise ZeroDivisionError('boom')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [
+        "warning: ignored in background: KeyError: 'x'",
+        "error: uncaught ZeroDivisionError (a bug; rerun with --verbose for the traceback): boom",
+    ], out.stderr

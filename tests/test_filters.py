@@ -287,7 +287,7 @@ def test_minhash_signatures_estimate_jaccard():
     a = dedup.minhash_signature(dedup.shingles(base, 13), config)
     assert a.shape == (128,) and a.dtype == np.uint64
     errors = []
-    for every in range(25, 425, 10):  # 40 variants, Jaccard from about 0.3 to 0.95
+    for every in range(25, 425, 20):  # 20 variants, Jaccard from about 0.3 to 0.95
         variant = edited(base, every, 7, w)
         truth = shingle_jaccard(base, variant)
         b = dedup.minhash_signature(dedup.shingles(variant, 13), config)
@@ -295,8 +295,8 @@ def test_minhash_signatures_estimate_jaccard():
         se = math.sqrt(truth * (1 - truth) / 128)
         assert abs(np.mean(a == b) - truth) < 4 * se + 1e-9, (every, truth)
         errors.append(np.mean(a == b) - truth)
-    # Unbiased: the mean error of 40 estimates (its standard error below 0.007).
-    assert abs(np.mean(errors)) < 0.02
+    # Unbiased: the mean error of 20 estimates (its standard error below 0.01).
+    assert abs(np.mean(errors)) < 0.025
 
 
 def test_filter_documents_reports_each_rule_per_source():

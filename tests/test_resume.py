@@ -7,6 +7,7 @@ sharing one tokenizer and token cache so that start-up stays short.
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -378,3 +379,173 @@ def test_second_run_on_a_locked_workdir_refuses_and_the_first_is_unharmed(
     assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "lock" in lines[0], lines
     assert took < 30  # refused before building data or compiling anything
     _assert_same_run(workdir, reference)
+
+
+def _steps(workdir):
+    ck = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return ck.steps()
+    finally:
+        ck.close()
+
+
+def _error_lines(out):
+    return [x for x in out.stderr.splitlines() if x.strip()]
+
+
+def test_failed_first_run_nothing_to_train_and_damaged_steps_each_in_one_line(shared, tmp_path):
+    """A workdir's life: a first run that fails setting up, the corrected rerun, a rerun
+    with nothing to train, a different experiment, every checkpoint damaged."""
+    workdir = tmp_path / "run"
+    flags = ["--config.train.steps=2", "--config.train.checkpoint_every=1"]
+    # A failed first run (a typo in the tokenizer path) records no experiment, so the
+    # corrected rerun is not refused as a different one.
+    out = _run(workdir, shared, *flags, "--config.data.tokenizer_path=/no/tok.model", check=False)
+    assert out.returncode == 2 and "tokenizer '/no/tok.model'" in out.stderr, out.stderr[-2000:]
+    assert not (workdir / "config.json").exists()
+    # The corrected run, on a mesh whose model axis (8) does not divide the 4 heads: the
+    # log says how it is sharded.
+    out = _run(workdir, shared, *flags, "--config.parallel.data=1", "--config.parallel.model=8")
+    assert "sharding: num_heads 4 not divisible by model=8: heads are split mid-way" in out.stdout
+    recorded = json.loads((workdir / "config.json").read_text())
+    assert recorded["data"]["tokenizer_path"] == f"{shared}/tokenizer.model"
+    assert _steps(workdir) == [1, 2]
+
+    def kept():
+        return {k: v for k, v in _tree_bytes(workdir).items() if not k.startswith("tensorboard")}
+
+    before = kept()
+    # Fewer steps than done: one line that says so, and nothing trained or rewritten.
+    out = _run(workdir, shared, "--config.train.steps=1")
+    assert "already at step 2 >= steps 1; nothing to train (raise --config.train.steps)" in (
+        out.stdout
+    )
+    assert kept() == before
+    # A workdir with checkpoints refuses a different experiment.
+    out = _run(workdir, shared, *flags, "--config.model.num_layers=3", check=False)
+    assert out.returncode == 2 and "different experiment" in out.stderr, out.stderr[-2000:]
+    assert kept() == before
+    # Every checkpoint's array data damaged: exit 4 with the one error line and no other
+    # (tensorstore's reads failing late once printed a warning first, about half the time).
+    for step in ("1", "2"):
+        data = os.path.join(workdir, "checkpoints", step, "state", "ocdbt.process_0", "d")
+        for name in sorted(os.listdir(data), key=lambda n: -os.path.getsize(f"{data}/{n}"))[:3]:
+            os.truncate(os.path.join(data, name), 100)
+    out = _run(workdir, shared, *flags, "--config.train.steps=4", check=False)
+    assert out.returncode == RESTORE_FAILED_EXIT_CODE, out.stderr[-3000:]
+    lines = _error_lines(out)
+    assert len(lines) == 1 and lines[0].startswith("error: no checkpoint"), lines
+
+
+@pytest.mark.slow  # make test-all; the suite's time budget
+def test_moved_data_resumes_and_other_data_is_refused(shared, tmp_path):
+    """data.paths may change (the directory moved); the data's sha256 may not."""
+    text = tmp_path / "text"
+    text.mkdir()
+    stdlib = os.path.dirname(os.__file__)
+    for name in sorted(n for n in os.listdir(stdlib) if n.endswith(".py"))[:30]:
+        shutil.copy(os.path.join(stdlib, name), text / name)
+    workdir = tmp_path / "run"
+
+    def train(where, steps, check=True):
+        return _run(
+            workdir,
+            shared,
+            "--config.data.source=files",
+            f"--config.data.paths={where}",
+            "--config.data.heldout_fraction=0.2",
+            "--config.train.checkpoint_every=2",
+            f"--config.train.steps={steps}",
+            devices=1,
+            check=check,
+        )
+
+    train(text, 2)
+    moved = tmp_path / "moved"
+    text.rename(moved)
+    out = train(moved, 4)
+    assert "resumed from checkpoint step 2" in out.stdout
+    assert json.loads((workdir / "config.json").read_text())["data"]["paths"] == [str(moved)]
+    assert _steps(workdir) == [2, 4]
+    # The same path with an edited file is other data: refused, nothing touched.
+    edited = sorted(moved.iterdir())[0]
+    edited.write_text(edited.read_text() + "\n# edited\n")
+    before = _tree_bytes(workdir / "checkpoints")
+    out = train(moved, 6, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = _error_lines(out)
+    assert len(lines) == 1 and "is not the data" in lines[0] and "data.paths" in lines[0], lines
+    assert _tree_bytes(workdir / "checkpoints") == before
+
+
+# The test preset's logits at this eval batch: 2**20 x 64 x 512 x 4 bytes = 128 GiB.
+BIG_EVAL_BATCH = 2**20
+
+
+def _cannot_allocate(nbytes: int) -> bool:
+    """Whether one allocation of nbytes fails at once here (more than RAM and swap, and
+    the kernel does not overcommit blindly), rather than succeeding or being OOM-killed."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            blind = f.read().strip() == "1"
+    except (OSError, ValueError, IndexError):
+        return False
+    return not blind and info.get("MemTotal", 0) + info.get("SwapTotal", 0) < nbytes // 2
+
+
+needs_small_host = pytest.mark.skipif(
+    not _cannot_allocate(BIG_EVAL_BATCH * 64 * 512 * 4),
+    reason="this host could hold the big eval batch; it would not run out of memory",
+)
+
+
+@needs_small_host
+def test_eval_batch_that_does_not_fit_is_refused_before_training(shared, tmp_path):
+    workdir = tmp_path / "run"
+    out = _run(
+        workdir,
+        shared,
+        "--config.train.steps=4",
+        f"--config.train.eval_batch_size={BIG_EVAL_BATCH}",
+        devices=1,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = _error_lines(out)
+    assert (
+        len(lines) == 1 and f"--config.train.eval_batch_size={BIG_EVAL_BATCH} needs" in (lines[0])
+    ), lines
+    fit = int(re.search(r"use --config.train.eval_batch_size=(\d+)", lines[0]).group(1))
+    with open("/proc/meminfo") as f:
+        ram = int(next(x for x in f if x.startswith("MemTotal")).split()[1]) * 1024
+    assert 0 < fit < BIG_EVAL_BATCH and fit * 64 * 512 * 4 < ram  # its logits fit
+    assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.slow  # make test-all; the suite's time budget
+@needs_small_host
+def test_eval_out_of_memory_keeps_the_final_checkpoint_in_one_line(shared, tmp_path):
+    """pmap has no ahead-of-time memory check: the eval after the last step really runs
+    out of memory. The last step's checkpoint is written first."""
+    workdir = tmp_path / "run"
+    out = _run(
+        workdir,
+        shared,
+        "--config.parallel.mode=pmap",
+        "--config.train.steps=4",
+        "--config.train.checkpoint_every=2",
+        "--config.train.eval_every=4",
+        f"--config.train.eval_batch_size={BIG_EVAL_BATCH}",
+        devices=1,
+        check=False,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [x for x in out.stderr.splitlines() if x.startswith(("error", "warning"))]
+    assert (
+        len(errors) == 1 and "out of device memory in the held-out eval at step 4" in (errors[0])
+    ), errors
+    assert "lower --config.train.eval_batch_size" in errors[0]
+    assert _steps(workdir) == [2, 4]
+    assert max(r["step"] for r in _records(workdir)) == 4

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,3 +180,72 @@ def test_processes_racing_exactly_one_wins(tmp_path, stale):
     assert verdicts == ["refused"] * 3 + ["won"], outs
     takeovers = sum("taking over" in o[1] for o in outs)
     assert takeovers == (1 if stale else 0)
+
+
+# ---- the recorded experiment (config.json) ------------------------------------------
+
+_CONFIG = {
+    "model": {"d_model": 8, "num_layers": 2},
+    "train": {"steps": 10},
+    "data": {"source": "files", "paths": ["/data/a"]},
+}
+
+
+def _with(section, **fields):
+    return {**_CONFIG, section: {**_CONFIG[section], **fields}}
+
+
+def _recorded(workdir):
+    return json.loads((workdir / "config.json").read_text())
+
+
+def test_untrained_workdir_takes_another_experiment_one_with_checkpoints_refuses(tmp_path):
+    workdir_lib.record_config(str(tmp_path), _CONFIG)  # a run that failed before any step
+    said = []
+    other = _with("model", num_layers=3)
+    workdir_lib.check_config(str(tmp_path), other, said.append)
+    assert len(said) == 1 and "model.num_layers: 2 -> 3" in said[0] and "replaces" in said[0]
+    workdir_lib.record_config(str(tmp_path), other, replace_untrained=True)
+    assert _recorded(tmp_path)["model"]["num_layers"] == 3
+    # Callers that do not ask for it keep the strict check.
+    with pytest.raises(ValueError, match="different experiment"):
+        workdir_lib.record_config(str(tmp_path), _CONFIG)
+    # A committed step (an Orbax tmp directory is not one), or a quarantined one: refused.
+    (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    workdir_lib.record_config(str(tmp_path), _CONFIG, replace_untrained=True)
+    for kept in ["checkpoints-1/5", "quarantine/checkpoints/5-20250101T000000"]:
+        (tmp_path / kept).mkdir(parents=True)
+        for call in (
+            lambda: workdir_lib.check_config(str(tmp_path), other, said.append),
+            lambda: workdir_lib.record_config(str(tmp_path), other, replace_untrained=True),
+        ):
+            with pytest.raises(ValueError, match="different experiment .* with checkpoints"):
+                call()
+        assert _recorded(tmp_path)["model"]["num_layers"] == 2
+        shutil.rmtree(tmp_path / kept.split("/")[0])
+
+
+def test_data_paths_may_move_but_the_data_sha256_may_not_change(tmp_path):
+    moved = _with("data", paths=["/elsewhere/a"])
+    # Recorded without a data sha256 (an older run) and with checkpoints: paths may not change.
+    workdir_lib.record_config(str(tmp_path), _CONFIG)
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    with pytest.raises(ValueError, match="data.paths"):
+        workdir_lib.check_config(str(tmp_path), moved, print)
+    workdir_lib.record_config(str(tmp_path), _CONFIG, data_sha256="a" * 64)
+    workdir_lib.check_config(str(tmp_path), moved, print)  # now it may: the sha guards
+    workdir_lib.check_data(str(tmp_path), moved, "a" * 64)
+    workdir_lib.record_config(str(tmp_path), moved, data_sha256="a" * 64, replace_untrained=True)
+    assert _recorded(tmp_path)["data"]["paths"] == ["/elsewhere/a"]
+    assert _recorded(tmp_path)["data_sha256"] == "a" * 64
+    for call in (
+        lambda: workdir_lib.check_data(str(tmp_path), moved, "b" * 64),
+        lambda: workdir_lib.record_config(str(tmp_path), moved, "b" * 64, replace_untrained=True),
+    ):
+        with pytest.raises(ValueError, match="not the data .* aaaaaaaaaaaa -> bbbbbbbbbbbb"):
+            call()
+    assert _recorded(tmp_path)["data_sha256"] == "a" * 64
+    # Without checkpoints other data is no bar (nothing trained on the old data was kept).
+    shutil.rmtree(tmp_path / "checkpoints")
+    workdir_lib.record_config(str(tmp_path), moved, "b" * 64, replace_untrained=True)
+    assert _recorded(tmp_path)["data_sha256"] == "b" * 64
