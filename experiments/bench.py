@@ -32,7 +32,6 @@ Shapes:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -149,16 +148,6 @@ def peak_flops(peak_gflops: float = 0.0, devices: int = 1) -> tuple[float | None
     return None, "unknown (pass --peak_gflops)"
 
 
-def ask_cpu_devices(n: int) -> None:
-    """n simulated CPU devices for a --mesh run, asked before jax starts its backend
-    (unless XLA_FLAGS sets a count). Leaves the platform alone: a GPU host keeps its GPUs."""
-    if n > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        import jax
-
-        with contextlib.suppress(RuntimeError):  # the backend is up: devices are checked later
-            jax.config.update("jax_num_cpu_devices", n)
-
-
 def _one_device(model_cfg, train_cfg, precision, remat, tokens):
     """(state, tokens, the compiled step) on one device, jitted with the state donated."""
     import jax
@@ -180,11 +169,7 @@ def _on_mesh(model_cfg, train_cfg, mesh_shape, zero, tokens):
     from gopher import sharding
 
     d, m = mesh_shape
-    if jax.device_count() < d * m:
-        raise ValueError(
-            f"--mesh={d},{m} needs {d * m} devices but jax has {jax.device_count()}; unset "
-            f"XLA_FLAGS or set --xla_force_host_platform_device_count={d * m} in it"
-        )
+    devices.require_devices(d * m, f"{d},{m}")
     parallel = gopher_config.ParallelConfig(data=d, model=m, zero=zero)
     mesh = sharding.make_mesh(parallel, jax.devices()[: d * m])
     _, sharded = sharding.build_train(model_cfg, train_cfg, parallel, mesh)
@@ -352,8 +337,8 @@ def main(argv):
                 "--peer times one device against the peer's one process; drop --mesh, --zero "
                 "and --microbatches (or run them without --peer)"
             )
-        if mesh:
-            ask_cpu_devices(mesh[0] * mesh[1])
+        if mesh and mesh[0] * mesh[1] > 1:  # one device is every backend's default
+            devices.ask_cpu_devices(mesh[0] * mesh[1])
         if _PEER.value:
             opts = bench_peer.PeerOptions(
                 peer=_PEER.value,

@@ -22,8 +22,14 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 
 def ensure_cpu_devices(n: int) -> None:
-    """Ask for n simulated CPU devices (unless XLA_FLAGS already sets a count)."""
+    """Run on CPU (unless JAX_PLATFORMS says otherwise) with n simulated devices."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    ask_cpu_devices(n)
+
+
+def ask_cpu_devices(n: int) -> None:
+    """Ask for n simulated CPU devices (unless XLA_FLAGS already sets a count), leaving
+    the platform alone: a GPU host keeps its GPUs."""
     import jax
 
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
