@@ -42,8 +42,16 @@ def user_errors(verbose: bool):
 # training reads (experiments/configs/gopher.py); `model.X` keeps the row's value.
 RECIPE_FIELDS = ("max_lr", "clip_norm", "batch_size", "batch_schedule", "precision")
 
-# Data fields only one source reads: {field: the source that reads it}.
-SOURCE_FIELDS = {"paths": "files", "mixture": "embedded", "corpus_dir": "embedded"}
+# Data fields only some sources read: {field: the sources that read it}. The embedded
+# corpus carries its own tokenizer and token shards, so it reads neither a tokenizer nor
+# a token cache.
+SOURCE_FIELDS = {
+    "paths": ("files",),
+    "mixture": ("embedded",),
+    "corpus_dir": ("embedded",),
+    "tokenizer_path": ("stdlib", "files"),
+    "cache_dir": ("stdlib", "files"),
+}
 
 
 def _plain(value):
@@ -73,14 +81,15 @@ def _check_recipe_overrides(model: dict) -> None:
 def _check_source_fields(data: dict) -> None:
     """A data field the chosen source does not read would be silently ignored: refuse it."""
     source = data.get("source", "stdlib")
-    for name, reader in SOURCE_FIELDS.items():
-        if data.get(name) and source != reader:
+    for name, readers in SOURCE_FIELDS.items():
+        if data.get(name) and source not in readers:
             value = data[name]
             shown = ",".join(value) if isinstance(value, (list, tuple)) else value
+            which = " or ".join(f"--config.data.source={r}" for r in readers)
             raise gopher_config.ConfigError(
-                f"--config.data.{name}={shown} is read only with --config.data.source={reader} "
-                f"(source is {source!r}); add --config.data.source={reader} or drop "
-                f"--config.data.{name}"
+                f"--config.data.{name}={shown} is read only with {which} (source is "
+                f"{source!r}); use {'that source' if len(readers) == 1 else 'one of those'} "
+                f"or drop --config.data.{name}"
             )
 
 

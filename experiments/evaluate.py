@@ -195,12 +195,12 @@ def evaluate() -> tuple[dict, dict, str]:
     sources = _heldout_texts(_WORKDIR.value) if _HELDOUT.value else {}
     import jax
 
-    from gopher import checkpoint, inference
+    from gopher import background_errors, inference
     from gopher.evals import harness
     from gopher.evals.scoring import Scorer
 
     if not _VERBOSE.value:
-        checkpoint.quiet_background_errors()  # a damaged step: one warning, not Orbax's 70 lines
+        background_errors.quiet()  # a damaged step: one warning, not Orbax's 70 lines
     if jax.process_count() > 1:
         raise ValueError("evaluate runs in one process; start it on one host only")
     t_load = time.perf_counter()

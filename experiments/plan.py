@@ -2,7 +2,8 @@
 time and report per-device memory against HBM, compile time, FLOPs and step time.
 
   python -m experiments.plan --config=experiments/configs/gopher.py:44m --topology=v3:32x32
-  python -m experiments.plan --all --topology=v3:32x32 --json --out=benchmarks/plan.json
+  python -m experiments.plan --all --topology=v3:32x32 --json --out=benchmarks/plan.json \\
+      --markdown=benchmarks/plan.md
   python -m experiments.plan --config=experiments/configs/gopher.py:280b \\
       --topology=v3:32x32 --slices=4 --search
 
@@ -66,6 +67,9 @@ _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 40, "Compiles per preset at
 _BUDGET = flags.DEFINE_float("time_budget", 480.0, "Seconds of compiling per preset at most.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 _OUT = flags.DEFINE_string("out", "", "If set, also write the JSON object (with the command).")
+_MARKDOWN = flags.DEFINE_string(
+    "markdown", "", "If set, also write the fit table as markdown (one row per preset)."
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
 
 
@@ -159,9 +163,68 @@ def main(argv):
         os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
         with open(_OUT.value, "w") as f:
             json.dump(out, f, indent=1)
+    if _MARKDOWN.value:
+        os.makedirs(os.path.dirname(_MARKDOWN.value) or ".", exist_ok=True)
+        with open(_MARKDOWN.value, "w") as f:
+            f.write(markdown_table(out))
     if _JSON.value:
         print(json.dumps(out))
     return 0
+
+
+_GIB = 2**30
+_HEADER = (
+    "| preset | mesh (replica x data x model) | ZeRO | remat | K | precision | batch | params "
+    "| opt state | temp | total / HBM (GiB per device) | compile s | roofline step s "
+    "| step s at {mfu:.0%} MFU |"
+)
+
+
+def _gib(n: float) -> str:
+    """A memory size in GiB: whole sizes without decimals (16), others with two (2.94)."""
+    g = n / _GIB
+    return f"{g:.0f}" if g == round(g) else f"{g:.2f}"
+
+
+def markdown_table(out: dict) -> str:
+    """The plan JSON (one preset or --all) as a markdown table: the command, the hardware,
+    one row per preset from its best plan (or the last one tried when none fits)."""
+    hw = out["hardware"]
+    presets = out.get("presets") or {out["model"]: out}
+    mfu = next(iter(presets.values())).get("mfu", 0.4)
+    peak = f"{hw['peak_flops'] / 1e12:.1f} TFLOP/s" if hw.get("peak_flops") else "unknown"
+    lines = [
+        f"`{out['command']}`",
+        "",
+        f"{out['topology']} x {out['slices']} slice(s): {hw['kind']}, memory "
+        f"{_gib(hw['hbm_bytes'])} GiB and peak {peak} per device",
+        "",
+        _HEADER.format(mfu=mfu),
+        "|" + "---|" * 14,
+    ]
+    for name, r in presets.items():
+        mesh, per = r["mesh"], r["per_device_bytes"]
+        step = r.get("roofline_step_seconds")
+        at_mfu = r.get("step_seconds_at_mfu")
+        cells = [
+            name,
+            f"{mesh['replica']} x {mesh['data']} x {mesh['model']}",
+            r["zero"],
+            r["remat"],
+            r["microbatches"],
+            r["precision"],
+            r["batch"],
+            f"{per['params'] / _GIB:.2f}",
+            f"{per['opt_state'] / _GIB:.2f}",
+            f"{per['temp'] / _GIB:.2f}",
+            f"{per['total'] / _GIB:.2f} / {_gib(r['hbm_bytes'])} "
+            + ("fits" if r["fits"] else "**does not fit**"),
+            f"{r['compile_seconds']:.0f}",
+            f"{step:.3f}" if step else "-",
+            f"{at_mfu:.3f}" if at_mfu else "-",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _json_object(results: dict, devices, hw) -> dict:

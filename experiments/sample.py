@@ -74,10 +74,10 @@ def main(argv):
         logging.set_verbosity(logging.FATAL)  # Orbax logs every restore at INFO
     with common.user_errors(_VERBOSE.value):
         # late: flag errors print before jax loads
-        from gopher import checkpoint, inference, sample
+        from gopher import background_errors, inference, sample
 
         if not _VERBOSE.value:
-            checkpoint.quiet_background_errors()  # a damaged step: one warning line
+            background_errors.quiet()  # a damaged step: one warning line
         model = inference.load(_WORKDIR.value, step=_STEP.value)
         # The longest prompt row (after the EOS), padded as generate pads it.
         prompt_len = len(model.tokenizer.encode(prompt)) + 1

@@ -43,7 +43,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 RESTORE_FAILED_EXIT_CODE = 4
 
 
-def _quiet_main_thread() -> None:
+def quiet_main_thread() -> None:
     """Orbax's logs off (every save at INFO, a failed save's traceback at ERROR: the main
     thread reports each failure in one line) and an uncaught error in one line."""
     logging.set_verbosity(logging.FATAL)
@@ -60,39 +60,20 @@ def _quiet_main_thread() -> None:
     pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
 
 
-def quiet_background_errors() -> None:
-    """Without --verbose every failure is reported by the main thread in one line; what
-    background threads and finalizers raise meanwhile becomes one warning per message
-    (checkpoint.quiet_background_errors, shared with evaluate and sample: none for the
-    copies of a restore failure), and an asyncio loop closed under tensorstore's reads
-    after a failed restore none at all. Imports jax."""
-    _quiet_main_thread()
-    from gopher import checkpoint
-
-    checkpoint.quiet_background_errors()
-    theirs = sys.unraisablehook
-
-    def unraisable(u):
-        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
-            return  # noise beside the one-line error that follows, never a cause
-        theirs(u)
-
-    sys.unraisablehook = unraisable
-
-
 def main(argv):
     del argv
     if not _VERBOSE.value:
-        _quiet_main_thread()
+        quiet_main_thread()
     if not _WORKDIR.value:
         common.fail("--workdir is required; pass --workdir=DIR (it is created if missing)")
     with common.user_errors(_VERBOSE.value):
         model_cfg, train_cfg, data_cfg, parallel = common.configs_from_dict(_CONFIG.value)
         # Imported late so that flag errors print before jax loads.
-        from gopher import checkpoint, distributed, loop, step_log
+        from gopher import background_errors, checkpoint, distributed, loop, step_log
 
         if not _VERBOSE.value:
-            quiet_background_errors()
+            # Background threads' and finalizers' failures: one warning per message.
+            background_errors.quiet()
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         try:
             result = loop.run(model_cfg, train_cfg, data_cfg, _WORKDIR.value, parallel)

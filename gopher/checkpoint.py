@@ -27,8 +27,8 @@ Starting over is explicit: `--config.train.restart_from_scratch=true` makes
 Read-only users (evaluate, sample) open a `Checkpointer(..., read_only=True)` on
 `active_checkpoint_directory(workdir)`: nothing on disk changes (no record, no directory,
 no tmp cleanup, no quarantine); an unreadable newest step is skipped with a one-line
-warning on stderr. `quiet_background_errors()` turns Orbax's and TensorStore's background
-copies of a failure into one line each (none for a restore failure reported here).
+warning on stderr. Background copies of a restore failure reported here are dropped by
+`gopher.background_errors.quiet()`, which the command-line tools install.
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
-import warnings
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from gopher import background_errors
 
 log = logging.getLogger(__name__)
 
@@ -82,63 +82,6 @@ _SHAPE_ERROR = re.compile(
     r"Requested shape: (\([^)]*\)) is not compatible with the stored shape: (\([^)]*\))"
 )
 _OTHER_SHAPE = "a model of another shape"
-_muted = 0  # > 0 while a restore whose failure the caller reports itself is running
-_failed_steps: set[str] = set()  # "DIR/STEP/" of every restore that failed here
-
-
-@contextlib.contextmanager
-def _background_muted():
-    """Background copies of this block's failure (TensorStore's threads, Orbax's read
-    coroutines that raise again when they are collected) are dropped by
-    `quiet_background_errors` while it runs; `_failed_steps` catches the later ones."""
-    global _muted
-    _muted += 1
-    try:
-        yield
-    finally:
-        _muted -= 1
-
-
-def _is_restore_copy(exc: BaseException) -> bool:
-    """exc is a background copy of a restore failure that this module reports itself."""
-    if _muted:
-        return True
-    if not _failed_steps:
-        return False
-    seen = []
-    while exc is not None and exc not in seen:
-        seen.append(exc)
-        text = str(exc)
-        if any(step in text for step in _failed_steps):
-            return True
-        if isinstance(exc, RuntimeError) and text == "Event loop is closed":
-            return True  # the failed read's event loop, closed under its coroutines
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def quiet_background_errors() -> None:
-    """One line on stderr per distinct background failure instead of Orbax's and
-    TensorStore's tracebacks (an async save's failure raises in their threads too; the
-    main thread reports it itself), and none for the copies of a restore failure that
-    `Checkpointer` reports (it names the step and why). For command-line tools
-    (experiments/evaluate.py, sample.py); --verbose should skip it."""
-    seen = set()
-
-    def quiet(kind, exc):
-        if _is_restore_copy(exc):
-            return
-        first = str(exc).splitlines()[0][:200] if str(exc) else ""
-        text = f"{type(exc).__name__}: {first}"
-        if text not in seen:
-            seen.add(text)
-            print(f"warning: {kind}: {text}", file=sys.stderr, flush=True)
-
-    threading.excepthook = lambda args: quiet("background thread", args.exc_value)
-    sys.unraisablehook = lambda u: quiet("ignored in background", u.exc_value)
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    # A failed read leaves Orbax's coroutines unawaited; Python warns at exit.
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited")
 
 
 class CheckpointError(ValueError):
@@ -275,10 +218,10 @@ class Checkpointer:
     def _restore_with_retries(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         for attempt in range(self.restore_tries):
             try:
-                with _background_muted():
+                with background_errors.muted():
                     return self.restore(step, abstract_state)
             except Exception as e:  # a damaged step raises many kinds of error
-                _failed_steps.add(f"{self.directory}/{step}/")
+                background_errors.restore_failed(f"{self.directory}/{step}/")
                 last = attempt + 1 == self.restore_tries
                 if not is_transient(e) or last:
                     # For the message; an exception type without a __dict__ refuses it.
@@ -299,7 +242,7 @@ class Checkpointer:
     def _saved_model(self, step: int) -> dict:
         """The model config that step's meta records ({} if it records none)."""
         try:
-            with _background_muted():
+            with background_errors.muted():
                 out = self._manager.restore(
                     step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
                 )

@@ -207,12 +207,16 @@ def test_one_text_file_trains_evaluates_and_resumes(tmp_path):
         ),
         ("--config.model.precision=bf16", ["--config.train.precision=bf16"]),
         ("--config.data.paths=/nonexistent", ["--config.data.paths", "--config.data.source=files"]),
+        (
+            "--config.data.source=embedded --config.data.tokenizer_path=/x/t.model",
+            ["--config.data.tokenizer_path=/x/t.model", "source is 'embedded'"],
+        ),
         ("--config.train.stop_at_step=-5", ["stop_at_step = -5", "--config.train.stop_at_step"]),
         ("--config.train.warmup_init_lr=-1", ["--config.train.warmup_init_lr"]),
     ],
 )
 def test_overrides_nothing_would_read_are_one_line(tmp_path, flag, needles):
-    out = _train(tmp_path / "run", flag)
+    out = _train(tmp_path / "run", *flag.split(" "))
     _one_line_error(out, *needles)
     assert not (tmp_path / "run").exists()  # refused before anything was written
 

@@ -98,14 +98,17 @@ def test_bad_config_is_one_line_naming_the_value(tmp_path, flag, message):
     assert "Traceback" not in out.stderr
 
 
-def test_train_reports_background_errors_once_and_drops_closed_event_loop_noise():
-    """What train.py's hooks print for exceptions raised where no one catches them: a
+def test_tools_report_background_errors_once_and_drop_closed_event_loop_noise():
+    """What the tools' hooks (train's main thread, background_errors.quiet shared with
+    evaluate and sample) print for exceptions raised where no one catches them: a
     finalizer calling into a closed asyncio loop (tensorstore after a failed restore)
     prints nothing, another finalizer's error one warning, an uncaught one an error."""
     code = (
         "import asyncio\n"
         "from experiments import train\n"
-        "train.quiet_background_errors()\n"
+        "from gopher import background_errors\n"
+        "train.quiet_main_thread()\n"
+        "background_errors.quiet()\n"
         "loop = asyncio.new_event_loop()\n"
         "loop.close()\n"
         "class Late:\n"

@@ -32,6 +32,21 @@ def _run(*args, timeout=600):
     )
 
 
+def _train_on_files(workdir, data, *flags):
+    """The `test` preset trained on the text files under `data` (held out by name)."""
+    trained = _run(
+        "-m",
+        "experiments.train",
+        "--config=experiments/configs/gopher.py:test",
+        f"--workdir={workdir}",
+        "--config.data.source=files",
+        f"--config.data.paths={data}",
+        f"--config.data.heldout_fraction={HELDOUT_FRACTION}",
+        *flags,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+
 def _error_line(result) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
@@ -71,20 +86,14 @@ def test_trained_model_scores_gold_through_the_command(tmp_path):
     docs = stdlib_documents("train", 0.05)[:400]
     Tokenizer.train([d.text for d in docs], 512, tokenizer, sample_bytes=300_000)
     workdir = str(tmp_path / "run")
-    trained = _run(
-        "-m",
-        "experiments.train",
-        "--config=experiments/configs/gopher.py:test",
-        f"--workdir={workdir}",
-        "--config.data.source=files",
-        f"--config.data.paths={data}",
+    _train_on_files(
+        workdir,
+        data,
         f"--config.data.tokenizer_path={tokenizer}",
-        f"--config.data.heldout_fraction={HELDOUT_FRACTION}",
         "--config.train.steps=300",
         "--config.train.eval_every=300",
         "--config.train.checkpoint_every=300",
     )
-    assert trained.returncode == 0, trained.stderr[-3000:]
 
     endings = [k for _, k in SENTENCES]
     task = tmp_path / "sentences.jsonl"
@@ -152,21 +161,15 @@ def run(tmp_path_factory):
     for i in range(8):
         (data / f"doc{i}.txt").write_text("\n\n".join(docs[i::8])[:12_000])
     workdir = root / "run"
-    trained = _run(
-        "-m",
-        "experiments.train",
-        "--config=experiments/configs/gopher.py:test",
-        f"--workdir={workdir}",
-        "--config.data.source=files",
-        f"--config.data.paths={data}",
-        f"--config.data.heldout_fraction={HELDOUT_FRACTION}",
+    _train_on_files(
+        workdir,
+        data,
         "--config.data.tokenizer_sample_bytes=100000",
         "--config.train.steps=2",
         "--config.train.checkpoint_every=1",
         "--config.train.eval_every=1000",
         "--config.train.restart_from_scratch=true",
     )
-    assert trained.returncode == 0, trained.stderr[-3000:]
     record = json.loads((workdir / "checkpoints.json").read_text())
     assert record["latched"] and sorted(os.listdir(workdir / record["active"])) == ["1", "2"]
     task = root / "task.jsonl"

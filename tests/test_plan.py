@@ -107,11 +107,19 @@ def test_matmul_work_is_split_and_near_the_model_count(tiny_plan):
 
 
 def test_json_fields(tmp_path):
-    out = tmp_path / "plan.json"
-    run = _cli(["--topology=cpu:8", *TINY, "--json", f"--out={out}"])
+    out, md = tmp_path / "plan.json", tmp_path / "plan.md"
+    run = _cli(["--topology=cpu:8", *TINY, "--json", f"--out={out}", f"--markdown={md}"])
     assert run.returncode == 0, run.stderr[-2000:]
     obj = json.loads(run.stdout)
     assert obj == json.loads(out.read_text())
+    # The markdown table's one row is the JSON's plan (GiB = bytes / 2**30).
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| tiny ")]
+    assert len(rows) == 1, md.read_text()
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    per = obj["per_device_bytes"]
+    assert cells[1] == "1 x 4 x 2" and cells[4] == "1" and cells[6] == str(obj["batch"])
+    assert float(cells[9]) == pytest.approx(per["temp"] / 2**30, abs=0.006)
+    assert cells[10].startswith(f"{per['total'] / 2**30:.2f} / ") and cells[10].endswith("fits")
     for key in ("fits", "hbm_bytes", "compile_seconds", "per_device_bytes", "search"):
         assert key in obj, key
     assert set(obj["per_device_bytes"]) >= {"params", "opt_state", "temp", "total"}
