@@ -39,7 +39,7 @@ from absl import app, flags
 
 from experiments import common
 from experiments.bench_machine import ROOT, git_revision, machine_record, median_seconds
-from experiments.bench_peer import peer_python, run_json
+from experiments.bench_peer import peer_python, run_json, sittings_path
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences.")
 _HEADS = flags.DEFINE_integer("heads", 16, "Heads.")
@@ -326,7 +326,33 @@ def main(argv):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=1)
-    print(f"saved {out}")
+    history = sittings_path(out)
+    with open(history, "a") as f:
+        f.write(json.dumps(sitting_line(record)) + "\n")
+    print(f"saved {out}; appended its summary to {history}")
+
+
+def sitting_line(record: dict) -> dict:
+    """One run of the attention benchmark as a line (the record itself is overwritten by
+    the next run): when, where, each side's milliseconds a layer, and the reach."""
+    summary = record["summary"]
+    line = {
+        "time": record["time"],
+        "git": record["git"],
+        "shape": record["shape"],
+        "cpu": record["machine"]["cpu"],
+        "torch": record["machine"].get("torch"),
+    }
+    for side in ("gopher", "torch"):
+        if side in summary:
+            line[f"{side}_forward_ms"] = round(summary[side]["forward_s"] * 1e3, 1)
+            line[f"{side}_forward_backward_ms"] = round(
+                summary[side]["forward_backward_s"] * 1e3, 1
+            )
+            line[f"{side}_matmul_gflops_per_s"] = round(summary[side]["matmul_gflops_per_s"], 1)
+    if "reach" in summary:
+        line["reach"] = summary["reach"]
+    return line
 
 
 if __name__ == "__main__":

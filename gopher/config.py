@@ -276,9 +276,11 @@ class TrainConfig:
     # the training batch so that every source is scored at every model size.
     eval_batch_size: int = 8
     precision: str = "fp32"  # fp32 | mixed | bf16 | bf16_sr | bf16_master (Gopher App. C)
-    remat: str = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
-    # The layer loop: "auto" unrolls it on CPU up to 16 layers (faster there) and scans
-    # elsewhere; "yes" / "no" force it. The numbers are the same either way.
+    # none | full | dots_saveable | dots_with_no_batch_dims_saveable | everything_saveable
+    remat: str = "none"
+    # The layer loop: "auto" unrolls it up to 16 layers on CPU and 24 on GPU (faster there;
+    # gopher.train.UNROLL_MAX_LAYERS) and scans beyond and on TPU; "yes" / "no" force it.
+    # The numbers are the same either way.
     unroll_layers: str = "auto"
     # Gradient accumulation: the batch is split into this many microbatches, run one
     # after another inside the jitted step (lax.scan); the gradient is reduced once.

@@ -88,6 +88,13 @@ def test_attention_peer_gopher_side_end_to_end(tmp_path):
     assert g["per_step_s"] == pytest.approx(3 * g["forward_backward_s"])
     assert rec["shape"] == {"batch": 2, "heads": 2, "key_size": 8, "seq_len": 64}
     assert "gopher: forward" in proc.stdout and "per layer" in proc.stdout
+    # Each run appends its summary beside the (overwritten) record.
+    (line,) = (tmp_path / "attention_peer_sittings.jsonl").read_text().splitlines()
+    line = json.loads(line)
+    assert line["gopher_forward_backward_ms"] == pytest.approx(
+        g["forward_backward_s"] * 1e3, abs=0.05
+    )
+    assert line["git"] == rec["git"] and "torch_forward_ms" not in line
     _one_line_error(_attention_peer("--sides=gopher,jax"), "--sides=jax is not a side")
     _one_line_error(_attention_peer("--seq_len=0"), "--seq_len=0: pass 1 or more")
     _one_line_error(_attention_peer("--target=0"), "--target=0.0: pass a ratio above 0")

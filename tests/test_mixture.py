@@ -212,6 +212,29 @@ def test_mixture_flag_parses_good_weights():
     assert parse_weights("massivetext") == "massivetext" and parse_weights("") is None
 
 
+def test_named_mixture_shares_go_to_sources_by_name_or_role():
+    from gopher.data.mixture import (
+        EMBEDDED_WEIGHTS,
+        MASSIVETEXT_WEIGHTS,
+        ROLES,
+        named_weights,
+    )
+
+    # Gopher's MassiveText shares (Table A1) on the embedded corpus, by the roles stated
+    # beside EMBEDDED_WEIGHTS: web -> technical, C4 + Wikipedia -> encyclopedic, GitHub -> code.
+    got = named_weights("massivetext", set(EMBEDDED_WEIGHTS))
+    assert got == pytest.approx(
+        {"technical": 0.48, "books": 0.27, "encyclopedic": 0.12, "news": 0.10, "code": 0.03}
+    )
+    assert got == pytest.approx(EMBEDDED_WEIGHTS) and sum(got.values()) == pytest.approx(1.0)
+    # A corpus holding MassiveText's own names keeps them; one missing a role drops its share.
+    assert named_weights("massivetext", set(MASSIVETEXT_WEIGHTS)) == MASSIVETEXT_WEIGHTS
+    assert named_weights("massivetext", {"technical", "code"}) == {"technical": 0.48, "code": 0.03}
+    assert set(ROLES) <= set(MASSIVETEXT_WEIGHTS)
+    with pytest.raises(ValueError, match="unknown mixture 'pile'"):
+        named_weights("pile", {"books"})
+
+
 # --- TFDS, read without TensorFlow --------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ mixture under each of Gopher's four settings (gopher/precision.py):
   bf16_sr      bf16 parameters, updates stochastically rounded
   bf16_master  bf16 parameters for compute, an fp32 master copy in the optimiser state
 with seeds 0, 1 and 2; the same seed gives every setting the same initial weights (drawn
-in fp32, then cast) and the same data order. Reported (results/precision): the loss
+in fp32, then cast) and the same data order. Reported (results/sweep_precision): the loss
 curves in one plot, final held-out bpb per setting with its spread over seeds, and the
 size of the last updates against the spacing of bf16 numbers at each parameter (why
 round-to-nearest loses updates). Gopher found bf16_master indistinguishable from fp32

@@ -73,6 +73,29 @@ EMBEDDED_WEIGHTS = {
     "code": 0.03,
 }
 MIXTURES = {"massivetext": MASSIVETEXT_WEIGHTS, "embedded": EMBEDDED_WEIGHTS}
+# Where a MassiveText source's share goes on a corpus that lacks it: the embedded
+# corpus's source in that role (so "massivetext" on the embedded corpus is its weights).
+ROLES = {
+    "massiveweb": "technical",
+    "c4": "encyclopedic",
+    "wikipedia": "encyclopedic",
+    "github": "code",
+}
+
+
+def named_weights(name: str, available) -> dict[str, float]:
+    """A named mixture's weights over the sources `available`: each share goes to its own
+    source, else to the source in its role (`ROLES`), else it is dropped (a source skipped
+    when the corpus was built); the mixer normalises what is left."""
+    if name not in MIXTURES:
+        raise ValueError(f"unknown mixture {name!r}; choose from {sorted(MIXTURES)}")
+    out: dict[str, float] = {}
+    for source, weight in MIXTURES[name].items():
+        target = source if source in available else ROLES.get(source)
+        if target in available:
+            out[target] = out.get(target, 0.0) + weight
+    return out
+
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -227,8 +250,8 @@ class Mixture:
         """A mixture over a corpus built by `python -m experiments.prepare_data`.
 
         `weights`: None for the corpus's own (manifest), a name from MIXTURES, or a dict.
-        Sources the corpus lacks (skipped when it was built) are dropped with their
-        weight when `weights` is a name; a dict must name only existing sources.
+        A name's shares go to the corpus's sources by name or role (`named_weights`; one
+        in no role the corpus has is dropped); a dict must name only existing sources.
         `vocab_size`, if given, must match the corpus's tokenizer (the model's vocab).
         """
         from gopher.data.shards import load_manifest
@@ -244,9 +267,7 @@ class Mixture:
         if weights is None:
             weights = manifest["weights"]
         elif isinstance(weights, str):
-            if weights not in MIXTURES:
-                raise ValueError(f"unknown mixture {weights!r}; choose from {sorted(MIXTURES)}")
-            weights = {k: w for k, w in MIXTURES[weights].items() if k in manifest["sources"]}
+            weights = named_weights(weights, manifest["sources"])
         unknown = sorted(set(weights) - set(manifest["sources"]))
         if unknown:
             skipped = manifest.get("skipped") or []
