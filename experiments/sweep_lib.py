@@ -183,23 +183,29 @@ def base_config(cfg):
 
 
 def check_repeats(cfg, runs: list[RunSpec], say) -> None:
-    """Refuses a run that would see any source more than cfg.max_epochs times."""
-    from gopher import config as gopher_config
+    """Refuses a run that would see any source more than cfg.max_epochs times, under the
+    mixture the runs train on (the base config's, with the sweep's data.* overrides). A
+    missing corpus is built first, as the first run would build it."""
     from gopher.data import pipeline
 
     base = base_config(cfg)
-    if base.data.source != "embedded" or cfg.variant == "tpu":
+    data = {**dict(base.data), **{k[5:]: v for k, v in cfg.overrides if k.startswith("data.")}}
+    if data.get("source") != "embedded" or cfg.variant == "tpu":
         return
-    corpus_dir = base.data.corpus_dir or pipeline.default_corpus_dir(cfg.vocab_size)
+    corpus_dir = data.get("corpus_dir") or pipeline.default_corpus_dir(cfg.vocab_size)
     manifest_path = os.path.join(corpus_dir, "manifest.json")
-    if not os.path.exists(manifest_path):
-        say(f"note: {corpus_dir} is built by the first run; repeats are checked after it")
-        return
+    if not os.path.exists(manifest_path):  # as the first run would build it, but before it
+        say(f"building the embedded corpus into {corpus_dir} to check repeats (first sweep only)")
+        pipeline.build_embedded_corpus(corpus_dir, cfg.vocab_size, log=say)
     with open(manifest_path) as f:
         manifest = json.load(f)
-    from gopher.data.mixture import EMBEDDED_WEIGHTS
+    from gopher.data.mixture import EMBEDDED_WEIGHTS, named_weights
 
-    weights = dict(manifest.get("weights") or EMBEDDED_WEIGHTS)
+    weights = pipeline.parse_weights(str(data.get("mixture") or ""))
+    if weights is None:
+        weights = dict(manifest.get("weights") or EMBEDDED_WEIGHTS)
+    elif isinstance(weights, str):
+        weights = named_weights(weights, manifest["sources"])
     total = sum(weights.values())
     worst = []
     for run in runs:
@@ -217,7 +223,6 @@ def check_repeats(cfg, runs: list[RunSpec], say) -> None:
     if worst:
         epochs, name, source = max(worst)
         say(f"most repeated source: {source} {epochs:.2f} epochs in {name} (max {cfg.max_epochs})")
-    del gopher_config
 
 
 # ------------------------------------------------------------------------- training

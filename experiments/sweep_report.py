@@ -6,12 +6,17 @@ into the results dir:
   fits.md                     L(N) on the token-matched runs (Kaplan's form, non-embedding N),
                               L(N, D) over every run (Chinchilla's form, total N), IsoFLOP
                               minima; 95% bootstrap intervals over held-out documents (and
-                              seeds / runs); the published exponents beside them
+                              seeds / runs: see each note), L(N)'s t-interval over runs; the
+                              published exponents beside them
   loss_vs_params.png, loss_vs_flops.png, isoflop.png, source_bpb.png, curves.png
   summary.json                the numbers above, for the README and for tests
 With a `precisions` axis (experiments/configs/precision.py) the report is the ablation's
 instead: curves.png (loss by setting, seeds as thin lines), precision.md (final bpb per
 setting over seeds) and the size of the last updates against bf16's spacing (update_ulp.md).
+
+`python -m experiments.sweep_report results/sweep_cpu/results.csv [--out=F]` refits a committed
+results table from its per-run numbers alone (no held-out documents): L(N) with intervals over
+runs, the IsoFLOP minima and the allocation exponent without each budget in turn.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -122,6 +128,8 @@ def scaling_report(cfg, records, results_dir: str, say) -> dict:
             boot = scaling.bootstrap_power_law(token_matched, key=key, metric="loss", n_boot=1000)
             fits[key] = boot
             out[f"alpha_{key}"] = _iv(boot.alpha)
+            if boot.alpha_runs is not None:
+                out[f"alpha_{key}_runs"] = _iv(boot.alpha_runs)
         plots.plot_loss_vs_params(
             token_matched,
             path("loss_vs_params.png"),
@@ -161,6 +169,7 @@ def scaling_report(cfg, records, results_dir: str, say) -> dict:
     try:
         allocation = compute_optimal.fit_allocation(minima)
         out["allocation_a"] = allocation.a
+        out["allocation_a_leave_one_out"] = list(allocation.a_leave_one_out)
     except ValueError as e:
         out["allocation_note"] = str(e)
     chinchilla = None
@@ -173,9 +182,12 @@ def scaling_report(cfg, records, results_dir: str, say) -> dict:
         fits.get("nonembedding_params"), chinchilla, allocation, allocation_key="params"
     )
     if "params" in fits:
+        runs = fits["params"].alpha_runs
         text += (
             f"\n\nL(N) on total parameters (embedding included): alpha "
-            f"{_fmt_iv(fits['params'].alpha)}."
+            f"{_fmt_iv(fits['params'].alpha)}"
+            + (f"; runs [{runs.low:.3f}, {runs.high:.3f}]" if runs is not None else "")
+            + "."
         )
     _write(path("fits.md"), text)
     say(text)
@@ -330,3 +342,115 @@ def update_spacing(run_dir: str) -> dict:
         out.update(norm_lost_fraction=float(np.mean(norms < 1.0)), norm_params=int(norms.size))
     del optax
     return out
+
+
+# ------------------------------------------------- refitting a committed results table
+
+
+def records_from_csv(path: str) -> list[dict]:
+    """A results.csv (one row per run, as write_report writes it) as run records: per-run
+    metrics only, no held-out documents."""
+    import csv
+
+    numeric = ("seed", "params", "nonembedding_params", "tokens", "flops")
+    numeric += ("heldout_bpb", "heldout_loss")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = [c for c in ("name", "budget", *numeric) if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ValueError(
+            f"{path!r} is not a sweep's results.csv (missing columns {missing or 'all'}); "
+            "pass the results.csv a sweep report wrote"
+        )
+    return [{**r, **{c: float(r[c]) for c in numeric}} for r in rows]
+
+
+def refit_runs(records: list[dict], metric: str = "loss") -> str:
+    """The fits that need only per-run numbers, as markdown: L(N) by least squares with its
+    t-interval over runs (both parameter counts), and each IsoFLOP budget's minimum with
+    the allocation exponent refit without each budget in turn."""
+    lines = [
+        f"Refit from each run's {scaling_tables.METRIC_WORDS[metric]} alone (no held-out "
+        "documents): 95% t-intervals from the runs' scatter about the law.",
+        "",
+        "| fit | N counts | alpha | 95% over runs |",
+        "|---|---|---|---|",
+    ]
+    token_matched = [r for r in records if r["budget"] == scaling.TOKEN_MATCHED]
+    for key in ("nonembedding_params", "params"):
+        if len({r[key] for r in token_matched}) < 3:
+            continue
+        n = np.array([r[key] for r in token_matched])
+        loss = np.array([scaling.record_metric(r, metric) for r in token_matched])
+        iv = scaling.slope_interval(np.log(n), np.log(loss))
+        lines.append(
+            f"| L(N) = (N_c / N)^alpha, token-matched | {scaling_tables.KEY_WORDS[key]} | "
+            f"{iv.point:.4f} | [{iv.low:.4f}, {iv.high:.4f}] |"
+        )
+    minima = compute_optimal.isoflop_minima(records, key="params", metric=metric)
+    if minima:
+        lines += [
+            "",
+            "| budget | FLOPs | sizes | two lowest measured losses | U-shaped | N_opt |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in minima:
+            low = np.sort(m.losses)[:2]
+            lines.append(
+                f"| {m.budget} | {m.flops:.3g} | {len(m.sizes)} | "
+                + ", ".join(f"{v:.4f}" for v in low)
+                + f" | {'yes' if m.u_shaped else 'no'} | {m.n_opt:,.0f} |"
+            )
+        try:
+            alloc = compute_optimal.fit_allocation(minima)
+        except ValueError as e:
+            lines += ["", f"IsoFLOP exponent: {e}."]
+        else:
+            span = max(m.flops for m in minima) / min(m.flops for m in minima)
+            lines += [
+                "",
+                f"IsoFLOP exponent N_opt ∝ C^a: a = {alloc.a:.3f} over {len(alloc.budgets)} "
+                f"budgets spanning {span:.1f}x in compute"
+                + (
+                    "; without each budget in turn: "
+                    + ", ".join(f"{a:.3f}" for a in alloc.a_leave_one_out)
+                    if alloc.a_leave_one_out
+                    else ""
+                )
+                + ".",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Refit a committed sweep's results.csv: L(N) with intervals over runs, "
+        "IsoFLOP minima and the allocation exponent's sensitivity."
+    )
+    parser.add_argument(
+        "csv", help="results.csv of a sweep report, e.g. results/sweep_cpu/results.csv"
+    )
+    parser.add_argument("--out", default="", help="Also write the markdown here.")
+    parser.add_argument("--metric", default="loss", choices=scaling.METRICS)
+    args = parser.parse_args(argv)
+    try:
+        text = refit_runs(records_from_csv(args.csv), args.metric)
+    except OSError as e:
+        print(
+            f"error: cannot read {args.csv!r} ({e.strerror}); pass a sweep's results.csv",
+            file=sys.stderr,
+        )
+        return 2
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    if args.out:
+        _write(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

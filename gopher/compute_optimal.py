@@ -286,6 +286,9 @@ class AllocationFit:
     b: float
     kd: float
     budgets: tuple[str, ...]
+    # a refit without each budget in turn (3+ budgets; else empty): how much one budget's
+    # minimum moves the exponent.
+    a_leave_one_out: tuple[float, ...] = ()
 
 
 def fit_allocation(minima: Sequence[IsoFlopMinimum]) -> AllocationFit:
@@ -297,10 +300,22 @@ def fit_allocation(minima: Sequence[IsoFlopMinimum]) -> AllocationFit:
             "exponent needs 2 or more: add sizes around each budget's optimum"
         )
     log_c = np.log([m.flops for m in used])
-    a, log_kn = np.polyfit(log_c, np.log([m.n_opt for m in used]), 1)
+    log_n = np.log([m.n_opt for m in used])
+    a, log_kn = np.polyfit(log_c, log_n, 1)
     b, log_kd = np.polyfit(log_c, np.log([m.tokens_opt for m in used]), 1)
+    left_out = []
+    if len(used) >= 3:
+        for i in range(len(used)):
+            keep = np.arange(len(used)) != i
+            if len(np.unique(log_c[keep])) >= 2:
+                left_out.append(float(np.polyfit(log_c[keep], log_n[keep], 1)[0]))
     return AllocationFit(
-        float(a), math.exp(log_kn), float(b), math.exp(log_kd), tuple(m.budget for m in used)
+        float(a),
+        math.exp(log_kn),
+        float(b),
+        math.exp(log_kd),
+        tuple(m.budget for m in used),
+        tuple(left_out),
     )
 
 

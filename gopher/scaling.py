@@ -216,6 +216,26 @@ class Interval:
         return cls(float(point), float(median), float(low), float(high), samples)
 
 
+def slope_interval(x, y) -> Interval | None:
+    """95% t-interval of -slope of y on x by least squares, from the fit's own residuals
+    (Student's t with G - 2 degrees of freedom): for L(N) with one run per size, the scatter
+    of the runs about the law (seed-to-seed noise and departures from the law) that a
+    bootstrap over held-out documents cannot see. None below 3 points. `samples` is empty:
+    the interval is closed-form, not resampled."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 3 or len(np.unique(x)) < 2:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (intercept + slope * x)
+    dof = len(x) - 2
+    se = math.sqrt(float(resid @ resid) / dof / float(((x - x.mean()) ** 2).sum()))
+    half = float(stats.t.ppf(0.975, dof)) * se
+    alpha = -float(slope)
+    return Interval(alpha, alpha, alpha - half, alpha + half, np.empty(0))
+
+
 # ----------------------------------------------------------------------------- L(N) power law
 
 
@@ -311,6 +331,9 @@ class PowerLawBootstrap:
     resampled: tuple[str, ...]  # "documents" and/or "seeds"
     n: np.ndarray  # [G] configurations' N
     loss: np.ndarray  # [G] their seed-mean metric
+    # Kaplan's form only, 3+ configurations: the t-interval from the fit's residuals over
+    # configurations (`slope_interval`), beside the bootstrap's.
+    alpha_runs: Interval | None = None
 
 
 def bootstrap_power_law(
@@ -324,7 +347,11 @@ def bootstrap_power_law(
     """Interval of alpha in L(N): each replicate draws K documents with replacement (the same
     indices for every run) and, within each configuration, its seeds with replacement; the
     configuration's loss is the mean over its drawn seeds, and the law is refit. Pass one
-    group's runs (the token-matched ones, or one per size along the compute frontier)."""
+    group's runs (the token-matched ones, or one per size along the compute frontier).
+
+    With one seed per size the bootstrap sees only the held-out documents' sampling noise,
+    not the noise of training each model once; `alpha_runs` (Kaplan's form) is the interval
+    from the scatter of the configurations about the law, which does."""
     check_metric(metric)
     if n_boot < 1:
         raise ValueError(f"n_boot={n_boot}; give 1 or more replicates")
@@ -352,4 +379,5 @@ def bootstrap_power_law(
     resampled = ("documents",) if doc_matrices(records, metric) is not None else ()
     resampled += ("seeds",) if any(len(g) > 1 for g in groups) else ()
     alpha = Interval.of(fit.alpha, np.concatenate(alphas))
-    return PowerLawBootstrap(key, metric, fit, alpha, resampled, n, loss)
+    runs = None if with_offset else slope_interval(x, np.log(loss))
+    return PowerLawBootstrap(key, metric, fit, alpha, resampled, n, loss, runs)

@@ -169,6 +169,37 @@ def _number(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
+def _left_out(allocation) -> str:
+    a = allocation.a_leave_one_out
+    return f" ({min(a):.2f}-{max(a):.2f} without one budget)" if a else ""
+
+
+def _interval_note(power_law, chinchilla, allocation) -> str:
+    """What each interval resampled, as the fits recorded it."""
+    parts = []
+    if power_law is not None:
+        what = " and ".join(power_law.resampled) or "nothing"
+        text = f"L(N): 95% bootstrap over {what}"
+        if power_law.alpha_runs is not None:
+            text += (
+                "; 'runs': the t-interval from the runs' scatter about the law (with one seed "
+                "per size the bootstrap does not see the noise of training each model once)"
+            )
+        parts.append(text)
+    if chinchilla is not None:
+        parts.append(f"L(N, D): 95% bootstrap over {' and '.join(chinchilla.resampled)}")
+    if allocation is not None:
+        parts.append(
+            "IsoFLOP exponent: a least-squares line through the minima, no interval"
+            + (
+                "; the range refits it without each budget in turn"
+                if allocation.a_leave_one_out
+                else ""
+            )
+        )
+    return "Intervals: " + ". ".join(parts) + "." if parts else "Intervals: none."
+
+
 def fits_markdown(
     power_law: scaling.PowerLawBootstrap | None = None,
     chinchilla: compute_optimal.ChinchillaBootstrap | None = None,
@@ -190,9 +221,13 @@ def fits_markdown(
         else:
             form = "L = E + A N^-alpha"
         e = law.coefficients.get("E")
+        alpha = _interval(power_law.alpha)
+        if power_law.alpha_runs is not None:
+            runs = power_law.alpha_runs
+            alpha += f"; runs [{runs.low:.3f}, {runs.high:.3f}]"
         lines.append(
             f"| this sweep, L(N) | {form} | {KEY_WORDS.get(power_law.key, power_law.key)} | "
-            f"{METRIC_WORDS[power_law.metric]} | {_interval(power_law.alpha)} |  | "
+            f"{METRIC_WORDS[power_law.metric]} | {alpha} |  | "
             f"{_number(e)} | {_number(law.coefficients.get('A'))} |  |  |"
         )
     if chinchilla is not None:
@@ -207,7 +242,7 @@ def fits_markdown(
         lines.append(
             f"| this sweep, IsoFLOP minima ({len(allocation.budgets)} budgets) | "
             f"N_opt = k C^a | {KEY_WORDS.get(allocation_key, allocation_key)} |  |  |  |  |  |  | "
-            f"{allocation.a:.3f} |"
+            f"{allocation.a:.3f}{_left_out(allocation)} |"
         )
     for p in published:
         a = p.a if p.a is not None else (p.beta / (p.alpha + p.beta) if p.beta else None)
@@ -218,8 +253,10 @@ def fits_markdown(
         )
     notes = [
         "",
-        "Intervals: 95% bootstrap over held-out documents (resampled jointly across runs) and "
-        "seeds or runs. Published rows: " + "; ".join(p.citation for p in published) + ".",
+        _interval_note(power_law, chinchilla, allocation)
+        + " Published rows: "
+        + "; ".join(p.citation for p in published)
+        + ".",
         "Published E, A, B are in nats/token of their own data and tokenizer; a bpb fit's are "
         "not comparable, only the exponents are.",
     ]

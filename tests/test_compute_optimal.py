@@ -1,6 +1,8 @@
 """Chinchilla's L(N, D), IsoFLOP minima, the allocation and the frontier
 (gopher/compute_optimal.py), against synthetic runs drawn from known laws."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sweep_records import isoflop_records  # tests/ is on sys.path
@@ -121,6 +123,14 @@ def test_isoflop_minima_of_the_chinchilla_law_and_allocation_exponent():
     allocation = compute_optimal.fit_allocation(minima)
     assert allocation.a == pytest.approx(fit.a, abs=0.01)
     assert allocation.b == pytest.approx(fit.b, abs=0.01)
+    # Minima on one line: leaving any budget out gives the same exponent.
+    assert len(allocation.a_leave_one_out) == 4
+    assert allocation.a_leave_one_out == pytest.approx([fit.a] * 4, abs=0.015)
+    # One budget's minimum moved: the refits without it and with it differ by its pull.
+    moved = [minima[0], dataclasses.replace(minima[1], n_opt=minima[1].n_opt * 2), *minima[2:]]
+    pulled = compute_optimal.fit_allocation(moved)
+    assert pulled.a_leave_one_out[1] == pytest.approx(allocation.a, abs=0.015)
+    assert min(pulled.a_leave_one_out) < pulled.a < max(pulled.a_leave_one_out)
 
 
 def test_isoflop_without_a_u_shape():

@@ -110,5 +110,8 @@ def test_fits_markdown_sits_beside_published_laws():
     assert "| Kaplan et al. 2020 |" in text and "| 0.076 |" in text
     assert "| Hoffmann et al. 2022 (Chinchilla) |" in text and "| 406.40 | 410.70 |" in text
     assert "| 482.01 | 2085.43 |" in text
-    assert f"| {allocation.a:.3f} |" in text
+    assert f"| {allocation.a:.3f} (" in text and "without one budget" in text
+    assert f"runs [{boot.alpha_runs.low:.3f}, {boot.alpha_runs.high:.3f}]" in text
+    # The note says what each interval resampled (here: documents only, one seed a size).
+    assert "L(N): 95% bootstrap over documents;" in text and "no interval" in text
     assert "non-embedding parameters" in text and "total parameters (embedding included)" in text

@@ -134,6 +134,40 @@ def _wait_until_dead(lock_path, timeout_s=60.0):
         time.sleep(0.05)
 
 
+def test_repeats_are_checked_under_the_mixture_the_runs_train_on(tmp_path):
+    """Epochs per source = run tokens x its weight share / its training tokens (a corpus
+    of two sources, 1,000 and 4,000 tokens), against max_epochs 4; a data.mixture override
+    in the sweep's overrides changes the shares."""
+    import types
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    manifest = {
+        "weights": {"a": 0.5, "b": 0.5},
+        "sources": {"a": {"train": {"tokens": 1000}}, "b": {"train": {"tokens": 4000}}},
+    }
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    base = "experiments/configs/gopher.py:tiny"  # source=embedded
+
+    def cfg(*overrides):
+        overrides = (("data.corpus_dir", str(corpus)), *overrides)
+        return types.SimpleNamespace(
+            base=base, variant="cpu", vocab_size=4096, overrides=overrides, max_epochs=4.0
+        )
+
+    def runs(tokens):
+        return [types.SimpleNamespace(name=f"r{tokens}", tokens=tokens, skip=False)]
+
+    said = []
+    sweep.check_repeats(cfg(), runs(6000), said.append)  # a: 6000 * 0.5 / 1000 = 3.0
+    assert said == ["most repeated source: a 3.00 epochs in r6000 (max 4.0)"]
+    with pytest.raises(ValueError, match=r"run r10000 would read source 'a' 5\.0 times"):
+        sweep.check_repeats(cfg(), runs(10000), said.append)
+    # a=0.1, b=0.9: a 10000 * 0.1 / 1000 = 1.0, b 10000 * 0.9 / 4000 = 2.25
+    sweep.check_repeats(cfg(("data.mixture", "a=0.1,b=0.9")), runs(10000), said.append)
+    assert said[-1] == "most repeated source: b 2.25 epochs in r10000 (max 4.0)"
+
+
 def test_smoke_sweep_killed_mid_run_resumes_to_the_same_result(tmp_path):
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     _sweep(reference, "--only=t2_s20")

@@ -33,7 +33,7 @@ would repeat any source more than `max_epochs` times is refused before it starts
 Training FLOPs are counted per token as 6N + 12 L H Q T (N: every parameter, the tied
 embedding once, i.e. the output layer's matmul; 12 L H Q T: attention's scores and
 weighted sum, as in PaLM's MFU; Gopher's relative position term adds a third T^2 matmul,
-reported apart as `attention_extra_flops`). A compute-matched run gets
+6 L H Q T more, which budgets and MFU leave out). A compute-matched run gets
 ceil(C / (flops_per_token * batch_tokens)) steps.
 """
 
