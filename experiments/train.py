@@ -41,6 +41,9 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 RESTORE_FAILED_EXIT_CODE = 4
+# Another run's lock on the workdir, maybe a preempted node's that has not gone stale yet
+# (launch.tpu supervise waits for it and retries; a bad flag is 2, never retried).
+WORKDIR_LOCKED_EXIT_CODE = 5
 
 
 def quiet_main_thread() -> None:
@@ -69,7 +72,7 @@ def main(argv):
     with common.user_errors(_VERBOSE.value):
         model_cfg, train_cfg, data_cfg, parallel = common.configs_from_dict(_CONFIG.value)
         # Imported late so that flag errors print before jax loads.
-        from gopher import background_errors, checkpoint, distributed, loop, step_log
+        from gopher import background_errors, checkpoint, distributed, loop, step_log, workdir
 
         if not _VERBOSE.value:
             # Background threads' and finalizers' failures: one warning per message.
@@ -87,6 +90,8 @@ def main(argv):
             common.fail(str(e), code=loop.DIVERGED_EXIT_CODE)
         except checkpoint.RestoreFailed as e:
             common.fail(str(e), code=RESTORE_FAILED_EXIT_CODE)
+        except workdir.WorkdirLocked as e:
+            common.fail(str(e), code=WORKDIR_LOCKED_EXIT_CODE)
         except loop.Stopped as e:
             common.exit_now(e.code)  # leaves the job with the others (common.exit_now)
         except Exception as e:  # loop.run names the step; this catches any other place

@@ -47,7 +47,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from gopher import background_errors
+from gopher import background_errors, paths
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +381,7 @@ class Checkpointer:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 (self._path / str(step)).rename(target)  # on gs:// a copy, then a delete
                 entry = {"step": step, "error": why, "time": stamp, "moved_to": str(target)}
-                with (self._path / "quarantine.jsonl").open("a") as f:
-                    f.write(json.dumps(entry) + "\n")
+                paths.append_text(str(self._path / "quarantine.jsonl"), json.dumps(entry) + "\n")
             except Exception as e:
                 raise RestoreFailed(
                     f"checkpoint step {step} in {self.directory} is unreadable ({why}) and "

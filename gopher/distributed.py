@@ -47,10 +47,49 @@ class Job:
 _MONITOR: PeerMonitor | None = None
 
 
+METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+
+
 def _tpu_pod() -> bool:
-    """A Cloud TPU VM pod slice of several hosts (jax finds the coordinator itself)."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in hosts.split(",") if h.strip()]) > 1
+    """A Cloud TPU slice of several hosts, whose coordinator jax finds by itself:
+    GOPHER_TPU_POD=1 / 0 says so outright; else GKE's TPU_PROCESS_ADDRESSES or
+    TPU_WORKER_HOSTNAMES lists several hosts, or a TPU VM's metadata server lists several
+    workers (`worker-network-endpoints`, what `launch.tpu create` makes), or there are
+    several slices (MEGASCALE_NUM_SLICES)."""
+    env = os.environ
+    said = env.get("GOPHER_TPU_POD", "").strip().lower()
+    if said in ("1", "true", "yes", "0", "false", "no"):
+        return said in ("1", "true", "yes")
+    for name in ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES"):
+        if len([h for h in env.get(name, "").split(",") if h.strip()]) > 1:
+            return True
+    if int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1:
+        return True
+    return tpu_vm_workers() > 1
+
+
+def tpu_vm_workers(timeout_s: float = 5.0) -> int:
+    """Workers in this Cloud TPU VM's slice from the metadata server; 0 off a TPU VM (no
+    libtpu, or no metadata server: nothing is asked) or when the server does not answer."""
+    if os.environ.get("TPU_SKIP_MDS_QUERY") is not None:
+        return 0
+    try:
+        from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+    except ImportError:  # jax moved it: the launcher's GOPHER_TPU_POD still decides
+        return 0
+    if not running_in_cloud_tpu_vm:
+        return 0
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{METADATA}/worker-network-endpoints", headers={"Metadata-Flavor": "Google"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0
+    return len([w for w in text.split(",") if w.strip()])
 
 
 def initialize(
@@ -65,7 +104,8 @@ def initialize(
         num_processes = int(env["GOPHER_NUM_PROCESSES"])
     if process_id is None and env.get("GOPHER_PROCESS_ID"):
         process_id = int(env["GOPHER_PROCESS_ID"])
-    explicit = coordinator_address is not None or (num_processes or 1) > 1
+    # A process index other than 0 means a job of several, even given alone.
+    explicit = coordinator_address is not None or (num_processes or 1) > 1 or bool(process_id)
     if not explicit and not _tpu_pod():
         return Job(0, 1, None)
     if explicit and (coordinator_address is None or num_processes is None or process_id is None):

@@ -265,3 +265,21 @@ def append(url: str, data: bytes, generation: int | None) -> int:
     finally:
         delete(f"gs://{bucket}/{tmp_key}")
     return int(meta["generation"])
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Appends text to a local file or a gs:// object (by compose: gcsfs's "a" mode
+    overwrites on GCS), retrying when another writer appended in between."""
+    if not is_gcs(path):
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    url = str(path)
+    for _ in range(5):
+        meta = stat(url)
+        try:
+            append(url, text.encode(), meta["generation"] if meta else None)
+            return
+        except FileExistsError:  # another writer got there first: read its version again
+            continue
+    raise OSError(f"{url} kept changing under 5 appends; retry")

@@ -192,7 +192,7 @@ def archive_argv(ref: str, output: str) -> list[str]:
 
 
 # The scripts are one statement a line, joined with "; " so that a dry run prints each
-# argv on one line. Every setup unpacks the new code; the install itself is skipped when
+# argv on one line. Every setup unpacks the new code (keeping what runs wrote beside it); the install itself is skipped when
 # the stamp for this lock's sha256 is there, so a re-run with the same lock does nothing.
 # `uv pip sync` makes the venv exactly the lock (removing what it lacks), hashes checked.
 SETUP_SCRIPT = "; ".join(
@@ -201,6 +201,14 @@ SETUP_SCRIPT = "; ".join(
         'tarball="$1"; uv_version="$2"; python_version="$3"; lock_name="$4"',
         'code="$HOME/gopher"; venv="$HOME/gopher-venv"',
         'rm -rf "$code.new" && mkdir -p "$code.new" && tar -xzf "$HOME/$tarball" -C "$code.new"',
+        # What a run wrote beside the code (a relative --workdir such as runs/44m, its
+        # checkpoints) is not code: carried into the new tree, never deleted. The code's
+        # top-level names are listed in .gopher-code (before a first list: the new tree's).
+        'tar -tzf "$HOME/$tarball" | sed "s#^\\./##" | cut -d/ -f1 | sort -u > "$code.new/.gopher-code"',
+        'known="$code/.gopher-code"; [ -f "$known" ] || known="$code.new/.gopher-code"',
+        'for p in "$code"/* "$code"/.[!.]*; do [ -e "$p" ] || continue; n="${p##*/}";'
+        ' [ "$n" = .gopher-code ] || grep -qxF "$n" "$known" || [ -e "$code.new/$n" ] ||'
+        ' mv "$p" "$code.new/"; done',
         'rm -rf "$code" && mv "$code.new" "$code"',
         'lock="$code/$lock_name"',
         'stamp="$venv/.gopher-lock-$(sha256sum "$lock" | cut -d" " -f1)"',

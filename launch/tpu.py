@@ -4,7 +4,8 @@
         [--spot | --reserved | --guaranteed | --best-effort] [--queued]
     python -m launch.tpu setup NAME --zone=Z [--ref=HEAD]     # code + pinned deps, all workers
     python -m launch.tpu run NAME --zone=Z -- python -m experiments.train --config=... --workdir=gs://...
-    python -m launch.tpu supervise NAME --zone=Z --accelerator-type=v4-32 [--max-restarts=20] -- CMD...
+    python -m launch.tpu supervise NAME --zone=Z --accelerator-type=v4-32 [--max-restarts=20]
+        [--max-creates=0] -- CMD...
     python -m launch.tpu logs NAME --zone=Z [--lines=100] [--follow]
     python -m launch.tpu list --zone=Z
     python -m launch.tpu delete NAME --zone=Z [--queued]      # a queued resource with its node
@@ -14,8 +15,9 @@ Every command takes --dry-run: it prints the exact argument lists (shlex-quoted,
 and runs nothing. `supervise` is the restart loop: it waits for the node (recreating it when
 PREEMPTED, SUSPENDED, TERMINATED, FAILED or gone), re-runs setup, and runs the same command
 again, which resumes from its gs:// workdir. The train program's exit status decides: 0 done,
-2 bad input, 3 diverged, 4 restore failed and 130 interrupted are final; anything else
-(75 preempted, 6 a peer died, 255 ssh lost) is retried.
+2 bad input, 3 diverged, 4 restore failed and 130 interrupted are final; 5 (the workdir is
+locked, e.g. by the preempted node's run) is retried once its lock can have gone stale;
+anything else (75 preempted, 6 a peer died, 255 ssh lost) is retried.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ GONE = frozenset({"PREEMPTED", "SUSPENDED", "TERMINATED", "FAILED", "STOPPED", "
 # experiments.train's statuses that a rerun cannot change. 4 (no checkpoint could be
 # restored) must never be retried: a fresh start would delete the unreadable checkpoints.
 FINAL_EXITS = {0: "done", 2: "bad input", 3: "diverged", 4: "restore failed", 130: "interrupted"}
+# experiments.train's status when another run holds the workdir's lock: after a hard
+# preemption, the old node's lock, which goes stale after `LOCK_STALE_S` without heartbeat.
+# supervise waits that long and retries, once: a second refusal is a live run (final).
+WORKDIR_LOCKED = 5
+LOCK_STALE_S = 600.0
 
 
 class Runner:
@@ -82,18 +89,19 @@ def wait_ready(
     spec: g.TpuSpec,
     runner: Runner,
     poll_s: float = 60.0,
-    max_creates: int = 10,
+    max_creates: int = 0,
     sleep: Callable[[float], None] = time.sleep,
     log: Callable[[str], None] = print,
 ) -> bool:
-    """Polls until the node is READY (queued resource ACTIVE), recreating it when gone."""
+    """Polls until the node is READY (queued resource ACTIVE), recreating it when gone;
+    gives up after `max_creates` creates (0: never: spot capacity can take hours)."""
     creates = 0
     while True:
         now = state(spec, runner)
         if now in READY:
             return True
         if now in GONE:
-            if creates == max_creates:
+            if max_creates and creates == max_creates:
                 log(f"supervise: {spec.name} still {now} after {creates} creates; giving up")
                 return False
             log(f"supervise: {spec.name} is {now}: recreating")
@@ -127,15 +135,19 @@ def supervise(
     poll_s: float = 60.0,
     sleep: Callable[[float], None] = time.sleep,
     log: Callable[[str], None] = print,
+    lock_wait_s: float = LOCK_STALE_S + 60.0,
+    max_creates: int = 0,
 ) -> int:
     """Runs `train_argv` until it finishes, re-creating and re-installing after preemption.
 
     Returns the train command's last status: one of FINAL_EXITS at once; any other status is
     retried up to `max_restarts` times; 1 when the node could not be had.
     """
-    restarts = 0
+    restarts, locked = 0, False
     while True:
-        if not wait_ready(spec, runner, poll_s=poll_s, sleep=sleep, log=log):
+        if not wait_ready(
+            spec, runner, poll_s=poll_s, max_creates=max_creates, sleep=sleep, log=log
+        ):
             return 1
         status = setup(spec, runner, tarball)
         if status == 0:
@@ -143,6 +155,21 @@ def supervise(
             if status in FINAL_EXITS:
                 log(f"supervise: exit {status} ({FINAL_EXITS[status]})")
                 return status
+            if status == WORKDIR_LOCKED:
+                if locked:
+                    log(
+                        f"supervise: exit {status} (the workdir is still locked after "
+                        f"{lock_wait_s:g} s: another live run holds it); stopping"
+                    )
+                    return status
+                locked = True
+                log(
+                    f"supervise: exit {status} (workdir locked, maybe by the preempted "
+                    f"node's run); waiting {lock_wait_s:g} s for its lock to go stale"
+                )
+                sleep(lock_wait_s)
+            else:
+                locked = False
         if restarts == max_restarts:
             log(f"supervise: exit {status} and {restarts} restarts used; stopping")
             return status
@@ -198,6 +225,12 @@ def parser() -> argparse.ArgumentParser:
         if name == "supervise":
             sub.add_argument("--max-restarts", type=int, default=20)
             sub.add_argument("--poll-s", type=float, default=60.0)
+            sub.add_argument(
+                "--max-creates",
+                type=int,
+                default=0,
+                help="failed creates before giving up on capacity (0: never give up)",
+            )
         if name == "logs":
             sub.add_argument("--lines", type=int, default=100)
             sub.add_argument("--follow", action="store_true")
@@ -264,7 +297,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             runner(argv)
         setup(spec, runner, tarball)
         return run(spec, runner, train)
-    return supervise(spec, runner, train, tarball, args.max_restarts, args.poll_s)
+    return supervise(
+        spec, runner, train, tarball, args.max_restarts, args.poll_s, max_creates=args.max_creates
+    )
 
 
 if __name__ == "__main__":

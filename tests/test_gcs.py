@@ -56,6 +56,16 @@ def test_paths_read_write_list_on_gcs(emulator):
     )
 
 
+def test_append_text_keeps_every_line_on_gcs(emulator, tmp_path):
+    """The quarantine record's appends: gcsfs's "a" mode would overwrite on GCS (the
+    emulator is a real GCS JSON API); compose keeps every line, as a local file does."""
+    for target in ("gs://bucket/append/quarantine.jsonl", str(tmp_path / "quarantine.jsonl")):
+        for i in range(3):
+            paths.append_text(target, json.dumps({"step": i}) + "\n")
+        lines = paths.resolve(target).read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [0, 1, 2], target
+
+
 def test_check_writable_and_record_config_on_gcs(emulator):
     workdir_lib.check_writable("gs://bucket/cfg/run")
     with pytest.raises(ValueError, match="gs://no-such-bucket does not exist"):

@@ -131,20 +131,21 @@ def test_run_script_passes_argv_verbatim_and_keeps_the_exit_status(tmp_path: Pat
     assert "rm -f /tmp/libtpu_lockfile" in (tmp_path / "sudo.log").read_text()
 
 
-def _tarball(path: Path, lock: str) -> None:
+def _tarball(path: Path, lock: str, *extra: str) -> None:
     with tarfile.open(path, "w:gz") as tar:
-        data = lock.encode()
-        info = tarfile.TarInfo(g.TPU_LOCK)
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
+        for name, text in ((g.TPU_LOCK, lock), *((e, "code") for e in extra)):
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def test_setup_script_installs_once_per_lock_hash(tmp_path: Path) -> None:
     _fake_tools(tmp_path / "bin")
     uv_log = tmp_path / "uv.log"
 
-    def setup(lock: str) -> list[str]:
-        _tarball(tmp_path / g.REMOTE_TARBALL, lock)
+    def setup(lock: str, *extra: str) -> list[str]:
+        _tarball(tmp_path / g.REMOTE_TARBALL, lock, *extra)
         uv_log.unlink(missing_ok=True)
         done = _remote(g.setup_command(), tmp_path)
         assert done.returncode == 0, done.stderr
@@ -160,7 +161,16 @@ def test_setup_script_installs_once_per_lock_hash(tmp_path: Path) -> None:
         f"uv pip sync --python {venv}/bin/python --require-hashes {lock}",
         f"uv pip install --python {venv}/bin/python --no-deps -e {tmp_path / 'gopher'}",
     ]
-    assert setup("jax==0.10.2\n") == []  # same lock: nothing to do
+    # A run's relative workdir beside the code survives the next setup (supervise re-runs
+    # setup before every restart); code the new commit dropped does not.
+    assert setup("jax==0.10.2\n", "old_module.py", "pkg/a.py") == []  # same lock: no install
+    ckpt = tmp_path / "gopher" / "runs" / "44m" / "checkpoints" / "1000"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state").write_text("weights")
+    assert setup("jax==0.10.2\n", "pkg/a.py") == []
+    assert (ckpt / "state").read_text() == "weights"
+    assert not (tmp_path / "gopher" / "old_module.py").exists()
+    assert (tmp_path / "gopher" / "pkg" / "a.py").read_text() == "code"
     assert len(setup("jax==0.10.3\n")) == 5  # new lock: install again
     assert len(list(venv.glob(".gopher-lock-*"))) == 1
 
@@ -312,6 +322,21 @@ def test_bad_input_divergence_and_failed_restore_are_not_retried(fake_gcloud, fi
     assert kinds(calls) == ["describe", "scp", "setup", "run"]
 
 
+def test_a_locked_workdir_is_waited_for_once(fake_gcloud) -> None:
+    """Exit 5 (another run's lock, e.g. the preempted node's): wait for it to go stale and
+    retry; a second 5 in a row is a live run holding it: final."""
+    calls = fake_gcloud(["READY"], runs=[5, 0])
+    status, slept = supervise(NASTY)
+    assert status == 0 and kinds(calls).count("run") == 2
+    assert slept == [tpu.LOCK_STALE_S + 60.0]
+    calls = fake_gcloud(["READY"], runs=[5, 5, 0])
+    for f in calls.parent.glob("*.n"):
+        f.unlink()  # the scripted answers start over
+    calls.unlink()
+    status, slept = supervise(NASTY, lock_wait_s=3)
+    assert status == 5 and kinds(calls).count("run") == 2 and slept == [3]
+
+
 def test_max_restarts_bounds_the_loop(fake_gcloud) -> None:
     calls = fake_gcloud(["READY"], runs=[75])
     assert supervise(NASTY, max_restarts=2)[0] == 75
@@ -323,6 +348,19 @@ def test_waits_while_provisioning_and_creates_a_missing_node(fake_gcloud) -> Non
     status, slept = supervise(NASTY)
     assert status == 0 and slept == [7]
     assert kinds(calls)[:4] == ["describe", "create", "describe", "describe"]
+
+
+def test_creates_are_retried_until_capacity_unless_bounded(fake_gcloud) -> None:
+    """A spot stock-out (the node stays NOT_FOUND): by default supervise keeps creating
+    (30 here, then capacity); with --max-creates=3 it gives up after 3 (status 1)."""
+    calls = fake_gcloud(["NOT_FOUND"] * 30 + ["READY"], runs=[0])
+    status, slept = supervise(NASTY)
+    assert status == 0 and kinds(calls).count("create") == 30
+    for f in calls.parent.glob("*.n"):
+        f.unlink()
+    calls.unlink()
+    status, _ = supervise(NASTY, max_creates=3)
+    assert status == 1 and kinds(calls).count("create") == 3 and "run" not in kinds(calls)
 
 
 def test_cli_supervise_end_to_end(fake_gcloud, tmp_path: Path) -> None:

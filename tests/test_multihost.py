@@ -293,6 +293,103 @@ def test_peer_monitor_stopped_on_purpose_says_nothing(monkeypatch):
     assert exits == []
 
 
+_POD_VARS = (
+    "GOPHER_TPU_POD",
+    "TPU_PROCESS_ADDRESSES",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_NUM_SLICES",
+    "TPU_SKIP_MDS_QUERY",
+    "GOPHER_COORDINATOR_ADDRESS",
+    "GOPHER_NUM_PROCESSES",
+    "GOPHER_PROCESS_ID",
+)
+
+
+@pytest.mark.parametrize(
+    "env,workers,pod",
+    [
+        ({}, 0, False),  # not a TPU VM
+        ({}, 1, False),  # a one-host TPU VM (v4-8)
+        ({}, 4, True),  # a v4-32 made by `launch.tpu create`: only the metadata says so
+        ({"TPU_WORKER_HOSTNAMES": "t1v-w-0"}, 0, False),
+        ({"TPU_WORKER_HOSTNAMES": "t1v-w-0,t1v-w-1"}, 0, True),  # GKE
+        ({"MEGASCALE_NUM_SLICES": "2"}, 1, True),
+        ({"GOPHER_TPU_POD": "0", "TPU_WORKER_HOSTNAMES": "a,b"}, 4, False),
+        ({"GOPHER_TPU_POD": "1"}, 0, True),
+    ],
+)
+def test_tpu_pod_is_found_by_env_or_the_metadata_server(monkeypatch, env, workers, pod):
+    from gopher import distributed
+
+    for name in _POD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "tpu_vm_workers", lambda: workers)
+    monkeypatch.setattr(distributed, "_MONITOR", None)  # restored after the test
+    assert distributed._tpu_pod() is pod
+    joined = []
+    monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda *a, **k: joined.append(a))
+    monkeypatch.setattr(distributed.PeerMonitor, "start", lambda self: None)
+    job = distributed.initialize()
+    # A pod joins with nothing given: jax reads the coordinator and index from the slice.
+    assert joined == ([(None, None, None)] if pod else [])
+    assert job.process_count == 1 and job.coordinator is None
+
+
+def test_tpu_vm_workers_reads_the_metadata_server(monkeypatch):
+    """Against a real HTTP server standing in for the metadata server: the worker list is
+    counted, the Metadata-Flavor header is sent, and off a TPU VM nothing is asked."""
+    import http.server
+    import threading
+
+    from jax._src import cloud_tpu_init
+
+    from gopher import distributed
+
+    asked = []
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append((self.path, self.headers.get("Metadata-Flavor")))
+            body = b"10.0.0.2,10.0.0.3,10.0.0.4,10.0.0.5"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/computeMetadata/v1/instance/attributes"
+        monkeypatch.setattr(distributed, "METADATA", url)
+        monkeypatch.delenv("TPU_SKIP_MDS_QUERY", raising=False)
+        monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False)
+        assert distributed.tpu_vm_workers() == 0 and asked == []
+        monkeypatch.setattr(cloud_tpu_init, "running_in_cloud_tpu_vm", True)
+        assert distributed.tpu_vm_workers() == 4
+        assert asked == [
+            ("/computeMetadata/v1/instance/attributes/worker-network-endpoints", "Google")
+        ]
+    finally:
+        server.shutdown()
+    assert distributed.tpu_vm_workers(timeout_s=0.5) == 0  # no server: not a pod
+
+
+def test_a_lone_process_index_is_refused(monkeypatch):
+    from gopher import distributed
+
+    for name in _POD_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "tpu_vm_workers", lambda: 0)
+    with pytest.raises(ValueError, match="pass all of --coordinator_address, --num_processes"):
+        distributed.initialize(process_id=1)
+    assert distributed.initialize(process_id=0).process_count == 1  # index 0 alone: one process
+
+
 def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
     from gopher.data.sources import stdlib_documents
 
