@@ -183,6 +183,24 @@ class _StepFile:
         paths.write_atomic(str(self.path), (json.dumps(record, indent=1) + "\n").encode())
 
 
+def _result_key(name: str, task) -> str:
+    """A task's key in the results: its own name, a file task's name (the file's stem)."""
+    return task.name if name.startswith("file:") else name
+
+
+def _check_result_names(loaded: dict) -> None:
+    """Two tasks under one result key would overwrite each other's result: refuse."""
+    seen: dict[str, str] = {}
+    for name, task in loaded.items():
+        key = _result_key(name, task)
+        if key in seen:
+            raise ValueError(
+                f"--tasks gives two tasks named {key!r} ({seen[key]} and {name}); their results "
+                "would overwrite each other: rename one file"
+            )
+        seen[key] = name
+
+
 def evaluate() -> tuple[dict, dict, str]:
     """(results by task, the record for --out, the step file it is saved in)."""
     from gopher.evals import tasks
@@ -190,6 +208,7 @@ def evaluate() -> tuple[dict, dict, str]:
     # Tasks, files and held-out text first: bad input fails before the model restores.
     names = tasks.parse_task_spec(_TASKS.value) if _TASKS.value else []
     loaded = {name: tasks.load_task(name, _CACHE_DIR.value, _LIMIT.value) for name in names}
+    _check_result_names(loaded)
     texts = {f"text/{p}": read_text_file(p) for p in _TEXT_FILES.value}
     t0 = time.perf_counter()
     sources = _heldout_texts(_WORKDIR.value) if _HELDOUT.value else {}
@@ -218,7 +237,7 @@ def evaluate() -> tuple[dict, dict, str]:
 
     for name, task in loaded.items():
         say(f"{name}: {len(task.items)} items ({task.split})")
-        key = task.name if name.startswith("file:") else name
+        key = _result_key(name, task)
         results[key] = harness.evaluate_task(scorer, task)
         _say_done(key, results[key])
         step_file.write(record())

@@ -68,6 +68,13 @@ def test_bad_flags_are_one_line(tmp_path):
     assert "config.json" in _error_line(no_run)
     missing = _run("-m", "experiments.evaluate", f"--workdir={tmp_path}", "--text_files=/no/such")
     assert "/no/such" in _error_line(missing)
+    for sub in ("a", "b"):  # two task files of one name: one result would overwrite the other
+        (tmp_path / sub).mkdir()
+        item = {"context": "x", "continuations": [" y", " z"], "gold": 0}
+        (tmp_path / sub / "q.jsonl").write_text(json.dumps(item) + "\n")
+    tasks = f"--tasks=file:{tmp_path}/a/q.jsonl,file:{tmp_path}/b/q.jsonl"
+    twice = _error_line(_run("-m", "experiments.evaluate", f"--workdir={tmp_path}", tasks))
+    assert "two tasks named 'q'" in twice and "rename one file" in twice
 
 
 @pytest.mark.slow

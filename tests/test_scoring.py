@@ -100,6 +100,19 @@ def test_bigram_requests_match_closed_form(tokenizer):
     assert scores[4].truncated > 0 and scores[0].truncated == 0  # the 300-x context
 
 
+def test_a_contexts_trailing_space_is_scored_with_the_continuation(tokenizer):
+    """ "Answer: " + "Paris" is scored as "Answer:" + " Paris" (the space starts the word's
+    token, as in training text; lm-evaluation-harness's rule): the closed form of the
+    moved request, its bytes included."""
+    table = _bigram_table(seed=3)
+    scorer = Scorer(_bigram_model(tokenizer, table), batch_size=4)
+    got, moved = scorer.score_requests([Request("Answer: ", "Paris"), Request("Answer:", " Paris")])
+    want, n, _ = _oracle_request(tokenizer, table, "Answer:", " Paris")
+    assert tokenizer.encode(" Paris") != tokenizer.encode("Paris")  # the case matters
+    np.testing.assert_allclose(got.logprob, want, rtol=1e-5)
+    assert got.num_tokens == n and got.num_bytes == len(" Paris") == moved.num_bytes
+
+
 def test_scored_tokens_decode_to_the_continuation(tokenizer):
     joins = [("The value is ", "returned"), ("in", "to")]
     for r in [*REQUESTS, *(Request(c, k) for c, k in joins)]:
@@ -207,6 +220,11 @@ def test_windows_score_every_target_exactly_once():
         for r in rows:
             assert len(r.inputs) <= window and r.mask[-1]  # rows end at their last new target
             np.testing.assert_array_equal(r.targets[:-1], r.inputs[1:])
+            # Each scored target sees the whole stream before it (a row starting at the
+            # stream's start) or at least window - stride + 1 tokens of it: rows overlap.
+            start = 0 if r.inputs[0] == eos else int(r.inputs[0]) - 10 + 1  # in the stream
+            context = np.flatnonzero(r.mask) + 1  # inputs a scored target is predicted from
+            assert start == 0 or context.min() >= window - stride + 1, (window, stride)
     with pytest.raises(ValueError, match="stride"):
         stream_windows(ids, eos, 16, 17)
 

@@ -155,7 +155,9 @@ def evaluate_text(
 
 
 def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
 
 
 def markdown_table(results: dict) -> str:
@@ -170,7 +172,8 @@ def markdown_table(results: dict) -> str:
             others = [k for k in r if k.startswith("bpb_")]
         else:
             main, count = "accuracy", str(r["items"])
-            others = [k for k in ("acc_per_token", "acc_per_byte", "perplexity") if k in r]
+            others = ("acc_per_token", "acc_per_byte", "perplexity", "perplexity_per_word")
+            others = [k for k in others if k in r]
         other = ", ".join(f"{k} {_fmt(r[k])}" for k in others)
         notes = [
             f"{k.replace('_', ' ')} {r[k]}"

@@ -16,8 +16,9 @@ so the first context token has a context too. Context and continuation are encod
 the continuation (as the tokenizer normalises it, NFKC; ASCII is unchanged), the same
 tokens whichever context precedes them. Encoding the joined string instead can merge
 tokens across the boundary ("a cat " + "sat" joined gives "▁sat"; apart, "▁" + "sat"),
-so the continuation's tokens would depend on the context. Put the space before a word
-in the continuation (" sat"), as the tasks do. Rows longer than the model's seq_len run
+so the continuation's tokens would depend on the context. The space before a word belongs
+to the continuation (" sat"), as the tasks put it; a context's trailing whitespace is moved
+there (lm-evaluation-harness's rule). Rows longer than the model's seq_len run
 at their own length (relative attention has no position table) up to `max_len` (default
 4 x seq_len); past it, the first tokens of [EOS] + context are dropped (counted in
 `Score.truncated`), as lm-evaluation-harness truncates from the left. A continuation
@@ -145,6 +146,11 @@ def _row_sums(apply, params, tokens, targets, mask):
     return jnp.sum(nll, axis=1), jnp.all(greedy, axis=1)
 
 
+def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
+    n = len(context) - len(context.rstrip())
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
+
+
 class Scorer:
     """Scores rows, requests and texts with `model`, compiling once per batch shape.
 
@@ -251,8 +257,12 @@ class Scorer:
         tok = self.model.tokenizer
         if not requests:
             return []
-        contexts = tok.encode_batch([r.context for r in requests])
-        continuations = tok.encode_batch([r.continuation for r in requests])
+        # A context's trailing whitespace goes to the continuation ("Answer: " + "Paris"
+        # is scored as "Answer:" + " Paris"), as lm-evaluation-harness does: the space
+        # belongs to the next word's token, as in training text.
+        split = [_move_trailing_space(r.context, r.continuation) for r in requests]
+        contexts = tok.encode_batch([c for c, _ in split])
+        continuations = tok.encode_batch([k for _, k in split])
         built: list[tuple[Row, int] | None] = []
         for c, k in zip(contexts, continuations, strict=True):
             if skip_too_long and len(k) > self.max_len:
@@ -267,7 +277,7 @@ class Scorer:
                 logprob=-float(nll[j]),
                 num_tokens=int(count[j]),
                 greedy=bool(greedy[j]),
-                num_bytes=len(requests[i].continuation.encode("utf-8")),
+                num_bytes=len(split[i][1].encode("utf-8")),  # the scored text
                 truncated=built[i][1],
             )
         return scores

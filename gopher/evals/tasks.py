@@ -28,6 +28,7 @@ import dataclasses
 import functools
 import gzip
 import json
+import re
 from pathlib import Path
 
 from gopher.evals import olmo_files
@@ -145,6 +146,9 @@ def _items_from_requests(path: Path, sha256: str, kind: str) -> tuple[Item, ...]
                 raise ValueError(f"{path}:{line_no}: not an OLMo request row ({e!r})") from None
             if doc_id >= UNCONDITIONAL_DOC_ID:
                 continue
+            # OLMo's files put a space before choices that often start with one already
+            # (a quarter of HellaSwag's): one space, as lm-evaluation-harness scores them.
+            continuation = re.sub(r"^ {2,}", " ", continuation)
             groups[doc_id].append((idx, context, continuation, label))
     items = []
     for doc_id in sorted(groups):
