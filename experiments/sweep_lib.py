@@ -105,7 +105,8 @@ def plan_runs(cfg) -> list[RunSpec]:
                 steps = math.ceil(budget.flops / (per_token * batch_tokens))
                 train = gopher_config.TrainConfig(batch_size=batch)
             tokens = train.sequences_seen(steps) * model.seq_len
-            warmup = max(1, int(cfg.warmup_fraction * steps)) if cfg.warmup_fraction else 1500
+            # At most warmup_fraction of the run (5%): none for a run under 1 / fraction steps.
+            warmup = int(cfg.warmup_fraction * steps) if cfg.warmup_fraction else 1500
             lr = max_lr_for(cfg, model)
             precisions = tuple(cfg.get("precisions", ())) or (cfg.precision,)
             for precision, seed in [(p, x) for p in precisions for x in cfg.seeds]:

@@ -39,7 +39,7 @@ def check_png(path):
     assert image[..., :3].std() > 0.05  # something drawn, not a blank canvas
 
 
-def test_plots_write_readable_pngs(tmp_path):
+def test_plots_write_readable_pngs(tmp_path, monkeypatch):
     records = full_sweep()
     tokens = sweep(np.random.default_rng(11), np.logspace(5, 8, 4), docs=30)
     for r in tokens:
@@ -57,6 +57,15 @@ def test_plots_write_readable_pngs(tmp_path):
         for label, shift in (("fp32", 1.0), ("bf16 + stochastic rounding", 1.05))
         for s in range(3)
     ] + [{"label": "bf16 no rounding", "step": steps, "bpb": 3 * np.exp(-steps / 400) + 1.2}]
+    seen = []  # each figure's axes as it is saved: labels with units, a legend
+    save = plots._save
+
+    def record(fig, path):
+        ax = fig.axes[0]
+        seen.append((path, ax.get_xlabel(), ax.get_ylabel(), ax.get_legend() is not None))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record)
     written = [
         plots.plot_loss_vs_params(tokens, str(tmp_path / "params.png"), fit=boot),
         plots.plot_loss_vs_flops(records, str(tmp_path / "flops.png")),
@@ -66,6 +75,16 @@ def test_plots_write_readable_pngs(tmp_path):
     ]
     for path in written:
         check_png(tmp_path / path)
+    assert [p for p, *_ in seen] == written
+    for path, xlabel, ylabel, legend in seen:
+        assert xlabel and ylabel and legend, path
+        # a unit in the labels: FLOPs, parameters, tokens, updates, bits or nats
+        units = ("FLOPs", "parameters", "tokens", "updates", "bits", "nats")
+        assert any(u in xlabel for u in units) and any(u in ylabel for u in units), (
+            path,
+            xlabel,
+            ylabel,
+        )
     with pytest.raises(ValueError, match="needs equal-length 'step' and 'bpb'"):
         plots.plot_loss_curves(
             [{"label": "x", "step": [1, 2]}], str(tmp_path / "bad.png"), x="step"

@@ -53,7 +53,8 @@ def test_cpu_plan_budgets_warmup_and_lr_rule():
             assert r.steps == math.ceil(budget.flops / (per_token * batch_tokens))
             assert r.flops >= budget.flops > r.flops - per_token * batch_tokens
         assert r.tokens == r.steps * batch_tokens
-        assert 1 <= r.warmup_steps <= max(1, 0.05 * r.steps)
+        assert r.warmup_steps <= 0.05 * r.steps  # the acceptance's bound, for any length
+        assert r.warmup_steps >= 1 or r.steps < 20
         assert r.max_lr == pytest.approx(1e-3 * math.sqrt(256 / d))
         assert dict(r.overrides)["train.steps"] == r.steps
 

@@ -22,8 +22,8 @@ Variants:
          each run's step for the topology and reports whether it fits.
 
 The recipe of each run suits its length (Chinchilla App. B: a cosine much longer than the
-run hurts): warm-up is `warmup_fraction` of the run's steps (at most 5%, at least 1 step),
-the cosine decays 10x over exactly the run's steps, and the learning rate follows
+run hurts): warm-up is `warmup_fraction` of the run's steps, rounded down (at most 5%;
+none for a run under 20 steps), the cosine decays 10x over exactly the run's steps, and the learning rate follows
 `lr_rule`: max_lr = lr_base * (lr_ref_d_model / d_model) ** lr_exponent (the table's rows
 fall from 6e-4 at d 512 to 2e-4 at d 2048 and 1.2e-4 at d 4096: about d^-0.8; the CPU
 sizes use a gentler d^-0.5 from 1e-3 at d 256, the `tiny` preset's). A run whose data
