@@ -34,6 +34,7 @@ PEER_LOST_EXIT_CODE = 6  # another process of the job died or hangs: restart the
 HEARTBEAT_TIMEOUT_S = 90
 SHUTDOWN_TIMEOUT_S = 60
 PEER_TIMEOUT_S = 45
+STARTUP_TIMEOUT_S = 1800  # env GOPHER_STARTUP_TIMEOUT_S: see startup_timeout_s
 BEAT_EVERY_S = 2.0
 
 
@@ -162,10 +163,30 @@ def _client():
     return client
 
 
-def barrier(name: str, timeout_s: float = 600) -> None:
+def startup_timeout_s() -> float:
+    """How long a process waits for the others at start-up (env GOPHER_STARTUP_TIMEOUT_S):
+    process 0 builds the data first, which on a first run can take many minutes."""
+    return float(os.environ.get("GOPHER_STARTUP_TIMEOUT_S", STARTUP_TIMEOUT_S))
+
+
+def _timed_out(what: str, timeout_s: float, error: Exception) -> Exception:
+    if "DEADLINE_EXCEEDED" not in str(error):
+        return error
+    return TimeoutError(
+        f"the job's processes did not all {what} within {timeout_s:g} s (process 0 builds "
+        "the data first); raise GOPHER_STARTUP_TIMEOUT_S, or build the data before the job "
+        "(python -m experiments.prepare_data) and point every process at it"
+    )
+
+
+def barrier(name: str, timeout_s: float | None = None) -> None:
     """Waits until every process reaches `name` (no device program involved)."""
     if jax.process_count() > 1:
-        _client().wait_at_barrier(f"gopher/{name}", int(timeout_s * 1000))
+        timeout_s = timeout_s or startup_timeout_s()
+        try:
+            _client().wait_at_barrier(f"gopher/{name}", int(timeout_s * 1000))
+        except Exception as e:
+            raise _timed_out(f"reach {name!r}", timeout_s, e) from e
 
 
 def chief_first(name: str, fn):
@@ -178,19 +199,23 @@ def chief_first(name: str, fn):
     return fn()
 
 
-def check_same(values: dict[str, str], timeout_s: float = 300) -> None:
+def check_same(values: dict[str, str], timeout_s: float | None = None) -> None:
     """Raises ValueError unless every process passed the same `values` as process 0."""
     if jax.process_count() <= 1:
         return
+    timeout_s = timeout_s or startup_timeout_s()
     client, me = _client(), jax.process_index()
     for name, value in values.items():
         client.key_value_set(f"gopher/same/{name}/{me}", str(value))
     for name in values:
         ours = str(values[name])
-        theirs = {
-            p: client.blocking_key_value_get(f"gopher/same/{name}/{p}", int(timeout_s * 1000))
-            for p in range(jax.process_count())
-        }
+        try:
+            theirs = {
+                p: client.blocking_key_value_get(f"gopher/same/{name}/{p}", int(timeout_s * 1000))
+                for p in range(jax.process_count())
+            }
+        except Exception as e:
+            raise _timed_out(f"report their {name}", timeout_s, e) from e
         bad = {p: v for p, v in theirs.items() if v != theirs[0]}
         if bad:
             p, v = next(iter(bad.items()))

@@ -379,6 +379,37 @@ def test_tpu_vm_workers_reads_the_metadata_server(monkeypatch):
     assert distributed.tpu_vm_workers(timeout_s=0.5) == 0  # no server: not a pod
 
 
+def test_startup_waits_are_bounded_by_one_setting_and_say_how_to_raise_it(monkeypatch):
+    """barrier and check_same wait GOPHER_STARTUP_TIMEOUT_S (default 1800 s, process 0 may
+    be building the data); a timeout is one line naming the setting, other errors pass."""
+    from gopher import distributed
+
+    waited = []
+
+    class Client:
+        def wait_at_barrier(self, name, timeout_ms):
+            waited.append((name, timeout_ms))
+            raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Barrier_id: gopher/data")
+
+        def key_value_set(self, key, value):
+            pass
+
+        def blocking_key_value_get(self, key, timeout_ms):
+            waited.append((key, timeout_ms))
+            raise RuntimeError("UNAVAILABLE: coordination service is gone")
+
+    monkeypatch.setattr(distributed, "_client", Client)
+    monkeypatch.setattr(distributed.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed.jax, "process_index", lambda: 1)
+    monkeypatch.delenv("GOPHER_STARTUP_TIMEOUT_S", raising=False)
+    with pytest.raises(TimeoutError, match=r"reach 'data' within 1800 s.*GOPHER_STARTUP_TIMEOUT_S"):
+        distributed.barrier("data")
+    monkeypatch.setenv("GOPHER_STARTUP_TIMEOUT_S", "7200")
+    with pytest.raises(RuntimeError, match="UNAVAILABLE"):  # not a timeout: as it was
+        distributed.check_same({"data sha256": "abc"})
+    assert waited == [("gopher/data", 1_800_000), ("gopher/same/data sha256/0", 7_200_000)]
+
+
 def test_a_lone_process_index_is_refused(monkeypatch):
     from gopher import distributed
 
