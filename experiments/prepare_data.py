@@ -34,7 +34,12 @@ _HELDOUT = flags.DEFINE_float("heldout_fraction", 0.02, "Held-out share of each 
 _SAMPLE = flags.DEFINE_integer("tokenizer_sample_bytes", 8_000_000, "Tokenizer training bytes.")
 _MAX_BYTES = flags.DEFINE_integer("max_bytes_per_source", None, "Cap each source (for tests).")
 _THREADS = flags.DEFINE_integer("num_threads", 2, "Tokenisation threads.")
-_TFDS = flags.DEFINE_list("tfds", [], "TFDS datasets NAME[:VERSION] for --mixture=tfds.")
+_TFDS = flags.DEFINE_list(
+    "tfds",
+    [],
+    "TFDS datasets [SOURCE=]NAME[:VERSION] for --mixture=tfds; the source is named SOURCE, "
+    "else NAME's first part (c4/en: c4).",
+)
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
 _TFDS_KEY = flags.DEFINE_string("tfds_text_key", "text", "Feature holding the text.")
 _MAX_DOCS = flags.DEFINE_integer("max_documents", None, "Documents per TFDS source and split.")
@@ -46,9 +51,19 @@ def _tfds_inputs():
 
     if not _TFDS.value:
         raise ValueError("--mixture=tfds needs --tfds=NAME[,NAME...]")
+    given: dict[str, str] = {}  # source -> dataset, all checked before any is read
+    for entry in _TFDS.value:
+        source, _, spec = entry.rpartition("=")
+        source = source or spec.split("/")[0].split(":")[0]
+        if source in given:
+            raise ValueError(
+                f"--tfds gives two datasets for source {source!r} ({given[source]} and {spec}); "
+                f"name them apart, e.g. --tfds={source}={given[source]},"
+                f"{spec.split(':')[0].replace('/', '_')}={spec}"
+            )
+        given[source] = spec
     documents, records = {}, {}
-    for spec in _TFDS.value:
-        source = spec.split("/")[0].split(":")[0]
+    for source, spec in given.items():
         train, train_record = tfds_documents(
             spec, "train", _TFDS_DIR.value, _TFDS_KEY.value, source, _MAX_DOCS.value
         )

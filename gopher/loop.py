@@ -451,7 +451,11 @@ def run(
             }
         if chief:  # set up: the experiment is recorded only now
             workdir_lib.record_config(
-                workdir, config, data_sha256=data.fingerprint, replace_untrained=True
+                workdir,
+                config,
+                data_sha256=data.fingerprint,
+                replace_untrained=True,
+                heldout_sha256=data.heldout_sha256 or None,
             )
         if start == 0:
             writer.write({"step": 0, "kind": "baseline", "heldout_unigram_bpb": data.unigram_bpb})

@@ -60,6 +60,7 @@ MUTABLE = {
     "data": {"cache_dir", "paths"},
 }
 DATA_SHA256 = "data_sha256"  # config.json's top-level key: sha256 of the data trained on
+HELDOUT_SHA256 = "heldout_sha256"  # and of the held-out documents (stdlib / files sources)
 
 
 def check_writable(workdir: str) -> None:
@@ -190,6 +191,7 @@ def record_config(
     config: dict,
     data_sha256: str | None = None,
     replace_untrained: bool = False,
+    heldout_sha256: str | None = None,
 ) -> None:
     """Writes config.json (with `data_sha256`), or checks that an existing one is the
     same experiment first. `replace_untrained`: a workdir that keeps no checkpoint takes
@@ -210,8 +212,11 @@ def record_config(
         if kept:
             raise _refuse(workdir, diff, kept)
         data_sha256 = data_sha256 or (None if diff else old.get(DATA_SHA256))
+        heldout_sha256 = heldout_sha256 or (None if diff else old.get(HELDOUT_SHA256))
     if data_sha256:
         config[DATA_SHA256] = data_sha256
+    if heldout_sha256:
+        config[HELDOUT_SHA256] = heldout_sha256
     paths.write_atomic(path, json.dumps(config, indent=2, sort_keys=True).encode())
 
 

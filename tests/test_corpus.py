@@ -219,6 +219,25 @@ def test_downloaded_sources_extract_when_cached():
     assert os.path.basename(corpus.DEFAULT_CACHE_DIR) == "gopher"
 
 
+def test_prepare_data_refuses_two_tfds_datasets_of_one_source(tmp_path):
+    """c4/en and c4/realnewslike would both be source 'c4' (the second overwrote the first):
+    refused before anything is read, naming them apart; SOURCE=NAME gives the names."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "experiments.prepare_data", "--mixture=tfds"]
+    out = subprocess.run(
+        [*cmd, "--tfds=c4/en,c4/realnewslike", f"--out={tmp_path / 'c'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and not (tmp_path / "c").exists()
+    (line,) = out.stderr.strip().splitlines()
+    assert "two datasets for source 'c4' (c4/en and c4/realnewslike)" in line
+    assert "--tfds=c4=c4/en,c4_realnewslike=c4/realnewslike" in line
+
+
 def test_prepare_data_cli_builds_offline(tmp_path):
     import subprocess
     import sys

@@ -115,6 +115,41 @@ def _hash_side(name: str, fraction: float) -> bool:
     return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 2**32 < fraction
 
 
+def test_recorded_heldout_split_refuses_a_moved_glob(tmp_path):
+    """A glob's documents are named by their paths, so the same files moved split
+    otherwise (200 files: equal splits by chance ~1e-9); the recorded digest of the run's
+    held-out texts refuses the moved glob and accepts the directory form, whose names are
+    relative (evaluate --heldout --data_paths)."""
+    import json
+    import shutil
+
+    from gopher import workdir as workdir_lib
+    from gopher.data.pipeline import _documents, check_heldout, heldout_digest
+
+    old = tmp_path / "old" / "corpus"
+    old.mkdir(parents=True)
+    for i in range(200):
+        (old / f"doc{i:03d}.txt").write_text(f"document {i}\n" * 5)
+
+    def heldout(path):
+        return _documents(DataConfig(source="files", paths=(path,)), "heldout")
+
+    recorded = heldout_digest(d.text for d in heldout(f"{old}/*.txt"))
+    new = tmp_path / "new" / "corpus"
+    shutil.copytree(old, new)
+    with pytest.raises(ValueError, match=r"is not the run's.*config\.json data\.paths"):
+        check_heldout(heldout(f"{new}/*.txt"), recorded, [f"{new}/*.txt"])
+    by_dir = heldout_digest(d.text for d in heldout(str(old)))
+    check_heldout(heldout(str(new)), by_dir, [str(new)])  # a directory moves with its split
+    check_heldout(heldout(f"{new}/*.txt"), None, [])  # a run recorded before: not checked
+    # The training loop records it in config.json beside data_sha256.
+    run = tmp_path / "run"
+    run.mkdir()
+    workdir_lib.record_config(str(run), {"data": {}}, data_sha256="d", heldout_sha256=recorded)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["heldout_sha256"] == recorded and saved["data_sha256"] == "d"
+
+
 def test_one_text_file_is_split_inside_it(tmp_path):
     """One file cannot be split by file: its tail is held out, cut at a paragraph break,
     and head + tail is exactly the file, wherever the file lives."""

@@ -30,7 +30,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -60,6 +60,9 @@ class Pipeline:
     unigram_bpb: float
     summary: str
     fingerprint: str = ""  # sha256 of the data itself: every host of a job must agree
+    # stdlib / files: sha256 of the held-out documents' texts (heldout_digest), which
+    # config.json records so that evaluate --heldout scores those same documents
+    heldout_sha256: str = ""
 
 
 def data_fingerprint(*arrays, manifest: dict | None = None) -> str:
@@ -71,6 +74,29 @@ def data_fingerprint(*arrays, manifest: dict | None = None) -> str:
     for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+def heldout_digest(texts) -> str:
+    """sha256 of documents' texts in order (each length-prefixed: unambiguous)."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode("utf-8")
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def check_heldout(docs: Sequence[Document], recorded: str | None, paths_given: Sequence[str]):
+    """Refuses held-out documents other than those the run held out (config.json's
+    heldout_sha256; runs recorded before it: not checked)."""
+    if not recorded or heldout_digest(d.text for d in docs) == recorded:
+        return
+    raise ValueError(
+        f"the held-out split of {', '.join(paths_given) or 'the data'} is not the run's: "
+        "other documents would be scored as held-out (a glob's or a named file's side "
+        "hashes its path, directory included, so moving it moves the split; the stdlib "
+        "source differs between Python versions); pass the data as the run named it "
+        "(config.json data.paths) or as the directory holding it"
+    )
 
 
 def _split(data: DataConfig) -> tuple[list[Document], list[Document], str]:
@@ -147,10 +173,15 @@ def _eval_set(source, tokens, target_bytes, train_cfg, seq_len, say) -> list:
     )
 
 
-def _no_eval_error(t):
-    return ValueError(
-        f"no source has a held-out split of 2 tokens or more to score at seq_len {t}; "
+def _no_eval_error(t, corpus_dir: str | None = None):
+    fix = (
         "raise --config.data.heldout_fraction or give more text"
+        if corpus_dir is None  # the embedded corpus's split is fixed when it is built
+        else f"rebuild {corpus_dir} with a larger --heldout_fraction "
+        "(python -m experiments.prepare_data)"
+    )
+    return ValueError(
+        f"no source has a held-out split of 2 tokens or more to score at seq_len {t}; {fix}"
     )
 
 
@@ -196,6 +227,7 @@ def _text_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say
         eval_sets=eval_sets,
         unigram_bpb=unigram,
         fingerprint=data_fingerprint(train_ds.tokens, heldout_tokens, heldout_bytes),
+        heldout_sha256=heldout_digest(d.text for d in heldout_docs),
         summary=(
             f"data: {data_cfg.source}, {len(train_docs)} train docs "
             f"({train_ds.num_tokens:,} tokens), {len(heldout_docs)} held-out docs "
@@ -332,7 +364,7 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, 
         if windows:
             eval_sets[source] = windows
     if not eval_sets:
-        raise _no_eval_error(t)
+        raise _no_eval_error(t, corpus_dir)
     unigram = _unigram([s.train for s in mix.sources], eval_sets, mix.tokenizer.vocab_size)
     eval_sets = {
         source: _local_windows(windows, eval_rows) for source, windows in eval_sets.items()
@@ -364,8 +396,8 @@ def heldout_documents(
 
     The documents the in-training eval scores (the same split, the same order), for
     scoring them elsewhere (experiments/evaluate.py). The embedded corpus reads them from
-    its held-out shards; stdlib and files recompute the split, which depends only on the
-    documents. `workdir` is where a run keeps its data (unused by these sources today).
+    its held-out shards; stdlib and files recompute the split (config.json's heldout_sha256,
+    `check_heldout`, tells whether it is the run's: a glob's split depends on its paths). `workdir` is where a run keeps its data (unused by these sources today).
     """
     del workdir
     if data_cfg.source != "embedded":
