@@ -6,8 +6,10 @@ here, by MinHash-LSH on word 13-grams. Two documents are near duplicates when th
 Jaccard similarity of their 13-gram sets is >= 0.8 (the paper's threshold). LSH with 16
 bands x 8 rows (K = 128 hash functions) proposes candidates: a pair at Jaccard 0.8 becomes
 a candidate with probability 1 - (1 - 0.8^8)^16 = 0.95, at 0.85 with 0.997; candidates are
-then checked exactly, so no pair below the threshold is ever removed. Near duplicates form
-clusters (union-find) and each cluster keeps its first document.
+then checked exactly, so no pair below the threshold is ever joined. Near duplicates form
+clusters (union-find) and each cluster keeps its first document: every removed document has
+a near duplicate in its cluster, though not necessarily the kept one (clusters chain: A-B
+and B-C at 0.88 with A-C at 0.77 drop both B and C, as connected-component dedup does).
 
 Shapes: K MinHash functions (= bands * rows).
 """
