@@ -16,7 +16,10 @@ Remote layout (on every worker, in the ssh user's home):
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
+import time
+import uuid
 
 # How a TPU is obtained. `guaranteed` and `best-effort` exist only for queued resources,
 # and `--best-effort` only under `gcloud alpha` (checked against gcloud 528).
@@ -192,8 +195,9 @@ def archive_argv(ref: str, output: str) -> list[str]:
 
 
 # The scripts are one statement a line, joined with "; " so that a dry run prints each
-# argv on one line. Every setup unpacks the new code (keeping what runs wrote beside it); the install itself is skipped when
-# the stamp for this lock's sha256 is there, so a re-run with the same lock does nothing.
+# argv on one line. Every setup unpacks the new code (keeping what runs wrote beside it);
+# the install itself is skipped when the stamp for this lock's sha256 is there, so a re-run
+# with the same lock does nothing.
 # `uv pip sync` makes the venv exactly the lock (removing what it lacks), hashes checked.
 SETUP_SCRIPT = "; ".join(
     [
@@ -227,23 +231,57 @@ SETUP_SCRIPT = "; ".join(
     ]
 )
 
-# A killed run leaves libtpu's lock file, and maybe a process still holding the chips
-# (/dev/accel* on v4, /dev/vfio/* on v5p); the next run then fails with "TPU in use".
-# Output goes to the worker's log and, prefixed with the worker number, to ssh.
+# A run starts the command detached (its own session, output to the worker's log) and
+# follows the log until it ends, then exits with its status. gcloud itself runs the whole
+# command again on a worker whose ssh connection dropped (up to 10 times): that rerun
+# carries the same token (one per `launch.tpu run`), finds the job it started still
+# running and follows it instead of starting another. A new run (another token) first
+# stops what still holds the chips: a killed run leaves libtpu's lock file, and maybe a
+# process on /dev/accel* (v4) or /dev/vfio/* (v5p), and the next run would fail "TPU in use".
 METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+JOB_WRAPPER = (  # $1 log, $2 job file prefix, then the command; in its own session
+    # HUP ignored (nohup: the job outlives the ssh session); TERM trapped, not ignored, so
+    # the command gets the default and this shell survives `stop` to write the status.
+    'trap "" HUP; trap ":" TERM; echo $$ > "$2.pid.new" && mv "$2.pid.new" "$2.pid"; '
+    '"${@:3}" >> "$1" 2>&1 < /dev/null; echo $? > "$2.status"'
+)
 RUN_SCRIPT = "; ".join(
     [
         "set -u",
+        'token="$1"; shift',
         f"worker=$(curl -sf -H Metadata-Flavor:Google {METADATA}/agent-worker-number || hostname)",
-        "sudo rm -f /tmp/libtpu_lockfile",
-        "pids=$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u)",
-        'if [ -n "$pids" ]; then echo "worker $worker: killing stale TPU users: $pids";'
-        " sudo kill -9 $pids; sleep 2; fi",
-        'mkdir -p "$HOME/gopher-logs" && cd "$HOME/gopher" || exit 1',
-        'export PATH="$HOME/gopher-venv/bin:$PATH"',
-        '"$@" 2>&1 | tee -a "$HOME/gopher-logs/worker-$worker.log"'
-        ' | sed -u "s/^/[worker $worker] /"',
-        'exit "${PIPESTATUS[0]}"',
+        'logs="$HOME/gopher-logs"; mkdir -p "$logs" || exit 1',
+        'log="$logs/worker-$worker.log"; job="$logs/job"; touch "$log"; from=$(stat -c %s "$log")',
+        f"wrapper={shlex.quote(JOB_WRAPPER)}",
+        "start() { sudo rm -f /tmp/libtpu_lockfile;"
+        " pids=$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u);"
+        ' if [ -n "$pids" ]; then echo "worker $worker: killing stale TPU users: $pids";'
+        " sudo kill -9 $pids; sleep 2; fi;"
+        ' cd "$HOME/gopher" || return 1; export PATH="$HOME/gopher-venv/bin:$PATH";'
+        ' rm -f "$job.pid" "$job.status"; echo "$token" > "$job.token";'
+        ' (setsid bash -c "$wrapper" gopher-job "$log" "$job" "$@" > /dev/null 2>&1 < /dev/null &);'
+        ' for _ in $(seq 300); do [ -s "$job.pid" ] && return 0; sleep 0.1; done; return 1; }',
+        'pid=$(cat "$job.pid" 2>/dev/null || true)',
+        # gcloud's rerun of this very run: follow its job, or say how it ended; else start
+        'if [ "$(cat "$job.token" 2>/dev/null)" = "$token" ]; then'
+        ' if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then'
+        ' echo "worker $worker: reattached to the running job (pid $pid)";'
+        ' else echo "worker $worker: this run\'s job has ended";'
+        ' exit "$(cat "$job.status" 2>/dev/null || echo 1)"; fi;'
+        ' else start "$@" || exit 1; pid=$(cat "$job.pid"); fi',
+        'tail -c +$((from + 1)) -f --pid="$pid" "$log" | sed -u "s/^/[worker $worker] /"',
+        'exit "$(cat "$job.status" 2>/dev/null || echo 1)"',
+    ]
+)
+
+# SIGTERM to the job's process group (the wrapper leads its own session): the train
+# program checkpoints at a step every host agrees on and exits 75.
+STOP_SCRIPT = "; ".join(
+    [
+        'pid=$(cat "$HOME/gopher-logs/job.pid" 2>/dev/null || true)',
+        'if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM -- "-$pid";'
+        ' echo "$(hostname): stopping the job (pid $pid): it checkpoints, then exits";'
+        ' else echo "$(hostname): no job running"; fi',
     ]
 )
 
@@ -268,12 +306,22 @@ def setup_command(lock_name: str = TPU_LOCK) -> str:
     )
 
 
-def run_command(train_argv: list[str]) -> str:
+def run_command(train_argv: list[str], token: str = "") -> str:
+    """The remote command of one `run`; `token` tells gcloud's own reruns of it (which
+    attach to its job) from a new run (which replaces the job). Default: a fresh one."""
     if not train_argv:
         raise ValueError(
             "no train command; add one after `--`, e.g. -- python -m experiments.train"
         )
-    return _bash(RUN_SCRIPT, "gopher-run", *train_argv)
+    return _bash(RUN_SCRIPT, "gopher-run", token or new_token(), *train_argv)
+
+
+def new_token() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def stop_command() -> str:
+    return _bash(STOP_SCRIPT, "gopher-stop")
 
 
 def logs_command(lines: int = 100, follow: bool = False) -> str:

@@ -7,9 +7,15 @@
     python -m launch.tpu supervise NAME --zone=Z --accelerator-type=v4-32 [--max-restarts=20]
         [--max-creates=0] -- CMD...
     python -m launch.tpu logs NAME --zone=Z [--lines=100] [--follow]
+    python -m launch.tpu stop NAME --zone=Z     # the running job checkpoints and exits (75)
     python -m launch.tpu list --zone=Z
     python -m launch.tpu delete NAME --zone=Z [--queued]      # a queued resource with its node
     python -m launch.tpu delete --stale-queued --zone=Z       # SUSPENDED / FAILED queued resources
+
+`run` starts the command on each worker detached (its own session, output to
+~/gopher-logs/worker-N.log) and follows the log: a dropped connection, gcloud's rerun of the
+command after one, or Ctrl-C leave the job running (`logs --follow` watches it, `stop` stops
+it: it checkpoints first). A new `run` replaces whatever still holds the chips.
 
 Every command takes --dry-run: it prints the exact argument lists (shlex-quoted, one a line)
 and runs nothing. `supervise` is the restart loop: it waits for the node (recreating it when
@@ -122,8 +128,10 @@ def setup(spec: g.TpuSpec, runner: Runner, tarball: str) -> int:
 
 
 def run(spec: g.TpuSpec, runner: Runner, train_argv: list[str]) -> int:
-    """Runs the train command on all workers; the status is the first failing worker's."""
-    return runner(g.ssh_argv(spec, g.run_command(train_argv)))
+    """Runs the train command on all workers, detached there (an ssh connection that
+    drops and gcloud's rerun of the command do not stop it); the status is a failing
+    worker's once all have finished (gcloud reports the lowest-numbered one's)."""
+    return runner(g.ssh_argv(spec, g.run_command(train_argv, g.new_token())))
 
 
 def supervise(
@@ -217,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dry-run", action="store_true", help="print the argv lists only")
-    for name in ("create", "setup", "run", "supervise", "logs"):
+    for name in ("create", "setup", "run", "supervise", "logs", "stop"):
         sub = commands.add_parser(name, parents=[common])
         _spec_flags(sub)
         if name in ("setup", "run", "supervise"):
@@ -283,6 +291,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return runner(g.create_argv(spec))
     if args.command == "logs":
         return runner(g.ssh_argv(spec, g.logs_command(args.lines, args.follow)))
+    if args.command == "stop":
+        return runner(g.ssh_argv(spec, g.stop_command()))
     if args.command in ("run", "supervise") and not train:
         raise SystemExit(f"{args.command}: add the command after `--`")
     if args.command == "run":

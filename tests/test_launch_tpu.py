@@ -13,10 +13,12 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,14 +84,27 @@ def test_delete_describe_and_stale_queued_argv() -> None:
     assert "--filter=state.state:(SUSPENDED FAILED)" in g.stale_queued_argv(ZONE, PROJECT)
 
 
+def untokened(argv: list[str]) -> list[str]:
+    """An ssh argv with its run token (one per `launch.tpu run`) replaced by "TOKEN"."""
+    out = []
+    for a in argv:
+        if a.startswith("--command=") and "gopher-run" in a:
+            words = shlex.split(a.removeprefix("--command="))
+            words[4] = "TOKEN"
+            a = "--command=" + shlex.join(words)
+        out.append(a)
+    return out
+
+
 def test_remote_command_is_one_argv_element_that_parses_back() -> None:
-    argv = g.ssh_argv(spec(name="it's"), g.run_command(NASTY))
+    argv = g.ssh_argv(spec(name="it's"), g.run_command(NASTY, token="t-1"))
     (command,) = [a for a in argv if a.startswith("--command=")]
     assert argv[5] == "it's" and "--worker=all" in argv
     assert shlex.split(command.removeprefix("--command=")) == [
-        *["bash", "-c", g.RUN_SCRIPT, "gopher-run"],
+        *["bash", "-c", g.RUN_SCRIPT, "gopher-run", "t-1"],
         *NASTY,
     ]
+    assert g.run_command(NASTY) != g.run_command(NASTY)  # a fresh token each run
     with pytest.raises(ValueError, match="no train command"):
         g.run_command([])
 
@@ -129,6 +144,81 @@ def test_run_script_passes_argv_verbatim_and_keeps_the_exit_status(tmp_path: Pat
     assert done.stdout.splitlines()[-1] == f"[worker 3] {NASTY[3:]!r}"
     assert (tmp_path / "gopher-logs" / "worker-3.log").read_text() == f"{NASTY[3:]!r}\n"
     assert "rm -f /tmp/libtpu_lockfile" in (tmp_path / "sudo.log").read_text()
+
+
+def test_a_dropped_ssh_connection_leaves_the_job_running_and_the_rerun_attaches(
+    tmp_path: Path,
+) -> None:
+    """The session that started the job dies (ssh dropped: its bash, tail and sed killed);
+    gcloud's rerun of the same command (the same token) follows the still-running job to
+    its status instead of killing it and starting over; a rerun after it ended reports its
+    status; a new run (another token) runs the command again."""
+    _fake_tools(tmp_path / "bin")
+    (tmp_path / "gopher").mkdir()
+    count = tmp_path / "count"
+    body = (
+        "import pathlib, sys, time\n"
+        f"c = pathlib.Path({str(count)!r}); c.write_text(c.read_text() + 'x' if c.exists() else 'x')\n"
+        "for i in range(6): print('step', i, flush=True); time.sleep(0.5)\n"
+        "sys.exit(75)\n"
+    )
+    argv = [sys.executable, "-c", body]
+    env = {"HOME": str(tmp_path), "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    session = subprocess.Popen(
+        ["bash", "-c", g.run_command(argv, token="run-1")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    log = tmp_path / "gopher-logs" / "worker-3.log"
+    deadline = time.monotonic() + 20
+    while "step 1" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(session.pid, signal.SIGKILL)  # the ssh session is gone, with its children
+    session.wait()
+    again = _remote(g.run_command(argv, token="run-1"), tmp_path)  # gcloud's rerun
+    assert again.returncode == 75, again.stderr
+    assert "reattached to the running job" in again.stdout
+    assert "[worker 3] step 5" in again.stdout and count.read_text() == "x"  # ran once
+    after = _remote(g.run_command(argv, token="run-1"), tmp_path)
+    assert after.returncode == 75 and "this run's job has ended" in after.stdout
+    assert count.read_text() == "x"
+    fresh = _remote(g.run_command(argv, token="run-2"), tmp_path)  # a new `launch.tpu run`
+    assert fresh.returncode == 75 and count.read_text() == "xx"
+    assert log.read_text().count("step 5") == 2
+
+
+def test_stop_sends_the_job_sigterm_and_run_reports_its_status(tmp_path: Path) -> None:
+    """`launch.tpu stop`: SIGTERM to the detached job's process group; the train program
+    (here a stand-in that exits 75 on SIGTERM, as experiments.train does after its
+    checkpoint) ends and the attached `run` exits with its status."""
+    _fake_tools(tmp_path / "bin")
+    (tmp_path / "gopher").mkdir()
+    body = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (print('checkpointed', flush=True), sys.exit(75)))\n"
+        "print('training', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    env = {"HOME": str(tmp_path), "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    session = subprocess.Popen(
+        ["bash", "-c", g.run_command([sys.executable, "-c", body])],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    log = tmp_path / "gopher-logs" / "worker-3.log"
+    deadline = time.monotonic() + 20
+    while (
+        "training" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    stopped = _remote(g.stop_command(), tmp_path)
+    assert stopped.returncode == 0 and "stopping the job" in stopped.stdout
+    out, _ = session.communicate(timeout=30)
+    assert session.returncode == 75 and "[worker 3] checkpointed" in out
+    assert "no job running" in _remote(g.stop_command(), tmp_path).stdout
 
 
 def _tarball(path: Path, lock: str, *extra: str) -> None:
@@ -312,7 +402,9 @@ def test_restart_loop_recreates_after_preemption_and_stops_when_done(fake_gcloud
         *["describe", "scp", "setup", "run"],  # READY again: the same command, exits 0
     ]
     runs = [json.loads(x) for x in calls.read_text().splitlines() if "gopher-run" in x]
-    assert runs[0] == runs[1] == g.ssh_argv(spec(), g.run_command(NASTY))[1:]
+    want = untokened(g.ssh_argv(spec(), g.run_command(NASTY))[1:])
+    assert untokened(runs[0]) == untokened(runs[1]) == want
+    assert runs[0] != runs[1]  # a restart is a new run: it replaces the job, never attaches
 
 
 @pytest.mark.parametrize("final", [2, 3, 4])
@@ -389,9 +481,8 @@ def dry(*argv: str) -> list[list[str]]:
 def test_dry_run_prints_the_exact_argv_lists() -> None:
     s = g.TpuSpec(name="a b", zone=ZONE, provisioning="best-effort")
     assert dry("create", "a b", f"--zone={ZONE}", "--best-effort") == [g.create_argv(s)]
-    assert dry("run", "a b", f"--zone={ZONE}", "--", *NASTY) == [
-        g.ssh_argv(s, g.run_command(NASTY))
-    ]
+    (printed,) = dry("run", "a b", f"--zone={ZONE}", "--", *NASTY)
+    assert untokened(printed) == untokened(g.ssh_argv(s, g.run_command(NASTY)))
     tar = str(Path(tpu.tempfile.gettempdir()) / "gopher-a b.tar.gz")
     assert dry("setup", "a b", f"--zone={ZONE}") == [
         g.archive_argv("HEAD", tar),
