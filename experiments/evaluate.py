@@ -157,12 +157,12 @@ def _heldout_texts(workdir: str) -> dict[str, list[str]]:
                 )
     docs = heldout_documents(model_cfg, data_cfg, workdir)
     if data_cfg.source in ("stdlib", "files"):  # the embedded corpus stores its split
-        from gopher import paths
+        from gopher import workdir as workdir_lib
         from gopher.data.pipeline import check_heldout
 
-        recorded = json.loads((paths.resolve(workdir) / "config.json").read_text())
+        recorded = workdir_lib.read_record(workdir) or {}
         ours = [d for ds in docs.values() for d in ds]
-        check_heldout(ours, recorded.get("heldout_sha256"), data_cfg.paths)
+        check_heldout(ours, recorded.get(workdir_lib.HELDOUT_SHA256), data_cfg.paths)
     cut = slice(_HELDOUT_DOCS.value)
     return {f"heldout/{s}": [d.text for d in ds[cut]] for s, ds in docs.items() if ds}
 

@@ -182,12 +182,9 @@ def scaling_report(cfg, records, results_dir: str, say) -> dict:
         fits.get("nonembedding_params"), chinchilla, allocation, allocation_key="params"
     )
     if "params" in fits:
-        runs = fits["params"].alpha_runs
         text += (
-            f"\n\nL(N) on total parameters (embedding included): alpha "
-            f"{_fmt_iv(fits['params'].alpha)}"
-            + (f"; runs [{runs.low:.3f}, {runs.high:.3f}]" if runs is not None else "")
-            + "."
+            "\n\nL(N) on total parameters (embedding included): alpha "
+            f"{scaling_tables.alpha_text(fits['params'])}."
         )
     _write(path("fits.md"), text)
     say(text)
@@ -201,10 +198,6 @@ def _tokens(records) -> str:
 
 def _iv(iv: scaling.Interval) -> dict:
     return {"point": iv.point, "median": iv.median, "low": iv.low, "high": iv.high}
-
-
-def _fmt_iv(iv: scaling.Interval) -> str:
-    return f"{iv.point:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
 
 # ---------------------------------------------------------------- the precision ablation
@@ -378,11 +371,12 @@ def refit_runs(records: list[dict], metric: str = "loss") -> str:
     ]
     token_matched = [r for r in records if r["budget"] == scaling.TOKEN_MATCHED]
     for key in ("nonembedding_params", "params"):
-        if len({r[key] for r in token_matched}) < 3:
+        if not token_matched:
+            break
+        n, _, loss = scaling.configuration_metrics(token_matched, key, metric)
+        iv = scaling.slope_interval(np.log(n), np.log(loss))  # as bootstrap_power_law's
+        if iv is None:  # under 3 sizes
             continue
-        n = np.array([r[key] for r in token_matched])
-        loss = np.array([scaling.record_metric(r, metric) for r in token_matched])
-        iv = scaling.slope_interval(np.log(n), np.log(loss))
         lines.append(
             f"| L(N) = (N_c / N)^alpha, token-matched | {scaling_tables.KEY_WORDS[key]} | "
             f"{iv.point:.4f} | [{iv.low:.4f}, {iv.high:.4f}] |"

@@ -199,6 +199,13 @@ def _configurations(records: Sequence[dict], key: str) -> tuple[np.ndarray, list
     return n, [np.array(v) for v in groups.values()]
 
 
+def configuration_metrics(records: Sequence[dict], key: str, metric: str):
+    """(N [G], each configuration's run indices, its seed-mean metric [G])."""
+    n, groups = _configurations(records, key)
+    per_run = np.array([record_metric(r, metric) for r in records])
+    return n, groups, np.array([per_run[g].mean() for g in groups])
+
+
 @dataclasses.dataclass(frozen=True)
 class Interval:
     """A bootstrap interval: the fit on all data, and the replicates' median and 95% range."""
@@ -355,9 +362,7 @@ def bootstrap_power_law(
     check_metric(metric)
     if n_boot < 1:
         raise ValueError(f"n_boot={n_boot}; give 1 or more replicates")
-    n, groups = _configurations(records, key)
-    per_run = np.array([record_metric(r, metric) for r in records])
-    loss = np.array([per_run[g].mean() for g in groups])
+    n, groups, loss = configuration_metrics(records, key, metric)
     fit = fit_power_law(n, loss, with_offset)
     rng = np.random.default_rng(seed)
     x = np.log(n)

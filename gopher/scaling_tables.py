@@ -163,6 +163,13 @@ def _interval(iv: scaling.Interval) -> str:
     return f"{iv.point:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
 
+def alpha_text(power_law: scaling.PowerLawBootstrap) -> str:
+    """alpha [bootstrap 95%], and the interval over runs where the fit has one."""
+    runs = power_law.alpha_runs
+    extra = f"; runs [{runs.low:.3f}, {runs.high:.3f}]" if runs is not None else ""
+    return _interval(power_law.alpha) + extra
+
+
 def _number(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -221,10 +228,7 @@ def fits_markdown(
         else:
             form = "L = E + A N^-alpha"
         e = law.coefficients.get("E")
-        alpha = _interval(power_law.alpha)
-        if power_law.alpha_runs is not None:
-            runs = power_law.alpha_runs
-            alpha += f"; runs [{runs.low:.3f}, {runs.high:.3f}]"
+        alpha = alpha_text(power_law)
         lines.append(
             f"| this sweep, L(N) | {form} | {KEY_WORDS.get(power_law.key, power_law.key)} | "
             f"{METRIC_WORDS[power_law.metric]} | {alpha} |  | "

@@ -121,7 +121,8 @@ def kept_checkpoints(workdir: str) -> list[str]:
     return found
 
 
-def _read(workdir: str) -> dict | None:
+def read_record(workdir: str) -> dict | None:
+    """WORKDIR/config.json as recorded (with data_sha256, heldout_sha256), or None."""
     path = paths.resolve(workdir) / "config.json"
     if not path.exists():
         return None
@@ -163,7 +164,7 @@ def check_config(workdir: str, config: dict, say: Callable[[str], None] = print)
     """Before a run is set up: refuses a different experiment in a workdir that keeps
     checkpoints; for one that keeps none, says in one line that this run's config will
     replace the recorded one (the run that wrote it kept nothing)."""
-    old = _read(workdir)
+    old = read_record(workdir)
     if old is None:
         return
     diff = _differences(old, json.loads(json.dumps(config, sort_keys=True)))
@@ -181,7 +182,7 @@ def check_config(workdir: str, config: dict, say: Callable[[str], None] = print)
 def check_data(workdir: str, config: dict, data_sha256: str) -> None:
     """Refuses data other than what the workdir's checkpoints were trained on (the sha256
     recorded in config.json); data a workdir without checkpoints recorded is no bar."""
-    old = _read(workdir)
+    old = read_record(workdir)
     if old is not None:
         _check_data(workdir, old, json.loads(json.dumps(config, sort_keys=True)), data_sha256)
 
@@ -199,7 +200,7 @@ def record_config(
     path = paths.resolve(workdir) / "config.json"
     # Round-trip through JSON so tuples and lists compare equal.
     config = json.loads(json.dumps(config, sort_keys=True))
-    old = _read(workdir)
+    old = read_record(workdir)
     if old is not None:
         _check_data(workdir, old, config, data_sha256)
         diff = _differences(old, config)

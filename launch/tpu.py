@@ -131,7 +131,7 @@ def run(spec: g.TpuSpec, runner: Runner, train_argv: list[str]) -> int:
     """Runs the train command on all workers, detached there (an ssh connection that
     drops and gcloud's rerun of the command do not stop it); the status is a failing
     worker's once all have finished (gcloud reports the lowest-numbered one's)."""
-    return runner(g.ssh_argv(spec, g.run_command(train_argv, g.new_token())))
+    return runner(g.ssh_argv(spec, g.run_command(train_argv)))  # a fresh run token
 
 
 def supervise(

@@ -397,7 +397,8 @@ def heldout_documents(
     The documents the in-training eval scores (the same split, the same order), for
     scoring them elsewhere (experiments/evaluate.py). The embedded corpus reads them from
     its held-out shards; stdlib and files recompute the split (config.json's heldout_sha256,
-    `check_heldout`, tells whether it is the run's: a glob's split depends on its paths). `workdir` is where a run keeps its data (unused by these sources today).
+    `check_heldout`, tells whether it is the run's: a glob's split depends on its paths).
+    `workdir` is where a run keeps its data (unused by these sources today).
     """
     del workdir
     if data_cfg.source != "embedded":

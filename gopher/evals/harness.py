@@ -92,7 +92,7 @@ def evaluate_task(scorer: Scorer, task) -> dict:
         at += len(choices)
     kept = [i for i, g in enumerate(grouped) if all(s is not None for s in g)]
     if not kept:
-        longest = max(scorer.continuation_tokens(r.continuation) for c in per_item for r in c)
+        longest = max(scorer.continuation_tokens(r) for c in per_item for r in c)
         raise ValueError(
             f"every item of task {task.name!r} has a continuation longer than max_len "
             f"{scorer.max_len} tokens; pass --max_len={longest} or more, or drop the task"

@@ -282,8 +282,10 @@ class Scorer:
             )
         return scores
 
-    def continuation_tokens(self, continuation: str) -> int:
-        """How many tokens `continuation` encodes to (what must fit max_len)."""
+    def continuation_tokens(self, request: Request) -> int:
+        """How many tokens the request's scored continuation encodes to (what must fit
+        max_len), its context's trailing whitespace moved onto it as `score_requests` does."""
+        _, continuation = _move_trailing_space(request.context, request.continuation)
         return len(self.model.tokenizer.encode(continuation))
 
     def text_nll(
