@@ -62,7 +62,12 @@ def _check_flags() -> str:
     try:
         with open(_PROMPT_FILE.value, encoding="utf-8") as f:
             return f.read()
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        common.fail(
+            f"--prompt_file={_PROMPT_FILE.value} is not UTF-8 text ({e}); convert it to UTF-8 "
+            "(e.g. iconv -t UTF-8)"
+        )
+    except OSError as e:
         common.fail(f"--prompt_file={_PROMPT_FILE.value} cannot be read ({e}); fix the path")
 
 

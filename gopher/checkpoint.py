@@ -169,7 +169,12 @@ class Checkpointer:
         restore_tries: int = 3,
         retry_backoff_s: float = 1.0,
         read_only: bool = False,
+        params_only: bool = False,
     ):
+        """`params_only`: restores read only the parameters (sampling, evaluation), not
+        the optimiser's moments and master copy, 3x to 7x the parameters' bytes; the
+        rest of the state comes back None."""
+        self.params_only = params_only
         self.directory = _absolute(directory)
         self._path = epath.Path(self.directory)
         self.restore_tries = max(1, restore_tries)
@@ -207,6 +212,21 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores step onto the shardings of `abstract_state` (ShapeDtypeStructs)."""
+        if self.params_only:
+            item = {"params": abstract_state.params}
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=item,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                        partial_restore=True,
+                    ),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            none = dict.fromkeys(abstract_state._fields)
+            return type(abstract_state)(**{**none, "params": out["state"]["params"]}), out["meta"]
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(

@@ -131,11 +131,14 @@ def _attend(qu, qv, k, v, rproj, positions, valid):
 def prepare(params: Any, cfg: ModelConfig, dtype=jnp.float32) -> dict:
     """The parameters as the decode loop reads them, cast and stacked once per call
     (not once per step): each layer's q, k, v weights stacked [L, D, 3, H*K] as the
-    model stacks them, u and v scaled by 1/sqrt(K) [L, 1, H, 1, K]."""
+    model stacks them, 1/sqrt(K) folded into W_q before the cast as the model folds it
+    (in bf16, scaling q after the matmul rounds otherwise: greedy tokens then differed
+    from the model's own at K=32), u and v scaled by 1/sqrt(K) [L, 1, H, 1, K]."""
     scale = 1.0 / math.sqrt(cfg.key_size)
 
-    def w(name):
-        return params[_BLOCK + name]["w"].astype(dtype)
+    def w(name, factor=1.0):
+        weight = params[_BLOCK + name]["w"]
+        return (weight * factor if factor != 1.0 else weight).astype(dtype)
 
     def bias(name):
         return (params[_BLOCK + "attn"][name] * scale).astype(dtype)[:, None, :, None, :]
@@ -146,7 +149,7 @@ def prepare(params: Any, cfg: ModelConfig, dtype=jnp.float32) -> dict:
         "final_norm": params["lm/final_norm"]["scale"],
         "layers": {
             "attn_norm": params[_BLOCK + "attn_norm"]["scale"],  # [L, D]
-            "qkv": jnp.stack([w(f"attn/{n}") for n in ("q", "k", "v")], axis=2),
+            "qkv": jnp.stack([w("attn/q", scale), w("attn/k"), w("attn/v")], axis=2),
             "u": bias("u_bias"),
             "v": bias("v_bias"),
             "o": w("attn/o"),  # [L, H*K, D]
@@ -181,7 +184,6 @@ def forward(
     positions = start + jnp.arange(c, dtype=jnp.int32)  # [C]
     seen = start + c if isinstance(start, int) else cache.k.shape[3]
     valid = cache.valid[:, :seen]
-    scale = 1.0 / math.sqrt(kd)
 
     def heads(t):  # [B, C, H*K] -> [B, H, C, K]
         return t.reshape(b, c, h_, kd).transpose(0, 2, 1, 3)
@@ -198,7 +200,6 @@ def forward(
         k_cache, v_cache = constrain(k_cache, "cache"), constrain(v_cache, "cache")
         k_l = jax.lax.dynamic_index_in_dim(k_cache, i, keepdims=False)[:, :, :seen]
         v_l = jax.lax.dynamic_index_in_dim(v_cache, i, keepdims=False)[:, :, :seen]
-        q = q * scale
         o = _attend(q + p["u"], q + p["v"], k_l, v_l, r[:, :seen], positions, valid)
         o = o.transpose(0, 2, 1, 3).reshape(b, c, h_ * kd)  # [B, C, H*K]
         x = x + jnp.dot(o, p["o"])

@@ -50,6 +50,7 @@ class LoadedModel:
     train_cfg: TrainConfig | None = None
     data_cfg: DataConfig | None = None
     workdir: str = ""
+    compute_dtype: Any = None  # what `apply` computes in (None: from train_cfg, else params)
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -132,9 +133,13 @@ class RestoredRun:
 
 
 def restore_state(
-    workdir: str, step: int | None = None, parallel: ParallelConfig | None = None
+    workdir: str,
+    step: int | None = None,
+    parallel: ParallelConfig | None = None,
+    params_only: bool = False,
 ) -> RestoredRun:
-    """The run in `workdir` at its newest restorable checkpoint (or `step`), whole."""
+    """The run in `workdir` at its newest restorable checkpoint (or `step`), whole, or
+    its parameters alone (`params_only`: the rest of the state is None)."""
     from gopher import checkpoint as checkpoint_lib
     from gopher import engine as engine_lib
 
@@ -154,7 +159,7 @@ def restore_state(
             f"{workdir!r} has no checkpoint in {directory}; train first "
             "(python -m experiments.train --workdir=...)"
         )
-    ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
+    ckpt = checkpoint_lib.Checkpointer(directory, read_only=True, params_only=params_only)
     model = dataclasses.asdict(model_cfg)
     try:
         abstract = engine.abstract_state()
@@ -178,7 +183,8 @@ def restore_state(
             state, meta = ckpt.restore_step(step, abstract, model=model)
     finally:
         ckpt.close()
-    state = engine.from_checkpoint(state)
+    if not params_only:
+        state = engine.from_checkpoint(state)
     return RestoredRun(state, meta, int(step), model_cfg, run_train_cfg, data_cfg, parallel)
 
 
@@ -192,7 +198,7 @@ def load(
     `parallel`: the mesh to load onto; default all local devices over "data" (the run's
     own mesh may need more devices than this machine has).
     """
-    run = restore_state(workdir, step, parallel)
+    run = restore_state(workdir, step, parallel, params_only=True)
     model_cfg, train_cfg, data_cfg, parallel = (
         run.model_cfg,
         run.train_cfg,
@@ -208,10 +214,9 @@ def load(
     from gopher.precision import get_policy
 
     mesh = sharding.make_mesh(parallel)
+    compute_dtype = get_policy(train_cfg.precision).compute_dtype
     forward = build_forward(
-        model_cfg,
-        get_policy(train_cfg.precision).compute_dtype,
-        attention=sharding.attention_layout(model_cfg, mesh),
+        model_cfg, compute_dtype, attention=sharding.attention_layout(model_cfg, mesh)
     )
     return LoadedModel(
         model_cfg=model_cfg,
@@ -223,6 +228,7 @@ def load(
         train_cfg=train_cfg,
         data_cfg=data_cfg,
         workdir=workdir,
+        compute_dtype=jnp.dtype(compute_dtype),
     )
 
 
@@ -243,7 +249,9 @@ def from_params(
     forward = build_forward(
         model_cfg, compute_dtype, attention=sharding.attention_layout(model_cfg, mesh)
     )
-    return LoadedModel(model_cfg, params, forward.apply, tokenizer, mesh)
+    return LoadedModel(
+        model_cfg, params, forward.apply, tokenizer, mesh, compute_dtype=jnp.dtype(compute_dtype)
+    )
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:

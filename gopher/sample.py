@@ -19,7 +19,8 @@ sequence, and a tail that may be the start of a stop string (which is never show
 Sampling: logits / temperature, then top-k (the k most likely tokens), then top-p (the
 smallest set of the most likely tokens whose probability reaches p; always at least
 one), renormalised. Row r's token t is drawn with fold_in(fold_in(key(seed), r), t), so
-a seed reproduces a sample and a row's sample does not depend on the other rows.
+a seed reproduces a sample, and a row's sample depends on the seed, its prompt and its
+index in the batch only, not on the other rows' prompts.
 
 Shape glossary: B rows (prompts, padded to the mesh's batch multiple), P padded prompt
 length, N max_new_tokens, V vocabulary size.
@@ -31,6 +32,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import jax
@@ -46,12 +48,19 @@ PROMPT_MULTIPLE = 8  # prompts pad to a multiple of this: fewer distinct compile
 _NONE = -1  # "no token" in the output buffer, and an eos_id that never matches
 
 
+def _scaled(logits: jax.Array, temperature) -> jax.Array:
+    """(logits - their max) / temperature in fp32: the same distribution as logits /
+    temperature, but a tiny temperature sends the others to -inf, not the top to inf."""
+    logits = logits.astype(jnp.float32)
+    return (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
+
+
 def truncate_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """logits [B, V] / temperature with tokens outside top-k and top-p set to -inf.
+    """(logits [B, V] less their max) / temperature, tokens outside top-k and top-p -inf.
 
     top_k <= 0 keeps every token; top_p >= 1 keeps every token top-k kept. Ties in the
     order are broken by token id, so top-k keeps exactly k tokens."""
-    logits = logits.astype(jnp.float32) / temperature
+    logits = _scaled(logits, temperature)
     b, v = logits.shape
     order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] most likely first
     ranked = jnp.take_along_axis(logits, order, axis=-1)
@@ -73,7 +82,7 @@ def sample_tokens(logits, keys, temperature, top_k, top_p, greedy) -> jax.Array:
             return truncate_logits(lg, temperature, top_k, top_p)
 
         def scaled(lg):
-            return lg.astype(jnp.float32) / temperature
+            return _scaled(lg, temperature)
 
         needs_sort = (top_k > 0) | (top_p < 1.0)
         lg = jax.lax.cond(needs_sort, truncated, scaled, logits)
@@ -218,7 +227,10 @@ class Generation:
 
 
 def compute_dtype_of(model: LoadedModel):
-    """The dtype `model.apply` computes in: the run's precision policy, else the params'."""
+    """The dtype `model.apply` computes in: the model's own record of it, else the run's
+    precision policy, else the params'."""
+    if model.compute_dtype is not None:
+        return model.compute_dtype
     if model.train_cfg is not None:
         from gopher.precision import get_policy
 
@@ -277,26 +289,51 @@ def check_memory(
     )
 
 
-def _check(model, prompts, max_new_tokens, temperature, top_k, top_p, stop):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def _whole(value) -> int | None:
+    """`value` as an int when it is a whole number of any integer type, else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _check(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, eos_id):
+    """One-line ValueErrors naming a bad argument; returns (max_new_tokens, top_k, seed)
+    as ints (top_k at most the vocabulary: more keeps every token the same)."""
+    v = model.model_cfg.vocab_size
+    n = _whole(max_new_tokens)
+    if n is None or n < 1:
         raise ValueError(f"max_new_tokens = {max_new_tokens!r}; pass a whole number >= 1")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature = {temperature}; pass a finite number >= 0 (0 means greedy)")
-    if not isinstance(top_k, int) or top_k < 0:
+    if 0 < temperature < np.finfo(np.float32).tiny:
+        raise ValueError(
+            f"temperature = {temperature} is below float32's smallest normal number "
+            f"({np.finfo(np.float32).tiny:.3g}), which divides as 0; pass 0 for greedy"
+        )
+    k = _whole(top_k)
+    if k is None or k < 0:
         raise ValueError(f"top_k = {top_k!r}; pass a whole number >= 0 (0 keeps every token)")
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p = {top_p}; pass a probability in (0, 1] (1 keeps every token)")
+    seed_int = _whole(seed)
+    if seed_int is None or not -(2**63) <= seed_int < 2**63:
+        raise ValueError(f"seed = {seed!r}; pass a whole number in [-2**63, 2**63)")
+    if eos_id is not None and (_whole(eos_id) is None or not -1 <= _whole(eos_id) < v):
+        raise ValueError(f"eos_id = {eos_id!r}; pass a token id in [0, {v}), or -1 for none")
     if any(not s for s in stop):
         raise ValueError(f"stop strings {list(stop)!r} include an empty one; drop it")
-    if not prompts:
+    if len(prompts) == 0:
         raise ValueError("no prompts; pass at least one (a string or a list of token ids)")
-    v = model.model_cfg.vocab_size
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} has no tokens; give it at least one")
         bad = [t for t in p if not 0 <= t < v]
         if bad:
             raise ValueError(f"prompt {i} has token ids {bad[:3]} outside [0, {v}); re-encode it")
+    return n, min(k, v), seed_int
 
 
 def generate_with_details(
@@ -320,12 +357,14 @@ def generate_with_details(
     strings = [isinstance(p, str) for p in prompts]
     if any(strings) and not all(strings):
         raise ValueError("prompts mix strings and token lists; pass one kind")
-    if prompts and all(strings):
+    if len(prompts) > 0 and all(strings):
         prefix = [tok.eos_id] if start_of_document else []
         prompts = [prefix + tok.encode(p) for p in prompts]
     prompts = [[int(t) for t in p] for p in prompts]
     stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, stop)
+    max_new_tokens, top_k, seed = _check(
+        model, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, eos_id
+    )
     if (stop or stream is not None) and tok is None:
         raise ValueError("stop strings and streaming decode text; give the model a tokenizer")
     eos = tok.eos_id if eos_id is None else eos_id

@@ -320,3 +320,27 @@ def test_shape_mismatch_moved_data_and_oversized_sample_are_one_line(run, tmp_pa
         "--max_new_tokens=2000000000",
     )
     assert _error_line(huge).startswith("error: --max_new_tokens=2000000000 needs at least")
+
+
+def test_load_restores_the_parameters_alone(run):
+    """Sampling and evaluation read the parameters only: the same arrays as the whole
+    state's, without the Adam moments (twice the parameters' bytes) beside them."""
+    import jax
+
+    from gopher import inference
+
+    workdir = str(run[0])
+    whole = inference.restore_state(workdir)
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(whole.state.params))
+    moments_bytes = sum(x.nbytes for x in jax.tree.leaves(whole.state.opt_state))
+    assert moments_bytes >= 2 * params_bytes  # what a whole restore would have held
+    alone = inference.restore_state(workdir, params_only=True)
+    assert alone.step == whole.step == 2
+    assert alone.state.opt_state is None and alone.state.master is None
+    pairs = zip(
+        jax.tree.leaves(alone.state.params), jax.tree.leaves(whole.state.params), strict=True
+    )
+    for a, b in pairs:
+        assert a.dtype == b.dtype and a.sharding == b.sharding and (a == b).all()
+    model = inference.load(workdir)
+    assert jax.tree.structure(model.params) == jax.tree.structure(whole.state.params)

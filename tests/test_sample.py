@@ -186,7 +186,7 @@ def test_truncate_logits_keeps_exactly_the_naive_set():
         for row, g in zip(logits, got, strict=True):
             want = _truncated_probs(row, 1.0, top_k, top_p) > 0
             assert np.array_equal(np.isfinite(g), want), (top_k, top_p)
-            assert np.allclose(g[want], row[want])
+            assert np.allclose(g[want], row[want] - row.max())  # shifted: the same softmax
     keys = jax.random.split(jax.random.key(0), len(logits))
     greedy = sample.sample_tokens(jnp.asarray(logits), keys, 1.0, 0, 1.0, jnp.bool_(True))
     assert np.array_equal(np.asarray(greedy), logits.argmax(-1))
@@ -244,12 +244,34 @@ def test_stop_string_ends_a_row_and_streaming_shows_the_text_before_it(one):
         (dict(prompts=[[1, 9999]]), "outside [0, 512)"),
         (dict(stop=[""]), "empty one"),
         (dict(prompts=["ab", [1, 2]]), "mix strings and token lists"),
+        (dict(temperature=1e-40), "below float32's smallest normal number"),
+        (dict(seed=2**64), "seed = 18446744073709551616"),
+        (dict(eos_id=512), "eos_id = 512; pass a token id in [0, 512)"),
+        (dict(top_k=2.5), "top_k = 2.5"),
+        (dict(prompts=np.zeros((0, 2), np.int32)), "no prompts"),
     ],
 )
 def test_bad_arguments_are_one_line_value_errors(one, kw, message):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kw
     with pytest.raises(ValueError, match=re.escape(message)):
         sample.generate(one, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+
+
+def test_arguments_of_numpy_integer_types_and_out_of_range_top_k_work(one):
+    """numpy integers are whole numbers; a top_k beyond the vocabulary keeps every token
+    (it once overflowed int32); a prompt array is a batch of prompts."""
+    kw = dict(temperature=0.7, seed=np.int64(3), eos_id=-1)
+    want = sample.generate(one, [[11, 12]], 6, top_k=0, **kw)
+    assert sample.generate(one, np.array([[11, 12]]), np.int64(6), top_k=2**40, **kw) == want
+
+
+def test_a_tiny_temperature_is_greedy_not_overflow(one):
+    """1e-30 sends every logit but the top to -inf: the greedy token, with and without
+    top-k/top-p (logits / T overflowed to inf and NaN, which drew token 0)."""
+    prompt = [[5, 300, 17]]
+    greedy = sample.generate(one, prompt, 8, greedy=True, eos_id=-1)
+    for kw in (dict(), dict(top_k=3), dict(top_p=0.9)):
+        assert sample.generate(one, prompt, 8, temperature=1e-30, eos_id=-1, **kw) == greedy
 
 
 def test_cli_streams_samples(one, monkeypatch, capsys):
@@ -334,3 +356,20 @@ def test_cli_on_a_trained_workdir(tmp_path):
     assert first.stdout.startswith("The ") and len(first.stdout) > len("The \n")
     assert first.stdout == again.stdout  # the seed reproduces the sample
     assert "20 tokens, ended by length" in first.stderr or "ended by eos" in first.stderr
+
+
+def test_bf16_prefill_equals_the_models_own_forward_at_key_size_32():
+    """In bf16 the cache's first logits are the model's: 1/sqrt(K) folded into W_q before
+    the cast, as the model folds it (scaling q after the bf16 matmul was 1e-2 off at
+    K=32, and greedy tokens drifted from the model's), and `generate` computes in the
+    dtype `from_params` was given (it fell back to the params' fp32)."""
+    cfg = get_preset("test").replace(num_heads=2, key_size=32, init_scale=0.1)
+    params = jax.jit(build_forward(cfg).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+    mesh = sharding.make_mesh(ParallelConfig(data=1), jax.devices()[:1])
+    model = from_params(cfg, params, ByteTokenizer(), mesh, compute_dtype=jnp.bfloat16)
+    assert sample.compute_dtype_of(model) == jnp.bfloat16
+    prompt = [5, 300, 17, 42, 260, 9, 77, 120]  # 8 tokens: no padding in the cache
+    got = sample.generate_with_details(model, [prompt], 1, greedy=True, keep_logits=True)
+    want = np.asarray(jax.jit(model.apply)(model.params, np.array([prompt], np.int32)))[0, -1]
+    err = np.abs(got.logits[0, 0] - want).max() / np.abs(want).max()
+    assert err < 2e-3, err
