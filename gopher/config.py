@@ -172,10 +172,10 @@ class ModelConfig:
                 f"requires num_heads * key_size == d_model (set --config.model.key_size="
                 f"{self.d_model // self.num_heads if self.d_model % self.num_heads == 0 else '?'})"
             )
-        if self.key_size % 2:
+        if self.d_model % 2:
             raise ConfigError(
-                f"ModelConfig.key_size = {self.key_size} must be even (sinusoidal "
-                f"relative encodings pair sin/cos); use an even key_size"
+                f"ModelConfig.d_model = {self.d_model} must be even (the sinusoidal "
+                f"relative encodings, d_model wide, pair sin/cos); use an even d_model"
             )
         if self.attention not in ATTENTIONS:
             raise ConfigError(
@@ -339,6 +339,12 @@ class TrainConfig:
         if self.optimizer not in ("adam", "adamw"):
             raise ConfigError(
                 f"TrainConfig.optimizer = {self.optimizer!r} is unknown; use 'adam' or 'adamw'"
+            )
+        if self.weight_decay > 0 and self.optimizer != "adamw":
+            raise ConfigError(
+                f"TrainConfig.weight_decay = {self.weight_decay} with optimizer = "
+                f"{self.optimizer!r}, which has no weight decay (it would be ignored); add "
+                "--config.train.optimizer=adamw, or drop the weight decay"
             )
         _check_precision(self)
         _check_batch_schedule(self)

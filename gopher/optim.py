@@ -9,6 +9,7 @@ advances twice as far per step.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -56,6 +57,22 @@ def make_update_rule(model: ModelConfig, train: TrainConfig) -> optax.GradientTr
         parts.append(optax.add_decayed_weights(train.weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate_schedule(model, train)))
     return optax.chain(*parts)
+
+
+def advance_schedule(opt_state):
+    """`opt_state` with the LR schedule's step count advanced by one and nothing else: a
+    skipped (non-finite) update leaves the moments as they were, but the schedule
+    follows the steps (and tokens) the run has taken, so the cosine still ends on the
+    run's last step and the logged LR is the one applied."""
+
+    def is_schedule(x):
+        return isinstance(x, optax.ScaleByScheduleState)
+
+    return jax.tree.map(
+        lambda x: x._replace(count=x.count + 1) if is_schedule(x) else x,
+        opt_state,
+        is_leaf=is_schedule,
+    )
 
 
 def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTransformation:

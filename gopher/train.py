@@ -35,9 +35,14 @@ class TrainState(NamedTuple):
 
 def keep_finite_update(new, state, loss: jax.Array, grad_norm: jax.Array):
     """`new`, unless the loss or gradient norm is non-finite: then `state` with the step
-    advanced and the skip counted. Works for any state with `step` and `skipped` fields."""
+    advanced, the LR schedule's count with it, and the skip counted. Works for any state
+    with `step`, `skipped` and `opt_state` fields."""
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    old = state._replace(step=state.step + 1, skipped=state.skipped + 1)
+    old = state._replace(
+        step=state.step + 1,
+        skipped=state.skipped + 1,
+        opt_state=optim.advance_schedule(state.opt_state),
+    )
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 

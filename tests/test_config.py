@@ -85,6 +85,14 @@ def test_train_config_errors_name_the_field():
         config.TrainConfig(optimizer="sgd")
     with pytest.raises(config.ConfigError, match=r"TrainConfig\.precision = 'fp8'"):
         config.TrainConfig(precision="fp8")
+    # Adam has no weight decay: it was ignored without a word.
+    with pytest.raises(config.ConfigError, match=r"weight_decay = 0.1 with optimizer = 'adam'"):
+        config.TrainConfig(weight_decay=0.1)
+    assert config.TrainConfig(weight_decay=0.1, optimizer="adamw").weight_decay == 0.1
+    # The sinusoids are d_model wide: an odd key size with an even d_model is fine.
+    assert config.get_preset("test").replace(d_model=66, num_heads=22, key_size=3).key_size == 3
+    with pytest.raises(config.ConfigError, match=r"d_model = 63 must be even"):
+        config.get_preset("test").replace(d_model=63, num_heads=7, key_size=9)
 
 
 def test_unknown_override_field_is_named():
