@@ -168,9 +168,11 @@ def forward(
     cache: Cache,
     rproj: jax.Array,
     constrain: Callable[[jax.Array, str], jax.Array] = _identity,
+    last_only: bool = False,
 ) -> tuple[jax.Array, Cache]:
     """Runs tokens [B, C] at cache positions start ... start+C-1: fp32 logits [B, C, V]
-    and the cache with their keys and values written.
+    (`last_only`: of the last position alone, [B, 1, V]) and the cache with their keys
+    and values written.
 
     `prepared` is `prepare(params, cfg, dtype)` and `rproj` `projected_encodings(params,
     cfg, S, dtype)`, both in the compute dtype. With `start` a Python int (the prompt's
@@ -210,6 +212,6 @@ def forward(
     idx = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     xs = (idx, prepared["layers"], rproj)
     (x, k_cache, v_cache), _ = jax.lax.scan(layer, (x, cache.k, cache.v), xs)
-    h = _rms_norm(x, prepared["final_norm"], cfg.rms_norm_eps)
+    h = _rms_norm(x[:, -1:] if last_only else x, prepared["final_norm"], cfg.rms_norm_eps)
     logits = jnp.einsum("btd,vd->btv", h, prepared["output"], preferred_element_type=jnp.float32)
     return logits, Cache(k_cache, v_cache, cache.valid)

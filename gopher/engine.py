@@ -72,16 +72,16 @@ def _sums_from_local_nll(eval_nll: Callable) -> Callable:
     return eval_sums
 
 
-def available_bytes_per_device() -> int | None:
-    """Memory one device may use: the accelerator's limit, or the host's free RAM shared
-    by the simulated CPU devices."""
+def available_bytes_per_device(free: bool = False) -> int | None:
+    """Memory one device may use: the accelerator's limit (`free`: less what it holds
+    now), or the host's free RAM shared by the simulated CPU devices."""
     dev = jax.local_devices()[0]
     try:
         stats = dev.memory_stats() or {}
     except Exception:
         stats = {}
     if "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
+        return int(stats["bytes_limit"]) - (int(stats.get("bytes_in_use", 0)) if free else 0)
     if dev.platform == "cpu":
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

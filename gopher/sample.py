@@ -45,6 +45,9 @@ from gopher.config import ModelConfig
 from gopher.inference import LoadedModel, pad_rows
 
 PROMPT_MULTIPLE = 8  # prompts pad to a multiple of this: fewer distinct compiled loops
+# The prompt runs through the model in passes of at most this many positions, so its
+# attention temporaries grow with the prompt, not with its square: [B, H, chunk, S].
+PREFILL_CHUNK = 512
 _NONE = -1  # "no token" in the output buffer, and an eos_id that never matches
 
 
@@ -104,8 +107,11 @@ def _host_step(call_id, step, tokens, emitted):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(cfg: ModelConfig, dtype, mesh, rows, prompt_len, new_tokens, host, keep_logits):
-    """The jitted prefill + decode loop for one set of shapes."""
+def _compiled(
+    cfg: ModelConfig, dtype, mesh, rows, prompt_len, new_tokens, host, keep_logits, chunk
+):
+    """The jitted prefill (in passes of `chunk` positions) + decode loop for one set of
+    shapes."""
     constrain = decode.mesh_constraint(mesh, cfg.num_heads)
     length = prompt_len + new_tokens
 
@@ -115,7 +121,11 @@ def _compiled(cfg: ModelConfig, dtype, mesh, rows, prompt_len, new_tokens, host,
         cache = cache._replace(k=constrain(cache.k, "cache"), v=constrain(cache.v, "cache"))
         rproj = constrain(decode.projected_encodings(params, cfg, length, dtype), "encodings")
         weights = decode.prepare(params, cfg, dtype)
-        logits, cache = decode.forward(weights, cfg, tokens, 0, cache, rproj, constrain)
+        for a in range(0, prompt_len, chunk):  # each pass sees the keys up to its end
+            part = tokens[:, a : a + chunk]
+            logits, cache = decode.forward(
+                weights, cfg, part, a, cache, rproj, constrain, last_only=True
+            )
         row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(rows))
 
         def choose(t, logits, done, reason, out, kept):
@@ -241,16 +251,20 @@ def compute_dtype_of(model: LoadedModel):
 def decode_bytes(
     cfg: ModelConfig, rows: int, prompt_len: int, new_tokens: int, dtype, keep_logits=False
 ) -> int:
-    """A lower bound of the bytes the decode loop holds over all devices while it runs:
-    the key/value cache and the projected relative encodings of every position, and the
-    output (and kept logits). Temporaries (prefill attention, the projection) come on top.
+    """The bytes the decode loop holds over all devices while it runs: the key/value
+    cache and the projected relative encodings of every position, the output (and kept
+    logits), and the prompt pass's attention temporaries, five fp32 [B, H, chunk, S]
+    arrays (content and position scores, their sum, the probabilities; XLA CPU's
+    compiled temporaries were 2.4-4.2 of them for the tiny preset at 1-4 rows and
+    prompts of 1,024-4,096).
     """
     length = prompt_len + new_tokens
     hk_bytes = cfg.num_heads * cfg.key_size * jnp.dtype(dtype).itemsize
     cache = 2 * cfg.num_layers * rows * length * hk_bytes
     encodings = cfg.num_layers * length * hk_bytes
     out = rows * new_tokens * (4 + (4 * cfg.vocab_size if keep_logits else 0))
-    return cache + encodings + out
+    prefill = 5 * rows * cfg.num_heads * min(prompt_len, PREFILL_CHUNK) * length * 4
+    return cache + encodings + out + prefill
 
 
 def check_memory(
@@ -275,7 +289,7 @@ def check_memory(
     dtype = jnp.dtype(dtype or compute_dtype_of(model))
     devices = model.mesh.devices.size
     need = decode_bytes(model.model_cfg, rows, prompt_len, max_new_tokens, dtype, keep_logits)
-    have = available_bytes_per_device()
+    have = available_bytes_per_device(free=True)  # the parameters are on the devices
     if have is None or need / devices <= have:
         return
     fixed = decode_bytes(model.model_cfg, rows, prompt_len, 0, dtype, keep_logits)
@@ -284,7 +298,8 @@ def check_memory(
     gib = 2.0**30
     raise ValueError(
         f"{name}={max_new_tokens} needs at least {need / devices / gib:.1f} GiB per device "
-        f"(key/value cache of {rows} rows x {prompt_len + max_new_tokens} positions) but "
+        f"(key/value cache and attention of {rows} rows x {prompt_len + max_new_tokens} "
+        "positions) but "
         f"{have / gib:.1f} GiB is available; pass {name} of at most {most}"
     )
 
@@ -387,7 +402,15 @@ def generate_with_details(
 
     host = bool(stop) or stream is not None
     run = _compiled(
-        model.model_cfg, dtype, model.mesh, len(tokens), p_len, max_new_tokens, host, keep_logits
+        model.model_cfg,
+        dtype,
+        model.mesh,
+        len(tokens),
+        p_len,
+        max_new_tokens,
+        host,
+        keep_logits,
+        PREFILL_CHUNK,
     )
     rows = _HostRows(tok, n, stop, stream)
     call_id = next(_CALL_IDS)

@@ -296,6 +296,31 @@ def test_cli_streams_samples(one, monkeypatch, capsys):
         assert f"--- sample {i + 1} (seed {3 + i}) ---\nab{want}\n" in out
 
 
+def test_prompt_runs_in_passes_that_equal_the_full_forward(one, full_forward, monkeypatch):
+    """A prompt of 4 passes (chunk 8) gives the whole model's logits and greedy tokens."""
+    monkeypatch.setattr(sample, "PREFILL_CHUNK", 8)
+    prompt = [(7 * i) % 500 + 3 for i in range(29)]  # 32 padded: passes 0-7, ..., 24-31
+    got = sample.generate_with_details(one, [prompt], 20, greedy=True, eos_id=-1, keep_logits=True)
+    want_tokens, want_logits = full_forward(prompt, 20)
+    assert got.tokens[0] == want_tokens
+    assert _rel_err(got.logits[0], want_logits).max() < 1e-5
+
+
+def test_memory_estimate_covers_the_compiled_prompt_pass(one, cfg):
+    """decode_bytes against XLA's own temporaries for a 1,024-token prompt (two passes):
+    the score arrays of a pass grow with the prompt; the estimate must not be below."""
+    rows, p_len, n = 2, 1024, 8
+    run = sample._compiled(
+        cfg, jnp.dtype(jnp.float32), one.mesh, rows, p_len, n, False, False, sample.PREFILL_CHUNK
+    )
+    args = (np.zeros((rows, p_len), np.int32), np.ones((rows, p_len), bool), np.zeros(rows, bool))
+    scalars = (np.float32(1), np.int32(0), np.float32(1), np.bool_(True), np.int32(-1))
+    compiled = run.lower(one.params, *args, jax.random.key(0), *scalars, np.int32(0)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    estimate = sample.decode_bytes(cfg, rows, p_len, n, jnp.float32)
+    assert temp <= estimate < 4 * temp, (temp, estimate)
+
+
 def test_decode_that_cannot_fit_is_refused_before_it_compiles(one, cfg, monkeypatch):
     """The bound is checked against the cache's real size (jax.eval_shape of
     decode.init_cache, an oracle apart from the estimate): a budget one byte short of
@@ -306,7 +331,7 @@ def test_decode_that_cannot_fit_is_refused_before_it_compiles(one, cfg, monkeypa
     valid = jax.ShapeDtypeStruct((1, p_len + n), jnp.bool_)
     shapes = jax.eval_shape(lambda v: decode.init_cache(cfg, v, jnp.float32), valid)
     cache = shapes.k.size * 4 + shapes.v.size * 4
-    monkeypatch.setattr(engine, "available_bytes_per_device", lambda: cache - 1)
+    monkeypatch.setattr(engine, "available_bytes_per_device", lambda free=False: cache - 1)
     with pytest.raises(ValueError) as err:
         sample.generate(one, [[1, 2]], n)
     msg = str(err.value)
