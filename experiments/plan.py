@@ -95,12 +95,23 @@ def _space(per_slice: int):
                 f"use a divisor of {per_slice} (or --data=-1)"
             )
         models = [per_slice // _DATA.value]
+
+    def whole(flag: str, values: list[str], allowed: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(v) for v in values)
+        except ValueError:
+            raise ValueError(f"--{flag}={','.join(values)}: use {allowed}") from None
+
     if _SEARCH.value:
-        zeros = tuple(int(z) for z in _S_ZERO.value)
+        zeros = whole("search_zero", _S_ZERO.value, "0, 1 or 3, comma-separated")
         remats = tuple(_S_REMAT.value)
     else:
-        zeros, remats = tuple(int(z) for z in _ZERO.value), (_REMAT.value,)
-    micro = [_MICRO.value] if _MICRO.value else [int(k) for k in _S_MICRO.value]
+        zeros, remats = whole("zero", _ZERO.value, "0, 1 or 3, comma-separated"), (_REMAT.value,)
+    micro = (
+        [_MICRO.value]
+        if _MICRO.value
+        else list(whole("search_microbatches", _S_MICRO.value, "whole numbers, comma-separated"))
+    )
     from gopher import plan_search  # imports jax: after the environment is set
 
     return plan_search.Space(
@@ -152,11 +163,17 @@ def main(argv):
         log = (lambda line: print(line, file=sys.stderr)) if _JSON.value else print
         presets = TABLE_PRESETS if _ALL.value else [None]
         results = {}
+        nothing: list[str] = []
         for preset in presets:
             result = plan_preset(plan_lib, preset, devices, hw, log)
             name = preset or _CONFIG.value.model.preset
             results[name] = result
             best = result["fits"][0] if result["fits"] else None
+            if best is None and not result["tried"] and result["pruned"]:
+                # Nothing was compiled: a flag ruled out every plan, not the memory.
+                nothing.append(f"{name}: nothing compiled: {result['pruned'][0]}")
+                log(nothing[-1])
+                continue
             log(f"{name}: best {plan_lib.summary_line(best) if best else 'none fits'}")
     out = _json_object(results, devices, hw)
     if _OUT.value:
@@ -169,6 +186,8 @@ def main(argv):
             f.write(markdown_table(out))
     if _JSON.value:
         print(json.dumps(out))
+    if nothing and len(nothing) == len(presets):
+        common.fail(nothing[0])
     return 0
 
 

@@ -218,6 +218,23 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
 
 
 def _pmap_engine(model_cfg, train_cfg, parallel) -> Engine:
+    from gopher.config import ConfigError
+
+    # The pmap path is ZeRO-1 by hand over every device, one batch per step: settings it
+    # would not honour are refused, not dropped.
+    asked = {
+        "--config.parallel.zero=3 (FSDP)": parallel.zero == 3,
+        f"--config.parallel.data={parallel.data}": parallel.data not in (-1, jax.device_count()),
+        f"--config.parallel.replica={parallel.replica}": parallel.replica not in (1, -1),
+        f"--config.train.microbatches={train_cfg.microbatches}": train_cfg.microbatches > 1,
+        "--config.train.inject_nan_steps": bool(train_cfg.inject_nan_steps),
+    }
+    refused = [flag for flag, bad in asked.items() if bad]
+    if refused:
+        raise ConfigError(
+            f"{', '.join(refused)} with --config.parallel.mode=pmap, which runs ZeRO-1 by hand "
+            "over all devices without gradient accumulation; use --config.parallel.mode=jit"
+        )
     from gopher import pmap_train
 
     p = pmap_train.make_pmap_train(

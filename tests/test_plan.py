@@ -135,6 +135,23 @@ def test_bad_topology_is_one_line(bad):
     assert len(lines) == 1 and bad in lines[0] and "--topology=v3:32x32" in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--model=2", "--microbatches=3"], "nothing compiled: mesh (1, 4, 2) K=3: batch 8"),
+        (["--zero=x"], "--zero=x: use 0, 1 or 3"),
+    ],
+)
+def test_a_plan_ruled_out_by_its_flags_is_one_line_not_none_fits(flags, named):
+    """A batch that 3 microbatches do not split compiled nothing and printed "none fits",
+    exit 0, as if the model were too big; the reason was only in the JSON."""
+    run = _cli(["--topology=cpu:8", "--config=experiments/configs/gopher.py:test", *flags])
+    assert run.returncode == 2, run.stdout + run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and named in lines[-1], lines
+    assert "none fits" not in run.stdout + run.stderr
+
+
 def test_missing_libtpu_names_the_fix(monkeypatch):
     monkeypatch.setattr(topology, "libtpu_available", lambda: False)
     with pytest.raises(ValueError, match=r"pip install -e \.\[tpu\]"):

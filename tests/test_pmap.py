@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gopher import config, pmap_train, train
+from gopher import config, optim, pmap_train, train
 
 MODEL = config.get_preset("test")
 STEPS = 20
@@ -146,11 +146,34 @@ def test_nonfinite_gradient_skips_the_update_on_every_device(fp32_runs):
     assert not math.isfinite(float(m["loss"]))
     assert int(m["skipped"]) == 1
     assert np.all(np.asarray(new.skipped) == 1) and np.all(np.asarray(new.step) == STEPS + 1)
-    for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(state.opt_state), strict=True):
+    # The moments are left as they were; the LR schedule's count follows the step.
+    moved = optim.advance_schedule(state.opt_state)
+    for a, b in zip(jax.tree.leaves(new.opt_state), jax.tree.leaves(moved), strict=True):
         np.testing.assert_array_equal(a, b)
     # The parameters are left as they came in (NaN compares equal to NaN here).
     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "parallel, train_kw, named",
+    [
+        (dict(zero=3), {}, "--config.parallel.zero=3 (FSDP)"),
+        (dict(data=4), {}, "--config.parallel.data=4"),
+        ({}, dict(microbatches=2), "--config.train.microbatches=2"),
+        ({}, dict(inject_nan_steps=(3,)), "--config.train.inject_nan_steps"),
+    ],
+)
+def test_settings_the_pmap_path_does_not_honour_are_refused(parallel, train_kw, named):
+    """They were dropped: zero=3 ran ZeRO-1, microbatches=4 ran one batch per step."""
+    from gopher import engine
+
+    par = config.ParallelConfig(mode="pmap", **parallel)
+    with pytest.raises(config.ConfigError) as err:
+        engine.build(MODEL, config.TrainConfig(batch_size=8, **train_kw), par)
+    line = str(err.value)
+    assert named in line and "--config.parallel.mode=jit" in line and "\n" not in line
+    assert engine.build(MODEL, config.TrainConfig(batch_size=8), config.ParallelConfig(mode="pmap"))
 
 
 @pytest.mark.slow  # make test-all; the suite's time budget
