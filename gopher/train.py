@@ -224,8 +224,9 @@ def _accumulated_value_and_grad(forward: Any, microbatches: int, layout: BatchLa
     over the shard dim, split over `layout.axis_name`) and summed over shards once,
     after the loop: the gradient is reduced once per step, not once per microbatch.
     Without it (ZeRO-3, where a per-shard gradient would be a whole unsharded copy of
-    the parameters on every device) each microbatch's gradient is reduce-scattered
-    into the parameters' shards, as FSDP does. All microbatches hold the same number
+    the parameters on every device) each microbatch's gradient is reduced into the
+    parameters' shards, as FSDP does (XLA picks the collective: reduce-scatters for most,
+    a full all-reduce then a slice for the packed q/k/v and W_R on TPU). All microbatches hold the same number
     of tokens, so the mean of their means is the batch's mean.
     """
     n, k = layout.shards, microbatches
