@@ -123,6 +123,11 @@ def test_json_fields(tmp_path):
     for key in ("fits", "hbm_bytes", "compile_seconds", "per_device_bytes", "search"):
         assert key in obj, key
     assert set(obj["per_device_bytes"]) >= {"params", "opt_state", "temp", "total"}
+    # What the step holds, its code included (XLA's memory_analysis, from the JSON).
+    xla = obj["memory_analysis"]
+    assert (
+        per["total"] == xla["argument"] + xla["output"] - xla["alias"] + xla["temp"] + xla["code"]
+    )
     assert obj["mesh"] == {"replica": 1, "data": 4, "model": 2}
     assert obj["fits"] and obj["compile_seconds"] > 0
 
