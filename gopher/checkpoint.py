@@ -82,6 +82,8 @@ _SHAPE_ERROR = re.compile(
     r"Requested shape: (\([^)]*\)) is not compatible with the stored shape: (\([^)]*\))"
 )
 _OTHER_SHAPE = "a model of another shape"
+_OTHER_PRECISION = "a state of another precision setting"
+_CONFIG_MISMATCH = (_OTHER_SHAPE, _OTHER_PRECISION)  # the config differs, not the storage
 
 
 class CheckpointError(ValueError):
@@ -282,6 +284,12 @@ class Checkpointer:
             while root.__cause__ is not None and id(root.__cause__) not in seen:
                 root = root.__cause__
                 seen.add(id(root))
+            text = str(root)
+            if "tree structures do not match" in text and "master" in text:
+                return (
+                    f"{_OTHER_PRECISION}: the fp32 master copy bf16_master keeps is in one "
+                    "state and not the other; use the run's --config.train.precision"
+                )
             return f"damaged: {_short(root)}"
         requested, stored = shapes
         why = f"{_OTHER_SHAPE}: an array of shape {stored} where this model has {requested}"
@@ -319,7 +327,7 @@ class Checkpointer:
             log.info("checkpoint %s/%d is unreadable: %s", self.directory, step, str(e))
             why = self._why(step, e, model)
             others = [s for s in steps if s != step]
-            if why.startswith(_OTHER_SHAPE):
+            if why.startswith(_CONFIG_MISMATCH):
                 fix = "restore with the config of the model it holds"
             elif others:
                 fix = f"pass another --step (it has {others}) or omit --step for the newest"
@@ -368,7 +376,7 @@ class Checkpointer:
                 )
             return step, state, meta
         if failed:
-            other_shape = all(why.startswith(_OTHER_SHAPE) for _, why in failed)
+            other_shape = all(why.startswith(_CONFIG_MISMATCH) for _, why in failed)
             if other_shape:
                 tried = f"steps {', '.join(str(s) for s, _ in failed)} each hold {failed[0][1]}"
                 hint = (

@@ -291,3 +291,29 @@ def test_a_model_of_another_shape_is_named_not_called_damaged(tmp_path):
         ck.restore_step(10, wider)
     ck.close()
     assert _files(tmp_path) == before
+
+
+def test_a_state_of_another_precision_is_named_not_called_damaged(tmp_path):
+    """bf16_master keeps an fp32 master copy in the train state; restoring its steps as an
+    fp32 run's state was called damaged, with a hint to fix the storage."""
+    from gopher.train import TrainState
+
+    def state(master):
+        w = _state(5)["w"]
+        return TrainState(w, None, master, jnp.int32(5), jnp.zeros(2, jnp.uint32), jnp.int32(0))
+
+    directory = tmp_path / "checkpoints"
+    ck = _checkpointer(directory)
+    assert ck.save(5, state({"w": _state(5)["w"]}), {"step": 5})
+    ck.close()
+    before = _files(tmp_path)
+    ck = _checkpointer(directory)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state(None))
+    with pytest.raises(checkpoint_lib.RestoreFailed) as err:
+        ck.restore_latest(abstract)
+    msg = str(err.value)
+    assert err.value.other_shape and "damaged" not in msg and "\n" not in msg
+    assert "a state of another precision setting" in msg and "--config.train.precision" in msg
+    assert "restart_from_scratch" not in msg
+    ck.close()
+    assert _files(tmp_path) == before
