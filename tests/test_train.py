@@ -117,7 +117,7 @@ def test_bf16_parameters_keep_a_frequent_tokens_embedding_gradient():
     """The input lookup's gradient sums a token's every occurrence: on bf16 parameters it
     summed in bf16 and lost 74% of a 4096-times token's. Oracle: the same values held in
     fp32, computing in bf16 alike."""
-    model = config.get_preset("test")
+    model = config.get_preset("test").replace(num_layers=1)  # the lookup is what counts
     forward = model_lib.build_forward(model, jnp.bfloat16)
     tokens = jnp.full((64, model.seq_len + 1), 7, jnp.int32).at[:, ::5].set(11)  # 7: 3,300x
     params = forward.init(jax.random.key(0), tokens[:, :-1])
@@ -126,8 +126,9 @@ def test_bf16_parameters_keep_a_frequent_tokens_embedding_gradient():
     def loss(p):
         return model_lib.cross_entropy(forward.apply(p, tokens[:, :-1]), tokens[:, 1:]).mean()
 
-    want = jax.grad(loss)(exact)["lm"]["embeddings"]
-    got = jax.grad(loss)(jax.tree.map(lambda p: p.astype(jnp.bfloat16), exact))
+    grad = jax.jit(jax.grad(loss))
+    want = grad(exact)["lm"]["embeddings"]
+    got = grad(jax.tree.map(lambda p: p.astype(jnp.bfloat16), exact))
     got = got["lm"]["embeddings"].astype(jnp.float32)
     for token in (7, 11):
         err = jnp.abs(got[token] - want[token]).max() / jnp.abs(want[token]).max()
