@@ -22,8 +22,9 @@ from the compiled HLO with loop trips counted (gopher/hlo.py), the bytes accesse
 cost_analysis() (see `roofline`).
 A program that does not fit may fail to compile on TPU with RESOURCE_EXHAUSTED (its
 temporaries are then read from the error), but a deviceless compile need not refuse it
-(libtpu 0.0.42 compiled a 19.8 GiB step for a 16 GiB v3 core): the verdict is the total's. The search over meshes, ZeRO settings, remat
-policies and microbatch counts that calls `plan` is gopher/plan_search.py.
+(libtpu 0.0.42 compiled a 19.8 GiB step for a 16 GiB v3 core): the verdict is the
+total's. The search over meshes, ZeRO settings, remat policies and microbatch counts that
+calls `plan` is gopher/plan_search.py.
 """
 
 from __future__ import annotations
