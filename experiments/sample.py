@@ -79,7 +79,7 @@ def main(argv):
         logging.set_verbosity(logging.FATAL)  # Orbax logs every restore at INFO
     with common.user_errors(_VERBOSE.value):
         # late: flag errors print before jax loads
-        from gopher import background_errors, inference, sample
+        from gopher import background_errors, inference, sample, sample_checks
 
         if not _VERBOSE.value:
             background_errors.quiet()  # a damaged step: one warning line
@@ -87,7 +87,7 @@ def main(argv):
         # The longest prompt row (after the EOS), padded as generate pads it.
         prompt_len = len(model.tokenizer.encode(prompt)) + 1
         prompt_len = -(-prompt_len // sample.PROMPT_MULTIPLE) * sample.PROMPT_MULTIPLE
-        sample.check_memory(
+        sample_checks.check_memory(
             model, model.batch_multiple, prompt_len, _MAX_NEW.value, name="--max_new_tokens"
         )
         print(

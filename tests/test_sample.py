@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gopher import sample, sharding
+from gopher import sample, sample_checks, sharding
 from gopher.config import ParallelConfig, get_preset
 from gopher.inference import from_params
 from gopher.model import build_forward
@@ -298,7 +298,7 @@ def test_cli_streams_samples(one, monkeypatch, capsys):
 
 def test_prompt_runs_in_passes_that_equal_the_full_forward(one, full_forward, monkeypatch):
     """A prompt of 4 passes (chunk 8) gives the whole model's logits and greedy tokens."""
-    monkeypatch.setattr(sample, "PREFILL_CHUNK", 8)
+    monkeypatch.setattr(sample_checks, "PREFILL_CHUNK", 8)
     prompt = [(7 * i) % 500 + 3 for i in range(29)]  # 32 padded: passes 0-7, ..., 24-31
     got = sample.generate_with_details(one, [prompt], 20, greedy=True, eos_id=-1, keep_logits=True)
     want_tokens, want_logits = full_forward(prompt, 20)
@@ -311,13 +311,21 @@ def test_memory_estimate_covers_the_compiled_prompt_pass(one, cfg):
     the score arrays of a pass grow with the prompt; the estimate must not be below."""
     rows, p_len, n = 2, 1024, 8
     run = sample._compiled(
-        cfg, jnp.dtype(jnp.float32), one.mesh, rows, p_len, n, False, False, sample.PREFILL_CHUNK
+        cfg,
+        jnp.dtype(jnp.float32),
+        one.mesh,
+        rows,
+        p_len,
+        n,
+        False,
+        False,
+        sample_checks.PREFILL_CHUNK,
     )
     args = (np.zeros((rows, p_len), np.int32), np.ones((rows, p_len), bool), np.zeros(rows, bool))
     scalars = (np.float32(1), np.int32(0), np.float32(1), np.bool_(True), np.int32(-1))
     compiled = run.lower(one.params, *args, jax.random.key(0), *scalars, np.int32(0)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
-    estimate = sample.decode_bytes(cfg, rows, p_len, n, jnp.float32)
+    estimate = sample_checks.decode_bytes(cfg, rows, p_len, n, jnp.float32)
     assert temp <= estimate < 4 * temp, (temp, estimate)
 
 
@@ -338,10 +346,10 @@ def test_decode_that_cannot_fit_is_refused_before_it_compiles(one, cfg, monkeypa
     assert msg.startswith(f"max_new_tokens={n} needs") and "\n" not in msg
     most = int(msg.rsplit("at most ", 1)[1])
     assert 0 < most < n
-    sample.check_memory(one, 1, p_len, most)  # the number it names passes
+    sample_checks.check_memory(one, 1, p_len, most)  # the number it names passes
     monkeypatch.undo()
     with pytest.raises(ValueError, match="--max_new_tokens=2000000000 needs at least"):
-        sample.check_memory(one, 1, p_len, 2_000_000_000, name="--max_new_tokens")
+        sample_checks.check_memory(one, 1, p_len, 2_000_000_000, name="--max_new_tokens")
 
 
 @pytest.mark.parametrize(
@@ -392,7 +400,7 @@ def test_bf16_prefill_equals_the_models_own_forward_at_key_size_32():
     params = jax.jit(build_forward(cfg).init)(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
     mesh = sharding.make_mesh(ParallelConfig(data=1), jax.devices()[:1])
     model = from_params(cfg, params, ByteTokenizer(), mesh, compute_dtype=jnp.bfloat16)
-    assert sample.compute_dtype_of(model) == jnp.bfloat16
+    assert sample_checks.compute_dtype_of(model) == jnp.bfloat16
     prompt = [5, 300, 17, 42, 260, 9, 77, 120]  # 8 tokens: no padding in the cache
     got = sample.generate_with_details(model, [prompt], 1, greedy=True, keep_logits=True)
     want = np.asarray(jax.jit(model.apply)(model.params, np.array([prompt], np.int32)))[0, -1]
