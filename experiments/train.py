@@ -10,7 +10,9 @@ for the traceback), including a run too big for device memory (the line names wh
 lower; the train and eval steps are checked before training where XLA reports their
 memory, and a step that runs out anyway leaves every checkpoint written intact); 3
 diverged (too many consecutive non-finite steps); 4 no checkpoint could be restored (each
-step tried is named; nothing was deleted); 6 another process of the job died or hangs; 75
+step tried is named; nothing was deleted); 6 another process of the job died or hangs; 7
+the storage kept failing with a transient error while restoring (nothing was moved; rerun
+as it is); 75
 preempted (SIGTERM: a checkpoint was written; run the same command again to resume); 130
 interrupted (Ctrl-C: a checkpoint was written; a second Ctrl-C exits at once).
 
@@ -44,6 +46,8 @@ RESTORE_FAILED_EXIT_CODE = 4
 # Another run's lock on the workdir, maybe a preempted node's that has not gone stale yet
 # (launch.tpu supervise waits for it and retries; a bad flag is 2, never retried).
 WORKDIR_LOCKED_EXIT_CODE = 5
+# The storage, not the checkpoint, failed a restore (after retries): rerun as it is.
+STORAGE_UNAVAILABLE_EXIT_CODE = 7
 
 
 def quiet_main_thread() -> None:
@@ -90,6 +94,8 @@ def main(argv):
             common.fail(str(e), code=loop.DIVERGED_EXIT_CODE)
         except checkpoint.RestoreFailed as e:
             common.fail(str(e), code=RESTORE_FAILED_EXIT_CODE)
+        except checkpoint.StorageUnavailable as e:
+            common.fail(str(e), code=STORAGE_UNAVAILABLE_EXIT_CODE)
         except workdir.WorkdirLocked as e:
             common.fail(str(e), code=WORKDIR_LOCKED_EXIT_CODE)
         except loop.Stopped as e:

@@ -12,12 +12,18 @@ garbage-collect the steps it could not read):
   - a transient read error (OSError, a timeout, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) is
     retried with backoff; a structurally damaged step (missing or truncated files, bad
     metadata) is tried once;
-  - if a newer step is unreadable but an older one restores, the run resumes from the
+  - a step that still fails with a transient error after its retries stops the run with
+    `StorageUnavailable` (exit 7, which `launch.tpu supervise` retries): the storage, not
+    the step, is at fault, so nothing is quarantined and no older step is resumed;
+  - if a newer step is damaged but an older one restores, the run resumes from the
     older one and the bad step is quarantined: moved, never deleted, to
     WORKDIR/quarantine/<checkpoint dir>/<step>-<time>/ (outside the Orbax directory: on
     gs:// Orbax removes any subdirectory without a commit marker as unfinished), with a
     line in <checkpoint dir>/quarantine.jsonl; a later save of that step number is free;
   - if no step restores, `RestoreFailed` names every step and why, and nothing moves;
+  - with several processes, a host whose read of the newest step fails stops the job
+    (`RestoreFailed`) instead of falling back alone: each host decides by its own read,
+    and one host on an older step than the others would build a state of two steps;
   - a step whose arrays have other shapes than the model asks for (another config) is
     reported as "a model of another shape", naming the shapes and the config fields its
     `meta` records, not as damaged.
@@ -90,6 +96,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and the fix."""
 
 
+class StorageUnavailable(RuntimeError):
+    """Remote storage kept failing with a transient error: a step did not read after its
+    retries, or did not write. The run stops and can be rerun as it is (exit 7); nothing
+    was moved, and the previous checkpoint is intact."""
+
+
 class RestoreFailed(RuntimeError):
     """Checkpoints exist but none restores; the run must stop, not start over.
 
@@ -106,8 +118,9 @@ def _is_url(path: str) -> bool:
 
 
 def _absolute(path: str) -> str:
-    """Local paths made absolute; a URL (gs://...) is left as it is."""
-    return str(path) if _is_url(path) else os.path.abspath(path)
+    """Local paths made absolute (~ expanded, as paths.resolve does for the rest of the
+    workdir: the shell leaves --workdir=~/x as it is); a URL (gs://...) is left as it is."""
+    return str(path) if _is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def is_transient(e: BaseException) -> bool:
@@ -135,6 +148,10 @@ def _shape_mismatch(e: BaseException) -> tuple[str, str] | None:
             return found.group(1), found.group(2)
         e = e.__cause__ or e.__context__
     return None
+
+
+def _several_processes() -> bool:
+    return jax.process_count() > 1
 
 
 def _step_dirs(directory: epath.Path) -> list[epath.Path]:
@@ -354,7 +371,26 @@ class Checkpointer:
                 state, meta = self._restore_with_retries(step, abstract_state)
             except Exception as e:
                 log.info("checkpoint %s/%d is unreadable: %s", self.directory, step, str(e))
-                failed.append((step, self._why(step, e, model)))
+                why = self._why(step, e, model)
+                if why.startswith("transient") and not self.read_only:
+                    # An older step would be resumed and this good one quarantined for an
+                    # outage of the storage: stop instead, for a rerun once it answers.
+                    raise StorageUnavailable(
+                        f"checkpoint step {step} in {self.directory} could not be read "
+                        f"({why}); nothing was moved; run the same command again once the "
+                        "storage answers (launch.tpu supervise retries by itself)"
+                    ) from e
+                alone = _several_processes() and not self.read_only
+                if alone and not why.startswith(_CONFIG_MISMATCH):
+                    raise RestoreFailed(
+                        f"checkpoint step {step} in {self.directory} does not restore on "
+                        f"process {jax.process_index()} ({why}); with several processes no "
+                        "host resumes an older step alone (the job's state would mix two "
+                        "steps), and nothing was moved. If the step is damaged, move "
+                        f"{self.directory}/{step} out of the directory and rerun; "
+                        f"otherwise {_RESTART_HINT}"
+                    ) from e
+                failed.append((step, why))
                 continue
             if failed and self.read_only:
                 skipped = "; ".join(f"step {s} ({why})" for s, why in failed)
@@ -406,8 +442,7 @@ class Checkpointer:
         target = _quarantine_root(self._path) / f"{step}-{stamp}"
         if jax.process_index() == 0:
             try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                (self._path / str(step)).rename(target)  # on gs:// a copy, then a delete
+                paths.move_tree(self._path / str(step), target)  # gs://: copies, deletes
                 entry = {"step": step, "error": why, "time": stamp, "moved_to": str(target)}
                 paths.append_text(str(self._path / "quarantine.jsonl"), json.dumps(entry) + "\n")
             except Exception as e:

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gopher import checkpoint as checkpoint_lib
-from gopher import distributed
+from gopher import distributed, paths
 from gopher import engine as engine_lib
 from gopher import metrics as metrics_lib
 from gopher import workdir as workdir_lib
@@ -405,6 +405,9 @@ def run(
     show_progress: bool = True,
 ) -> dict:
     """Trains (or resumes) to train_cfg.steps; returns the last train and eval metrics."""
+    # One spelling of the workdir for every file under it: the shell leaves --workdir=~/x
+    # unexpanded, and os.path.join would put the data or the profile under ./~/x.
+    workdir = str(paths.resolve(workdir))
     parallel = parallel or ParallelConfig(data=1)
     chief = jax.process_index() == 0
     show_progress = show_progress and chief
@@ -474,12 +477,14 @@ def run(
 
 
 def _close(writer, ckpt, lock, say) -> None:
-    if writer is not None:
-        writer.close()
-    if ckpt is not None:
+    """Each part closed on its own: a failure warns and never replaces the error or exit
+    status that stopped the run (75 on preemption), nor skips the rest. The checkpointer
+    first (it waits for a save in flight), the lock last (its holder writes until then)."""
+    parts = (("checkpointer", ckpt, "close"), ("metrics", writer, "close"))
+    for name, part, method in (*parts, ("workdir lock", lock, "release")):
+        if part is None:
+            continue
         try:
-            ckpt.close()
-        except Exception as e:  # e.g. a full disk: the error that stopped the run matters
-            say(f"warning: closing the checkpointer failed: {str(e)[:200]}")
-    if lock is not None:
-        lock.release()
+            getattr(part, method)()
+        except Exception as e:  # e.g. a full disk, the storage gone: the run's error matters
+            say(f"warning: closing the {name} failed: {str(e)[:200]}")

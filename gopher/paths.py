@@ -46,6 +46,29 @@ def resolve(path: str | os.PathLike) -> epath.Path:
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
+def move_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Moves directory src to dst (which must not exist), creating dst's parents.
+
+    Locally a rename. On gs:// each object is copied, then deleted: GCS has no
+    directories, so the rename of epath, which first checks that dst's parent exists,
+    refused any parent without objects (a fresh quarantine/ folder)."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if is_gcs(src) != is_gcs(dst) or (is_remote(src) and not is_gcs(src)):
+        raise ValueError(f"cannot move {src} to {dst}: both must be local or both gs://")
+    if not is_gcs(src):
+        target = resolve(dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        resolve(src).rename(target)
+        return
+    fs = gcs_filesystem()
+    src, dst = src.rstrip("/"), dst.rstrip("/")
+    if fs.exists(dst):
+        raise FileExistsError(f"{dst} exists")
+    # Copy everything, then delete: a failure part way leaves src whole.
+    fs.copy(src, dst, recursive=True)
+    fs.rm(src, recursive=True)
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """base/part/...: a string, for APIs that take one (Orbax, tensorboard)."""
     return os.fspath(resolve(base).joinpath(*parts))

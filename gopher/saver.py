@@ -8,6 +8,8 @@ import dataclasses
 import time
 from typing import TYPE_CHECKING
 
+from gopher import checkpoint, paths
+
 if TYPE_CHECKING:
     from gopher.loop import Run
 
@@ -43,6 +45,13 @@ class Saver:
                 ckpt.wait()
         except Exception as e:  # Orbax reports a full disk as OSError or RESOURCE_EXHAUSTED
             text = str(e)
+            if paths.is_remote(ckpt.directory) and checkpoint.is_transient(e):
+                # Object storage has no disk to fill: a rerun, not a fix, is what it takes.
+                raise checkpoint.StorageUnavailable(
+                    f"checkpoint step {step} could not be written to {ckpt.directory} "
+                    f"({text[:120]}); the previous checkpoint is intact: run the same "
+                    "command again once the storage answers (launch.tpu supervise retries)"
+                ) from None
             if (
                 not isinstance(e, OSError)
                 and "No space left" not in text
@@ -50,9 +59,14 @@ class Saver:
             ):
                 raise
             reason = "no space left on device" if "space" in text else text[:120]
+            fix = (
+                "check the bucket's permissions and quota"
+                if paths.is_remote(ckpt.directory)
+                else "free disk space"
+            )
             raise ValueError(
                 f"checkpoint step {step} could not be written to {ckpt.directory} ({reason}); "
-                "free disk space and restart: the previous checkpoint is intact"
+                f"{fix} and restart: the previous checkpoint is intact"
             ) from None
         blocked = time.perf_counter() - t0
         if not force:

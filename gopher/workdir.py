@@ -480,7 +480,12 @@ class WorkdirLock:
                 self.path, self._record(), if_generation_match=self._generation
             )
         except FileExistsError:
-            return False
+            # gcsfs retries a write whose reply was lost; when the first try had landed,
+            # the retry's precondition fails on our own record: still ours, not taken over.
+            got = paths.read(self.path)
+            if got is None or _parse(got[0]).get("run_id") != self.run_id:
+                return False
+            self._generation = got[1]
         return True
 
     # -- heartbeat

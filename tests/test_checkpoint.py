@@ -145,12 +145,57 @@ def test_persistent_transient_error_stops_the_run_and_keeps_the_steps(tmp_path, 
         raise RuntimeError("RESOURCE_EXHAUSTED: out of memory while restoring")
 
     monkeypatch.setattr(ck._manager, "restore", down)
-    with pytest.raises(checkpoint_lib.RestoreFailed) as err:
+    with pytest.raises(checkpoint_lib.StorageUnavailable) as err:
         ck.restore_latest(_abstract())
     ck.close()
-    assert len(calls) == 4  # two steps, two tries each
-    assert "step 20 (transient, 2 tries" in str(err.value) and "step 10 (" in str(err.value)
+    assert len(calls) == 2  # the newest step's two tries; no older step is tried
+    assert "step 20 in" in str(err.value) and "(transient, 2 tries" in str(err.value)
     assert _files(tmp_path) == before
+
+
+def test_a_storage_outage_on_the_newest_step_does_not_resume_an_older_one(tmp_path, monkeypatch):
+    """Step 20 is good, the storage fails its reads: resuming step 10 would quarantine
+    20 and redo its steps. The run stops for a rerun, and nothing moves."""
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10, 20])
+    before = _files(tmp_path)
+    ck = _checkpointer(directory, restore_tries=2)
+    real = ck._manager.restore
+
+    def outage_on_20(step, *args, **kwargs):
+        if step == 20:
+            raise OSError("UNAVAILABLE: the storage service is not answering")
+        return real(step, *args, **kwargs)
+
+    monkeypatch.setattr(ck._manager, "restore", outage_on_20)
+    with pytest.raises(checkpoint_lib.StorageUnavailable, match="run the same command"):
+        ck.restore_latest(_abstract())
+    ck.close()
+    assert _files(tmp_path) == before and not (tmp_path / "quarantine").exists()
+    # The storage back, the newest step restores.
+    ck = _checkpointer(directory)
+    assert ck.restore_latest(_abstract())[0] == 20
+    ck.close()
+
+
+def test_with_several_processes_a_host_never_falls_back_alone(tmp_path, monkeypatch):
+    """Each host reads its own shards: one whose read of step 20 fails must not resume
+    step 10 while the others resume 20. It stops the job; nothing is quarantined."""
+    directory = tmp_path / "checkpoints"
+    _save_steps(directory, [10, 20])
+    _truncate_state(directory / "20")
+    before = _files(tmp_path)
+    monkeypatch.setattr(checkpoint_lib, "_several_processes", lambda: True)
+    ck = _checkpointer(directory)
+    with pytest.raises(checkpoint_lib.RestoreFailed, match=r"no\s+host resumes an older"):
+        ck.restore_latest(_abstract())
+    ck.close()
+    assert _files(tmp_path) == before
+    # One process (the same files): the damaged step is quarantined and 10 resumed.
+    monkeypatch.setattr(checkpoint_lib, "_several_processes", lambda: False)
+    ck = _checkpointer(directory)
+    assert ck.restore_latest(_abstract())[0] == 10
+    ck.close()
 
 
 def test_only_quarantined_steps_left_is_not_a_fresh_start(tmp_path):
@@ -184,6 +229,21 @@ def test_classification_and_urls():
     assert not checkpoint_lib.is_transient(ValueError("Unexpected end of JSON input"))
     assert checkpoint_lib._absolute("gs://bucket/run/checkpoints") == "gs://bucket/run/checkpoints"
     assert checkpoint_lib._absolute("run/ck") == os.path.abspath("run/ck")
+
+
+def test_a_workdir_under_home_is_one_place_for_checkpoints_and_run_files(tmp_path, monkeypatch):
+    """The shell leaves --workdir=~/run unexpanded: the checkpoints went to ./~/run while
+    the lock, config and metrics (paths.resolve) went to $HOME/run, so the check against
+    another experiment's config looked where no checkpoint was."""
+    from gopher import paths
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    expected = str(tmp_path / "home" / "run" / "checkpoints")
+    assert checkpoint_lib.checkpoint_directory("~/run", False) == expected
+    assert checkpoint_lib.active_checkpoint_directory("~/run") == expected
+    assert str(paths.resolve("~/run") / "checkpoints") == expected
+    assert not (tmp_path / "~").exists()
 
 
 def test_restart_from_scratch_starts_a_new_directory_once(tmp_path):
@@ -317,3 +377,34 @@ def test_a_state_of_another_precision_is_named_not_called_damaged(tmp_path):
     assert "restart_from_scratch" not in msg
     ck.close()
     assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("directory", "error", "raised", "says"),
+    [
+        ("gs://bucket/run/checkpoints", OSError("Connection reset by peer"),
+         checkpoint_lib.StorageUnavailable, "run the same command again"),
+        ("/data/run/checkpoints", OSError(28, "No space left on device"),
+         ValueError, "free disk space"),
+    ],
+)  # fmt: skip
+def test_a_failed_save_says_what_it_takes(directory, error, raised, says):
+    """A gs:// write that fails for the network is retried by a rerun (exit 7, which
+    supervise retries), not called bad input (2, final); a full local disk still is."""
+    from types import SimpleNamespace
+
+    from gopher import config
+    from gopher.saver import Saver
+
+    def save(*args, **kwargs):
+        raise error
+
+    run = SimpleNamespace(
+        ckpt=SimpleNamespace(directory=directory, save=save),
+        writer=SimpleNamespace(flush=lambda: None),
+        engine=SimpleNamespace(to_checkpoint=lambda state: state),
+        data=SimpleNamespace(state=dict, tokenizer=SimpleNamespace(sha256="0" * 64)),
+        model_cfg=config.get_preset("tiny"),
+    )
+    with pytest.raises(raised, match=says):
+        Saver(run).save(10, {}, force=True)

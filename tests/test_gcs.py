@@ -159,6 +159,24 @@ def test_gcs_lock_heartbeat_rewrites_with_generation(emulator):
         lock.release()
 
 
+def test_gcs_heartbeat_whose_first_try_landed_keeps_the_lock(emulator):
+    """gcsfs retries a write whose reply was lost; if the first try landed, the retry's
+    generation precondition fails on the lock's own record. That is not a takeover (the
+    run would stop at its next checkpoint without saving, exit 2)."""
+    lock = WorkdirLock("gs://bucket/lock-retry", heartbeat_s=3600).acquire()
+    try:
+        _, generation = paths.read(lock.path)
+        # The first try of a beat that landed (its reply lost): our record, a new generation.
+        landed = paths.write(lock.path, lock._record(), if_generation_match=generation)
+        assert lock._beat_gcs() and lock._generation == landed  # adopted: release works
+        # Another run's record in its place is a takeover.
+        other = json.dumps({**json.loads(lock._record()), "run_id": "another"}).encode()
+        paths.write(lock.path, other, if_generation_match=lock._generation)
+        assert not lock._beat_gcs()
+    finally:
+        lock.release()
+
+
 def _read_events(raw: bytes, tmp_path) -> list:
     """Our event file through TensorBoard's own reader, which checks every CRC."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -305,3 +323,41 @@ def test_train_on_gcs_resumes(emulator, tmp_path):
     assert "lock.json" not in names  # released at the end
     assert list(cwd.iterdir()) == []
     assert sorted(p.name for p in home.iterdir()) == [".cache"]  # nothing local but caches
+
+
+def test_damaged_step_is_quarantined_on_gcs(emulator):
+    """GCS has no empty folders: the move into a fresh quarantine/ prefix failed (exit 4,
+    final under supervise), so a pod could never resume from its previous good step."""
+    import jax.numpy as jnp
+
+    from gopher import checkpoint as checkpoint_lib
+
+    directory = "gs://bucket/quarantine-run/checkpoints"
+    ck = checkpoint_lib.Checkpointer(directory, async_save=False, retry_backoff_s=0.0)
+    for step in (10, 20):
+        assert ck.save(step, {"w": jnp.full((4,), float(step))}, {"step": step})
+    ck.close()
+    fs = paths.gcs_filesystem()
+    state_files = [f for f in fs.find(f"{directory}/20/state") if "/d/" in f or "ocdbt" in f]
+    assert state_files
+    for f in state_files:  # damage: the array data of step 20 gone, its commit marker kept
+        fs.rm(f)
+    abstract = {"w": jax_struct((4,))}
+    ck = checkpoint_lib.Checkpointer(directory, async_save=False, retry_backoff_s=0.0)
+    step, state, _ = ck.restore_latest(abstract)
+    ck.close()
+    assert step == 10 and float(state["w"][0]) == 10.0
+    quarantine = paths.resolve("gs://bucket/quarantine-run/quarantine/checkpoints")
+    (moved,) = [p.name for p in quarantine.iterdir()]
+    assert moved.startswith("20-") and not fs.exists(f"{directory}/20")
+    assert fs.exists(f"{quarantine}/{moved}/_CHECKPOINT_METADATA")
+    record, _ = paths.read(f"{directory}/quarantine.jsonl")
+    (line,) = record.decode().splitlines()
+    assert json.loads(line)["step"] == 20
+
+
+def jax_struct(shape):
+    import jax
+    import jax.numpy as jnp
+
+    return jax.ShapeDtypeStruct(shape, jnp.float32)

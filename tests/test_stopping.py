@@ -29,3 +29,36 @@ def test_watchdog_dumps_every_threads_stack_when_a_step_hangs():
     assert out.stderr.count("watchdog: no step finished") == 1, out.stderr
     assert "after step 7" in out.stderr
     assert "stuck_in_io" in out.stderr  # the other thread's stack is in the dump too
+
+
+def test_a_failing_cleanup_neither_skips_the_rest_nor_replaces_the_stop(tmp_path):
+    """On preemption the run raises Stopped(75) and closes its parts: a metrics flush to
+    storage that fails must not turn 75 into another status, nor leave the checkpointer
+    (a save in flight) or the workdir lock (a rerun would wait for it) unclosed."""
+    import pytest
+
+    from gopher import loop, workdir
+
+    closed, said = [], []
+
+    class Part:
+        def __init__(self, name, fails=False):
+            self.name, self.fails = name, fails
+
+        def close(self):
+            closed.append(self.name)
+            if self.fails:
+                raise OSError(f"{self.name}: the storage is gone")
+
+    lock = workdir.WorkdirLock(str(tmp_path))
+    lock.acquire()
+    with pytest.raises(loop.Stopped) as stop:
+        try:
+            raise loop.Stopped(75)
+        finally:
+            loop._close(Part("metrics", fails=True), Part("checkpointer"), lock, said.append)
+    assert stop.value.code == 75
+    assert closed == ["checkpointer", "metrics"] and said == [
+        "warning: closing the metrics failed: metrics: the storage is gone"
+    ]
+    assert not os.path.exists(os.path.join(tmp_path, workdir.LOCK_FILE))  # released
