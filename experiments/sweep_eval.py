@@ -98,7 +98,10 @@ def _train_records(run_dir: str) -> dict:
     try:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             for line in f:
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except ValueError:  # a line a killed write tore: the rest still counts
+                    continue
                 if rec.get("kind") == "eval":
                     evals[rec["step"]] = rec["heldout_bpb"]
                 elif rec.get("kind") == "train":

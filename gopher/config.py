@@ -333,6 +333,16 @@ class TrainConfig:
                 f"TrainConfig.warmup_steps = {self.warmup_steps!r} must be an integer >= 0; "
                 f"set --config.train.warmup_steps"
             )
+        if (
+            not isinstance(self.seed, int)
+            or isinstance(self.seed, bool)
+            or not 0 <= self.seed < 2**63
+        ):
+            # numpy's generators refuse a negative seed, but only at the first batch.
+            raise ConfigError(
+                f"TrainConfig.seed = {self.seed!r} must be an integer in [0, 2**63); "
+                "set --config.train.seed"
+            )
         if self.unroll_layers not in ("auto", "yes", "no"):
             raise ConfigError(
                 f"TrainConfig.unroll_layers = {self.unroll_layers!r} is unknown; use auto, yes "

@@ -29,6 +29,7 @@ loses no training.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any
@@ -375,6 +376,33 @@ def _oom_message(r: Run, doing: str, step: int, saved: int, e: BaseException) ->
     )
 
 
+def _eval_missed(r: Run, start: int) -> bool:
+    """Whether `start`, the step a run resumes from, is an eval step that metrics.jsonl
+    holds no eval of. Process 0's answer on every process (the eval is collective)."""
+    t = r.train_cfg
+    if start == 0 or (start % t.eval_every and start != r.end):
+        return False
+    missed = False
+    if jax.process_index() == 0:
+        metrics = paths.resolve(paths.join(r.workdir, "metrics.jsonl"))
+        text = metrics.read_text() if metrics.exists() else ""
+        lines = (x for x in text.splitlines() if '"eval"' in x)
+        missed = not any(_is_eval_of(line, start) for line in lines)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        missed = bool(multihost_utils.broadcast_one_to_all(np.int32(missed)))
+    return missed
+
+
+def _is_eval_of(line: str, step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a torn line
+        return False
+    return record.get("kind") == "eval" and record.get("step") == step
+
+
 def _nothing_to_train(r: Run, start: int) -> str | None:
     """The line for a run already at (or past) its last step, else None."""
     if start < r.end:
@@ -442,12 +470,16 @@ def run(
         )
         r = Run(model_cfg, train_cfg, workdir, data, engine, ckpt, writer, say, show_progress, lock)
         start, state = restore_or_init(r)
+        # The step resumed from was checkpointed before its eval, which then did not run
+        # (killed, out of memory): run it now, or the record is lost for good (the last
+        # step's above all, whose rerun would have nothing to train).
+        missed = run_eval(r, start, state) if _eval_missed(r, start) else {}
         nothing = _nothing_to_train(r, start)
         if nothing:
             say(nothing)
             return {
                 "train": {},
-                "eval": {},
+                "eval": missed,
                 "unigram_bpb": data.unigram_bpb,
                 "state": state,
                 "chief": chief,

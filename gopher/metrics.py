@@ -127,6 +127,25 @@ def tfrecord(data: bytes) -> bytes:
     )
 
 
+def _drop_torn_line(path: str) -> None:
+    """Truncates a local text file after its last newline (a no-op when it ends in one)."""
+    if not os.path.exists(path):
+        return
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep = end
+        while keep > 0:
+            f.seek(max(0, keep - 65536))
+            chunk = f.read(keep - f.tell())
+            at = chunk.rfind(b"\n")
+            if at >= 0:
+                keep = keep - len(chunk) + at + 1
+                break
+            keep -= len(chunk)
+        if keep < end:
+            f.truncate(keep)
+
+
 class _AppendFile:
     """Appends bytes to a local file (flushed per write) or to a GCS object.
 
@@ -135,7 +154,10 @@ class _AppendFile:
     every `flush_every_s` (and on flush/close) by compose, one small upload each.
     """
 
-    def __init__(self, path: str, flush_every_s: float):
+    def __init__(self, path: str, flush_every_s: float, lines: bool = False):
+        """`lines`: the file holds text lines; a local one a write was cut short in (a
+        full disk, a kill) loses its torn last line before a resumed run appends, which
+        would otherwise join its first record onto it."""
         self.path = path
         self._gcs = paths.is_gcs(path)
         self._flush_every_s = flush_every_s
@@ -146,6 +168,8 @@ class _AppendFile:
             self._generation = None if meta is None else meta["generation"]
         else:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            if lines:
+                _drop_torn_line(path)
             self._file = open(path, "ab")  # noqa: SIM115 (closed in close())
 
     def write(self, data: bytes) -> None:
@@ -190,7 +214,7 @@ class MetricsWriter:
         if flush_every_s is None:  # GOPHER_METRICS_FLUSH_S=0: every record at once
             flush_every_s = float(os.environ.get("GOPHER_METRICS_FLUSH_S", 5.0))
         self.path = paths.join(workdir, "metrics.jsonl")
-        self._jsonl = _AppendFile(self.path, flush_every_s)
+        self._jsonl = _AppendFile(self.path, flush_every_s, lines=True)
         self._tb: _AppendFile | None = None
         if tensorboard:
             try:

@@ -6,8 +6,9 @@ fields that only change cadence or length (steps, logging, eval, checkpoint cade
 may differ, so a run can be extended. Beside the config it records `data_sha256`, the
 sha256 of the data the run trains on (gopher/data/pipeline.py data_fingerprint: the
 tokens of every train and held-out document after the split, or the embedded corpus's
-manifest with its shards' hashes), so `data.paths` may change (the data moved) while
-different data is refused.
+manifest: each source's document, byte and token counts and the tokenizer's sha256, which
+the token files are checked against when they load), so `data.paths` may change (the data
+moved) while different data is refused.
 
 The training loop checks the config before it sets a run up (`check_config`) and writes
 it only once the run is set up (`record_config`), so a run that failed before that

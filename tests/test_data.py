@@ -212,7 +212,7 @@ def test_heldout_cut_takes_a_line_then_a_space_then_a_character():
     assert heldout_cut("a", 0.5) == 1 and heldout_cut("abc", 0.0) == 3
 
 
-def test_unigram_bpb_matches_closed_form_entropy():
+def test_unigram_bpb_matches_closed_form_entropy(monkeypatch):
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(16))
     train = rng.choice(16, size=400_000, p=probs)
@@ -224,6 +224,13 @@ def test_unigram_bpb_matches_closed_form_entropy():
     # Add-one smoothing: a token never seen in training costs log2(N + V) bits, not inf.
     unseen = unigram_bits_per_byte([0, 0, 0], [1], 1, vocab_size=2)
     assert unseen == pytest.approx(np.log2(5.0))
+    # Several streams (the corpus's sources, memory-mapped) count as their concatenation,
+    # a slice at a time: the slices' seams lose and double nothing.
+    from gopher.data import sources
+
+    parts = [train[:123_457], train[123_457:200_001], train[200_001:]]
+    monkeypatch.setattr(sources, "_COUNT_SLICE", 10_007)
+    assert unigram_bits_per_byte(parts, heldout, 2 * len(heldout), vocab_size=16) == bpb
 
 
 # --- tokenizer -----------------------------------------------------------------------
@@ -321,6 +328,28 @@ def test_a_damaged_run_tokenizer_says_delete_it_and_rerun(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"junk")
     with pytest.raises(ValueError, match="fix --config.data.tokenizer_path"):
         _tokenizer(given, 300, str(tmp_path / "other"), docs)
+
+
+def test_a_given_tokenizer_without_an_eos_piece_is_refused(tmp_path):
+    """SentencePiece trained with eos_id=-1 reports -1: every document would end in token
+    -1 (the last embedding row in jax, its bytes counted in bpb), silently."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_prose(200).splitlines()),
+        model_writer=model,
+        vocab_size=300,
+        eos_id=-1,
+        minloglevel=2,
+    )
+    (tmp_path / "no_eos.model").write_bytes(model.getvalue())
+    given = DataConfig(tokenizer_path=str(tmp_path / "no_eos.model"))
+    docs = [Document("files", "a.txt", _prose(200))]
+    with pytest.raises(ValueError, match=r"no end-of-document piece \(eos_id=-1\)"):
+        _tokenizer(given, 300, str(tmp_path / "run"), docs)
 
 
 # --- packing -------------------------------------------------------------------------

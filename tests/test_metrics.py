@@ -82,3 +82,25 @@ def test_metrics_writer_on_local_disk(tmp_path):
         (2, "eval/heldout_bpb"): 1.25,
         (2, "eval/tokens"): 7.0,
     }
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"step": 3, "kind": "tr', b'{"step": 3' * 10_000])
+def test_a_resumed_writer_drops_a_torn_last_line(tmp_path, torn):
+    """A run killed (or out of disk) part way through a record leaves a torn line; the
+    resumed run's first record must not be joined onto it, and no whole line is lost."""
+    import json
+
+    whole = b'{"step": 1, "kind": "train", "loss": 2.5}\n{"step": 2, "kind": "train"}\n'
+    (tmp_path / "metrics.jsonl").write_bytes(whole + torn)
+    writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+    writer.write({"step": 3, "kind": "train", "loss": 2.0})
+    writer.close()
+    back = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in back] == [1, 2, 3]
+    # A file that is one torn line (nothing whole in it) keeps only the new record.
+    (tmp_path / "metrics.jsonl").write_bytes(torn)
+    writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+    writer.write({"step": 3, "kind": "train", "loss": 2.0})
+    writer.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line) == {"step": 3, "kind": "train", "loss": 2.0}

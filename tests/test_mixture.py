@@ -191,6 +191,7 @@ def test_bad_configurations_name_the_fix():
         ("books=abc", "'books=abc'"),
         ("=1", "'=1'"),
         ("books=0.5,code=1,books=2", "'books' twice"),
+        ("massivtext", "unknown mixture 'massivtext'.*'embedded', 'massivetext'"),
     ],
 )
 def test_mixture_flag_needs_finite_weights_each_source_once(text, needle):

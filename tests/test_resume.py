@@ -410,6 +410,17 @@ def test_failed_first_run_nothing_to_train_and_damaged_steps_each_in_one_line(sh
     recorded = json.loads((workdir / "config.json").read_text())
     assert recorded["data"]["tokenizer_path"] == f"{shared}/tokenizer.model"
     assert _steps(workdir) == [1, 2]
+    # The last step's eval lost (the run killed while it ran, after its checkpoint): the
+    # rerun has nothing to train but runs it, on the same checkpoint, to the same number.
+    (ev,) = _records(workdir, "eval")
+    metrics = workdir / "metrics.jsonl"
+    kept_lines = [x for x in metrics.read_text().splitlines() if '"eval"' not in x]
+    metrics.write_text("\n".join(kept_lines) + "\n")
+    out = _run(workdir, shared, *flags)
+    assert "already at step 2 >= steps 2; nothing to train" in out.stdout, out.stdout
+    (again,) = _records(workdir, "eval")
+    assert again["step"] == ev["step"] == 2  # another mesh than the run's: rounding differs
+    assert again["heldout_bpb"] == pytest.approx(ev["heldout_bpb"], rel=1e-5)
 
     def kept():
         return {k: v for k, v in _tree_bytes(workdir).items() if not k.startswith("tensorboard")}

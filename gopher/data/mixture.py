@@ -141,12 +141,49 @@ def feistel_permutation(
     return out
 
 
-def _load_tokens(corpus_dir: str, name: str) -> np.ndarray:
-    """A corpus token array: memory-mapped locally; read whole from a gs:// corpus."""
+def _load_tokens(corpus_dir: str, name: str, expected: int | None = None) -> np.ndarray:
+    """A corpus token array: memory-mapped locally; read whole from a gs:// corpus.
+    `expected`: the length the manifest records; a missing, unreadable or other-length
+    file is one line naming it and the rebuild."""
+    from gopher.data.shards import rebuild_hint
+
     path = paths.join(corpus_dir, name)
-    if paths.is_remote(path):
-        return np.load(io.BytesIO(paths.resolve(path).read_bytes()))
-    return np.load(path, mmap_mode="r")
+    try:
+        if paths.is_remote(path):
+            tokens = np.load(io.BytesIO(paths.resolve(path).read_bytes()))
+        else:
+            tokens = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(
+            f"corpus file {path} does not load ({str(e)[:80]}); {rebuild_hint(corpus_dir)}"
+        ) from None
+    if expected is not None and (tokens.ndim != 1 or len(tokens) != expected):
+        raise ValueError(
+            f"corpus file {path} holds {tokens.shape} tokens where the manifest records "
+            f"{expected} (replaced or damaged); {rebuild_hint(corpus_dir)}"
+        )
+    return tokens
+
+
+def _corpus_tokenizer(corpus_dir: str, recorded: dict) -> Tokenizer:
+    """The corpus's tokenizer, checked against the sha256 its manifest records: the
+    tokens were made by that model (another would read them as other text)."""
+    from gopher.data.shards import rebuild_hint
+
+    path = paths.join(corpus_dir, recorded["file"])
+    try:
+        tokenizer = Tokenizer.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"corpus tokenizer {path} does not load ({str(e)[:80]}); {rebuild_hint(corpus_dir)}"
+        ) from None
+    if recorded.get("sha256") and tokenizer.sha256 != recorded["sha256"]:
+        raise ValueError(
+            f"corpus tokenizer {path} is not the one its tokens were made with (sha256 "
+            f"{tokenizer.sha256[:12]}, manifest {recorded['sha256'][:12]}); "
+            f"{rebuild_hint(corpus_dir)}"
+        )
+    return tokenizer
 
 
 class Source(NamedTuple):
@@ -279,12 +316,14 @@ class Mixture:
         sources = []
         for name in sorted(weights):
             entry = manifest["sources"][name]
-            train = _load_tokens(corpus_dir, entry["train"]["tokens_file"])
-            heldout = _load_tokens(corpus_dir, entry["heldout"]["tokens_file"])
+            train, heldout = (
+                _load_tokens(corpus_dir, entry[s]["tokens_file"], entry[s].get("tokens"))
+                for s in ("train", "heldout")
+            )
             held_bytes = entry["heldout"].get("bytes_file")
-            held_bytes = _load_tokens(corpus_dir, held_bytes) if held_bytes else None
+            held_bytes = _load_tokens(corpus_dir, held_bytes, len(heldout)) if held_bytes else None
             sources.append(Source(name, train, heldout, held_bytes))
-        tokenizer = Tokenizer.load(paths.join(corpus_dir, manifest["tokenizer"]["file"]))
+        tokenizer = _corpus_tokenizer(corpus_dir, manifest["tokenizer"])
         mixture = cls(
             sources,
             weights,

@@ -66,7 +66,8 @@ class Pipeline:
 
 
 def data_fingerprint(*arrays, manifest: dict | None = None) -> str:
-    """sha256 of a data source: its corpus manifest (which holds its files' hashes), or
+    """sha256 of a data source: its corpus manifest (its sources' counts and its
+    tokenizer's sha256; `Mixture.from_corpus` checks the token files against them), or
     its token arrays."""
     h = hashlib.sha256()
     if manifest is not None:
@@ -142,13 +143,21 @@ def _tokenizer(data: DataConfig, vocab_size: int, workdir: str, docs) -> Tokeniz
             f"tokenizer {path!r} has {tok.vocab_size} pieces but the model's vocab_size is "
             f"{vocab_size}; set --config.model.vocab_size={tok.vocab_size} or use another tokenizer"
         )
+    if not 0 <= tok.eos_id < tok.vocab_size:
+        # SentencePiece says -1 for a model trained without one: every document would end
+        # in token -1, which reads the last embedding row and counts its bytes in bpb.
+        raise ValueError(
+            f"tokenizer {path!r} has no end-of-document piece (eos_id={tok.eos_id}); train "
+            "it with an EOS id (SentencePiece's --eos_id=2, its default) or leave "
+            "--config.data.tokenizer_path empty to train one"
+        )
     return tok
 
 
 def _unigram(train_streams, eval_sets, vocab_size) -> float:
     windows = [w for ws in eval_sets.values() for w in ws]
     return unigram_bits_per_byte(
-        np.concatenate([np.asarray(s) for s in train_streams]),
+        [s if isinstance(s, np.ndarray) else np.asarray(s) for s in train_streams],
         np.concatenate([w[:, 1:][m] for w, m, _ in windows]),
         sum(n for *_, n in windows),
         vocab_size,
@@ -255,6 +264,13 @@ def default_corpus_dir(vocab_size: int) -> str:
 def parse_weights(text: str) -> str | dict[str, float] | None:
     """'' (the corpus's own), a mixture name, or 'source=weight,source=weight'."""
     if not text or "=" not in text:
+        from gopher.data.mixture import MIXTURES
+
+        if text and text not in MIXTURES:  # before a corpus build, which a typo would cost
+            raise ValueError(
+                f"unknown mixture {text!r} in --config.data.mixture; choose from "
+                f"{sorted(MIXTURES)} or give weights as SOURCE=NUMBER,..."
+            )
         return text or None
     weights = {}
     for part in text.split(","):
@@ -291,7 +307,7 @@ def _corpus_format(corpus_dir: str) -> str | None:
 
     if not paths.resolve(corpus_dir).joinpath("manifest.json").is_file():
         return None
-    return load_manifest(corpus_dir).get("format", "?")
+    return load_manifest(corpus_dir, complete=False).get("format", "?")
 
 
 def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, say) -> Pipeline:
@@ -321,6 +337,11 @@ def _mixture_pipeline(model_cfg, train_cfg, data_cfg, workdir, rows, eval_rows, 
         batch_size=b,
         seq_len=t,
         seed=train_cfg.seed,
+        # One global stream; `take` is given this process's rows (sharding.local_rows), so
+        # the even split by process, which needs B % processes == 0, is never used: a mesh
+        # whose model groups span processes only needs B % (replica * data) == 0.
+        process_index=0,
+        process_count=1,
         vocab_size=model_cfg.vocab_size,
     )
     eval_sets = {}

@@ -84,14 +84,48 @@ def corpus_shards(corpus_dir: str, source: str, split: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
-def load_manifest(corpus_dir: str) -> dict:
+def rebuild_hint(corpus_dir: str) -> str:
+    """How to make a corpus whose files are damaged or missing whole again."""
+    return (
+        f"rebuild it: `python -m experiments.prepare_data --out={corpus_dir}` (a cached "
+        "embedded corpus: delete the directory and rerun, which builds it again)"
+    )
+
+
+def _missing_keys(manifest: dict) -> list[str]:
+    """The keys training reads that `manifest` lacks."""
+    missing = [k for k in ("sources", "weights", "tokenizer") if k not in manifest]
+    tokenizer = manifest.get("tokenizer", {})
+    missing += [f"tokenizer.{k}" for k in ("file", "vocab_size") if k not in tokenizer]
+    for name, entry in manifest.get("sources", {}).items():
+        for split in ("train", "heldout"):
+            if "tokens_file" not in entry.get(split, {}):
+                missing.append(f"sources.{name}.{split}.tokens_file")
+    return missing
+
+
+def load_manifest(corpus_dir: str, complete: bool = True) -> dict:
+    """The corpus's manifest.json; a missing, unparsable or (`complete`) incomplete one
+    is one line naming the file and the rebuild. complete=False: any JSON object (an
+    older format's, read for its format)."""
     path = path_layer.resolve(corpus_dir) / "manifest.json"
     if not path.is_file():
         raise ValueError(
             f"{path} does not exist; build the corpus with "
             f"`python -m experiments.prepare_data --out={corpus_dir}`"
         )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        missing = _missing_keys(manifest) if complete else []
+    except (ValueError, AttributeError, TypeError) as e:  # not JSON, or not its shape
+        problem = f"not a corpus manifest: {str(e)[:80]}"
+    else:
+        problem = f"it lacks {', '.join(missing)}" if missing else ""
+    if problem:
+        raise ValueError(f"{path} is damaged ({problem}); {rebuild_hint(corpus_dir)}")
+    return manifest
 
 
 def corpus_documents(corpus_dir: str, source: str, split: str) -> list[Document]:

@@ -428,8 +428,11 @@ def read_text_files(paths: Sequence[str], source: str = "files") -> list[Documen
     return docs
 
 
+_COUNT_SLICE = 1 << 24  # tokens counted at a time by unigram_bits_per_byte
+
+
 def unigram_bits_per_byte(
-    train_token_ids: np.ndarray | Sequence[int],
+    train_token_ids: np.ndarray | Sequence[int] | list[np.ndarray],
     heldout_token_ids: np.ndarray | Sequence[int],
     heldout_num_bytes: int,
     vocab_size: int,
@@ -438,13 +441,22 @@ def unigram_bits_per_byte(
 
     The baseline a language model must beat: it knows token frequencies and nothing else.
     Add-one smoothing keeps tokens unseen in training at a finite cost.
+    `train_token_ids`: one stream, or a list of streams (arrays) counted together.
     """
     if heldout_num_bytes <= 0:
         raise ValueError(f"heldout_num_bytes {heldout_num_bytes} must be positive")
-    train = np.asarray(train_token_ids, dtype=np.int64).ravel()
     heldout = np.asarray(heldout_token_ids, dtype=np.int64).ravel()
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
-    if counts.shape[0] != vocab_size:
-        raise ValueError(f"token id {int(train.max())} is outside vocab_size {vocab_size}")
+    counts = np.ones([vocab_size], np.float64)
+    several = isinstance(train_token_ids, list) and all(
+        isinstance(x, np.ndarray) for x in train_token_ids
+    )
+    for stream in train_token_ids if several else [np.asarray(train_token_ids).ravel()]:
+        # In slices: a memory-mapped corpus of billions of tokens is never read whole.
+        for lo in range(0, len(stream), _COUNT_SLICE):
+            part = np.asarray(stream[lo : lo + _COUNT_SLICE], dtype=np.int64)
+            found = np.bincount(part, minlength=vocab_size)
+            if found.shape[0] != vocab_size:
+                raise ValueError(f"token id {int(part.max())} is outside vocab_size {vocab_size}")
+            counts += found
     log2_probs = np.log2(counts) - np.log2(counts.sum())
     return float(-log2_probs[heldout].sum() / heldout_num_bytes)
