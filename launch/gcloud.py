@@ -10,7 +10,8 @@ Remote layout (on every worker, in the ssh user's home):
     ~/gopher.tar.gz   the commit to run (`git archive` here, scp'd to all workers)
     ~/gopher/         that commit, unpacked afresh by every setup
     ~/gopher-venv/    uv's Python 3.11 venv, synced from requirements-tpu.lock
-    ~/gopher-logs/    worker-<N>.log, appended by every run
+    ~/gopher-logs/    worker-<N>.log, appended by every run; job.* (the running job's pid,
+                      token and status) and `stop`'s marker
 """
 
 from __future__ import annotations
@@ -191,7 +192,9 @@ def ssh_argv(spec: TpuSpec, command: str, worker: str = "all") -> list[str]:
 
 def archive_argv(ref: str, output: str) -> list[str]:
     """Packs a commit (not the work tree: uncommitted edits do not travel)."""
-    return ["git", "archive", "--format=tar.gz", f"--output={output}", ref]
+    # --end-of-options: a ref that starts with "-" is a ref (git then says it is unknown),
+    # never an option such as --remote or --exec.
+    return ["git", "archive", "--format=tar.gz", f"--output={output}", "--end-of-options", ref]
 
 
 # The scripts are one statement a line, joined with "; " so that a dry run prints each
@@ -233,12 +236,22 @@ SETUP_SCRIPT = "; ".join(
 
 # A run starts the command detached (its own session, output to the worker's log) and
 # follows the log until it ends, then exits with its status. gcloud itself runs the whole
-# command again on a worker whose ssh connection dropped (up to 10 times): that rerun
-# carries the same token (one per `launch.tpu run`), finds the job it started still
-# running and follows it instead of starting another. A new run (another token) first
-# stops what still holds the chips: a killed run leaves libtpu's lock file, and maybe a
-# process on /dev/accel* (v4) or /dev/vfio/* (v5p), and the next run would fail "TPU in use".
+# command again on a worker whose ssh connection dropped (up to 10 times), and supervise
+# reruns it after gcloud gave up (255) on a node still READY: such a rerun carries the same
+# token (one per `launch.tpu run` or supervise attempt), finds the job it started still
+# running and follows it, or reports how it ended, instead of starting another. A new run
+# (another token) first stops the previous job: TERM to its process group and up to
+# STOP_GRACE_S to checkpoint and exit (75), then kill -9; then anything else that still
+# holds the chips: a killed run leaves libtpu's lock file, and maybe a process on
+# /dev/accel* (v4) or /dev/vfio/* (v5p), and the next run would fail "TPU in use".
 METADATA = "http://metadata.google.internal/computeMetadata/v1/instance/attributes"
+STOP_GRACE_S = 60  # the remote GOPHER_STOP_GRACE_S overrides it (the tests shorten it)
+# `launch.tpu stop` leaves this file in ~/gopher-logs: the job it stops then ends with
+# STOPPED_EXIT (its own status were it one of KEPT_WHEN_STOPPED), which supervise treats
+# as final; a TERM alone gives 75, which supervise retries. A new run removes the file.
+STOP_MARKER = "stop-requested"
+STOPPED_EXIT = 76
+KEPT_WHEN_STOPPED = (0, 2, 3, 4, 130)  # launch.tpu.FINAL_EXITS: already final, kept
 JOB_WRAPPER = (  # $1 log, $2 job file prefix, then the command; in its own session
     # HUP ignored (nohup: the job outlives the ssh session); TERM trapped, not ignored, so
     # the command gets the default and this shell survives `stop` to write the status.
@@ -252,45 +265,75 @@ RUN_SCRIPT = "; ".join(
         f"worker=$(curl -sf -H Metadata-Flavor:Google {METADATA}/agent-worker-number || hostname)",
         'logs="$HOME/gopher-logs"; mkdir -p "$logs" || exit 1',
         'log="$logs/worker-$worker.log"; job="$logs/job"; touch "$log"; from=$(stat -c %s "$log")',
+        f'stop="$logs/{STOP_MARKER}"; grace="${{GOPHER_STOP_GRACE_S:-{STOP_GRACE_S}}}"',
         f"wrapper={shlex.quote(JOB_WRAPPER)}",
-        "start() { sudo rm -f /tmp/libtpu_lockfile;"
+        # The wrapper leads its own process group (setsid), so its pid names the group. A
+        # job whose status is written has ended (and its pid may since be another's).
+        'stop_job() { old=$(cat "$job.pid" 2>/dev/null || true);'
+        ' if [ -z "$old" ] || [ -e "$job.status" ] || ! kill -0 -- "-$old" 2>/dev/null;'
+        " then return 0; fi;"
+        ' echo "worker $worker: stopping the previous job (pid $old): TERM, up to ${grace}s'
+        ' to checkpoint";'
+        ' kill -TERM -- "-$old" 2>/dev/null;'
+        ' for _ in $(seq $((grace * 10))); do kill -0 -- "-$old" 2>/dev/null || return 0;'
+        " sleep 0.1; done;"
+        ' echo "worker $worker: the previous job still runs after ${grace}s: killing it";'
+        ' kill -9 -- "-$old" 2>/dev/null; sleep 1; }',
+        # The token first, before the old job is stopped: the older run still following it
+        # then sees it replaced when it ends, rather than report its status as its own.
+        'start() { echo "$token" > "$job.token"; stop_job;'
         " pids=$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u);"
         ' if [ -n "$pids" ]; then echo "worker $worker: killing stale TPU users: $pids";'
-        " sudo kill -9 $pids; sleep 2; fi;"
+        " sudo kill -9 $pids; sleep 2; fi; sudo rm -f /tmp/libtpu_lockfile;"
         ' cd "$HOME/gopher" || return 1; export PATH="$HOME/gopher-venv/bin:$PATH";'
-        ' rm -f "$job.pid" "$job.status"; echo "$token" > "$job.token";'
+        ' rm -f "$job.pid" "$job.status" "$stop";'
         ' (setsid bash -c "$wrapper" gopher-job "$log" "$job" "$@" > /dev/null 2>&1 < /dev/null &);'
         ' for _ in $(seq 300); do [ -s "$job.pid" ] && return 0; sleep 0.1; done; return 1; }',
+        # The job's status; after `launch.tpu stop`, STOPPED_EXIT unless already final.
+        # Once a newer run has replaced the job, the job files are that run's: not ours.
+        'finish() { if [ "$(cat "$job.token" 2>/dev/null)" != "$token" ]; then'
+        ' echo "worker $worker: this run\'s job was replaced by a newer run"; exit 1; fi;'
+        ' status=$(cat "$job.status" 2>/dev/null || echo 1);'
+        ' if [ -e "$stop" ]; then case "$status" in'
+        f" {'|'.join(map(str, KEPT_WHEN_STOPPED))}) ;;"
+        f' *) echo "worker $worker: stopped by launch.tpu stop (exit $status)";'
+        f" status={STOPPED_EXIT};; esac; fi;"
+        ' exit "$status"; }',
         'pid=$(cat "$job.pid" 2>/dev/null || true)',
-        # gcloud's rerun of this very run: follow its job, or say how it ended; else start
+        # A rerun of this very run: follow its job, or say how it ended; else start
         'if [ "$(cat "$job.token" 2>/dev/null)" = "$token" ]; then'
         ' if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then'
         ' echo "worker $worker: reattached to the running job (pid $pid)";'
-        ' else echo "worker $worker: this run\'s job has ended";'
-        ' exit "$(cat "$job.status" 2>/dev/null || echo 1)"; fi;'
+        ' else echo "worker $worker: this run\'s job has ended"; finish; fi;'
         ' else start "$@" || exit 1; pid=$(cat "$job.pid"); fi',
-        'tail -c +$((from + 1)) -f --pid="$pid" "$log" | sed -u "s/^/[worker $worker] /"',
-        'exit "$(cat "$job.status" 2>/dev/null || echo 1)"',
+        # -s 0.2: notice the job's end within 0.2 s, not tail's default 1 s.
+        'tail -s 0.2 -c +$((from + 1)) -f --pid="$pid" "$log" | sed -u "s/^/[worker $worker] /"',
+        "finish",
     ]
 )
 
 # SIGTERM to the job's process group (the wrapper leads its own session): the train
-# program checkpoints at a step every host agrees on and exits 75.
+# program checkpoints at a step every host agrees on and exits 75. The marker, left
+# first, makes that the end of a supervise loop too (see STOP_MARKER).
 STOP_SCRIPT = "; ".join(
     [
-        'pid=$(cat "$HOME/gopher-logs/job.pid" 2>/dev/null || true)',
-        'if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM -- "-$pid";'
+        'logs="$HOME/gopher-logs"; pid=$(cat "$logs/job.pid" 2>/dev/null || true)',
+        'if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then'
+        f' touch "$logs/{STOP_MARKER}"; kill -TERM -- "-$pid";'
         ' echo "$(hostname): stopping the job (pid $pid): it checkpoints, then exits";'
         ' else echo "$(hostname): no job running"; fi',
     ]
 )
 
+# Each line carries the worker's prefix, as `run` shows it: --worker=all interleaves them.
 LOGS_SCRIPT = "; ".join(
     [
+        "set -o pipefail",
         'lines="$1"; follow="$2"',
-        'cd "$HOME/gopher-logs" 2>/dev/null || { echo "$(hostname): no logs yet"; exit 0; }',
+        f"worker=$(curl -sf -H Metadata-Flavor:Google {METADATA}/agent-worker-number || hostname)",
+        'cd "$HOME/gopher-logs" 2>/dev/null || { echo "[worker $worker] no logs yet"; exit 0; }',
         'if [ "$follow" = 1 ]; then tail -n "$lines" -F worker-*.log;'
-        ' else tail -n "$lines" worker-*.log; fi',
+        ' else tail -n "$lines" worker-*.log; fi | sed -u "s/^/[worker $worker] /"',
     ]
 )
 

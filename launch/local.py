@@ -14,7 +14,9 @@ kept in LOGDIR/process-i.log.
 When a process exits non-zero the others are given `--grace_s` to notice and exit on
 their own (they do, with a clear message), then stopped. SIGTERM and the first SIGINT
 are passed to every process (they checkpoint and exit); a second SIGINT stops them at
-once. The exit status is the first non-zero status of a process, else 0.
+once. One that comes while the processes are starting reaches those already started, and
+no more are started. The exit status is that of the process that failed first (a survivor's later
+"peer lost" must not hide the victim's), else 0.
 """
 
 from __future__ import annotations
@@ -72,10 +74,18 @@ class Job:
         self._threads: list[threading.Thread] = []
         self._print = threading.Lock()
         self.sigints = 0
+        # Signals received, as sent on (a second SIGINT: SIGKILL), and how many of them each
+        # process has been sent. The handler only records; the main thread forwards them
+        # (`forward`), so a signal during start() reaches the processes started before it
+        # exactly once and no process is started after it.
+        self.received: list[int] = []
+        self._sent: list[int] = []
 
     def start(self) -> None:
         os.makedirs(self.logdir, exist_ok=True)
         for i in range(self.count):
+            if self.received:  # stopped while starting: start no more
+                break
             home = os.path.join(self.logdir, f"host-{i}")
             os.makedirs(os.path.join(home, "tmp"), exist_ok=True)
             env = process_env(os.environ, i, self.count, self.devices, self.port, home)
@@ -87,6 +97,8 @@ class Job:
                 start_new_session=True,  # signals reach it only through us
             )
             self.procs.append(proc)
+            self._sent.append(0)
+            self.forward()
             t = threading.Thread(target=self._pump, args=(i, proc), daemon=True)
             t.start()
             self._threads.append(t)
@@ -106,22 +118,44 @@ class Job:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(sig)
 
-    def wait(self, grace_s: float = 150.0) -> int:
-        """Waits for every process; after a failure, `grace_s` before stopping the rest."""
-        failed_at = None
-        while any(p.poll() is None for p in self.procs):
+    def forward(self) -> None:
+        """Sends each process the received signals it has not been sent yet."""
+        n = len(self.received)  # the handler may append meanwhile: those go next time
+        for i, p in enumerate(self.procs):
+            for sig in self.received[self._sent[i] : n]:
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(sig)
+            self._sent[i] = n
+
+    def wait(self, grace_s: float = 150.0, poll_s: float = 0.2) -> int:
+        """Waits for every process; after a failure, `grace_s` before stopping the rest.
+        Returns the status of the process seen failing first (within `poll_s`)."""
+        failed: list[int] = []  # process indices, in the order their failures were seen
+        failed_at, said = None, False
+        while True:
+            self.forward()
             codes = [p.poll() for p in self.procs]
-            if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed += [i for i, c in enumerate(codes) if c not in (None, 0) and i not in failed]
+            if all(c is not None for c in codes):
+                break
+            if failed and failed_at is None:
                 failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > grace_s:
-                self.say(f"stopping the processes still running {grace_s:.0f} s after a failure")
+                if not said:  # said once; the kill is repeated until they are gone
+                    said = True
+                    self.say(
+                        f"stopping the processes still running {grace_s:.0f} s after a failure"
+                    )
                 self.signal_all(signal.SIGKILL)
-            time.sleep(0.2)
+            time.sleep(poll_s)
         for t in self._threads:
             t.join(timeout=5)
         codes = [p.returncode for p in self.procs]
         self.say("exit statuses: " + ", ".join(f"process {i}: {c}" for i, c in enumerate(codes)))
-        return next((c if c > 0 else 128 - c for c in codes if c != 0), 0)
+        if not self.procs and self.received:  # stopped before any process started
+            return 128 + self.received[0]
+        return next((c if c > 0 else 128 - c for c in (codes[i] for i in failed)), 0)
 
     def say(self, text: str) -> None:
         with self._print:
@@ -131,10 +165,7 @@ class Job:
     def on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT:
             self.sigints += 1
-        if self.sigints >= 2:
-            self.signal_all(signal.SIGKILL)
-        else:
-            self.signal_all(signum)
+        self.received.append(signal.SIGKILL if self.sigints >= 2 else signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,10 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.processes} processes x {args.devices_per_process} CPU devices, coordinator "
         f"127.0.0.1:{job.port}; logs in {logdir}"
     )
-    job.start()
-    signal.signal(signal.SIGINT, job.on_signal)
-    signal.signal(signal.SIGTERM, job.on_signal)
-    return job.wait(args.grace_s)
+    # Before the start: a Ctrl-C while starting would otherwise kill this launcher and
+    # orphan the processes already started (in their own sessions, they would not see it).
+    previous = {sig: signal.signal(sig, job.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        job.start()
+        return job.wait(args.grace_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
     python -m launch.tpu supervise NAME --zone=Z --accelerator-type=v4-32 [--max-restarts=20]
         [--max-creates=0] -- CMD...
     python -m launch.tpu logs NAME --zone=Z [--lines=100] [--follow]
-    python -m launch.tpu stop NAME --zone=Z     # the running job checkpoints and exits (75)
+    python -m launch.tpu stop NAME --zone=Z     # the job checkpoints and exits, for good (76)
     python -m launch.tpu list --zone=Z
     python -m launch.tpu delete NAME --zone=Z [--queued]      # a queued resource with its node
     python -m launch.tpu delete --stale-queued --zone=Z       # SUSPENDED / FAILED queued resources
@@ -15,7 +15,11 @@
 `run` starts the command on each worker detached (its own session, output to
 ~/gopher-logs/worker-N.log) and follows the log: a dropped connection, gcloud's rerun of the
 command after one, or Ctrl-C leave the job running (`logs --follow` watches it, `stop` stops
-it: it checkpoints first). A new `run` replaces whatever still holds the chips.
+it: it checkpoints first). A new `run` replaces the job still running, if any (SIGTERM, 60 s
+to checkpoint, then SIGKILL), and whatever else still holds the chips. `run` runs the code
+the last `setup` copied; a relative --workdir is relative to that code tree (~/gopher) and
+must not lie under one of its top-level names (the next setup replaces those): use gs://,
+an absolute path, or e.g. runs/NAME.
 
 Every command takes --dry-run: it prints the exact argument lists (shlex-quoted, one a line)
 and runs nothing. `supervise` is the restart loop: it waits for the node (recreating it when
@@ -23,13 +27,21 @@ PREEMPTED, SUSPENDED, TERMINATED, FAILED or gone), re-runs setup, and runs the s
 again, which resumes from its gs:// workdir. The train program's exit status decides: 0 done,
 2 bad input, 3 diverged, 4 restore failed and 130 interrupted are final; 5 (the workdir is
 locked, e.g. by the preempted node's run) is retried once its lock can have gone stale;
-anything else (75 preempted, 6 a peer died, 255 ssh lost) is retried.
+76 is final too: `launch.tpu stop` leaves a marker on the workers that turns the stopped
+job's status (75) into 76 (a `stop` between two attempts finds no job: Ctrl-C supervise).
+Anything else (75 preempted, 6 a peer died, 7 the storage failed a checkpoint's read or
+write) is retried as a new attempt (setup again, a
+new run that replaces the job). 255 (this side's ssh gave up, e.g. a
+laptop asleep) is not, unless the node had to be recreated: once it is READY, supervise
+reruns the same run, which follows the live job or reports how it ended. Each retry counts
+against --max-restarts.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 import shlex
 import subprocess
 import sys
@@ -48,7 +60,17 @@ READY = frozenset({"READY", "ACTIVE"})  # node / queued resource
 GONE = frozenset({"PREEMPTED", "SUSPENDED", "TERMINATED", "FAILED", "STOPPED", "NOT_FOUND"})
 # experiments.train's statuses that a rerun cannot change. 4 (no checkpoint could be
 # restored) must never be retried: a fresh start would delete the unreadable checkpoints.
-FINAL_EXITS = {0: "done", 2: "bad input", 3: "diverged", 4: "restore failed", 130: "interrupted"}
+# g.STOPPED_EXIT: the remote run's, for a job that `launch.tpu stop` stopped.
+FINAL_EXITS = {
+    0: "done",
+    2: "bad input",
+    3: "diverged",
+    4: "restore failed",
+    130: "interrupted",
+    g.STOPPED_EXIT: "stopped by launch.tpu stop",
+}
+# gcloud's status when its ssh connections failed (10 tries): the job may well run on.
+SSH_LOST = 255
 # experiments.train's status when another run holds the workdir's lock: after a hard
 # preemption, the old node's lock, which goes stale after `LOCK_STALE_S` without heartbeat.
 # supervise waits that long and retries, once: a second refusal is a live run (final).
@@ -98,23 +120,27 @@ def wait_ready(
     max_creates: int = 0,
     sleep: Callable[[float], None] = time.sleep,
     log: Callable[[str], None] = print,
-) -> bool:
+) -> int | None:
     """Polls until the node is READY (queued resource ACTIVE), recreating it when gone;
-    gives up after `max_creates` creates (0: never: spot capacity can take hours)."""
-    creates = 0
+    gives up after `max_creates` creates (0: never: spot capacity can take hours).
+    Returns how many creates succeeded (0: the node that was there, whose jobs may still
+    run), or None after giving up."""
+    creates = made = 0
     while True:
         now = state(spec, runner)
         if now in READY:
-            return True
+            return made
         if now in GONE:
             if max_creates and creates == max_creates:
                 log(f"supervise: {spec.name} still {now} after {creates} creates; giving up")
-                return False
+                return None
             log(f"supervise: {spec.name} is {now}: recreating")
             if now != "NOT_FOUND":
                 runner(g.delete_argv(spec))
             creates += 1
-            if runner(g.create_argv(spec)) != 0:
+            if runner(g.create_argv(spec)) == 0:
+                made += 1
+            else:
                 sleep(poll_s)  # e.g. no capacity right now
             continue
         log(f"supervise: {spec.name} is {now}: waiting {poll_s:g}s")
@@ -127,11 +153,12 @@ def setup(spec: g.TpuSpec, runner: Runner, tarball: str) -> int:
     return status or runner(g.ssh_argv(spec, g.setup_command()))
 
 
-def run(spec: g.TpuSpec, runner: Runner, train_argv: list[str]) -> int:
+def run(spec: g.TpuSpec, runner: Runner, train_argv: list[str], token: str = "") -> int:
     """Runs the train command on all workers, detached there (an ssh connection that
     drops and gcloud's rerun of the command do not stop it); the status is a failing
-    worker's once all have finished (gcloud reports the lowest-numbered one's)."""
-    return runner(g.ssh_argv(spec, g.run_command(train_argv)))  # a fresh run token
+    worker's once all have finished (gcloud reports the lowest-numbered one's). The same
+    `token` again follows the job that run started; none (a fresh token) replaces it."""
+    return runner(g.ssh_argv(spec, g.run_command(train_argv, token)))
 
 
 def supervise(
@@ -152,14 +179,20 @@ def supervise(
     retried up to `max_restarts` times; 1 when the node could not be had.
     """
     restarts, locked = 0, False
+    token = ""  # the current attempt's run, kept only after a lost ssh (255)
     while True:
-        if not wait_ready(
+        created = wait_ready(
             spec, runner, poll_s=poll_s, max_creates=max_creates, sleep=sleep, log=log
-        ):
+        )
+        if created is None:
             return 1
-        status = setup(spec, runner, tarball)
-        if status == 0:
-            status = run(spec, runner, train_argv)
+        if created or not token:  # a new attempt: the code, then a new run
+            token = ""
+            status = setup(spec, runner, tarball)
+            if status == 0:
+                token = g.new_token()
+        if token:
+            status = run(spec, runner, train_argv, token)
             if status in FINAL_EXITS:
                 log(f"supervise: exit {status} ({FINAL_EXITS[status]})")
                 return status
@@ -178,11 +211,19 @@ def supervise(
                 sleep(lock_wait_s)
             else:
                 locked = False
+            # Only our ssh gave up (a laptop asleep, a VPN down): the job may run on. Unless
+            # the node has to be recreated, rerunning the same token follows it (or gets its
+            # status) where a new attempt would set up (replacing the code under it) and
+            # stop it, losing the steps since its last checkpoint. A job that is gone
+            # (the host restarted) reports 1: then a new attempt.
+            if status != SSH_LOST:
+                token = ""
         if restarts == max_restarts:
             log(f"supervise: exit {status} and {restarts} restarts used; stopping")
             return status
         restarts += 1
-        log(f"supervise: exit {status}; restart {restarts}/{max_restarts}")
+        again = "reattaching to the job" if token else "restart"
+        log(f"supervise: exit {status}; {again} {restarts}/{max_restarts}")
 
 
 def stale_queued(zone: str, project: str | None, runner: Runner) -> list[str]:
@@ -191,8 +232,69 @@ def stale_queued(zone: str, project: str | None, runner: Runner) -> list[str]:
 
 
 def _archive(ref: str, name: str, runner: Runner) -> str | None:
-    tarball = os.path.join(tempfile.gettempdir(), f"gopher-{name}.tar.gz")
-    return tarball if runner(g.archive_argv(ref, tarball), cwd=REPO) == 0 else None
+    # A path of its own: two supervise loops for one NAME must not overwrite each other's.
+    fd, tarball = tempfile.mkstemp(prefix=f"gopher-{name}-", suffix=".tar.gz")
+    os.close(fd)
+    if runner(g.archive_argv(ref, tarball), cwd=REPO) == 0:
+        return tarball
+    os.unlink(tarball)
+    return None
+
+
+def code_names(ref: str) -> set[str]:
+    """The top-level names of the code tree at `ref` (empty when git cannot say: a bad ref
+    is then reported by the archive step)."""
+    done = subprocess.run(
+        ["git", "ls-tree", "--name-only", "-z", "--end-of-options", ref],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    return set(os.fsdecode(done.stdout).split("\0")) - {""} if done.returncode == 0 else set()
+
+
+def workdir_flag(train_argv: Sequence[str]) -> str | None:
+    """The train command's --workdir (absl's forms: -- or -, `=VALUE` or `NAME VALUE`; the
+    last one wins; flags end at `--`)."""
+    value = None
+    for i, arg in enumerate(train_argv):
+        if arg == "--":
+            break
+        for name in ("--workdir", "-workdir"):
+            if arg.startswith(name + "="):
+                value = arg[len(name) + 1 :]
+            elif arg == name and i + 1 < len(train_argv):
+                value = train_argv[i + 1]
+    return value
+
+
+def check_workdir(command: str, train_argv: Sequence[str], code: set[str]) -> None:
+    """Refuses a relative --workdir under a top-level name of the code tree: the job runs
+    in ~/gopher, and every setup (supervise's before each restart) replaces those names,
+    the run's checkpoints with them. Names that are not code are carried over."""
+    value = workdir_flag(train_argv)
+    if not value or "://" in value or value.startswith(("/", "~")):
+        return
+    # Where it lands on a worker, relative to the code tree (`../gopher/x` included).
+    code_dir = "/home/user/gopher"
+    inside = posixpath.relpath(posixpath.normpath(posixpath.join(code_dir, value)), code_dir)
+    first = inside.split("/")[0]
+    if first in code:
+        raise SystemExit(
+            f"{command}: --workdir={value} lies in the code tree on the workers "
+            f"(~/gopher/{first}, which every setup replaces); use a gs:// workdir, an "
+            "absolute path, or a name that is not code, e.g. --workdir=runs/NAME"
+        )
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag in ("max_restarts", "max_creates", "poll_s", "lines"):
+        value = getattr(args, flag, None)
+        if value is not None and not 0 <= value < float("inf"):
+            raise SystemExit(
+                f"{args.command}: --{flag.replace('_', '-')}={value} must be a finite number >= 0"
+            )
 
 
 def _spec_flags(parser: argparse.ArgumentParser, name_nargs: str | None = None) -> None:
@@ -228,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     for name in ("create", "setup", "run", "supervise", "logs", "stop"):
         sub = commands.add_parser(name, parents=[common])
         _spec_flags(sub)
-        if name in ("setup", "run", "supervise"):
+        if name in ("setup", "supervise"):  # `run` runs the code the last setup copied
             _train_flags(sub)
         if name == "supervise":
             sub.add_argument("--max-restarts", type=int, default=20)
@@ -265,12 +367,25 @@ def spec_from(args: argparse.Namespace) -> g.TpuSpec:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    try:
+        return _main(argv, out)
+    except KeyboardInterrupt:  # one line, not a traceback; the detached job is not stopped
+        print(
+            "launch.tpu: interrupted; a job already started on the workers keeps running "
+            "(`python -m launch.tpu logs --follow` watches it, `stop` stops it)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _main(argv: Sequence[str] | None, out: TextIO | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after the first `--` is the train command, options and all (argparse's
     # REMAINDER would also swallow our own options that follow NAME).
     cut = argv.index("--") if "--" in argv else len(argv)
     argv, train = argv[:cut], argv[cut + 1 :]
     args = parser().parse_args(argv)
+    _check_counts(args)
     runner = Runner(args.gcloud, dry_run=args.dry_run, out=out)
     if args.command == "list":
         return max(runner(a) for a in g.list_argvs(args.zone, args.project))
@@ -293,23 +408,34 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return runner(g.ssh_argv(spec, g.logs_command(args.lines, args.follow)))
     if args.command == "stop":
         return runner(g.ssh_argv(spec, g.stop_command()))
-    if args.command in ("run", "supervise") and not train:
-        raise SystemExit(f"{args.command}: add the command after `--`")
+    if args.command in ("run", "supervise"):
+        if not train:
+            raise SystemExit(f"{args.command}: add the command after `--`")
+        check_workdir(args.command, train, code_names(getattr(args, "ref", "HEAD")))
     if args.command == "run":
         return run(spec, runner, train)
     tarball = _archive(args.ref, spec.name, runner)
     if tarball is None:
         return 1
-    if args.command == "setup":
-        return setup(spec, runner, tarball)
-    if args.dry_run:  # the loop's commands, each once, in the order it uses them
-        for argv in (g.describe_argv(spec), g.delete_argv(spec), g.create_argv(spec)):
-            runner(argv)
-        setup(spec, runner, tarball)
-        return run(spec, runner, train)
-    return supervise(
-        spec, runner, train, tarball, args.max_restarts, args.poll_s, max_creates=args.max_creates
-    )
+    try:
+        if args.command == "setup":
+            return setup(spec, runner, tarball)
+        if args.dry_run:  # the loop's commands, each once, in the order it uses them
+            for argv in (g.describe_argv(spec), g.delete_argv(spec), g.create_argv(spec)):
+                runner(argv)
+            setup(spec, runner, tarball)
+            return run(spec, runner, train)
+        return supervise(
+            spec,
+            runner,
+            train,
+            tarball,
+            args.max_restarts,
+            args.poll_s,
+            max_creates=args.max_creates,
+        )
+    finally:
+        os.unlink(tarball)
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ def _fake_tools(bin_dir: Path) -> None:
         (bin_dir / name).chmod(0o755)
 
 
-def _remote(command: str, home: Path) -> subprocess.CompletedProcess:
-    env = {"HOME": str(home), "PATH": f"{home / 'bin'}:/usr/bin:/bin"}
+def _remote(command: str, home: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {"HOME": str(home), "PATH": f"{home / 'bin'}:/usr/bin:/bin", **extra_env}
     return subprocess.run(
         ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30
     )
@@ -192,7 +192,8 @@ def test_a_dropped_ssh_connection_leaves_the_job_running_and_the_rerun_attaches(
 def test_stop_sends_the_job_sigterm_and_run_reports_its_status(tmp_path: Path) -> None:
     """`launch.tpu stop`: SIGTERM to the detached job's process group; the train program
     (here a stand-in that exits 75 on SIGTERM, as experiments.train does after its
-    checkpoint) ends and the attached `run` exits with its status."""
+    checkpoint) ends and the attached `run` exits STOPPED_EXIT, not the 75 of a
+    preemption, which supervise would restart. The next run is not a stopped one."""
     _fake_tools(tmp_path / "bin")
     (tmp_path / "gopher").mkdir()
     body = (
@@ -217,8 +218,105 @@ def test_stop_sends_the_job_sigterm_and_run_reports_its_status(tmp_path: Path) -
     stopped = _remote(g.stop_command(), tmp_path)
     assert stopped.returncode == 0 and "stopping the job" in stopped.stdout
     out, _ = session.communicate(timeout=30)
-    assert session.returncode == 75 and "[worker 3] checkpointed" in out
+    assert session.returncode == g.STOPPED_EXIT and "[worker 3] checkpointed" in out
+    assert g.STOPPED_EXIT in tpu.FINAL_EXITS  # supervise stops there too
     assert "no job running" in _remote(g.stop_command(), tmp_path).stdout
+    again = _remote(g.run_command([sys.executable, "-c", "raise SystemExit(75)"]), tmp_path)
+    assert again.returncode == 75, again.stdout
+
+
+def test_stop_keeps_a_final_status_and_matches_supervise() -> None:
+    """The statuses a stop leaves as they are are exactly supervise's other final ones."""
+    assert set(tpu.FINAL_EXITS) == {*g.KEPT_WHEN_STOPPED, g.STOPPED_EXIT}
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has exited; only its parent has not collected it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_for(path: Path, text: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in (path.read_text() if path.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _job_home(tmp_path: Path) -> tuple[Path, dict]:
+    _fake_tools(tmp_path / "bin")
+    (tmp_path / "gopher").mkdir()
+    return tmp_path / "gopher-logs" / "worker-3.log", {
+        "HOME": str(tmp_path),
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+    }
+
+
+def test_a_new_run_stops_the_previous_job_with_sigterm_first(tmp_path: Path) -> None:
+    """A new run (another token) sends the still-running job SIGTERM and waits for it to
+    checkpoint and exit before it starts its own; the old run, still following its job,
+    then says it was replaced rather than report the new job's status."""
+    log, env = _job_home(tmp_path)
+    polite = (
+        "import signal, sys, time\n"
+        "def stop(*_): time.sleep(0.3); print('checkpointed', flush=True); sys.exit(75)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('training', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    first = subprocess.Popen(
+        ["bash", "-c", g.run_command([sys.executable, "-c", polite], token="a")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(log, "training")
+    second = _remote(g.run_command([sys.executable, "-c", "print('second')"], "b"), tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "stopping the previous job" in second.stdout
+    text = log.read_text()
+    assert "checkpointed" in text and text.index("checkpointed") < text.index("second")
+    out, _ = first.communicate(timeout=30)
+    assert first.returncode == 1 and "replaced by a newer run" in out
+
+
+def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    log, env = _job_home(tmp_path)
+    pid_file = tmp_path / "stubborn.pid"
+    stubborn = (
+        "import os, signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "print('stubborn', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    third = subprocess.Popen(
+        ["bash", "-c", g.run_command([sys.executable, "-c", stubborn], token="c")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(log, "stubborn")
+    pid = int(pid_file.read_text())
+    begun = time.monotonic()
+    fourth = _remote(
+        g.run_command([sys.executable, "-c", "print('fourth')"], "d"),
+        tmp_path,
+        GOPHER_STOP_GRACE_S="1",
+    )
+    assert fourth.returncode == 0 and "killing it" in fourth.stdout, fourth.stdout
+    assert not _alive(pid) and time.monotonic() - begun < 15
+    third.communicate(timeout=30)
+
+
+def test_logs_lines_carry_the_worker_prefix(tmp_path: Path) -> None:
+    """`logs` on all workers interleaves their lines: each says whose it is, as in `run`."""
+    _fake_tools(tmp_path / "bin")
+    assert _remote(g.logs_command(), tmp_path).stdout == "[worker 3] no logs yet\n"
+    (tmp_path / "gopher-logs").mkdir()
+    (tmp_path / "gopher-logs" / "worker-3.log").write_text("step 1\nstep 2\nstep 3\n")
+    done = _remote(g.logs_command(lines=2), tmp_path)
+    assert done.returncode == 0 and done.stdout == "[worker 3] step 2\n[worker 3] step 3\n"
 
 
 def _tarball(path: Path, lock: str, *extra: str) -> None:
@@ -333,7 +431,7 @@ def test_real_gcloud_rejects_a_wrong_flag(case: str, gcloud_results: dict) -> No
 # --- the restart loop against a scripted fake gcloud -----------------------------------
 
 FAKE_GCLOUD = """\
-import json, os, sys
+import json, os, shutil, sys
 here = os.path.dirname(os.path.abspath(__file__))
 plan = json.load(open(os.path.join(here, "plan.json")))
 with open(os.path.join(here, "calls.jsonl"), "a") as f:
@@ -353,6 +451,10 @@ if "describe" in args:
     print(state)
 elif "ssh" in args and any("gopher-run" in a for a in args):
     sys.exit(take("runs"))
+elif "create" in args and "creates" in plan:
+    sys.exit(take("creates"))
+elif "scp" in args and args[4].endswith(".tar.gz"):  # keep what would be copied
+    shutil.copy(args[4], os.path.join(here, "copied.tar.gz"))
 """
 
 
@@ -365,8 +467,9 @@ def fake_gcloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
-    def start(states: list[str], runs: list[int]) -> Path:
-        (bin_dir / "plan.json").write_text(json.dumps({"states": states, "runs": runs}))
+    def start(states: list[str], runs: list[int], **more: list) -> Path:
+        plan = {"states": states, "runs": runs, **more}
+        (bin_dir / "plan.json").write_text(json.dumps(plan))
         return bin_dir / "calls.jsonl"
 
     return start
@@ -404,10 +507,55 @@ def test_restart_loop_recreates_after_preemption_and_stops_when_done(fake_gcloud
     runs = [json.loads(x) for x in calls.read_text().splitlines() if "gopher-run" in x]
     want = untokened(g.ssh_argv(spec(), g.run_command(NASTY))[1:])
     assert untokened(runs[0]) == untokened(runs[1]) == want
-    assert runs[0] != runs[1]  # a restart is a new run: it replaces the job, never attaches
+    # After a preemption the job is gone: a new attempt, a new run (another token).
+    assert runs[0] != runs[1]
 
 
-@pytest.mark.parametrize("final", [2, 3, 4])
+def _runs(calls: Path) -> list[list[str]]:
+    return [json.loads(x) for x in calls.read_text().splitlines() if "gopher-run" in x]
+
+
+def test_lost_ssh_on_a_ready_node_reattaches_to_the_job(fake_gcloud) -> None:
+    """gcloud gave up on ssh (255) while the node stays READY: the job may run on, so the
+    rerun is the same run (same token: it follows the job or gets its status), without a
+    setup that would replace the code under it."""
+    calls = fake_gcloud(["READY"], runs=[255, 255, 0])
+    assert supervise(NASTY)[0] == 0
+    assert kinds(calls) == [
+        *["describe", "scp", "setup", "run"],
+        *["describe", "run", "describe", "run"],  # READY each time: reattach
+    ]
+    runs = _runs(calls)
+    assert runs[0] == runs[1] == runs[2]
+
+
+def test_lost_ssh_on_a_preempted_node_is_a_new_attempt(fake_gcloud) -> None:
+    calls = fake_gcloud(["READY", "PREEMPTED", "READY"], runs=[255, 0])
+    assert supervise(NASTY)[0] == 0
+    assert kinds(calls) == [
+        *["describe", "scp", "setup", "run"],  # 255; then the node is PREEMPTED
+        *["describe", "delete", "create"],
+        *["describe", "scp", "setup", "run"],
+    ]
+    first, second = _runs(calls)
+    assert first != second and untokened(first) == untokened(second)
+
+
+def test_lost_ssh_while_offline_still_reattaches(fake_gcloud) -> None:
+    """Offline, describe fails as for a node that is gone, and so does the create: once
+    back, the node that was there all along is READY and its job is followed again."""
+    calls = fake_gcloud(["READY", "NOT_FOUND", "READY"], runs=[255, 0], creates=[1])
+    status, slept = supervise(NASTY)
+    assert status == 0 and slept == [7]
+    assert kinds(calls) == [
+        *["describe", "scp", "setup", "run"],
+        *["describe", "create", "describe", "run"],
+    ]
+    first, second = _runs(calls)
+    assert first == second
+
+
+@pytest.mark.parametrize("final", [2, 3, 4, g.STOPPED_EXIT])
 def test_bad_input_divergence_and_failed_restore_are_not_retried(fake_gcloud, final: int) -> None:
     calls = fake_gcloud(["READY"], runs=[final, 0])
     assert supervise(NASTY)[0] == final
@@ -461,10 +609,108 @@ def test_cli_supervise_end_to_end(fake_gcloud, tmp_path: Path) -> None:
     argv = ["supervise", name, f"--zone={ZONE}", "--poll-s=0", "--", *NASTY]
     assert tpu.main(argv) == 0
     tarball = Path(json.loads(calls.read_text().splitlines()[1])[4])
-    assert tarball.name == f"gopher-{name}.tar.gz"
-    with tarfile.open(tarball) as tar:  # the committed tree, with the lock setup installs
+    assert tarball.name.startswith(f"gopher-{name}-") and tarball.name.endswith(".tar.gz")
+    assert not tarball.exists()  # removed once the loop is done
+    with tarfile.open(calls.parent / "copied.tar.gz") as tar:  # the committed tree
         assert {"setup.py", g.TPU_LOCK, "launch/tpu.py"} <= set(tar.getnames())
-    tarball.unlink()
+
+
+def test_each_invocation_archives_to_its_own_tarball() -> None:
+    """Two supervise loops for one NAME (or a setup beside one) must not overwrite the
+    tarball the other is copying."""
+    paths = [
+        next(a[3] for a in dry("setup", "t1", f"--zone={ZONE}") if a[:2] == ["git", "archive"])
+        for _ in range(2)
+    ]
+    assert paths[0] != paths[1] and all("/gopher-t1-" in p for p in paths)
+    assert not any(Path(p.removeprefix("--output=")).exists() for p in paths)
+
+
+def test_a_ref_that_looks_like_an_option_is_never_one(tmp_path: Path) -> None:
+    """`git archive ... --list` would list the formats and succeed with no tarball."""
+    out = tmp_path / "code.tar.gz"
+    done = subprocess.run(
+        g.archive_argv("--list", str(out)), cwd=tpu.REPO, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "--list" in done.stderr, done.stdout
+    assert subprocess.run(g.archive_argv("HEAD", str(out)), cwd=tpu.REPO).returncode == 0
+    assert tarfile.is_tarfile(out)
+
+
+def test_workdir_in_the_code_tree_is_refused_where_setup_would_delete_it(
+    tmp_path: Path,
+) -> None:
+    """The oracle is the real setup script on the real HEAD tarball: a run's output under
+    each workdir (relative to ~/gopher, where the job runs) either survives the next setup
+    or is deleted by it; `run` and `supervise` refuse exactly the latter."""
+    _fake_tools(tmp_path / "bin")
+    subprocess.run(
+        g.archive_argv("HEAD", str(tmp_path / g.REMOTE_TARBALL)), cwd=tpu.REPO, check=True
+    )
+    assert _remote(g.setup_command(), tmp_path).returncode == 0
+    candidates = [
+        *["results/44m", "./experiments/runs/x", "gopher/../benchmarks/b", "../gopher/tests/x"],
+        *["runs/44m", "mine/x", ".", "../elsewhere/x"],
+    ]
+    for i, workdir in enumerate(candidates):
+        (tmp_path / "gopher" / workdir).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "gopher" / workdir / f"ckpt-{i}").write_text("weights")
+    assert _remote(g.setup_command(), tmp_path).returncode == 0
+    survives = {
+        w: (tmp_path / "gopher" / w / f"ckpt-{i}").exists() for i, w in enumerate(candidates)
+    }
+
+    def refused(command: str, *flag: str) -> str | None:
+        argv = [command, "t1", f"--zone={ZONE}", "--dry-run", "--", "python", "-m", "x", *flag]
+        try:
+            tpu.main(["--gcloud=/nonexistent/gcloud", *argv], out=io.StringIO())
+        except SystemExit as e:
+            return str(e)
+        return None
+
+    for workdir, kept in survives.items():
+        assert (refused("run", f"--workdir={workdir}") is None) == kept, workdir
+        assert (refused("supervise", "--workdir", workdir) is None) == kept, workdir
+    assert not survives["results/44m"] and survives["runs/44m"]  # both kinds are here
+    message = refused("supervise", "--workdir=results/44m")
+    assert "--workdir=results/44m" in message and "gs://" in message and "\n" not in message
+
+
+def test_run_has_no_ref_flag(capsys: pytest.CaptureFixture) -> None:
+    """`run` copies no code: a --ref there would be silently ignored."""
+    with pytest.raises(SystemExit):
+        tpu.main(["run", "t1", f"--zone={ZONE}", "--ref=v2", "--dry-run", "--", "x"])
+    assert "unrecognized arguments: --ref=v2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("supervise", "--max-restarts=-1"),
+        ("supervise", "--max-creates=-2"),
+        ("supervise", "--poll-s=-5"),
+        ("supervise", "--poll-s=nan"),
+        ("logs", "--lines=-3"),
+    ],
+)
+def test_negative_counts_are_refused_in_one_line(command: str, flag: str) -> None:
+    argv = [command, "t1", f"--zone={ZONE}", flag, "--dry-run", "--", "x"]
+    with pytest.raises(SystemExit) as e:
+        tpu.main(argv[: -2 if command == "logs" else None], out=io.StringIO())
+    assert flag in str(e.value) and "\n" not in str(e.value)
+
+
+def test_ctrl_c_ends_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tpu.subprocess, "run", interrupted)
+    try:
+        status = tpu.main(["stop", "t1", f"--zone={ZONE}"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C ended in a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert status == 130 and "interrupted" in err and err.count("\n") == 1
 
 
 # --- the CLI's dry run -----------------------------------------------------------------
@@ -483,8 +729,10 @@ def test_dry_run_prints_the_exact_argv_lists() -> None:
     assert dry("create", "a b", f"--zone={ZONE}", "--best-effort") == [g.create_argv(s)]
     (printed,) = dry("run", "a b", f"--zone={ZONE}", "--", *NASTY)
     assert untokened(printed) == untokened(g.ssh_argv(s, g.run_command(NASTY)))
-    tar = str(Path(tpu.tempfile.gettempdir()) / "gopher-a b.tar.gz")
-    assert dry("setup", "a b", f"--zone={ZONE}") == [
+    printed = dry("setup", "a b", f"--zone={ZONE}")
+    tar = printed[0][3].removeprefix("--output=")
+    assert Path(tar).parent == Path(tpu.tempfile.gettempdir())
+    assert printed == [
         g.archive_argv("HEAD", tar),
         g.scp_argv(s, tar, g.REMOTE_TARBALL),
         g.ssh_argv(s, g.setup_command()),
