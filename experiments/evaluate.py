@@ -12,7 +12,15 @@ document, in bits per byte at windows of 1x, 1.5x and 2x the model's seq_len.
 
 A task item longer than --max_len tokens (default 4 x seq_len) loses the start of its
 context; an item whose continuation alone is longer is skipped. Both are counted per task
-(truncated_requests, skipped_items) and shown in the table.
+(truncated_requests, skipped_items) and shown in the table, as are the requests run at
+more than the training seq_len (extrapolated_requests). --max_len bounds task rows only:
+text windows are 1x, 1.5x and 2x seq_len whatever it is.
+
+Held-out bpb here scores each document as its own stream, windows at stride window/2,
+every document (or the first --heldout_docs of each source); each result records its
+window, stride, documents, heldout_docs and streams. It is not the in-training
+heldout_bpb (one packed stream, non-overlapping windows, the first eval_batches batches):
+that one gives its targets less context and reads other text, so the numbers differ.
 
 Reads the run and changes nothing in it but WORKDIR/eval/: an unreadable newest checkpoint
 is skipped with a one-line warning (training quarantines it, not this), and a
@@ -53,7 +61,11 @@ _DATA_PATHS = flags.DEFINE_list(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows of seq_len tokens per batch.")
 _MAX_LEN = flags.DEFINE_integer(
-    "max_len", None, "Longest task row in tokens (default 4 x the model's seq_len)."
+    "max_len",
+    None,
+    "Longest (context + continuation) row of a task request, in tokens (default 4 x the "
+    "model's seq_len); longer ones lose the start of their context. Text bpb windows are "
+    "1x, 1.5x and 2x seq_len regardless.",
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of a markdown table.")
@@ -73,8 +85,14 @@ def _check_flags() -> None:
         common.fail("nothing to evaluate; pass --tasks=all (or names), --heldout or --text_files")
     if _LIMIT.value is not None and _LIMIT.value < 1:
         common.fail(f"--limit={_LIMIT.value} must be >= 1; omit it to score every item")
-    if _HELDOUT_DOCS.value is not None and _HELDOUT_DOCS.value < 1:
-        common.fail(f"--heldout_docs={_HELDOUT_DOCS.value} must be >= 1; omit it for them all")
+    if _HELDOUT_DOCS.value is not None:
+        if not _HELDOUT.value:  # it would be ignored silently
+            common.fail(
+                f"--heldout_docs={_HELDOUT_DOCS.value} only limits --heldout; add --heldout "
+                "or drop it"
+            )
+        if _HELDOUT_DOCS.value < 1:
+            common.fail(f"--heldout_docs={_HELDOUT_DOCS.value} must be >= 1; omit it for them all")
     if _BATCH_SIZE.value < 1:
         common.fail(f"--batch_size={_BATCH_SIZE.value} must be >= 1; e.g. --batch_size=32")
     if _STEP.value is not None and _STEP.value < 0:
@@ -122,6 +140,8 @@ def read_text_file(path: str) -> str:
     from gopher import paths
 
     file = paths.resolve(path)
+    if file.is_dir():
+        raise ValueError(f"text file {path!r} is a directory; pass the files in it")
     if not file.is_file():
         raise ValueError(f"text file {path!r} does not exist; fix --text_files")
     try:
@@ -251,7 +271,12 @@ def evaluate() -> tuple[dict, dict, str]:
     for name, group in {**sources, **{k: [v] for k, v in texts.items()}}.items():
         say(f"{name}: {len(group)} documents")
         results[name] = harness.evaluate_text(scorer, group)
-        results[name]["split"] = "heldout" if name.startswith("heldout/") else "file"
+        if name.startswith("heldout/"):
+            # How this bpb was made, so it is not mistaken for the in-training figure or
+            # the sweep's (other windows, other documents): None = every document.
+            results[name].update(split="heldout", heldout_docs=_HELDOUT_DOCS.value)
+        else:
+            results[name]["split"] = "file"
         _say_done(name, results[name])
         step_file.write(record())
     final = record()
@@ -285,6 +310,8 @@ def _say_done(name: str, r: dict) -> None:
             f"; {r.get('truncated_requests', 0)} requests truncated and "
             f"{r.get('skipped_items', 0)} items skipped to fit --max_len"
         )
+    if r.get("extrapolated_requests"):
+        cut += f"; {r['extrapolated_requests']} requests longer than the training seq_len"
     say(
         f"  {name}: {main} (chance {r['chance']:.4f}){cut}; compile {r['compile_s']:.1f} s, "
         f"run {r['run_s']:.1f} s"

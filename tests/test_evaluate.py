@@ -68,6 +68,12 @@ def test_bad_flags_are_one_line(tmp_path):
     assert "config.json" in _error_line(no_run)
     missing = _run("-m", "experiments.evaluate", f"--workdir={tmp_path}", "--text_files=/no/such")
     assert "/no/such" in _error_line(missing)
+    a_dir = _run("-m", "experiments.evaluate", f"--workdir={tmp_path}", f"--text_files={tmp_path}")
+    assert f"'{tmp_path}' is a directory" in _error_line(a_dir)  # not "does not exist"
+    docs = _run(
+        "-m", "experiments.evaluate", f"--workdir={tmp_path}", "--tasks=x", "--heldout_docs=2"
+    )
+    assert "--heldout_docs=2 only limits --heldout" in _error_line(docs)  # not ignored
     for sub in ("a", "b"):  # two task files of one name: one result would overwrite the other
         (tmp_path / sub).mkdir()
         item = {"context": "x", "continuations": [" y", " z"], "gold": 0}
@@ -308,9 +314,15 @@ def test_shape_mismatch_moved_data_and_oversized_sample_are_one_line(run, tmp_pa
     assert found.returncode == 0, found.stderr[-3000:]
     original = _run(*base[:2], f"--workdir={run[0]}", *base[3:])
     assert original.returncode == 0, original.stderr[-3000:]
-    assert json.loads(found.stdout)["heldout/files"]["bpb"] == pytest.approx(
+    held = json.loads(found.stdout)["heldout/files"]
+    assert held["bpb"] == pytest.approx(
         json.loads(original.stdout)["heldout/files"]["bpb"], rel=1e-6
     )
+    # It says how it was made, so it is not taken for the in-training packed-stream
+    # figure: each document its own stream, windows 1x/1.5x/2x seq_len 64, stride half.
+    windows = [held[k] for k in ("window", "stride", "window_2x", "stride_2x")]
+    assert windows == [64, 32, 128, 64]
+    assert held["documents"] == held["heldout_docs"] == 1 and held["streams"] == "per_document"
 
     huge = _run(
         "-m",

@@ -3,6 +3,7 @@ model, and a real randomly initialised Gopher scored one request at a time on on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import unicodedata
 
@@ -57,15 +58,20 @@ def _log_probs(table):
     return _log_softmax(table)  # row a: log p(next | a)
 
 
-def _oracle_request(tokenizer, table, context, continuation):
-    """(sum log p, tokens, greedy) of the continuation under the bigram, in float64."""
+def _oracle_request(tokenizer, table, context, continuation, move_space=True):
+    """(sum log p, tokens, greedy, UTF-8 bytes) of the continuation under the bigram, in
+    float64. The context's trailing whitespace is scored as the continuation's start
+    (lm-evaluation-harness's rule), moved here a character at a time: this oracle's own
+    code, so a broken rule in the scorer shows (`move_space=False`: the request as given)."""
+    while move_space and context and context[-1].isspace():
+        context, continuation = context[:-1], context[-1] + continuation
     lp = _log_probs(table)
     ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
     seq = [tokenizer.eos_id, *ctx, *cont]
     pos = range(len(seq) - len(cont), len(seq))
     total = sum(lp[seq[i - 1], seq[i]] for i in pos)
     greedy = all(int(np.argmax(table[seq[i - 1]])) == seq[i] for i in pos)
-    return total, len(cont), greedy
+    return total, len(cont), greedy, len(continuation.encode("utf-8"))
 
 
 def _oracle_text_nll(tokenizer, table, text):
@@ -92,10 +98,12 @@ def test_bigram_requests_match_closed_form(tokenizer):
     requests = [*REQUESTS, favoured] * 3  # 18 rows: full and partial batches
     scores = scorer.score_requests(requests)
     for r, s in zip(requests, scores, strict=True):
-        want, n, greedy = _oracle_request(tokenizer, table, r.context, r.continuation)
+        want, n, greedy, _ = _oracle_request(tokenizer, table, r.context, r.continuation)
         assert s.num_tokens == n and s.num_bytes == len(r.continuation.encode())
         np.testing.assert_allclose(s.logprob, want, rtol=1e-5)
         assert s.greedy == greedy
+        # Input tokens run: [EOS] + context + continuation less the last, at most max_len.
+        assert s.length == min(len(tokenizer.encode(r.context)) + n, 4 * CFG.seq_len)
     assert scores[-1].greedy and not scores[0].greedy
     assert scores[4].truncated > 0 and scores[0].truncated == 0  # the 300-x context
 
@@ -107,7 +115,7 @@ def test_a_contexts_trailing_space_is_scored_with_the_continuation(tokenizer):
     table = _bigram_table(seed=3)
     scorer = Scorer(_bigram_model(tokenizer, table), batch_size=4)
     got, moved = scorer.score_requests([Request("Answer: ", "Paris"), Request("Answer:", " Paris")])
-    want, n, _ = _oracle_request(tokenizer, table, "Answer:", " Paris")
+    want, n, _, _ = _oracle_request(tokenizer, table, "Answer:", " Paris", move_space=False)
     assert tokenizer.encode(" Paris") != tokenizer.encode("Paris")  # the case matters
     np.testing.assert_allclose(got.logprob, want, rtol=1e-5)
     assert got.num_tokens == n and got.num_bytes == len(" Paris") == moved.num_bytes
@@ -141,17 +149,37 @@ def test_bigram_task_metrics_match_closed_form(tokenizer):
         for i, (c, k) in enumerate(zip(contexts, choices * 2, strict=True))
     ]
     got = harness.evaluate_task(scorer, _task("mc", "multiple_choice", items))
+    flat = [Request(c, k) for i in items for c, k in zip(i.contexts, i.continuations, strict=True)]
+    scores, at = scorer.score_requests(flat), 0
+
+    def picks(oracle):  # the oracle's choice per metric
+        lp, tokens, nbytes = (np.array([o[j] for o in oracle], np.float64) for j in (0, 1, 3))
+        return {
+            "accuracy": int(np.argmax(lp)),
+            "acc_per_token": int(np.argmax(lp / tokens)),
+            "acc_per_byte": int(np.argmax(lp / nbytes)),
+        }
+
     hits = {"accuracy": [], "acc_per_token": [], "acc_per_byte": []}
     for item in items:
-        lp, tokens, nbytes = [], [], []
-        for c, k in zip(item.contexts, item.continuations, strict=True):
-            total, n, _ = _oracle_request(tokenizer, table, c, k)
-            lp.append(total), tokens.append(n), nbytes.append(len(k.encode()))
-        hits["accuracy"].append(np.argmax(lp) == item.gold)
-        hits["acc_per_token"].append(np.argmax(np.divide(lp, tokens)) == item.gold)
-        hits["acc_per_byte"].append(np.argmax(np.divide(lp, nbytes)) == item.gold)
+        pairs = list(zip(item.contexts, item.continuations, strict=True))
+        want = picks([_oracle_request(tokenizer, table, c, k) for c, k in pairs])
+        mine = scores[at : at + len(pairs)]
+        at += len(pairs)
+        for name, pick in want.items():
+            # The harness's own pick for this item: a hit exactly when gold is the oracle's.
+            assert harness.multiple_choice_metrics([pick], [mine])[name] == 1.0, (item, name)
+            hits[name].append(pick == item.gold)
     for name, h in hits.items():
         assert got[name] == pytest.approx(np.mean(h)), name
+    # The items exercise the trailing-space rule: "def main():\n   " picks another choice
+    # per byte when its spaces stay in the context, so a broken rule fails the loop above.
+    spaced = items[3]
+    assert spaced.contexts[0].endswith(" ")
+    pairs = list(zip(spaced.contexts, spaced.continuations, strict=True))
+    moved = picks([_oracle_request(tokenizer, table, c, k) for c, k in pairs])
+    kept = picks([_oracle_request(tokenizer, table, c, k, move_space=False) for c, k in pairs])
+    assert moved["acc_per_byte"] != kept["acc_per_byte"]
     assert got["items"] == len(items) and got["chance"] == pytest.approx(
         (1 / 3 + 1 / 2 + 1 / 3) / 3
     )
@@ -169,7 +197,9 @@ def test_bigram_task_metrics_match_closed_form(tokenizer):
     oracle = [_oracle_request(tokenizer, table, c, w) for c, w in words]
     nll, tokens = -sum(o[0] for o in oracle), sum(o[1] for o in oracle)
     assert got["accuracy"] == pytest.approx(np.mean([o[2] for o in oracle])) == 0.5
-    assert got["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    # Named per token: the bare name reads as the per-word value published for LAMBADA.
+    assert "perplexity" not in got
+    assert got["perplexity_per_token"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
     assert got["perplexity_per_word"] == pytest.approx(math.exp(nll / len(words)), rel=1e-5)
 
 
@@ -207,6 +237,27 @@ def test_items_past_max_len_are_truncated_or_skipped_and_counted(tokenizer):
     assert "skipped items 1" in harness.markdown_table({"mc": got})
     with pytest.raises(ValueError, match=r"every item .* pass --max_len=\d+"):
         harness.evaluate_task(scorer, _task("mc", "multiple_choice", [items[1]]))
+
+
+def test_requests_past_seq_len_are_counted_as_extrapolated(tokenizer):
+    """Rows longer than the training seq_len (64) run extrapolated, up to max_len (256):
+    counted per request and shown, beside the truncated ones (which run at max_len, so
+    are extrapolated too)."""
+    table = _bigram_table(seed=5)
+    scorer = Scorer(_bigram_model(tokenizer, table), batch_size=8)
+    long, longer = ("word " * 25).strip(), ("word " * 80).strip()  # 4 tokens a "word "
+    assert CFG.seq_len < len(tokenizer.encode(long)) < 4 * CFG.seq_len
+    items = [
+        Item(0, ("The sky is",) * 2, (" blue", " green"), 0),
+        Item(1, (long,) * 2, (" end", " stop"), 1),  # extrapolated
+        Item(2, (longer,) * 2, (" end", " stop"), 1),  # truncated to 256, extrapolated
+    ]
+    got = harness.evaluate_task(scorer, _task("mc", "multiple_choice", items))
+    assert got["extrapolated_requests"] == 4 and got["truncated_requests"] == 2
+    table_md = harness.markdown_table({"mc": got})
+    assert "truncated requests 2, extrapolated requests 4" in table_md
+    short = harness.evaluate_task(scorer, _task("mc", "multiple_choice", items[:1]))
+    assert short["extrapolated_requests"] == 0
 
 
 def test_windows_score_every_target_exactly_once():
@@ -264,6 +315,7 @@ def test_split_bytes_add_up(tokenizer):
     assert got["bpb"] == pytest.approx(got["bpb_1.5x"], rel=1e-5)  # a bigram: any window
     assert (got["window"], got["window_1.5x"], got["window_2x"]) == (64, 96, 128)
     assert got["stride"] == 32 and got["documents"] == len(docs)
+    assert got["streams"] == "per_document"  # not the in-training eval's packed stream
 
 
 def test_gopher_sharded_scores_equal_one_at_a_time(tokenizer):
@@ -271,7 +323,8 @@ def test_gopher_sharded_scores_equal_one_at_a_time(tokenizer):
     scores of mixed lengths (some past seq_len 64, one past max_len 256) equal each
     request alone, unpadded, on one device."""
     forward = build_forward(CFG)
-    params = forward.init(jax.random.key(0), np.zeros((1, 8), np.int32))
+    # Jitted: haiku's eager init of this model takes ~3 s, compiling it ~1 s.
+    params = jax.jit(forward.init)(jax.random.key(0), np.zeros((1, 8), np.int32))
     cpu0 = jax.devices()[0]
     one_params = jax.device_put(jax.device_get(params), cpu0)
     mesh = sharding.make_mesh(ParallelConfig(data=4, model=2))
@@ -307,3 +360,60 @@ def test_gopher_sharded_scores_equal_one_at_a_time(tokenizer):
     for stride in (32, 17, 64):
         _, count = scorer.text_nll([text, "tail"], 64, stride)
         assert list(count) == [len(tokenizer.encode(text)) + 1, len(tokenizer.encode("tail")) + 1]
+
+
+def _window_start(p: int, window: int, stride: int) -> int:
+    """Where the window that scores target p of a stream starts: windows start every
+    `stride` tokens and the one at k * stride predicts targets k * stride + 1 ..
+    k * stride + window; a target goes to the first window that reaches it."""
+    return max(0, -(-(p - window) // stride)) * stride
+
+
+def test_gopher_text_nll_gives_each_target_its_windows_context(tokenizer):
+    """Random `test` Gopher (context-dependent, unlike the bigram): text_nll of a text
+    longer than the window equals the sum, over its targets, of each target's NLL from a
+    forward pass of exactly the tokens its window gives it, s[start:p] (one pass per
+    window start, over its last target's context: the model is causal, test_model.py);
+    a text shorter than the window, one pass over the whole stream. Windows of 24 and of
+    80 (past seq_len 64: relative attention extrapolating)."""
+    text = "The history of the river towns is one of floods, trade and slow rebuilding. " * 3
+    text += "The towns grew."
+    # 160 targets: every window below is whole, so the oracle compiles one length each.
+    assert len(tokenizer.encode(text)) + 1 == 160
+    # Weights at 50x the default scale: each prediction leans on its context enough that
+    # one token of context less moves the total by ~2% (at 0.02, ~0.01%).
+    cfg = dataclasses.replace(CFG, init_scale=1.0)
+    forward = build_forward(cfg)
+    # Jitted: haiku's eager init of this model takes ~3 s, compiling it ~1 s.
+    params = jax.jit(forward.init)(jax.random.key(1), np.zeros((1, 8), np.int32))
+    cpu0 = jax.devices()[0]
+    one_params = jax.device_put(jax.device_get(params), cpu0)
+    one_device = jax.jit(forward.apply)
+    model = from_params(cfg, params, tokenizer, sharding.make_mesh(ParallelConfig(data=8)))
+    scorer = Scorer(model, batch_size=8)
+
+    def oracle(text, window, stride, drop=0):
+        """Sum NLL and targets; `drop`: the first tokens of each later window's context
+        left out (what a wrong start would do)."""
+        s = np.array([tokenizer.eos_id, *tokenizer.encode(text), tokenizer.eos_id], np.int32)
+        by_start: dict[int, list[int]] = {}
+        for p in range(1, len(s)):
+            by_start.setdefault(_window_start(p, window, stride), []).append(p)
+        nll = 0.0
+        for start, targets in by_start.items():
+            start += drop if start else 0
+            x = jax.device_put(s[None, start : max(targets)], cpu0)
+            lp = _log_softmax(np.asarray(one_device(one_params, x))[0])
+            nll -= sum(lp[p - 1 - start, s[p]] for p in targets)
+        return nll, len(s) - 1
+
+    for window, stride in [(24, 8), (80, 40)]:
+        want = [oracle(t, window, stride) for t in (text, "tail")]
+        assert want[0][1] > window + stride and want[1][1] < window  # 3+ windows; one
+        nll, count = scorer.text_nll([text, "tail"], window, stride)
+        np.testing.assert_allclose(nll, [w[0] for w in want], rtol=1e-6)
+        np.testing.assert_array_equal(count, [w[1] for w in want])
+    # The tolerance sees a wrong context: windows that do not overlap (the same length,
+    # no compile) or that start one token late each give another total.
+    for wrong in (oracle(text, 80, 80), oracle(text, 80, 40, drop=1)):
+        assert abs(wrong[0] - want[0][0]) > 1e3 * 1e-6 * want[0][0]

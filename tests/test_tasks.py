@@ -274,3 +274,18 @@ def test_user_file_missing_or_empty(tmp_path):
         tasks.load_task_file(str(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="no items"):
         tasks.load_task_file(_write(tmp_path, [""]))
+    with pytest.raises(ValueError, match="is a directory") as e:
+        tasks.load_task_file(str(tmp_path))  # not "does not exist": it does
+    assert str(tmp_path) in str(e.value)
+
+
+def test_user_file_not_utf8_names_path_and_line(tmp_path):
+    """A Latin-1 line 3: the error names the file and the line (with several file: tasks,
+    the user must learn which one), not only the codec's byte offset."""
+    good = (json.dumps(MC) + "\n").encode()
+    bad = json.dumps({**MC, "context": "caf\u00e9"}, ensure_ascii=False).encode("latin-1")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good * 2 + bad + b"\n" + good)
+    with pytest.raises(ValueError) as e:
+        tasks.load_task_file(str(path))
+    assert str(e.value) == f"{path}:3: not UTF-8; save the file as UTF-8 JSON lines"

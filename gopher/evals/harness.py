@@ -1,8 +1,11 @@
 """Task metrics and text bits per byte from a Scorer, and the table they are shown in.
 
 LAMBADA (kind "lambada"): each item's gold (context, final word) request. accuracy: the
-share of items whose every final-word token is the greedy argmax; perplexity: exp of
-the mean NLL per target token; perplexity_per_word: exp of the mean NLL per word.
+share of items whose every final-word token is the greedy argmax;
+perplexity_per_token: exp of the mean NLL per target token (it depends on the tokenizer);
+perplexity_per_word: exp of the mean NLL per word (per item), the LAMBADA perplexity of
+the GPT-2/GPT-3 papers and lm-evaluation-harness. Neither is called plain "perplexity":
+the per-token value is far smaller, and quoting it as the published one misleads.
 
 Multiple choice: every (context, continuation) of an item is scored and the highest
 wins: accuracy by raw sum log-likelihood, acc_per_token by log-likelihood per
@@ -13,12 +16,19 @@ Items that do not fit: a request longer than the scorer's max_len loses the firs
 of its context (lm-evaluation-harness's left truncation; counted in
 `truncated_requests`); an item with a continuation longer than max_len on its own is
 skipped whole, every choice of it (counted in `skipped_items`; its metrics, `items` and
-`chance` are those of the items scored).
+`chance` are those of the items scored). Requests run at more tokens than the model's
+training seq_len (relative attention extrapolating; lm-evaluation-harness would cut them
+to the training length) are counted in `extrapolated_requests`, truncated ones included
+when max_len > seq_len.
 
 Text: bits per byte (gopher/evals/scoring.py) at windows of 1x, 1.5x and 2x the
 model's seq_len, each with stride half its window: the model was trained at seq_len,
 so the longer windows test relative attention's extrapolation. Its "chance" is the bpb
-of a uniform distribution over the vocabulary.
+of a uniform distribution over the vocabulary. Each result records how it was made
+(`window`, `stride`, `documents`, `streams: "per_document"`): the in-training held-out bpb
+(gopher/loop.py) scores one packed stream in non-overlapping windows, its first
+eval_batches batches only, so its targets have less context and it reads other text; the
+two numbers are not interchangeable.
 """
 
 from __future__ import annotations
@@ -32,6 +42,13 @@ import numpy as np
 from gopher.evals.scoring import Request, Scorer
 
 WINDOW_FACTORS = (1.0, 1.5, 2.0)
+# A task's metrics shown beside accuracy in the table, when it has them.
+TASK_OTHER_METRICS = (
+    "acc_per_token",
+    "acc_per_byte",
+    "perplexity_per_token",
+    "perplexity_per_word",
+)
 
 
 def _choices(item) -> list[Request]:
@@ -52,7 +69,7 @@ def lambada_metrics(scores) -> dict:
     tokens = np.array([s.num_tokens for s in scores], dtype=np.float64)
     return {
         "accuracy": float(np.mean([s.greedy for s in scores])),
-        "perplexity": float(math.exp(nll.sum() / tokens.sum())),
+        "perplexity_per_token": float(math.exp(nll.sum() / tokens.sum())),
         "perplexity_per_word": float(math.exp(nll.mean())),
         "tokens_per_word": float(tokens.mean()),
     }
@@ -79,6 +96,7 @@ def evaluate_task(scorer: Scorer, task) -> dict:
         raise ValueError(
             f"task {task.name!r} has kind {task.kind!r}; use lambada or multiple_choice"
         )
+    seq_len = scorer.model.model_cfg.seq_len
     start, before = time.perf_counter(), (scorer.timings.compile_s, scorer.timings.run_s)
     per_item = [_choices(item) for item in task.items]
     if task.kind == "lambada":  # the gold request only
@@ -115,6 +133,7 @@ def evaluate_task(scorer: Scorer, task) -> dict:
         "split": task.split,
         "kind": task.kind,
         "truncated_requests": sum(1 for s in scores if s.truncated),
+        "extrapolated_requests": sum(1 for s in scores if s.length > seq_len),
         "skipped_items": len(task.items) - len(items),
         "compile_s": scorer.timings.compile_s - before[0],
         "run_s": scorer.timings.run_s - before[1],
@@ -146,6 +165,7 @@ def evaluate_text(
     out["chance"] = out["tokens"] * math.log2(vocab) / out["bytes"]
     out.update(
         documents=len(texts),
+        streams="per_document",  # vs the in-training eval's one packed stream
         split="heldout",
         compile_s=scorer.timings.compile_s - before[0],
         run_s=scorer.timings.run_s - before[1],
@@ -172,12 +192,11 @@ def markdown_table(results: dict) -> str:
             others = [k for k in r if k.startswith("bpb_")]
         else:
             main, count = "accuracy", str(r["items"])
-            others = ("acc_per_token", "acc_per_byte", "perplexity", "perplexity_per_word")
-            others = [k for k in others if k in r]
+            others = [k for k in TASK_OTHER_METRICS if k in r]
         other = ", ".join(f"{k} {_fmt(r[k])}" for k in others)
         notes = [
             f"{k.replace('_', ' ')} {r[k]}"
-            for k in ("truncated_requests", "skipped_items")
+            for k in ("truncated_requests", "extrapolated_requests", "skipped_items")
             if r.get(k)
         ]
         other = "; ".join(x for x in (other, ", ".join(notes)) if x)

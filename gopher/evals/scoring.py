@@ -79,6 +79,7 @@ class Score:
     greedy: bool  # every continuation token is the argmax of its prediction
     num_bytes: int  # UTF-8 bytes of the continuation
     truncated: int = 0  # tokens of [EOS] + context dropped to fit max_len
+    length: int = 0  # input tokens the row ran at (past seq_len: extrapolated)
 
 
 @dataclasses.dataclass
@@ -279,6 +280,7 @@ class Scorer:
                 greedy=bool(greedy[j]),
                 num_bytes=len(split[i][1].encode("utf-8")),  # the scored text
                 truncated=built[i][1],
+                length=len(built[i][0].inputs),
             )
         return scores
 

@@ -225,14 +225,22 @@ def load_task_file(path: str, name: str | None = None, limit: int | None = None)
     """A user's task: JSON lines, one item a line (see _FILE_KEYS); blank lines are skipped."""
     _check_limit(limit)
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"task file {path!r} is a directory; pass a JSON-lines file in it")
     if not p.is_file():
         raise ValueError(f"task file {path!r} does not exist; pass a JSON-lines file")
     items, kinds = [], set()
-    with open(p, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    # Bytes, decoded a line at a time: a text-mode file decodes in blocks, so its
+    # UnicodeDecodeError can name neither the file nor the line.
+    with open(p, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8; save the file as UTF-8 JSON lines") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
