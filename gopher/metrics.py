@@ -35,7 +35,9 @@ PEAK_FLOPS = {
     "tpu v5p": 459e12,  # megacore chip
     "tpu v5": 459e12,  # how libtpu names v5p devices
     "tpu v6 lite": 918e12,  # v6e (Trillium)
-    "h100": 989e12,
+    "h100": 989e12,  # SXM; the PCIe and NVL cards run at lower clocks and power
+    "h100 pcie": 756e12,
+    "h100 nvl": 835e12,
     "h200": 989e12,
     "a100": 312e12,
 }

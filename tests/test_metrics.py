@@ -21,6 +21,9 @@ def test_mfu_and_peak_lookup():
     assert metrics.peak_flops_per_device("TPU v4") == 275e12
     assert metrics.peak_flops_per_device("TPU v5 lite") == 197e12
     assert metrics.peak_flops_per_device("NVIDIA H100 80GB HBM3") == 989e12
+    # The longest name wins: the PCIe and NVL cards' own figures, not the SXM's.
+    assert metrics.peak_flops_per_device("NVIDIA H100 PCIe") == 756e12
+    assert metrics.peak_flops_per_device("NVIDIA H100 NVL") == 835e12
     assert metrics.peak_flops_per_device("cpu") is None
     assert metrics.peak_flops_per_device("cpu", override=1e12) == 1e12
     assert metrics.mfu(1000.0, 1e9, 2e12) == pytest.approx(0.5)
