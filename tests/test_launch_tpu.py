@@ -252,11 +252,24 @@ def _job_home(tmp_path: Path) -> tuple[Path, dict]:
     }
 
 
+def _start_job(tmp_path: Path, code: str, token: str, ready: str):
+    """A run of `python -c code` under `token`, followed until its log shows `ready`:
+    (the worker's log, the following run's process)."""
+    log, env = _job_home(tmp_path)
+    run = subprocess.Popen(
+        ["bash", "-c", g.run_command([sys.executable, "-c", code], token=token)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(log, ready)
+    return log, run
+
+
 def test_a_new_run_stops_the_previous_job_with_sigterm_first(tmp_path: Path) -> None:
     """A new run (another token) sends the still-running job SIGTERM and waits for it to
     checkpoint and exit before it starts its own; the old run, still following its job,
     then says it was replaced rather than report the new job's status."""
-    log, env = _job_home(tmp_path)
     polite = (
         "import signal, sys, time\n"
         "def stop(*_): time.sleep(0.3); print('checkpointed', flush=True); sys.exit(75)\n"
@@ -264,13 +277,7 @@ def test_a_new_run_stops_the_previous_job_with_sigterm_first(tmp_path: Path) -> 
         "print('training', flush=True)\n"
         "time.sleep(60)\n"
     )
-    first = subprocess.Popen(
-        ["bash", "-c", g.run_command([sys.executable, "-c", polite], token="a")],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(log, "training")
+    log, first = _start_job(tmp_path, polite, "a", "training")
     second = _remote(g.run_command([sys.executable, "-c", "print('second')"], "b"), tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "stopping the previous job" in second.stdout
@@ -281,7 +288,6 @@ def test_a_new_run_stops_the_previous_job_with_sigterm_first(tmp_path: Path) -> 
 
 
 def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
-    log, env = _job_home(tmp_path)
     pid_file = tmp_path / "stubborn.pid"
     stubborn = (
         "import os, signal, time\n"
@@ -290,13 +296,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: P
         "print('stubborn', flush=True)\n"
         "time.sleep(60)\n"
     )
-    third = subprocess.Popen(
-        ["bash", "-c", g.run_command([sys.executable, "-c", stubborn], token="c")],
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(log, "stubborn")
+    _, third = _start_job(tmp_path, stubborn, "c", "stubborn")
     pid = int(pid_file.read_text())
     begun = time.monotonic()
     fourth = _remote(
