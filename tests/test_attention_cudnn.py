@@ -35,7 +35,7 @@ def test_position_bias_is_the_skewed_position_term():
             np.testing.assert_allclose(got[:, :, i, j], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("t", [16, 13])
+@pytest.mark.parametrize("t", [pytest.param(16, marks=pytest.mark.slow), 13])  # 13: ragged
 def test_value_and_six_gradients_match_the_oracle_and_the_xla_path(t):
     b, h, kd = 2, 3, 8
     q, k, v, r, u, vb = _inputs(b, h, t, kd, seed=t)

@@ -255,6 +255,7 @@ def _tree_bytes(root):
 RESTORE_FAILED_EXIT_CODE = 4  # experiments/train.py maps checkpoint.RestoreFailed to it
 
 
+@pytest.mark.slow  # make test-all; tests/test_checkpoint.py holds the policy in unit tests
 def test_corrupt_checkpoints_fall_back_or_stop_never_start_over(shared, reference, tmp_path):
     workdir = str(tmp_path / "run")
     ckdir = os.path.join(workdir, "checkpoints")
@@ -352,6 +353,7 @@ def test_second_ctrl_c_exits_at_once():
     assert "second Ctrl-C: exiting now" in out.stderr
 
 
+@pytest.mark.slow  # make test-all; tests/test_workdir_lock.py holds the lock in unit tests
 def test_second_run_on_a_locked_workdir_refuses_and_the_first_is_unharmed(
     shared, reference, tmp_path
 ):
