@@ -370,6 +370,7 @@ def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
             assert row["max_rel_diff_vs_xla"] < 2e-2, row
 
 
+@pytest.mark.slow  # make test-all; the kernels' own tests are in tests/test_pallas_attention.py
 def test_attention_check_compares_output_and_six_gradients(tmp_path):
     """experiments.bench_attention --check (the first step of benchmarks/gpu_run.sh),
     here on CPU in interpret mode: every output at both lengths, for both backwards
