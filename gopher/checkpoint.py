@@ -113,14 +113,10 @@ class RestoreFailed(RuntimeError):
         self.other_shape, self.tried = other_shape, tried
 
 
-def _is_url(path: str) -> bool:
-    return "://" in str(path)
-
-
 def _absolute(path: str) -> str:
-    """Local paths made absolute (~ expanded, as paths.resolve does for the rest of the
-    workdir: the shell leaves --workdir=~/x as it is); a URL (gs://...) is left as it is."""
-    return str(path) if _is_url(path) else os.path.abspath(os.path.expanduser(path))
+    """paths.resolve's spelling, as the rest of the workdir has it: local paths absolute
+    and ~ expanded (the shell leaves --workdir=~/x as it is), a URL (gs://...) as it is."""
+    return os.fspath(paths.resolve(path))
 
 
 def is_transient(e: BaseException) -> bool:
@@ -489,7 +485,7 @@ def active_checkpoint_directory(workdir: str) -> str:
     """The checkpoint directory WORKDIR's training uses now, as checkpoints.json records
     it (WORKDIR/checkpoints without a record). Reads only: evaluate and sample must not
     end a restart_from_scratch latch, as `checkpoint_directory` does for training."""
-    root = epath.Path(_absolute(workdir))
+    root = paths.resolve(workdir)
     return str(root / _read_record(root).get("active", "checkpoints"))
 
 
@@ -508,7 +504,7 @@ def checkpoint_directory(workdir: str, restart_from_scratch: bool) -> str:
         reuses it rather than making another.
     Every process gets the same answer (process 0 decides and writes the record).
     """
-    root = epath.Path(_absolute(workdir))
+    root = paths.resolve(workdir)
     record_path = root / RECORD
     record = _read_record(root)
     active = record.get("active", "checkpoints")

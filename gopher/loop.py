@@ -512,8 +512,12 @@ def _close(writer, ckpt, lock, say) -> None:
     """Each part closed on its own: a failure warns and never replaces the error or exit
     status that stopped the run (75 on preemption), nor skips the rest. The checkpointer
     first (it waits for a save in flight), the lock last (its holder writes until then)."""
-    parts = (("checkpointer", ckpt, "close"), ("metrics", writer, "close"))
-    for name, part, method in (*parts, ("workdir lock", lock, "release")):
+    parts = (
+        ("checkpointer", ckpt, "close"),
+        ("metrics", writer, "close"),
+        ("workdir lock", lock, "release"),
+    )
+    for name, part, method in parts:
         if part is None:
             continue
         try:

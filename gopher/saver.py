@@ -44,8 +44,8 @@ class Saver:
             if force:
                 ckpt.wait()
         except Exception as e:  # Orbax reports a full disk as OSError or RESOURCE_EXHAUSTED
-            text = str(e)
-            if paths.is_remote(ckpt.directory) and checkpoint.is_transient(e):
+            text, remote = str(e), paths.is_remote(ckpt.directory)
+            if remote and checkpoint.is_transient(e):
                 # Object storage has no disk to fill: a rerun, not a fix, is what it takes.
                 raise checkpoint.StorageUnavailable(
                     f"checkpoint step {step} could not be written to {ckpt.directory} "
@@ -59,11 +59,7 @@ class Saver:
             ):
                 raise
             reason = "no space left on device" if "space" in text else text[:120]
-            fix = (
-                "check the bucket's permissions and quota"
-                if paths.is_remote(ckpt.directory)
-                else "free disk space"
-            )
+            fix = "check the bucket's permissions and quota" if remote else "free disk space"
             raise ValueError(
                 f"checkpoint step {step} could not be written to {ckpt.directory} ({reason}); "
                 f"{fix} and restart: the previous checkpoint is intact"
