@@ -114,13 +114,16 @@ def configs(shape=None, preset=None, seq_len=None, batch=None, attention=None):
         name, (preset, overrides, default_batch) = shape, SHAPES[shape]
     else:
         name, preset, overrides, default_batch = preset or "tiny", preset or "tiny", {}, 8
+    for flag, value in (("seq_len", seq_len), ("batch", batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag}={value}; pass a positive --{flag} (or leave it out)")
     model_cfg = config_lib.get_preset(preset).replace(**overrides)
-    if seq_len:
+    if seq_len is not None:
         model_cfg = model_cfg.replace(seq_len=seq_len)
     if attention:
         model_cfg = model_cfg.replace(attention=attention)
     train_cfg = config_lib.TrainConfig(
-        steps=1000, batch_size=batch or default_batch, warmup_steps=10
+        steps=1000, batch_size=default_batch if batch is None else batch, warmup_steps=10
     )
     return name, model_cfg, train_cfg
 
@@ -337,6 +340,13 @@ def main(argv):
                 "--peer times one device against the peer's one process; drop --mesh, --zero "
                 "and --microbatches (or run them without --peer)"
             )
+        if _PEER.value and _PROFILE.value:
+            raise ValueError(
+                f"--profile={_PROFILE.value} traces one run, not a side by side; drop --peer "
+                "to profile gopher's step"
+            )
+        if _PEAK_GFLOPS.value < 0:
+            raise ValueError(f"--peak_gflops={_PEAK_GFLOPS.value}; pass a positive figure or 0")
         if mesh and mesh[0] * mesh[1] > 1:  # one device is every backend's default
             devices.ask_cpu_devices(mesh[0] * mesh[1])
         if _PEER.value:
@@ -350,6 +360,8 @@ def main(argv):
                 out=_PEER_OUT.value,
                 peak_gflops=_PEAK_GFLOPS.value,
                 note=_NOTE.value,
+                attention=_ATTENTION.value,
+                unroll_layers=_UNROLL.value,
             )
             steps = 5 if steps is None else steps
             bench_peer.side_by_side(opts, name, model_cfg, train_cfg, steps, warmup)

@@ -48,7 +48,8 @@ import time
 
 from absl import app, flags
 
-from experiments.bench_machine import median_seconds
+from experiments import common
+from experiments.bench_machine import git_revision, machine_record, median_seconds
 
 _TINY = flags.DEFINE_bool("tiny", False, "CPU smoke: seq 64 and 128, 2 heads, key 16.")
 _SEQS = flags.DEFINE_list("seqs", ["512", "1024", "2048", "4096", "8192"], "Sequence lengths.")
@@ -114,7 +115,7 @@ def attention_rows(platform: str) -> list[dict]:
     from gopher import attention_cudnn, attention_xla, pallas_attention
 
     h, kd = (2, 16) if _TINY.value else (_HEADS.value, _KEY.value)
-    seqs = [64, 128] if _TINY.value else [int(s) for s in _SEQS.value]
+    seqs = [64, 128] if _TINY.value else parse_seqs(_SEQS.value)
     opts = _kernel_options(platform)
     rows = []
     for t in seqs:
@@ -286,10 +287,35 @@ def train_rows() -> list[dict]:
     return rows
 
 
+def parse_seqs(values: list[str]) -> list[int]:
+    try:
+        seqs = [int(v) for v in values]
+    except ValueError:
+        seqs = []
+    if not seqs or min(seqs) < 1:
+        raise ValueError(f"--seqs={','.join(values)}: pass positive lengths, such as 512,1024")
+    return seqs
+
+
+def check_flags() -> None:
+    """One line naming a bad flag before anything compiles."""
+    from gopher import config
+
+    for flag in (_HEADS, _KEY, _TOKENS, _REPS, _SEQ_LEN, _BATCH, _STEPS):
+        if flag.value < 1:
+            raise ValueError(f"--{flag.name}={flag.value}: pass 1 or more")
+    if not _TINY.value:
+        parse_seqs(_SEQS.value)
+    if _TRAIN.value:
+        config.get_preset(_PRESET.value)  # names the known presets when it is not one
+
+
 def main(argv):
     del argv
     import jax
 
+    with common.user_errors(verbose=False):
+        check_flags()
     device = jax.devices()[0]
     if _CHECK.value:
         rows, mode = check_rows(device.platform), "_check"
@@ -307,6 +333,9 @@ def main(argv):
         "platform": device.platform,
         "devices": jax.device_count(),
         "jax": jax.__version__,
+        "machine": machine_record(),
+        "git": git_revision(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "rows": rows,
     }
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

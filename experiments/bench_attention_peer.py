@@ -7,14 +7,16 @@ Gopher's side is the attention the CPU train step runs (`gopher.attention_xla.
 grouped_relative_attention`: q, k, v packed as their projection leaves them, the relative
 position term, causal chunks, heads in groups); the peer's is what benchmarks/peers/
 gpt2_torch.py calls, `F.scaled_dot_product_attention(q, k, v, is_causal=True)` on [B, H, T, K].
-Each times the forward and the forward+backward of the output's sum (median of --reps calls
-after two warm-ups), in its own process, alternating --rounds times. Multiplied by --layers,
+Each times the forward and the forward+backward against a fixed random cotangent (median of
+--reps calls after two warm-ups), in its own process and the environment the train-step
+sitting ran both sides in (`timing_env`), alternating --rounds times. Multiplied by --layers,
 beside the whole step's times of `make bench-peer`, the figures split the step's gap into
 attention and the rest. Each side's matmul FLOPs per forward+backward are counted as its
 code does them: gopher's 11 matmuls per query chunk (forward: content, position, p v;
 backward: the two score matmuls again, then dv, dp, dq twice, dk, d r) over the keys each
 chunk sees, the position ones over one more distance; the peer's 7 (forward 2, backward 5
-with the scores recomputed, as flash attention does) over the causal half of the scores.
+with the scores recomputed, as flash attention does) over the keys its kernel's blocks see
+(`torch_matmul_flops`: at T=512 every key, the masked half included).
 (XLA's cost_analysis() counts a loop's body once, so it cannot count the head groups.)
 
 With both sides and a train-step sitting of the same shape (--step_record, the one
@@ -38,7 +40,14 @@ import time
 from absl import app, flags
 
 from experiments import common
-from experiments.bench_machine import ROOT, git_revision, machine_record, median_seconds
+from experiments.bench_machine import (
+    ROOT,
+    git_revision,
+    machine_record,
+    median_seconds,
+    timing_env,
+    usable_cores,
+)
 from experiments.bench_peer import peer_python, run_json, sittings_path
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences.")
@@ -76,8 +85,22 @@ def gopher_matmul_flops(b: int, h: int, kd: int, t: int, chunk: int) -> float:
 
 
 def torch_matmul_flops(b: int, h: int, kd: int, t: int) -> float:
-    """Matmul FLOPs of one causal flash-attention forward+backward: 7 over half the scores."""
-    return 7.0 * b * h * t * t * kd
+    """Matmul FLOPs of one causal forward+backward of PyTorch's CPU flash attention as its
+    kernel tiles it (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp): blocks of 32, 64 or
+    256 queries (T < 192, < 768, else), each against whole 512-key blocks up to its last
+    query, so below 512 keys nothing is skipped; 7 matmuls (forward 2, backward 5 with the
+    scores recomputed). Measured on this 2-core machine with torch 2.13 (8 x 16 heads, key
+    size 32, 2026-12-05): causal and full attention took the same time at T=512 (97.0 and
+    95.8 ms forward+backward) and 0.78x at T=1024 (259 and 329 ms), where this count gives
+    0.75x."""
+    q_block = 256 if t >= 768 else 64 if t >= 192 else 32
+    kv_block = 512
+    scores = 0
+    for start in range(0, t, q_block):
+        rows = min(q_block, t - start)
+        last = start + rows  # keys 0 .. last-1 are unmasked for some query of the block
+        scores += rows * min(-(-last // kv_block) * kv_block, t)
+    return 7.0 * 2 * b * h * kd * scores
 
 
 def least_matmul_flops(b: int, h: int, kd: int, t: int) -> float:
@@ -135,8 +158,11 @@ def reach(summary: dict, step: dict, shape: tuple, layers: int, target: float) -
     return out
 
 
-def step_record(path: str, shape: tuple, layers: int) -> tuple[dict | None, str]:
-    """The step sitting at `path` when it is of this shape, else None and why."""
+def step_record(
+    path: str, shape: tuple, layers: int, machine: dict | None = None
+) -> tuple[dict | None, str]:
+    """The step sitting at `path` when it is of this shape (and, given `machine`, was taken
+    on a machine of its CPU model and cores), else None and why."""
     b, h, kd, t = shape
     try:
         with open(path) as f:
@@ -148,6 +174,14 @@ def step_record(path: str, shape: tuple, layers: int) -> tuple[dict | None, str]
         return None, f"{path} is another shape (batch, heads, d_model, seq, layers = {got})"
     if "peer_tokens_per_sec" not in step.get("summary", {}) or not step.get("peak_flops"):
         return None, f"{path} has no peer figure or matmul peak (run bench --peer=torch)"
+    if machine is not None:
+        theirs = {k: step.get("machine", {}).get(k) for k in ("cpu", "cores")}
+        ours = {k: machine.get(k) for k in ("cpu", "cores")}
+        if theirs != ours:
+            return None, (
+                f"{path} was taken on another machine ({theirs['cpu']}, {theirs['cores']} "
+                f"cores; this one: {ours['cpu']}, {ours['cores']}); run `make bench-peer` here"
+            )
     return step, ""
 
 
@@ -162,9 +196,11 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
         heads_per_group,
     )
 
-    keys = jax.random.split(jax.random.key(0), 2)
+    keys = jax.random.split(jax.random.key(0), 3)
     qkv = 0.3 * jax.random.normal(keys[0], (b, t, 3, h * kd), jnp.float32)  # [B, T, 3, H*K]
     r = 0.3 * jax.random.normal(keys[1], (h, t + 1, kd), jnp.float32)  # [H, T+1, K]
+    # A random cotangent, not the sum's ones, which XLA could fold into the backward's dots.
+    d_out = jax.random.normal(keys[2], (b, t, h * kd), jnp.float32)
     bias = jnp.zeros((h, 1, kd), jnp.float32)
     chunk = max(QUERY_CHUNK, -(-t // MAX_QUERY_CHUNKS))  # as RelativeAttention chooses it
     group = heads_per_group(b, h, t, chunk)
@@ -172,9 +208,12 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
     def forward(qkv, r):
         return grouped_relative_attention(qkv, r, bias, bias, None, chunk, group)
 
-    both = jax.grad(lambda qkv, r: jnp.sum(forward(qkv, r)), argnums=(0, 1))
+    def both(qkv, r, d_out):
+        _, vjp = jax.vjp(forward, qkv, r)
+        return vjp(d_out)
+
     fwd = jax.jit(forward).lower(qkv, r).compile()
-    fwd_bwd = jax.jit(both).lower(qkv, r).compile()
+    fwd_bwd = jax.jit(both).lower(qkv, r, d_out).compile()
     return {
         "side": "gopher",
         "what": "gopher.attention_xla.grouped_relative_attention",
@@ -182,7 +221,7 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
         "query_chunk": chunk,
         "forward_s": median_seconds(lambda: jax.block_until_ready(fwd(qkv, r)), reps, warmups=2),
         "forward_backward_s": median_seconds(
-            lambda: jax.block_until_ready(fwd_bwd(qkv, r)), reps, warmups=2
+            lambda: jax.block_until_ready(fwd_bwd(qkv, r, d_out)), reps, warmups=2
         ),
         "forward_backward_matmul_flops": gopher_matmul_flops(b, h, kd, t, chunk),
         "jax": jax.__version__,
@@ -193,8 +232,10 @@ def torch_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
     import torch
     import torch.nn.functional as F
 
+    torch.set_num_threads(usable_cores())  # as the step's peer (benchmarks/peers/gpt2_torch.py)
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, h, t, kd, requires_grad=True) for _ in range(3))  # [B, H, T, K]
+    d_out = torch.randn(b, h, t, kd)  # a random cotangent, as gopher's side
 
     def forward():
         with torch.no_grad():
@@ -202,7 +243,7 @@ def torch_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
 
     def forward_backward():
         q.grad = k.grad = v.grad = None  # as the peer's zero_grad(set_to_none=True)
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(d_out)
 
     return {
         "side": "torch",
@@ -236,8 +277,8 @@ def _summary(rounds: list[dict], layers: int) -> dict:
     return out
 
 
-def _print_reach(summary: dict, shape: tuple) -> None:
-    step, why = step_record(os.path.join(ROOT, _STEP.value), shape, _LAYERS.value)
+def _print_reach(summary: dict, shape: tuple, machine: dict) -> None:
+    step, why = step_record(os.path.join(ROOT, _STEP.value), shape, _LAYERS.value, machine)
     if step is None:
         print(f"reach: {why}")
         return
@@ -288,7 +329,10 @@ def main(argv):
         rec = {}
         for side in _SIDES.value:
             exe = sys.executable if side == "gopher" else python
-            rec[side] = run_json([exe, *module, f"--side={side}"], dict(os.environ), side)
+            try:
+                rec[side] = run_json([exe, *module, f"--side={side}"], timing_env(), side)
+            except ValueError as e:  # the side's own one line, then how to see it whole
+                common.fail(str(e))
             print(
                 f"round {i + 1}/{_ROUNDS.value}: {side} forward "
                 f"{rec[side]['forward_s'] * 1e3:.1f} ms, forward+backward "
@@ -311,12 +355,14 @@ def main(argv):
             f"gopher/torch forward+backward {summary['gopher_over_torch_forward_backward']:.2f}x; "
             f"attention adds {summary['step_gap_from_attention_s']:.2f} s to gopher's step"
         )
-        _print_reach(summary, shape)
+    machine = machine_record(torch_version)
+    if "step_gap_from_attention_s" in summary:
+        _print_reach(summary, shape, machine)
     record = {
         "command": shlex.join(["python", "-m", __spec__.name, *sys.argv[1:]]),
         "shape": {flag.name: flag.value for flag in _SHAPE},
         "layers": _LAYERS.value,
-        "machine": machine_record(torch_version),
+        "machine": machine,
         "git": git_revision(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "summary": summary,

@@ -31,6 +31,28 @@ def parse_cpu_info(text: str) -> dict:
     }
 
 
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity; under taskset or a cpuset container
+    fewer than the host's), which both sides' thread counts follow."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def timing_env() -> dict:
+    """The environment every timed process of a side by side runs in: this one's, with
+    glibc's large allocations on transparent huge pages (as `make bench`), so no malloc
+    setting is one side's alone."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if HUGETLB not in tunables:
+        tunables = f"{tunables}:{HUGETLB}" if tunables else HUGETLB
+    return dict(os.environ, GLIBC_TUNABLES=tunables)
+
+
 def machine_record(torch_version: str | None = None) -> dict:
     """This host: CPU model and flags of interest, cores, jax/jaxlib (and the peer's torch)."""
     import jax
@@ -45,7 +67,7 @@ def machine_record(torch_version: str | None = None) -> dict:
             text = f.read()
     return {
         **parse_cpu_info(text),
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
         "host": platform.node(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,

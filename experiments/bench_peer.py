@@ -1,10 +1,12 @@
 """`python -m experiments.bench --peer=torch`: gopher and a PyTorch GPT-2 of the same shape,
 side by side, each measurement in its own process.
 
-Gopher runs as `experiments.bench` in single-run mode (with GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-as `make bench`), then benchmarks/peers/gpt2_torch.py (nanoGPT's GPT-2 on PyTorch, same layers,
-heads, d_model, vocab, seq and batch) eager, then compiled, repeated `rounds` times, so each
-side's peak memory (ru_maxrss) is its own. A round's peer figure is the faster of its eager and
+Gopher runs as `experiments.bench` in single-run mode, then benchmarks/peers/gpt2_torch.py
+(nanoGPT's GPT-2 on PyTorch, same layers, heads, d_model, vocab, seq and batch) eager, then
+compiled, repeated `rounds` times, so each side's peak memory (ru_maxrss) is its own. Every
+process gets the same environment: this one's with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 added
+(as `make bench`: glibc's large allocations on transparent huge pages), so a malloc setting
+given to one side alone does not move the ratio. A round's peer figure is the faster of its eager and
 compiled medians; `summarise` gives every round's gopher / peer ratio and their median (min,
 max). The record (machine, each round's full records, the commands) is written to `out`, and
 its one-line summary appended to the sittings file beside it (`sittings_path`).
@@ -25,10 +27,9 @@ import sys
 import tempfile
 import time
 
-from experiments.bench_machine import ROOT, git_revision, machine_record
+from experiments.bench_machine import ROOT, git_revision, machine_record, timing_env
 
 PEER_SCRIPTS = {"torch": os.path.join(ROOT, "benchmarks", "peers", "gpt2_torch.py")}
-HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,8 @@ class PeerOptions:
     out: str = ""  # default benchmarks/bench_<shape>_peer.json
     peak_gflops: float = 0.0
     note: str = ""
+    attention: str | None = None  # gopher's --attention, passed on (default: the preset's)
+    unroll_layers: str | None = None  # gopher's --unroll_layers, passed on
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -139,15 +142,14 @@ def _mfu(tokens_per_sec: float, flops_token: float, peak: float | None) -> float
 
 
 def _commands(opts, name, model_cfg, train_cfg, steps, warmup, python):
-    """The gopher and peer command lines (and gopher's environment) for the same shape."""
+    """The gopher and peer command lines for the same shape, and the environment both run in."""
     size = [f"--shape={name}"] if opts.named_shape else [f"--preset={name}"]
     size += [f"--seq_len={model_cfg.seq_len}", f"--batch={train_cfg.batch_size}"]
     timing = [f"--steps={steps}", f"--warmup={warmup}"]
     gopher = [sys.executable, "-m", "experiments.bench", *size, *timing]
     gopher += [f"--precision={opts.precision}", f"--remat={opts.remat}"]
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if HUGETLB not in tunables:
-        tunables = f"{tunables}:{HUGETLB}" if tunables else HUGETLB
+    gopher += [f"--attention={opts.attention}"] if opts.attention else []
+    gopher += [f"--unroll_layers={opts.unroll_layers}"] if opts.unroll_layers else []
     dims = {
         "layers": model_cfg.num_layers,
         "heads": model_cfg.num_heads,
@@ -157,16 +159,16 @@ def _commands(opts, name, model_cfg, train_cfg, steps, warmup, python):
         "batch": train_cfg.batch_size,
     }
     peer = [python, PEER_SCRIPTS[opts.peer], *(f"--{k}={v}" for k, v in dims.items()), *timing]
-    return gopher, dict(os.environ, GLIBC_TUNABLES=tunables), peer, dims
+    return gopher, timing_env(), peer, dims
 
 
-def _one_round(label, gopher_cmd, gopher_env, peer_cmd, peak, tmp, say) -> dict:
-    """gopher, then the peer eager, then compiled; each record gains its MFU at `peak`
-    (None: the gopher run measures it)."""
+def _one_round(label, gopher_cmd, env, peer_cmd, peak, tmp, say) -> dict:
+    """gopher, then the peer eager, then compiled, all in `env`; each record gains its MFU at
+    `peak` (None: the gopher run measures it)."""
     start = time.perf_counter()
     peak_flag = [f"--peak_gflops={peak / 1e9}"] if peak else []
     out = os.path.join(tmp, f"gopher_{label.replace('/', '_')}.jsonl")
-    g = run_json([*gopher_cmd, *peak_flag, f"--out={out}"], gopher_env, "gopher")
+    g = run_json([*gopher_cmd, *peak_flag, f"--out={out}"], env, "gopher")
     peak = peak or g["peak_flops"]
     say(
         f"round {label}: gopher {g['tokens_per_sec']:.1f} tokens/s, MFU {_pct(g['mfu'])}, "
@@ -176,7 +178,7 @@ def _one_round(label, gopher_cmd, gopher_env, peer_cmd, peak, tmp, say) -> dict:
     for mode in ("eager", "compile"):
         start = time.perf_counter()
         try:
-            rec = run_json([*peer_cmd, f"--mode={mode}"], dict(os.environ), f"torch {mode}")
+            rec = run_json([*peer_cmd, f"--mode={mode}"], env, f"torch {mode}")
         except ValueError as e:
             if mode == "eager":
                 raise
@@ -214,7 +216,7 @@ def side_by_side(
     python, torch_version = peer_python(opts.peer_python)
     out_path = opts.out or os.path.join(ROOT, "benchmarks", f"bench_{name}_peer.json")
     machine = machine_record(torch_version)
-    gopher_cmd, gopher_env, peer_cmd, dims = _commands(
+    gopher_cmd, env, peer_cmd, dims = _commands(
         opts, name, model_cfg, train_cfg, steps, warmup, python
     )
 
@@ -231,7 +233,7 @@ def side_by_side(
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(opts.rounds):
             label = f"{i + 1}/{opts.rounds}"
-            rounds.append(_one_round(label, gopher_cmd, gopher_env, peer_cmd, peak, tmp, say))
+            rounds.append(_one_round(label, gopher_cmd, env, peer_cmd, peak, tmp, say))
             # The first gopher run measures the peak; later runs and the peer's MFU reuse it.
             peak = peak or rounds[0]["gopher"]["peak_flops"]
     modes = ("eager", "compile")
@@ -293,9 +295,9 @@ def side_by_side(
         "peak_flops_source": rounds[0]["gopher"]["peak_flops_source"],
         "peer_python": python,
         "gopher_command": shlex.join(gopher_cmd),
-        "gopher_glibc_tunables": gopher_env["GLIBC_TUNABLES"],
+        "gopher_glibc_tunables": env["GLIBC_TUNABLES"],
         "peer_command": shlex.join(peer_cmd),
-        "peer_glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "peer_glibc_tunables": env["GLIBC_TUNABLES"],
         "summary": summary,
         "rounds": rounds,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

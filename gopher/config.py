@@ -296,7 +296,9 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     inject_nan_steps: tuple[int, ...] = ()  # test hook: poison the gradient at these steps
     profile_steps: tuple[int, ...] = ()  # (first, last): a jax.profiler trace of that range
-    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: looked up (or measured on CPU)
+    # Per-device peak FLOP/s for MFU (on a CPU, the host's: its simulated devices share it);
+    # 0: looked up (or measured on CPU).
+    peak_flops: float = 0.0
     tensorboard: bool = True
     # Start over in a new checkpoint subdirectory (recorded in WORKDIR/checkpoints.json),
     # leaving every old checkpoint untouched: the only way to discard a run's progress.

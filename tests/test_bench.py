@@ -241,10 +241,42 @@ def _one_line_error(proc, *needles):
         (["--preset=test", "--mesh=4"], ["--mesh='4'", "D,M"]),
         (["--preset=test", "--zero=1"], ["--zero=1", "--mesh=D,M"]),
         (["--preset=test", "--peer=torch", "--mesh=2,1"], ["--peer", "drop --mesh"]),
+        (["--preset=test", "--peer=torch", "--profile=/tmp/p"], ["--profile=/tmp/p", "--peer"]),
+        (["--preset=test", "--batch=0"], ["--batch=0", "positive --batch"]),
+        (["--preset=test", "--seq_len=0"], ["--seq_len=0", "positive --seq_len"]),
+        (["--preset=test", "--peak_gflops=-1"], ["--peak_gflops=-1.0", "positive"]),
     ],
 )
 def test_bad_flags_are_one_line(flags, needles):
     _one_line_error(_bench(*flags), *needles)
+
+
+def test_one_round_runs_both_sides_in_one_environment_with_gopher_flags_passed_on():
+    # What each subprocess is started with, the runs replaced by a recorder: the same
+    # environment for gopher and both peer modes (huge-page malloc for all or none), and
+    # gopher's --attention and --unroll_layers on its command line (not dropped by --peer).
+    seen = run_python(
+        """
+import json
+from experiments import bench, bench_machine, bench_peer
+seen = []
+def fake(cmd, env, what):
+    seen.append([what, cmd, env.get("GLIBC_TUNABLES"), env == bench_machine.timing_env()])
+    return {"tokens_per_sec": 1.0, "mfu": None, "peak_rss_gib": 1.0, "peak_flops": 1e9,
+            "flops_per_token": 1.0, "first_step_s": 0.0}
+bench_peer.run_json = fake
+name, model_cfg, train_cfg = bench.configs(preset="test")
+opts = bench_peer.PeerOptions(attention="xla", unroll_layers="no")
+g, env, p, _ = bench_peer._commands(opts, name, model_cfg, train_cfg, 1, 1, "python")
+bench_peer._one_round("1/1", g, env, p, None, "/tmp", lambda line: None)
+print(json.dumps(seen))
+"""
+    )
+    assert [what for what, *_ in seen] == ["gopher", "torch eager", "torch compile"]
+    assert {tunables for _, _, tunables, _ in seen} == {"glibc.malloc.hugetlb=1"}
+    assert all(same for *_, same in seen)
+    gopher_cmd = seen[0][1]
+    assert "--attention=xla" in gopher_cmd and "--unroll_layers=no" in gopher_cmd
 
 
 def test_peer_without_torch_says_how_to_install_it():
@@ -297,7 +329,10 @@ def test_side_by_side_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     (r,) = rec["rounds"]
-    assert r["gopher"]["glibc_tunables"] == "glibc.malloc.hugetlb=1"
+    # Every timed process runs in one environment: a malloc setting is not one side's.
+    for side in ("gopher", "peer_eager", "peer_compile"):
+        assert r[side].get("glibc_tunables", "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=1"
+    assert rec["gopher_glibc_tunables"] == rec["peer_glibc_tunables"]
     best = max(r["peer_eager"]["tokens_per_sec"], r["peer_compile"].get("tokens_per_sec", 0))
     assert rec["summary"]["ratio_median"] == pytest.approx(r["gopher"]["tokens_per_sec"] / best)
     assert rec["machine"]["torch"] and rec["command"].startswith("python -m experiments.bench")
@@ -352,7 +387,9 @@ def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    assert record["machine"]["cpu"] and record["machine"]["jaxlib"] and "git" in record
+    rows = record["rows"]
     keys = {(r["impl"], r["mode"], r["seq_len"]) for r in rows}
     assert keys == {
         (impl, mode, t)
@@ -368,6 +405,22 @@ def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
         assert row["tflops_per_sec"] == pytest.approx(work / row["seconds"] / 1e12, rel=1e-6)
         if row["impl"] != "xla":
             assert row["max_rel_diff_vs_xla"] < 2e-2, row
+
+
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        (["--seqs=abc"], ["--seqs=abc", "positive lengths"]),
+        (["--seqs=512,0"], ["--seqs=512,0"]),
+        (["--reps=0"], ["--reps=0: pass 1 or more"]),
+        (["--train_step", "--preset=nope"], ["unknown preset 'nope'", "1.4b"]),
+        (["--train_step", "--steps=0"], ["--steps=0: pass 1 or more"]),
+    ],
+)
+def test_attention_bench_bad_flags_are_one_line(flags, needles):
+    cmd = [sys.executable, "-m", "experiments.bench_attention", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    _one_line_error(proc, *needles)
 
 
 @pytest.mark.slow  # make test-all; the kernels' own tests are in tests/test_pallas_attention.py
