@@ -12,12 +12,26 @@ zero-shot tasks; the result goes to WORKDIR/runs/NAME/sweep_result.json. Then th
 results table (markdown + CSV), power-law and Chinchilla fits with bootstrap intervals,
 IsoFLOP minima and plots, into --results_dir (default results/sweep_VARIANT).
 
-Resuming: run the same command again. A run with a result file is not redone; a run that
-was training resumes from its newest checkpoint (experiments.train's own resume), and one
-that trained but was not evaluated is only evaluated. SIGTERM / Ctrl-C stop the training
-process the way a preemption does (it checkpoints) and exit 75 / 130.
+Run names: SIZE_BUDGET, then _sSEED for a seed other than 0; with a `precisions` axis
+(the ablation) SIZE_BUDGET_PRECISION_sSEED for every run. Adding seeds keeps the names.
 
-Exit status: 0 done; 2 bad input (one line); 3 a run diverged; 75 / 130 stopped.
+Resuming: run the same command again. A run with a result file is not redone while what
+it trains (its base config with the sweep's overrides) and how it is evaluated (`eval`)
+are unchanged; a run that was training resumes from its newest checkpoint
+(experiments.train's own resume), and one that trained but was not evaluated is only
+evaluated. A result made under other eval settings is evaluated again; one made under
+another training config goes back to the trainer, which resumes the same experiment (a
+no-op when it is done) and refuses another one in a workdir with checkpoints (use a new
+--workdir). SIGTERM / Ctrl-C stop the training process the way a preemption does (it
+checkpoints) and exit 75 / 130. --only trains and evaluates the named runs; the report
+still holds every run with a current result.
+
+Exit status: 0 done; 2 bad input (one line), a run's config included (its trainer refused
+it); a failed run exits with its trainer's or evaluator's status, in one line naming the
+run and its log: 3 diverged, 4 no checkpoint could be restored, 5 another process holds
+the run's workdir (retry once it is gone), 6 a process of the job died, 7 the storage kept
+failing (rerun as it is), 128 + N killed by signal N; 1 anything else (the line says
+what); 75 / 130 stopped.
 """
 
 from __future__ import annotations
@@ -32,15 +46,23 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from experiments.sweep_eval import RESULT_FILE, evaluate_run, read_result, write_json
+from experiments.sweep_eval import (
+    EVAL_CHANGED,
+    RESULT_FILE,
+    evaluate_run,
+    read_result,
+    stale_reason,
+    write_json,
+)
 from experiments.sweep_lib import (
     INTERRUPTED,
     PREEMPTED,
     Child,
+    RunFailed,
     RunSpec,
     check_repeats,
+    child_failed,
     die_with_parent,
-    log_tail,
     plan_runs,
     plan_table,
     train_run,
@@ -51,7 +73,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs live (runs/sweep_VARIANT).")
 _RESULTS = flags.DEFINE_string("results_dir", None, "Report dir (results/sweep_VARIANT).")
-_ONLY = flags.DEFINE_list("only", [], "Train and evaluate only these runs (names).")
+_ONLY = flags.DEFINE_list(
+    "only", [], "Train and evaluate only these runs (names); the report holds every run."
+)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the runs and their budgets; train none.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Report the finished runs; train none.")
 _NO_REPORT = flags.DEFINE_bool("no_report", False, "Train and evaluate, but write no report.")
@@ -78,7 +102,7 @@ def evaluate_in_child(run: RunSpec, run_dir: str, child: Child) -> None:
     if child.signal is not None:
         common.exit_now(PREEMPTED if child.signal != signal.SIGINT else INTERRUPTED)
     if code != 0:
-        raise RuntimeError(f"evaluating {run.name} failed (exit {code}): {log_tail(log_path)}")
+        raise child_failed(f"evaluating {run.name}", code, log_path)
 
 
 _SWEEP_ONLY_FLAGS = ("--only", "--dry_run", "--report_only", "--no_report", "--evaluate_run")
@@ -115,19 +139,29 @@ def sweep(cfg, workdir: str, results_dir: str, say) -> int:
     done = []
     for run in runs:
         run_dir = os.path.join(workdir, "runs", run.name)
-        if run.skip or (_ONLY.value and run.name not in _ONLY.value):
+        if run.skip:
             continue
         result = read_result(run, run_dir)
         if result is not None:
-            done.append(result)
+            done.append(result)  # --only or not: the report holds every finished run
             continue
-        if _REPORT_ONLY.value:
+        why = stale_reason(run, run_dir)
+        if _REPORT_ONLY.value or (_ONLY.value and run.name not in _ONLY.value):
+            if why:
+                redo = "without --report_only" if _REPORT_ONLY.value else "with it in --only"
+                say(f"{run.name}: its result is not reported ({why}); run the sweep {redo}")
             continue
-        # A finished run's trainer restores its last checkpoint and stops at once.
-        say(
-            f"{run.name}: training {run.steps} steps ({run.tokens:,} tokens, {run.flops:.2e} FLOPs)"
-        )
-        train_run(cfg, run, run_dir, child, say)
+        if why == EVAL_CHANGED:  # trained as now: evaluated again, not trained
+            say(f"{run.name}: {why}; evaluating it again")
+        else:
+            if why:
+                say(f"{run.name}: {why}; its trainer resumes it if it is the same experiment")
+            # A finished run's trainer restores its last checkpoint and stops at once.
+            say(
+                f"{run.name}: training {run.steps} steps ({run.tokens:,} tokens, "
+                f"{run.flops:.2e} FLOPs)"
+            )
+            train_run(cfg, run, run_dir, child, say)
         say(f"{run.name}: evaluating")
         evaluate_in_child(run, run_dir, child)
         result = read_result(run, run_dir)
@@ -138,10 +172,14 @@ def sweep(cfg, workdir: str, results_dir: str, say) -> int:
             f"({result['eval_s']:.0f} s to evaluate)"
         )
         done.append(result)
-    if not _NO_REPORT.value and done:
-        from experiments import sweep_report
+    if _NO_REPORT.value:
+        return 0
+    if not done:
+        say(f"no run of this sweep has a current result in {workdir}; no report written")
+        return 0
+    from experiments import sweep_report
 
-        sweep_report.write_report(cfg, runs, done, results_dir, say, workdir)
+    sweep_report.write_report(cfg, runs, done, results_dir, say, workdir)
     return 0
 
 
@@ -161,8 +199,7 @@ def plan_only(cfg, runs: list[RunSpec], say) -> int:
         if _ONLY.value and run.name not in _ONLY.value:
             continue
         o = dict(run.overrides)
-        args = [sys.executable, "-m", "experiments.plan", f"--config={cfg.base.split(':')[0]}:"]
-        args[-1] += o.get("model.preset", "")
+        args = [sys.executable, "-m", "experiments.plan", f"--config={run.base}"]
         args += [f"--topology={topology}", "--json"]
         for key in ("data", "model"):
             if f"parallel.{key}" in o:
@@ -218,10 +255,14 @@ def main(argv):
             if _EVALUATE_RUN.value:
                 return evaluate_one(cfg, workdir, _EVALUATE_RUN.value, say)
             return sweep(cfg, workdir, results_dir, say)
-        except RuntimeError as e:
+        except RunFailed as e:  # the child's status: 2 bad input, 3 diverged, 4, 5, 7 ...
             if _VERBOSE.value:
                 raise
-            common.fail(str(e), code=3)
+            common.fail(str(e), code=e.code)
+        except RuntimeError as e:  # a run failed otherwise (the line says what)
+            if _VERBOSE.value:
+                raise
+            common.fail(str(e), code=1)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 document and source, the zero-shot tasks, and the loss curve from the run's own log.
 
 A run's result is written once, atomically, beside its checkpoints (RESULT_FILE), keyed by
-the run's digest: `read_result` returns it only for the same run, so a changed recipe is
-evaluated again and a torn write is redone.
+the run's digest, which covers what the run trains (its base config with the sweep's
+overrides, less the fields a restart may change: RunSpec.train_digest) and how it is
+evaluated (the sweep's `eval`: RunSpec.eval_digest). `read_result` returns it only for
+the same run, so a changed recipe is trained again (the trainer decides whether its
+checkpoints still serve), a changed evaluation is evaluated again, and a torn write is
+redone; `stale_reason` says which changed.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import time
 from experiments.sweep_lib import RunSpec
 
 RESULT_FILE = "sweep_result.json"
+TRAIN_CHANGED = "its training config changed since its result was made"
+EVAL_CHANGED = "its evaluation settings changed since its result was made"
+UNKEYED = "its result predates results keyed by the run's config and eval settings"
 
 
 def heldout_texts(model_cfg, data_cfg, run_dir, docs: int, doc_bytes: int) -> dict:
@@ -76,7 +83,7 @@ def evaluate_run(cfg, run: RunSpec, run_dir: str, say) -> dict:
     train_log = _train_records(run_dir)
     return {
         "name": run.name,
-        "digest": run.digest(),
+        "digest": run.digest(),  # with train_digest and eval_digest, from the RunSpec
         "step": model.step,
         **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("overrides", "skip")},
         "params_exact": n_params,
@@ -120,7 +127,7 @@ def _train_records(run_dir: str) -> dict:
     }
 
 
-def read_result(run: RunSpec, run_dir: str) -> dict | None:
+def _load_result(run_dir: str) -> dict | None:
     path = os.path.join(run_dir, RESULT_FILE)
     if not os.path.exists(path):
         return None
@@ -129,7 +136,26 @@ def read_result(run: RunSpec, run_dir: str) -> dict | None:
             result = json.load(f)
     except (OSError, ValueError):
         return None  # a torn write: evaluated again
-    return result if result.get("digest") == run.digest() else None
+    return result if isinstance(result, dict) else None
+
+
+def read_result(run: RunSpec, run_dir: str) -> dict | None:
+    """The run's result, if it was made for what the run trains and evaluates now."""
+    result = _load_result(run_dir)
+    return result if result is not None and result.get("digest") == run.digest() else None
+
+
+def stale_reason(run: RunSpec, run_dir: str) -> str:
+    """Why the run's result file does not count ("" when it does, or there is none):
+    TRAIN_CHANGED, UNKEYED (both go back to the trainer, which resumes the run if it is the
+    same experiment: a no-op once it is done), or EVAL_CHANGED (trained as now: only the
+    evaluation is redone)."""
+    result = _load_result(run_dir)
+    if result is None or result.get("digest") == run.digest():
+        return ""
+    if "train_digest" not in result:
+        return UNKEYED
+    return EVAL_CHANGED if result["train_digest"] == run.train_digest else TRAIN_CHANGED
 
 
 def write_json(path: str, obj) -> None:

@@ -20,6 +20,7 @@ import time
 from experiments import common
 
 PREEMPTED, INTERRUPTED = 75, 130
+MAX_WARMUP_FRACTION = 0.05  # a run's warm-up is at most this share of its steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +41,49 @@ class RunSpec:
     max_lr: float
     warmup_steps: int
     skip: str = ""  # why the run is not trained ("" : it is)
+    base: str = ""  # --config=FILE[:PRESET] its trainer starts from (a preset size: its own)
+    train_digest: str = ""  # what it trains: the base config with the overrides, and steps
+    eval_digest: str = ""  # how it is evaluated: the sweep's `eval` settings
 
     def digest(self) -> str:
-        """Identifies what the run trains: a result made under other settings is stale."""
-        text = json.dumps([self.overrides, self.steps], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Identifies what the run trains and how it is evaluated: a result made under
+        other settings is stale."""
+        return _sha([self.train_digest, self.eval_digest])
+
+
+def _sha(obj) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def resolved_config(base, overrides) -> dict:
+    """The config a run's trainer builds, as a plain dict: the base config (a ConfigDict)
+    with each --config.KEY=VALUE of `overrides` set."""
+    out = base.to_dict()
+    for key, value in overrides:
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = value
+    return out
+
+
+def train_digest(resolved: dict, steps: int) -> str:
+    """What a run trains: its resolved config less the fields a restart may change without
+    making it another experiment (gopher.workdir.MUTABLE: cadence, layout, paths), and its
+    steps (which the sweep fixes, though a restart may change them)."""
+    from gopher.workdir import MUTABLE
+
+    kept = {
+        section: {k: v for k, v in fields.items() if k not in MUTABLE.get(section, ())}
+        if isinstance(fields, dict)
+        else fields
+        for section, fields in resolved.items()
+    }
+    return _sha([kept, steps])
 
 
 def _model_config(cfg, size):
@@ -80,11 +119,30 @@ def plan_runs(cfg) -> list[RunSpec]:
 
     if not cfg.sizes or not cfg.budgets or not cfg.seeds:
         raise ValueError("the sweep config needs sizes, budgets and seeds; see sweep.py")
-    if not 0.0 <= cfg.warmup_fraction <= 0.05:
+    if not 0.0 <= cfg.warmup_fraction <= MAX_WARMUP_FRACTION:
         raise ValueError(
-            f"warmup_fraction = {cfg.warmup_fraction} must be in [0, 0.05] (at most 5% of a "
-            "run's steps; 0 for Gopher's 1,500 steps)"
+            f"warmup_fraction = {cfg.warmup_fraction} must be in [0, {MAX_WARMUP_FRACTION}] "
+            "(at most 5% of a run's steps; 0 for Gopher's 1,500 steps, in runs of 30,000 "
+            "steps or more)"
         )
+    for budget in cfg.budgets:
+        if bool(budget.tokens) == bool(budget.flops):
+            raise ValueError(f"budget {budget.name!r} must set exactly one of tokens and flops")
+    token_budgets = [b.name for b in cfg.budgets if b.tokens]
+    if len(token_budgets) > 1:
+        raise ValueError(
+            f"budgets {', '.join(token_budgets)} all set tokens, but the report fits one "
+            "token-matched L(N) and would pool them; keep one token budget (sweep the other "
+            "in a config of its own)"
+        )
+    # An axis the config declares is named in every run: `precisions` (the ablation) gives
+    # _PRECISION and _sSEED for each run; otherwise seed 0 is unnamed and any other seed is
+    # _sSEED. A name so never changes when seeds or settings are added to a sweep.
+    precision_axis = tuple(cfg.get("precisions", ()))
+    precisions = precision_axis or (cfg.precision,)
+    path = cfg.base.partition(":")[0]
+    eval_digest = _sha(cfg.eval.to_dict() if hasattr(cfg.eval, "to_dict") else dict(cfg.eval))
+    bases: dict = {}
     runs = []
     for size in cfg.sizes:
         model = _model_config(cfg, size)
@@ -94,8 +152,6 @@ def plan_runs(cfg) -> list[RunSpec]:
         for budget in cfg.budgets:
             if size.get("budgets") and budget.name not in size.budgets:
                 continue
-            if bool(budget.tokens) == bool(budget.flops):
-                raise ValueError(f"budget {budget.name!r} must set exactly one of tokens and flops")
             if budget.tokens:
                 train = gopher_config.TrainConfig(
                     batch_size=batch, batch_schedule=model.batch_schedule
@@ -108,14 +164,24 @@ def plan_runs(cfg) -> list[RunSpec]:
             # At most warmup_fraction of the run (5%): none for a run under 1 / fraction steps.
             warmup = int(cfg.warmup_fraction * steps) if cfg.warmup_fraction else 1500
             lr = max_lr_for(cfg, model)
-            precisions = tuple(cfg.get("precisions", ())) or (cfg.precision,)
+            # A table row starts from its own config (FILE:PRESET): its shape and its recipe
+            # (max LR, batch, clip norm, precision) are the train section's there.
+            base = f"{path}:{size.preset}" if size.preset else cfg.base
+            if base not in bases:
+                bases[base] = load_config(base)
             for precision, seed in [(p, x) for p in precisions for x in cfg.seeds]:
                 name = f"{size.name}_{budget.name}"
-                name += f"_{precision}" if len(precisions) > 1 else ""
-                name += f"_s{seed}" if len(cfg.seeds) > 1 else ""
+                name += f"_{precision}" if precision_axis else ""
+                name += f"_s{seed}" if precision_axis or seed != 0 else ""
                 skip = ""
                 if steps < cfg.min_steps:
                     skip = f"{steps} steps < min_steps {cfg.min_steps}"
+                elif warmup > MAX_WARMUP_FRACTION * steps:
+                    raise ValueError(
+                        f"run {name}: {warmup} warm-up steps are more than "
+                        f"{MAX_WARMUP_FRACTION:.0%} of its {steps} steps (warmup_fraction = 0 "
+                        "is Gopher's 1,500); set --config.warmup_fraction=0.05"
+                    )
                 overrides = _run_overrides(
                     cfg, size, model, batch, steps, warmup, lr, seed, precision
                 )
@@ -135,6 +201,9 @@ def plan_runs(cfg) -> list[RunSpec]:
                         max_lr=lr,
                         warmup_steps=warmup,
                         skip=skip,
+                        base=base,
+                        train_digest=train_digest(resolved_config(bases[base], overrides), steps),
+                        eval_digest=eval_digest,
                     )
                 )
     names = [r.name for r in runs]
@@ -172,14 +241,19 @@ def _run_overrides(cfg, size, model, batch, steps, warmup, lr, seed, precision) 
 
 def base_config(cfg):
     """The experiment config each run starts from (cfg.base, FILE:PRESET)."""
+    return load_config(cfg.base)
+
+
+def load_config(spec: str):
+    """The experiment config FILE:PRESET names (FILE's get_config(PRESET))."""
     import importlib.util
 
-    path, _, preset = cfg.base.partition(":")
-    spec = importlib.util.spec_from_file_location("_sweep_base", path)
-    if spec is None or not os.path.exists(path):
-        raise ValueError(f"base config {cfg.base!r} does not exist; set base to FILE:PRESET")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path, _, preset = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_sweep_base", path)
+    if module_spec is None or not os.path.isfile(path):
+        raise ValueError(f"base config {spec!r} does not exist; set base to FILE:PRESET")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
     return module.get_config(preset) if preset else module.get_config()
 
 
@@ -252,8 +326,25 @@ def die_with_parent():  # the trainer gets SIGTERM (and checkpoints) if the swee
         pass
 
 
+class RunFailed(RuntimeError):
+    """A run's trainer or evaluator failed; `code` is its exit status (the sweep's)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def child_failed(what: str, code: int, log_path: str) -> RunFailed:
+    """The failure of a child that exited `code`: its last error line, and its status (a
+    child killed by signal N: 128 + N, as a shell reports it)."""
+    tail = log_tail(log_path).removeprefix("error: ")
+    return RunFailed(
+        f"{what} failed (exit {code}): {tail} (log: {log_path})", code if code > 0 else 128 - code
+    )
+
+
 def train_run(cfg, run: RunSpec, run_dir: str, child: Child, say) -> None:
-    args = [sys.executable, "-m", "experiments.train", f"--config={cfg.base}"]
+    args = [sys.executable, "-m", "experiments.train", f"--config={run.base or cfg.base}"]
     args += [f"--workdir={run_dir}"]
     args += [f"--config.{k}={v}" for k, v in run.overrides]
     os.makedirs(run_dir, exist_ok=True)
@@ -273,8 +364,7 @@ def train_run(cfg, run: RunSpec, run_dir: str, child: Child, say) -> None:
         say(f"{run.name}: stopped (exit {code}); run the same command to resume")
         common.exit_now(PREEMPTED if child.signal != signal.SIGINT else INTERRUPTED)
     if code != 0:
-        tail = log_tail(log_path)
-        raise RuntimeError(f"run {run.name} failed (exit {code}): {tail} (log: {log_path})")
+        raise child_failed(f"run {run.name}", code, log_path)
     say(f"{run.name}: trained in {time.perf_counter() - start:.0f} s")
 
 

@@ -11,8 +11,10 @@ into the results dir:
   loss_vs_params.png, loss_vs_flops.png, isoflop.png, source_bpb.png, curves.png
   summary.json                the numbers above, for the README and for tests
 With a `precisions` axis (experiments/configs/precision.py) the report is the ablation's
-instead: curves.png (loss by setting, seeds as thin lines), precision.md (final bpb per
-setting over seeds) and the size of the last updates against bf16's spacing (update_ulp.md).
+instead: curves.png and heldout_curves.png (loss by setting, seeds as thin lines) and
+precision.md (final bpb per setting over seeds, and the size of the last updates against
+bf16's spacing). A report replaces the whole previous one (REPORT_FILES): a figure it does
+not draw is deleted, not left beside it.
 
 `python -m experiments.sweep_report results/sweep_cpu/results.csv [--out=F]` refits a committed
 results table from its per-run numbers alone (no held-out documents): L(N) with intervals over
@@ -21,6 +23,7 @@ runs, the IsoFLOP minima and the allocation exponent without each budget in turn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,9 +33,26 @@ import numpy as np
 
 from gopher import compute_optimal, plots, scaling, scaling_tables
 
+# Every file write_report may write: each is deleted before a report is written.
+REPORT_FILES = (
+    "results.md",
+    "results.csv",
+    "fits.md",
+    "summary.json",
+    "loss_vs_params.png",
+    "loss_vs_flops.png",
+    "isoflop.png",
+    "source_bpb.png",
+    "curves.png",
+    "heldout_curves.png",
+    "precision.md",
+)
 
-def to_record(result: dict, budget_kind: dict) -> dict:
-    """A sweep result as gopher.scaling's run record."""
+
+def to_record(result: dict, budgets: dict) -> dict:
+    """A sweep result as gopher.scaling's run record; `budgets`: the config's budgets by
+    name (a token budget's runs are the TOKEN_MATCHED group, a compute budget's carry its
+    FLOPs as budget_flops)."""
     docs = result.get("doc_losses") or []
     record = {
         k: result[k]
@@ -52,8 +72,11 @@ def to_record(result: dict, budget_kind: dict) -> dict:
         )
         if k in result
     }
-    record["budget"] = scaling.TOKEN_MATCHED if budget_kind[result["budget"]] else result["budget"]
+    budget = budgets[result["budget"]]
+    record["budget"] = scaling.TOKEN_MATCHED if budget.tokens else result["budget"]
     record["budget_name"] = result["budget"]
+    if not budget.tokens:
+        record["budget_flops"] = float(budget.flops)
     record["evals"] = {t: v["accuracy"] for t, v in result.get("tasks", {}).items()}
     if docs:
         record["doc_nll"] = np.array([d[1] for d in docs], dtype=np.float64)
@@ -91,8 +114,11 @@ def _curves(records, y="bpb", label_key="size") -> list[dict]:
 
 def write_report(cfg, runs, results, results_dir: str, say, workdir: str | None = None) -> dict:
     os.makedirs(results_dir, exist_ok=True)
-    budget_kind = {b.name: bool(b.tokens) for b in cfg.budgets}
-    records = [to_record(r, budget_kind) for r in results]
+    for name in REPORT_FILES:  # the previous report's, whether or not this one redraws it
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(results_dir, name))
+    budgets = {b.name: b for b in cfg.budgets}
+    records = [to_record(r, budgets) for r in results]
     scaling_tables.write_results_csv(records, os.path.join(results_dir, "results.csv"))
     table = scaling_tables.results_markdown(records)
     _write(os.path.join(results_dir, "results.md"), table)
@@ -210,12 +236,13 @@ def precision_report(cfg, records, results_dir: str, say, workdir: str | None = 
     for r in records:
         for c in _curves([r], y="loss", label_key="precision"):
             curves.append(c)
+    seeds = len(tuple(cfg.seeds))
     plots.plot_loss_curves(
         curves,
         path("curves.png"),
         x="steps",
         y="loss",
-        title="Precision settings: training loss (3 seeds each)",
+        title=f"Precision settings: training loss ({seeds} seed{'s' * (seeds > 1)} each)",
     )
     eval_curves = [c for r in records for c in _curves([r], y="bpb", label_key="precision")]
     plots.plot_loss_curves(
@@ -264,9 +291,10 @@ def precision_report(cfg, records, results_dir: str, say, workdir: str | None = 
     if workdir:
         text += (
             "\n\nThe last step's Adam update against half the bf16 spacing at each parameter "
-            "(seed 0's final checkpoint; below 1, round-to-nearest drops the update):\n\n"
-            "| setting | last LR | updates lost to rounding | median update / half-gap | "
-            "norm scales lost |\n|---|---|---|---|---|"
+            "(the first seed's final checkpoint; below 1, round-to-nearest drops the update; "
+            "stochastic rounding keeps it in expectation, an fp32 master copy exactly):\n\n"
+            "| setting | last LR | updates below half a bf16 gap | median update / half-gap | "
+            "norm scales' updates below it |\n|---|---|---|---|---|"
         )
         for p, group in by_setting.items():
             first = min(group, key=lambda r: r["seed"]) if group else None
@@ -355,7 +383,13 @@ def records_from_csv(path: str) -> list[dict]:
             f"{path!r} is not a sweep's results.csv (missing columns {missing or 'all'}); "
             "pass the results.csv a sweep report wrote"
         )
-    return [{**r, **{c: float(r[c]) for c in numeric}} for r in rows]
+    records = [{**r, **{c: float(r[c]) for c in numeric}} for r in rows]
+    for r in records:  # a compute budget's configured FLOPs (tables written since it was kept)
+        if r.get("budget_flops"):
+            r["budget_flops"] = float(r["budget_flops"])
+        else:
+            r.pop("budget_flops", None)
+    return records
 
 
 def refit_runs(records: list[dict], metric: str = "loss") -> str:

@@ -21,8 +21,8 @@ from gopher.scaling import (
     TOKEN_MATCHED,
     Interval,
     as_array,
-    budget_flops,
     check_metric,
+    configured_flops,
     doc_matrices,
     one_blas_thread,
     record_metric,
@@ -220,7 +220,7 @@ class IsoFlopMinimum:
     """The compute-optimal size of one budget from a parabola of loss in log10 N."""
 
     budget: str
-    flops: float  # the label's FLOPs, else the runs' mean
+    flops: float  # the runs' budget_flops, else the label's FLOPs, else the runs' mean
     n_opt: float  # the parabola's vertex when u_shaped, else the best measured N
     loss_opt: float  # the parabola at its vertex when u_shaped, else the best measured loss
     tokens_opt: float  # D at n_opt, interpolated in log-log between the runs' (N, D)
@@ -243,7 +243,9 @@ def isoflop_minima(
             budgets.setdefault(str(r.get("budget", "")), []).append(r)
     out = []
     for label, runs in budgets.items():
-        flops = budget_flops(label) or float(np.mean([record_value(r, "flops") for r in runs]))
+        flops = configured_flops(label, runs) or float(
+            np.mean([record_value(r, "flops") for r in runs])
+        )
         by_size: dict[float, list[dict]] = {}
         for r in runs:
             by_size.setdefault(record_value(r, key), []).append(r)

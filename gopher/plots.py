@@ -30,7 +30,11 @@ KEY_LABELS = {
     "params": "parameters N (total, tied embedding once)",
     "nonembedding_params": "non-embedding parameters N",
 }
-X_LABELS = {"tokens": "training tokens", "step": "training step (updates)"}
+X_LABELS = {
+    "tokens": "training tokens",
+    "step": "training step (updates)",
+    "steps": "training step (updates)",
+}
 
 
 def _pyplot():
@@ -84,16 +88,23 @@ def _sci(value: float) -> str:
     return f"{value:.3g}".replace("e+0", "e").replace("e+", "e")
 
 
-def _budget_name(budget: str) -> str:
+def _budget_name(budget: str, flops: float | None) -> str:
+    """A group's legend entry: C = its FLOPs (configured_flops, IsoFlopMinimum.flops)."""
     if budget == scaling.TOKEN_MATCHED:
         return "token-matched"
-    flops = scaling.budget_flops(budget)
     return f"C = {_sci(flops)} FLOPs" if flops else str(budget)
 
 
-def _budget_order(records: Sequence[dict]) -> list[str]:
-    budgets = {str(r.get("budget", "")) for r in records}
-    return sorted(budgets, key=lambda b: (scaling.budget_flops(b) or math.inf, b))
+def _budget_groups(records: Sequence[dict]) -> list[tuple[str, float | None, list[dict]]]:
+    """(label, configured FLOPs or None, runs) per budget group, by ascending FLOPs."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(str(r.get("budget", "")), []).append(r)
+    out = [
+        (b, None if b == scaling.TOKEN_MATCHED else scaling.configured_flops(b, runs), runs)
+        for b, runs in groups.items()
+    ]
+    return sorted(out, key=lambda g: (g[1] or math.inf, g[0]))
 
 
 def plot_loss_vs_params(
@@ -111,11 +122,13 @@ def plot_loss_vs_params(
     metric = metric or (boot.metric if boot else "bpb")
     scaling.check_metric(metric)
     fig, ax = _axes(title, _label(key, KEY_LABELS), METRIC_LABELS[metric], logy=True)
-    for budget in _budget_order(records):
-        runs = [r for r in records if str(r.get("budget", "")) == budget]
+    for budget, flops, runs in _budget_groups(records):
         n = [scaling.record_value(r, key) for r in runs]
         ax.plot(
-            n, [scaling.record_metric(r, metric) for r in runs], "o", label=_budget_name(budget)
+            n,
+            [scaling.record_metric(r, metric) for r in runs],
+            "o",
+            label=_budget_name(budget, flops),
         )
     if fit is not None:
         law = fit.fit if isinstance(fit, scaling.PowerLawBootstrap) else fit
@@ -186,7 +199,7 @@ def plot_isoflop(
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, m in enumerate(minima):
         color = colors[i % len(colors)]
-        ax.plot(m.sizes, m.losses, "o", color=color, label=_budget_name(m.budget))
+        ax.plot(m.sizes, m.losses, "o", color=color, label=_budget_name(m.budget, m.flops))
         if m.coefficients is not None:
             x = np.linspace(np.log10(m.sizes[0]), np.log10(m.sizes[-1]), 100)
             ax.plot(10**x, np.polyval(m.coefficients, x), "-", color=color, lw=1)

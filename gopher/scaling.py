@@ -9,6 +9,8 @@ Run records are plain dicts, one per training run, as the sweep runner writes th
   budget               str    its group: a compute-budget label ("c1e14" = 1e14 training FLOPs;
                               "c" and a number, or just the number) or TOKEN_MATCHED ("tokens":
                               every size trained on the same number of tokens)
+  budget_flops         float  the compute budget's FLOPs (optional; the sweep records its
+                              configured budget: it, not the label, is the group's compute)
   seed                 int    training seed; runs that differ only in seed are one configuration
   params               float  total parameters, the tied embedding counted once (Chinchilla's N)
   nonembedding_params  float  parameters outside the embedding (Kaplan's N)
@@ -86,6 +88,18 @@ def budget_flops(label: str) -> float | None:
     except ValueError:
         return None
     return value if value > 0 and math.isfinite(value) else None
+
+
+def configured_flops(label: str, runs: Sequence[dict]) -> float | None:
+    """A compute budget's FLOPs: its runs' budget_flops where they record it, else what its
+    label names ("c1e14"), else None (callers fall back to the runs' own FLOPs)."""
+    given = {float(r["budget_flops"]) for r in runs if r.get("budget_flops") not in (None, "")}
+    if len(given) > 1:
+        raise ValueError(
+            f"budget {label!r} has runs with budget_flops {sorted(given)}; give each run of a "
+            "budget the same FLOPs (or name the budgets apart)"
+        )
+    return given.pop() if given else budget_flops(label)
 
 
 def record_value(record: dict, key: str) -> float:

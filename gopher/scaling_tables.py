@@ -1,7 +1,7 @@
 """Results tables of a model-size sweep (CSV and markdown) and the fits beside published laws.
 
-One row per run record (gopher/scaling.py lists the keys): name, budget, seed, params,
-nonembedding_params, tokens, flops, heldout_bpb, heldout_loss, then bpb_<source> for every
+One row per run record (gopher/scaling.py lists the keys): name, budget, budget_flops, seed,
+params, nonembedding_params, tokens, flops, heldout_bpb, heldout_loss, then bpb_<source> for every
 source any run has, then eval_<task> for every task any run has (a task's value is its
 "accuracy", or its "bpb" for a text task, when the record holds the harness's metric dict).
 A value a run lacks is an empty cell.
@@ -80,6 +80,7 @@ PUBLISHED = (KAPLAN_2020, HOFFMANN_2022, BESIROGLU_2024)
 BASE_COLUMNS = (
     "name",
     "budget",
+    "budget_flops",  # a compute budget's configured FLOPs (empty for the token-matched)
     "seed",
     "params",
     "nonembedding_params",

@@ -134,3 +134,99 @@ def test_fits_markdown_sits_beside_published_laws():
     # The note says what each interval resampled (here: documents only, one seed a size).
     assert "L(N): 95% bootstrap over documents;" in text and "no interval" in text
     assert "non-embedding parameters" in text and "total parameters (embedding included)" in text
+
+
+# ------------------------------------------------------------- the sweep's report of its runs
+
+
+def _legends(monkeypatch):
+    """Each figure's (path, x label, title, legend texts) as plots saves it."""
+    seen = []
+    save = plots._save
+
+    def record(fig, path):
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        texts = [t.get_text() for t in legend.get_texts()] if legend else []
+        seen.append((path, ax.get_xlabel(), ax.get_title(), texts))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    return seen
+
+
+def test_isoflop_compute_is_the_budgets_flops_not_its_name(tmp_path, monkeypatch):
+    """Compute budgets named c1, c2, c3: their IsoFLOP minima sit at the FLOPs the config
+    gives them (3e12, 1e13, 2e13), in the fit and in the plot's legend."""
+    from experiments import sweep_lib, sweep_report
+    from experiments.configs import sweep as sweep_configs
+
+    cfg = sweep_configs.get_config("cpu")
+    renamed = {"c3e12": "c1", "c1e13": "c2", "c2e13": "c3"}
+    for b in cfg.budgets:
+        b.name = renamed.get(b.name, b.name)
+    for s in cfg.sizes:
+        s.budgets = tuple(renamed.get(n, n) for n in s.budgets)
+    runs = [r for r in sweep_lib.plan_runs(cfg) if not r.skip]
+    law = compute_optimal.ChinchillaFit(1.69, 406.4, 410.7, 0.34, 0.28, 0.0, np.zeros(0))
+    budgets = {b.name: b for b in cfg.budgets}
+    records = []
+    for r in runs:
+        loss = float(law.predict(r.params, r.tokens))
+        result = {**r.__dict__, "heldout_bpb": loss, "heldout_loss": loss, "tasks": {}}
+        records.append(sweep_report.to_record(result, budgets))
+    minima = compute_optimal.isoflop_minima(records, key="params", metric="loss")
+    want = {b.name: b.flops for b in cfg.budgets if b.flops}
+    assert {m.budget: m.flops for m in minima} == want
+    # and refit from the results table the report writes (experiments.sweep_report's CLI)
+    table = scaling_tables.write_results_csv(records, str(tmp_path / "results.csv"))
+    refit = sweep_report.records_from_csv(table)
+    refit_minima = compute_optimal.isoflop_minima(refit, key="params", metric="loss")
+    assert {m.budget: m.flops for m in refit_minima} == want
+    seen = _legends(monkeypatch)
+    plots.plot_isoflop(minima, str(tmp_path / "isoflop.png"), key="params", metric="loss")
+    legend = seen[-1][3]
+    for flops in want.values():
+        assert f"C = {plots._sci(flops)} FLOPs" in legend, legend
+
+
+def test_precision_report_labels(tmp_path, monkeypatch):
+    """The ablation's curves: x in training steps (updates), the title's seed count from
+    the config; the update table says what it measures (below half a bf16 gap), not that
+    the settings lost those updates."""
+    from experiments import sweep_report
+    from experiments.configs import precision
+
+    cfg = precision.get_config()
+    cfg.seeds = (0, 1)
+    records = []
+    for i, p in enumerate(cfg.precisions):
+        for seed in cfg.seeds:
+            log = {"steps": [4, 8], "loss": [6.0, 5.0 + i], "eval_steps": [8], "eval_bpb": [3.0]}
+            records.append(
+                {
+                    "name": f"c2_p256_{p}_s{seed}",
+                    "precision": p,
+                    "seed": seed,
+                    "tokens": 8 * 4096,
+                    "heldout_bpb": 3.0 + i / 10 + seed / 100,
+                    "train_log": log,
+                }
+            )
+    spacing = {
+        "lr_last": 1e-4,
+        "lost_fraction": 0.78,
+        "median_ratio": 0.4,
+        "norm_lost_fraction": 1.0,
+    }
+    monkeypatch.setattr(sweep_report, "update_spacing", lambda run_dir: spacing)
+    seen = _legends(monkeypatch)
+    sweep_report.precision_report(cfg, records, str(tmp_path), lambda m: None, str(tmp_path))
+    curves = {p.rsplit("/", 1)[-1]: (x, title) for p, x, title, _ in seen}
+    for name in ("curves.png", "heldout_curves.png"):
+        xlabel, title = curves[name]
+        assert "updates" in xlabel, (name, xlabel)  # a unit, as every other figure has
+    assert "2 seeds each" in curves["curves.png"][1]
+    text = (tmp_path / "precision.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| setting | last LR"))
+    assert "lost" not in header and "below half a bf16 gap" in header

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -219,3 +220,281 @@ def test_smoke_sweep_killed_mid_run_resumes_to_the_same_result(tmp_path):
     for name in ("loss_vs_params.png", "loss_vs_flops.png", "source_bpb.png", "curves.png"):
         with open(os.path.join(results, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # A changed eval setting: t1 is evaluated again, not trained (its trainer is not even
+    # started); t2, left out by --only, keeps its stale result and is named as not reported.
+    train_log = os.stat(os.path.join(t1, "train.log")).st_mtime_ns
+    out = _sweep(killed, "--only=t1_s20", "--config.eval.doc_bytes=1024")
+    assert "t1_s20: training" not in out and "t1_s20: evaluating" in out, out
+    assert "t2_s20: its result is not reported (its evaluation settings changed" in out, out
+    assert os.stat(os.path.join(t1, "train.log")).st_mtime_ns == train_log
+    docs = _result(killed, "t1_s20")["doc_losses"]
+    assert max(d[3] for d in docs) <= 1024 < max(d[3] for d in t1_result["doc_losses"])
+
+
+# ------------------------------------------------ what each run trains, keeps and is named
+
+
+# config_flags loads a config file with importlib's deprecated load_module.
+_CONFIG_FILE_WARNING = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+
+def _trainer_configs(cfg, tmp_path, monkeypatch):
+    """Each run's configs as experiments.train builds them from the command line that
+    train_run starts it with (absl + config_flags parse it, then common.configs_from_dict),
+    with the trainer itself replaced by a process that exits 0 at once."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from experiments import common
+
+    started = []
+
+    class Trainer:  # subprocess.Popen's part that train_run uses
+        def __init__(self, args, **kwargs):
+            started.append(args)
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Trainer)
+    out = []
+    for run in sweep.plan_runs(cfg):
+        sweep.train_run(cfg, run, str(tmp_path / run.name), sweep.Child(), lambda m: None)
+        args = started[-1]
+        assert args[1:3] == ["-m", "experiments.train"]
+        argv = ["train", *args[3:]]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+        flags.DEFINE_string("workdir", None, "", flag_values=values)
+        values(argv)
+        out.append((run, common.configs_from_dict(values.config)))
+    return out
+
+
+@_CONFIG_FILE_WARNING
+def test_tpu_runs_train_the_table_rows(tmp_path, monkeypatch):
+    """The trainer started for each `tpu` run builds the row's model and recipe: its shape,
+    max LR, batch, clip norm and precision (get_preset), for the run's steps."""
+    from gopher.config import get_preset
+
+    built = _trainer_configs(sweep_configs.get_config("tpu"), tmp_path, monkeypatch)
+    assert [run.size for run, _ in built] == ["44m", "117m", "417m", "1.4b", "7.1b"]
+    for run, (model, train, _, parallel) in built:
+        row = get_preset(run.size)
+        for field in ("num_layers", "num_heads", "key_size", "d_model", "vocab_size", "seq_len"):
+            assert getattr(model, field) == getattr(row, field), (run.name, field)
+        assert train.max_lr == row.max_lr and train.batch_size == row.batch_size
+        assert train.clip_norm == row.clip_norm and train.precision == row.precision, run.name
+        assert train.steps == run.steps and train.warmup_steps == run.warmup_steps
+        assert parallel.data * parallel.model == 2048
+
+
+@_CONFIG_FILE_WARNING
+def test_cpu_runs_train_their_sizes(tmp_path, monkeypatch):
+    cfg = sweep_configs.get_config("cpu")
+    for run, (model, train, _, _) in _trainer_configs(cfg, tmp_path, monkeypatch):
+        size = next(s for s in cfg.sizes if s.name == run.size)
+        for field in ("num_layers", "num_heads", "key_size", "d_model"):
+            assert getattr(model, field) == getattr(size, field), (run.name, field)
+        assert (model.vocab_size, model.seq_len) == (cfg.vocab_size, cfg.seq_len)
+        assert train.max_lr == run.max_lr and train.steps == run.steps
+        assert train.batch_size == cfg.batch_size and train.precision == cfg.precision
+
+
+_BASE = """from experiments.configs import gopher
+
+
+def get_config(preset="tiny"):
+    cfg = gopher.get_config(preset)
+    cfg.train.optimizer = {optimizer!r}
+    cfg.train.weight_decay = {weight_decay!r}
+    return cfg
+"""
+
+
+def test_a_result_is_stale_once_the_recipe_or_the_eval_changes(tmp_path):
+    """A result is kept for the same base config, overrides and eval settings; a changed
+    base recipe (Chinchilla's AdamW with weight decay) or eval limit makes it stale."""
+    base = tmp_path / "base.py"
+
+    def plan(optimizer="adam", weight_decay=0.0, limit=200):
+        base.write_text(_BASE.format(optimizer=optimizer, weight_decay=weight_decay))
+        cfg = sweep_configs.get_config("cpu")
+        cfg.base = f"{base}:tiny"
+        cfg.eval.limit = limit
+        return sweep.plan_runs(cfg)[0]
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run = plan()
+    sweep_eval.write_json(str(run_dir / sweep_eval.RESULT_FILE), {"digest": run.digest()})
+    assert sweep_eval.read_result(run, str(run_dir)) is not None
+    assert sweep_eval.read_result(plan(limit=1000), str(run_dir)) is None
+    assert sweep_eval.read_result(plan(optimizer="adamw", weight_decay=0.1), str(run_dir)) is None
+    assert sweep_eval.read_result(plan(), str(run_dir)) is not None  # as it was: kept
+
+
+def test_a_changed_eval_is_told_apart_from_a_changed_recipe(tmp_path):
+    """A result made for the same training but other eval settings is only evaluated
+    again (EVAL_CHANGED); another recipe goes back to the trainer (TRAIN_CHANGED); a result
+    from before results carried these digests is UNKEYED."""
+    base = tmp_path / "base.py"
+
+    def plan(optimizer="adam", weight_decay=0.0, limit=200):
+        base.write_text(_BASE.format(optimizer=optimizer, weight_decay=weight_decay))
+        cfg = sweep_configs.get_config("cpu")
+        cfg.base, cfg.eval.limit = f"{base}:tiny", limit
+        return sweep.plan_runs(cfg)[0]
+
+    run, path = plan(), tmp_path / sweep_eval.RESULT_FILE
+    sweep_eval.write_json(str(path), {"digest": run.digest(), "train_digest": run.train_digest})
+    assert sweep_eval.stale_reason(run, str(tmp_path)) == ""
+    assert sweep_eval.stale_reason(plan(limit=0), str(tmp_path)) == sweep_eval.EVAL_CHANGED
+    changed = plan(optimizer="adamw", weight_decay=0.1)
+    assert sweep_eval.stale_reason(changed, str(tmp_path)) == sweep_eval.TRAIN_CHANGED
+    sweep_eval.write_json(str(path), {"digest": "before the config was hashed"})
+    assert sweep_eval.stale_reason(run, str(tmp_path)) == sweep_eval.UNKEYED
+
+
+def _names(cfg):
+    return [r.name for r in sweep.plan_runs(cfg)]
+
+
+def _committed_names(variant):
+    with open(os.path.join(ROOT, "results", f"sweep_{variant}", "results.csv")) as f:
+        return [row["name"] for row in csv.DictReader(f)]
+
+
+def test_run_names_do_not_depend_on_how_many_seeds_or_settings():
+    """Adding seeds keeps every finished run's name (and so its directory and result), and
+    the committed reports' runs keep theirs."""
+    from experiments.configs import precision
+
+    for get in (lambda: sweep_configs.get_config("cpu"), precision.get_config):
+        one, more = get(), get()
+        one.seeds, more.seeds = (0,), (0, 1, 2)
+        seed0 = [r.name for r in sweep.plan_runs(more) if r.seed == 0]
+        assert seed0 == _names(one)
+        assert len(set(_names(more))) == len(_names(more))
+    assert _names(sweep_configs.get_config("cpu")) == _committed_names("cpu")
+    assert _names(precision.get_config()) == _committed_names("precision")
+
+
+def test_a_second_token_budget_is_refused():
+    """The report fits one token-matched L(N): a second token budget would be pooled into
+    it, the larger sizes trained on more tokens inflating alpha."""
+    cfg = sweep_configs.get_config("cpu")
+    cfg.budgets.append(type(cfg.budgets[0])(dict(name="tok8m", tokens=8 * 2**20, flops=0.0)))
+    with pytest.raises(ValueError, match="tok2m.*tok8m"):
+        sweep.plan_runs(cfg)
+
+
+def test_a_warmup_over_5_percent_of_a_run_is_refused():
+    """Gopher's 1,500 warm-up steps (warmup_fraction 0) are more than 5% of a CPU run; of
+    a `tpu` run (1.1M+ steps) they are not."""
+    cfg = sweep_configs.get_config("cpu")
+    cfg.warmup_fraction = 0.0
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        sweep.plan_runs(cfg)
+    for r in sweep.plan_runs(sweep_configs.get_config("tpu")):
+        assert r.warmup_steps == 1500 <= 0.05 * r.steps
+
+
+def _fake_result(run, i):
+    """A result file's content for a run that was never trained (the report reads these)."""
+    docs = [["web", 100.0 + 10 * k - 5 * i, 30, 400 + k] for k in range(8)]
+    nll = sum(d[1] for d in docs)
+    bpb = nll / (math.log(2) * sum(d[3] for d in docs))
+    return {
+        **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("overrides", "skip")},
+        "digest": run.digest(),
+        "step": run.steps,
+        "heldout_bpb": bpb,
+        "heldout_loss": nll / sum(d[2] for d in docs),
+        "bpb_by_source": {"web": bpb},
+        "doc_losses": docs,
+        "tasks": {},
+        "train_log": {
+            "steps": [10, 20],
+            "loss": [5.0, 4.0],
+            "eval_steps": [20],
+            "eval_bpb": [bpb],
+            "train_s": 1.0,
+        },
+    }
+
+
+def test_only_reports_the_whole_sweep(tmp_path):
+    """--only trains and evaluates the named runs; the report holds every finished run,
+    and a figure the new report does not draw is not left beside it."""
+    workdir, results = tmp_path / "work", tmp_path / "results"
+    for i, run in enumerate(sweep.plan_runs(sweep_configs.get_config("smoke"))):
+        (workdir / "runs" / run.name).mkdir(parents=True)
+        sweep_eval.write_json(
+            str(workdir / "runs" / run.name / sweep_eval.RESULT_FILE), _fake_result(run, i)
+        )
+    results.mkdir()
+    (results / "isoflop.png").write_bytes(b"a compute-matched group's, from another sitting")
+    cmd = [sys.executable, "-m", "experiments.sweep", SMOKE, f"--workdir={workdir}"]
+    out = subprocess.run(
+        [*cmd, f"--results_dir={results}", "--only=t2_s20"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "training" not in out.stdout  # both have results
+    with open(results / "results.csv") as f:
+        assert [r["name"] for r in csv.DictReader(f)] == ["t1_s20", "t2_s20"]
+    with open(results / "summary.json") as f:
+        assert json.load(f)["runs"] == 2
+    assert not (results / "isoflop.png").exists()
+
+
+def test_a_failed_run_exits_with_its_trainers_status(tmp_path):
+    """The trainer refuses a bad value (exit 2, bad input): the sweep exits 2 with the
+    trainer's line, not 3 (diverged)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.sweep",
+            SMOKE,
+            f"--workdir={tmp_path}",
+            "--config.precision=fp64",
+            "--no_report",
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "fp64" in line and "(exit 2)" in line
+
+
+@pytest.mark.parametrize("code, status", [(4, 4), (5, 5), (7, 7), (-9, 137)])
+def test_a_failed_trainers_status_is_the_sweeps(tmp_path, monkeypatch, code, status):
+    """4 (no checkpoint restored), 5 (workdir locked: retry), 7 (storage: rerun as it is)
+    reach a wrapper unchanged; a trainer killed by SIGKILL is 128 + 9, as a shell says."""
+
+    class Trainer:
+        def __init__(self, args, stdout, **kwargs):
+            stdout.write("error: the trainer's reason\n")
+
+        def wait(self):
+            return code
+
+    monkeypatch.setattr(sweep.subprocess, "Popen", Trainer)
+    run = sweep.plan_runs(sweep_configs.get_config("smoke"))[0]
+    with pytest.raises(sweep.RunFailed, match="the trainer's reason") as failed:
+        sweep.train_run(None, run, str(tmp_path), sweep.Child(), lambda m: None)
+    assert failed.value.code == status

@@ -17,14 +17,16 @@ Variants:
   smoke  two `test`-sized models x 20 steps on the stdlib corpus (what `make test` kills and
          resumes).
   tpu    the real sweep: the table's 44m, 117m, 417m, 1.4b and 7.1b rows at their learning
-         rates, batches, precision and 300B tokens, with the mesh each needs on a v3-2048
+         rates, batches, clip norms, precision and 300B tokens (each run starts from its
+         row's own config, gopher.py:PRESET), with the mesh each needs on a v3-2048
          pod (the planner's choice in benchmarks/plan_v3_32x32.json); `--plan_only` compiles
          each run's step for the topology and reports whether it fits.
 
 The recipe of each run suits its length (Chinchilla App. B: a cosine much longer than the
 run hurts): warm-up is `warmup_fraction` of the run's steps, rounded down (at most 5%;
-none for a run under 20 steps), the cosine decays 10x over exactly the run's steps, and the learning rate follows
-`lr_rule`: max_lr = lr_base * (lr_ref_d_model / d_model) ** lr_exponent (the table's rows
+none for a run under 20 steps; warmup_fraction 0, Gopher's 1,500 steps, is refused for a
+run under 30,000 steps), the cosine decays 10x over exactly the run's steps, and the
+learning rate follows `lr_rule`: max_lr = lr_base * (lr_ref_d_model / d_model) ** lr_exponent (the table's rows
 fall from 6e-4 at d 512 to 2e-4 at d 2048 and 1.2e-4 at d 4096: about d^-0.8; the CPU
 sizes use a gentler d^-0.5 from 1e-3 at d 256, the `tiny` preset's). A run whose data
 would repeat any source more than `max_epochs` times is refused before it starts
@@ -97,7 +99,8 @@ def _sizes(rows, budgets=None) -> list:
 def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.variant = variant
-    cfg.base = "experiments/configs/gopher.py:tiny"  # the train config each run starts from
+    # The train config each run starts from; a size with a `preset` starts from FILE:PRESET.
+    cfg.base = "experiments/configs/gopher.py:tiny"
     cfg.seeds = (0,)
     cfg.precision = "fp32"
     cfg.warmup_fraction = 0.05
@@ -134,7 +137,7 @@ def get_config(variant: str = "cpu") -> ml_collections.ConfigDict:
         )
         cfg.overrides = (("train.checkpoint_every", 5), ("data.tokenizer_sample_bytes", 300_000))
     elif variant == "tpu":
-        cfg.base = "experiments/configs/gopher.py:44m"
+        cfg.base = "experiments/configs/gopher.py:44m"  # each size: gopher.py:ITS_PRESET
         cfg.sizes = [
             ml_collections.ConfigDict(
                 dict(name=p, preset=p, **_zeros(), overrides=_mesh(TPU_PARALLEL[p]), budgets=())
