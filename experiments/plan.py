@@ -17,6 +17,19 @@ does not fit (Gopher pipelined its 280B over pods instead), and full
 rematerialisation; batch and precision are the preset's. --search tries every model axis dividing the heads x
 --search_zero x --search_remat x --microbatch counts and ranks the plans that fit by
 a roofline (gopher/plan.py). --all does this for every table preset.
+
+A plan fits when the step at every batch size of the run's schedule (280b: 1536, then
+3072) fits in the memory the TPU runtime leaves usable per device (15.48 of a v3 core's
+16 GiB; gopher/topology.py), or in --hbm_gib. The mesh, ZeRO, remat and microbatches are
+the planner's flags: a --config.parallel.* or --config.train.remat / microbatches
+override is refused (it would not be read), as are flags the chosen mode ignores.
+
+Exit status: 0 every preset answered by a compile (a plan fits, or the whole space was
+compiled or pruned and none fits: "fits" says which); 1 a preset does not fit before
+any compile (every plan's state, or state plus saved layer inputs, exceeds the memory);
+2 bad flags, or flags that rule out every plan; 3 no answer: the search stopped at
+--max_compiles or --time_budget before a plan fit, or compiles failed for other reasons
+than memory.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -32,7 +46,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from experiments.configs import gopher as gopher_configs
-from gopher.config import TABLE_PRESETS
+from gopher.config import TABLE_PRESETS, ConfigError, TrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/gopher.py:44m", "Experiment config file and preset."
@@ -52,9 +66,12 @@ _PRECISION = flags.DEFINE_string("precision", None, "Precision (default: the pre
 _MICRO = flags.DEFINE_integer("microbatches", 0, "Microbatches (0: the fewest that fit).")
 _BATCH = flags.DEFINE_integer("batch", 0, "Global batch in sequences (0: the preset's).")
 _HBM = flags.DEFINE_float(
-    "hbm_gib", 0.0, "Memory per device to plan against, GiB (0: the device's own)."
+    "hbm_gib",
+    0.0,
+    "Memory per device to plan against, GiB (0: what the TPU runtime leaves usable of the "
+    "device's HBM, e.g. 15.48 of a v3 core's 16; on cpu: the host's RAM share).",
 )
-_MFU = flags.DEFINE_float("mfu", 0.4, "MFU at which to state the step time.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "MFU at which to state the step time, in (0, 1].")
 _SEARCH = flags.DEFINE_bool("search", False, "Search meshes x zero x remat x microbatches.")
 _S_ZERO = flags.DEFINE_list("search_zero", ["0", "1", "3"], "ZeRO settings to search.")
 _S_REMAT = flags.DEFINE_list(
@@ -68,9 +85,128 @@ _BUDGET = flags.DEFINE_float("time_budget", 480.0, "Seconds of compiling per pre
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 _OUT = flags.DEFINE_string("out", "", "If set, also write the JSON object (with the command).")
 _MARKDOWN = flags.DEFINE_string(
-    "markdown", "", "If set, also write the fit table as markdown (one row per preset)."
+    "markdown",
+    "",
+    "If set, also write the fit table as markdown (one row per preset and batch size).",
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks for errors.")
+
+
+# --config fields the planner sets itself, and the flag that sets each (under --search).
+_PLANNER_SETS = {
+    "train.remat": ("--remat", "--search_remat"),
+    "train.microbatches": ("--microbatches", "--search_microbatches"),
+    "parallel.zero": ("--zero", "--search_zero"),
+    "parallel.data": ("--data", "--data"),
+    "parallel.model": ("--model", "--model"),
+    "parallel.replica": ("--slices (the replica axis spans the slices)",) * 2,
+}
+# Library errors name the --config flags training reads; the planner's own flags instead.
+_TRANSLATE = (
+    (r"--config\.parallel\.replica=1 --config\.parallel\.data=", "--data="),
+    (r"--config\.parallel\.data=-1 with a model size that divides it", "a --model dividing it"),
+    (r"--config\.parallel\.data", "--data"),
+    (r"--config\.parallel\.model", "--model"),
+    (r"--config\.parallel\.zero", "--zero"),
+    (r"--config\.parallel\.replica", "--slices"),
+    (r"--config\.parallel\.\*", "--data and --model"),
+    (r"--config\.train\.batch_size", "--batch"),
+    (r"--config\.train\.remat", "--remat"),
+    (r"--config\.train\.microbatches", "--microbatches"),
+    (r"--config\.train\.precision", "--precision"),
+)
+
+
+class _FlagError(ValueError):
+    """A bad flag, in the planner's own words (not translated)."""
+
+
+def _planner_flags(message: str) -> str:
+    for pattern, flag in _TRANSLATE:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
+def _given(name: str) -> bool:
+    return bool(flags.FLAGS[name].present)
+
+
+def _check_numbers() -> None:
+    """One-line errors for values that would divide by zero, index nothing or silently
+    mean nothing (before jax starts: --slices sets the CPU device count)."""
+    checks = [
+        ("data", _DATA.value == -1 or _DATA.value >= 1, "-1 (the rest) or a positive size"),
+        ("model", _MODEL.value >= 0, "0 (the smallest that fits) or a positive size"),
+        ("slices", _SLICES.value >= 1, "1 or more"),
+        ("replica", _REPLICA.value >= 0, "0 (= --slices) or --slices"),
+        ("mfu", 0 < _MFU.value <= 1, "a fraction in (0, 1], e.g. 0.4"),
+        ("hbm_gib", _HBM.value >= 0, "0 (the device's usable HBM) or a positive size in GiB"),
+        ("max_compiles", _MAX_COMPILES.value >= 1, "1 or more"),
+        ("time_budget", _BUDGET.value > 0, "a positive number of seconds"),
+        ("batch", _BATCH.value >= 0, "0 (the preset's) or a positive number of sequences"),
+        ("microbatches", _MICRO.value >= 0, "0 (the fewest that fit) or a positive count"),
+    ]
+    for name, ok, allowed in checks:
+        if not ok:
+            raise _FlagError(f"--{name}={flags.FLAGS[name].value}: use {allowed}")
+
+
+def _check_unread(generation: str) -> None:
+    """One-line errors for settings the planner would override or ignore without a word:
+    --config fields it sets itself, flags the chosen mode does not read, --nomegacore
+    outside v4, and --slices with CPU devices (which have no slices)."""
+    from ml_collections import config_flags
+
+    search = _SEARCH.value
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    for key, value in overrides.items():
+        if key in _PLANNER_SETS or key.startswith("parallel."):
+            flag = _PLANNER_SETS.get(key, ("--data, --model, --zero or --slices",) * 2)[search]
+            shown = f"={value}" if key in _PLANNER_SETS and "(" not in flag else ""
+            raise _FlagError(
+                f"--config.{key}={value} is not read: the planner sets it from its own "
+                f"flags; use {flag}{shown} instead"
+            )
+    for key, flag, mine in (
+        ("train.batch_size", "batch", _BATCH.value),
+        ("train.precision", "precision", _PRECISION.value),
+    ):
+        if key in overrides and mine and mine != overrides[key]:
+            raise _FlagError(
+                f"--{flag}={mine} and --config.{key}={overrides[key]} disagree; give one"
+            )
+    if search:
+        for flag, instead in (("remat", "search_remat"), ("zero", "search_zero")):
+            if _given(flag):
+                raise _FlagError(
+                    f"--{flag} is not read with --search, which tries --{instead}; use "
+                    f"--{instead}={flags.FLAGS[flag].serialize().split('=', 1)[-1]}"
+                )
+    else:
+        for flag in ("search_zero", "search_remat", "search_microbatches"):
+            if _given(flag):
+                fix = {"search_zero": "--zero", "search_remat": "--remat"}.get(
+                    flag, "--microbatches"
+                )
+                raise _FlagError(f"--{flag} is read only with --search; add --search or use {fix}")
+    if not _MEGACORE.value and generation != "v4":
+        raise _FlagError(
+            f"--nomegacore applies to v4 only (its chips can be planned as two cores); "
+            f"{generation} devices are planned as libtpu makes them, drop it"
+        )
+    if generation == "cpu" and _SLICES.value > 1:
+        n = int(_TOPOLOGY.value.partition(":")[2])
+        raise _FlagError(
+            f"--slices={_SLICES.value} with --topology={_TOPOLOGY.value}: CPU devices have no "
+            f"slices, so no replica axis would be planned; use a TPU topology, or "
+            f"--topology=cpu:{n * _SLICES.value} for one slice"
+        )
+    for remat in [_REMAT.value] + (list(_S_REMAT.value) if search else []):
+        try:
+            TrainConfig(remat=remat)
+        except ConfigError as e:
+            flag = "search_remat" if search else "remat"
+            raise _FlagError(f"--{flag}: {e}".replace("TrainConfig.remat = ", "")) from None
 
 
 def _configs(preset: str | None):
@@ -87,6 +223,12 @@ def _configs(preset: str | None):
 
 def _space(per_slice: int):
     """The search space the flags describe (--search) or the first-fit space (default)."""
+    divisors = [m for m in range(1, per_slice + 1) if per_slice % m == 0]
+    if _MODEL.value and per_slice % _MODEL.value:
+        raise ValueError(
+            f"--model={_MODEL.value} does not divide the {per_slice} devices of a slice; use "
+            f"one of {', '.join(map(str, divisors))} (or --model=0: the smallest that fits)"
+        )
     models = [_MODEL.value] if _MODEL.value else None
     if _DATA.value != -1:  # a fixed data axis fixes the model axis
         if per_slice % _DATA.value:
@@ -94,23 +236,42 @@ def _space(per_slice: int):
                 f"--data={_DATA.value} does not divide the {per_slice} devices of a slice; "
                 f"use a divisor of {per_slice} (or --data=-1)"
             )
+        if _MODEL.value and _MODEL.value * _DATA.value != per_slice:
+            raise ValueError(
+                f"--data={_DATA.value} --model={_MODEL.value} cover {_DATA.value * _MODEL.value}"
+                f" of the {per_slice} devices of a slice; use --model={per_slice // _DATA.value}"
+                f" or drop one of them"
+            )
         models = [per_slice // _DATA.value]
 
-    def whole(flag: str, values: list[str], allowed: str) -> tuple[int, ...]:
+    def whole(flag: str, values: list[str], allowed: str, ok=lambda v: True) -> tuple[int, ...]:
         try:
-            return tuple(int(v) for v in values)
+            out = tuple(int(v) for v in values)
         except ValueError:
-            raise ValueError(f"--{flag}={','.join(values)}: use {allowed}") from None
+            out = ()
+        if len(out) != len(values) or not all(ok(v) for v in out):
+            raise ValueError(f"--{flag}={','.join(values)}: use {allowed}")
+        return out
 
     if _SEARCH.value:
-        zeros = whole("search_zero", _S_ZERO.value, "0, 1 or 3, comma-separated")
+        zeros = whole(
+            "search_zero", _S_ZERO.value, "0, 1 or 3, comma-separated", lambda v: v in (0, 1, 3)
+        )
         remats = tuple(_S_REMAT.value)
     else:
-        zeros, remats = whole("zero", _ZERO.value, "0, 1 or 3, comma-separated"), (_REMAT.value,)
+        zeros = whole("zero", _ZERO.value, "0, 1 or 3, comma-separated", lambda v: v in (0, 1, 3))
+        remats = (_REMAT.value,)
     micro = (
         [_MICRO.value]
         if _MICRO.value
-        else list(whole("search_microbatches", _S_MICRO.value, "whole numbers, comma-separated"))
+        else list(
+            whole(
+                "search_microbatches",
+                _S_MICRO.value,
+                "positive whole numbers, comma-separated",
+                lambda v: v >= 1,
+            )
+        )
     )
     from gopher import plan_search  # imports jax: after the environment is set
 
@@ -148,34 +309,84 @@ def plan_preset(plan_lib, preset, devices, hw, log) -> dict:
     )
 
 
+def verdict(name: str, result: dict, hw) -> tuple[str, int]:
+    """What the search found for one preset, in one line, and its exit status (see the
+    module docstring): 0 fits or none fits, 1 does not fit before compiling, 2 every plan
+    ruled out by the flags, 3 no answer (stopped at the cap, or compile errors)."""
+    from gopher.plan import size, summary_line
+
+    if result["fits"]:
+        return f"{name}: best {summary_line(result['fits'][0])}", 0
+    errors, stopped = result.get("errors", []), result["stopped"]
+    compiled = [r for r in result["tried"] if "per_device_bytes" in r]
+    space = "--model, --microbatches" + (", --search_zero, --search_remat" if _SEARCH.value else "")
+    if stopped != "space exhausted":
+        return (
+            f"{name}: no fitting plan found before the search stopped ({stopped}; "
+            f"the {len(compiled)} compiled did not fit): not an answer; raise "
+            f"--time_budget (now {_BUDGET.value:g} s) or --max_compiles (now "
+            f"{_MAX_COMPILES.value}), or narrow the space with {space}",
+            3,
+        )
+    if errors:
+        return (
+            f"{name}: no answer: {len(errors)} compile(s) failed for reasons other than "
+            f"memory ({errors[0]}), and no other plan fits",
+            3,
+        )
+    if not compiled and result["smallest_pruned"]:
+        need, reason = result["smallest_pruned"]
+        return (
+            f"{name}: does not fit: every plan needs more than the {size(hw.hbm_bytes)} per "
+            f"device ({hw.hbm_source}) before compiling; the smallest is {size(need)} "
+            f"({reason})",
+            1,
+        )
+    if not compiled:
+        # Nothing was compiled and nothing was over the memory: a flag ruled out every plan.
+        return f"{name}: nothing compiled: {result['pruned'][0]}", 2
+    return (
+        f"{name}: none fits: the whole space was tried ({len(compiled)} plan(s) compiled "
+        f"over {size(hw.hbm_bytes)} per device, {len(result['pruned'])} pruned)",
+        0,
+    )
+
+
 def main(argv):
     del argv
     with common.user_errors(_VERBOSE.value):
-        from gopher import topology
+        try:
+            return _main()
+        except _FlagError:
+            raise
+        except ValueError as e:  # the library's words name --config flags: ours instead
+            raise ValueError(_planner_flags(str(e))) from e
 
-        generation = topology.prepare_environment(_TOPOLOGY.value, _SLICES.value)
-        from gopher import plan as plan_lib  # imports jax: after the environment is set
 
-        devices = plan_lib.topology_devices(_TOPOLOGY.value, _SLICES.value, _MEGACORE.value)
-        hw = plan_lib.hardware(devices, generation)
-        if _HBM.value:
-            hw = dataclasses.replace(hw, hbm_bytes=_HBM.value * 2**30)
-        log = (lambda line: print(line, file=sys.stderr)) if _JSON.value else print
-        presets = TABLE_PRESETS if _ALL.value else [None]
-        results = {}
-        nothing: list[str] = []
-        for preset in presets:
-            result = plan_preset(plan_lib, preset, devices, hw, log)
-            name = preset or _CONFIG.value.model.preset
-            results[name] = result
-            best = result["fits"][0] if result["fits"] else None
-            if best is None and not result["tried"] and result["pruned"]:
-                # Nothing was compiled: a flag ruled out every plan, not the memory.
-                nothing.append(f"{name}: nothing compiled: {result['pruned'][0]}")
-                log(nothing[-1])
-                continue
-            log(f"{name}: best {plan_lib.summary_line(best) if best else 'none fits'}")
-    out = _json_object(results, devices, hw)
+def _main() -> int:
+    from gopher import topology
+
+    _check_numbers()
+    generation, _ = topology.parse_topology(_TOPOLOGY.value)
+    _check_unread(generation)
+    topology.prepare_environment(_TOPOLOGY.value, _SLICES.value)
+    from gopher import plan as plan_lib  # imports jax: after the environment is set
+
+    devices = plan_lib.topology_devices(_TOPOLOGY.value, _SLICES.value, _MEGACORE.value)
+    hw = plan_lib.hardware(devices, generation)
+    if _HBM.value:
+        hw = dataclasses.replace(hw, hbm_bytes=_HBM.value * 2**30, hbm_source="--hbm_gib")
+    log = (lambda line: print(line, file=sys.stderr)) if _JSON.value else print
+    presets = TABLE_PRESETS if _ALL.value else [None]
+    results, verdicts = {}, {}
+    for preset in presets:
+        result = plan_preset(plan_lib, preset, devices, hw, log)
+        name = preset or _CONFIG.value.model.preset
+        results[name] = result
+        verdicts[name] = verdict(name, result, hw)
+        if verdicts[name][1] in (0, 2) or _ALL.value:
+            log(verdicts[name][0])
+    out = _json_object(results, verdicts, devices, hw)
     if _OUT.value:
         os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
         with open(_OUT.value, "w") as f:
@@ -186,8 +397,13 @@ def main(argv):
             f.write(markdown_table(out))
     if _JSON.value:
         print(json.dumps(out))
-    if nothing and len(nothing) == len(presets):
-        common.fail(nothing[0])
+    codes = [code for _, code in verdicts.values()]
+    if all(code == 2 for code in codes):
+        common.fail(next(iter(verdicts.values()))[0])
+    for code in (3, 1):
+        if code in codes:
+            first = next(line for line, c in verdicts.values() if c == code)
+            common.fail(first if len(presets) == 1 else f"{first} (and see above)", code)
     return 0
 
 
@@ -207,52 +423,96 @@ def _gib(n: float) -> str:
 
 def markdown_table(out: dict) -> str:
     """The plan JSON (one preset or --all) as a markdown table: the command, the hardware,
-    one row per preset from its best plan (or the last one tried when none fits)."""
+    one row per preset and batch size from its best plan (or the last one compiled when
+    none fits), or a row saying why there is no plan."""
     hw = out["hardware"]
-    presets = out.get("presets") or {out["model"]: out}
+    presets = out.get("presets") or {out["preset"]: out}
     mfu = next(iter(presets.values())).get("mfu", 0.4)
     peak = f"{hw['peak_flops'] / 1e12:.1f} TFLOP/s" if hw.get("peak_flops") else "unknown"
+    nominal = hw.get("hbm_nominal_bytes") or hw["hbm_bytes"]
+    if hw.get("hbm_source") == "--hbm_gib":
+        memory = (
+            f"{_gib(nominal)} GiB nominal, planned against {_gib(hw['hbm_bytes'])} GiB (--hbm_gib)"
+        )
+    elif nominal != hw["hbm_bytes"]:
+        memory = (
+            f"{_gib(nominal)} GiB nominal, {_gib(hw['hbm_bytes'])} GiB usable (what the TPU "
+            "runtime leaves; fits are judged against it)"
+        )
+    else:
+        memory = f"{_gib(hw['hbm_bytes'])} GiB ({hw.get('hbm_source') or 'per device'})"
     lines = [
         f"`{out['command']}`",
         "",
-        f"{out['topology']} x {out['slices']} slice(s): {hw['kind']}, memory "
-        f"{_gib(hw['hbm_bytes'])} GiB and peak {peak} per device",
+        f"{out['topology']} x {out['slices']} slice(s): {hw['kind']}, memory {memory} "
+        f"and peak {peak} per device",
         "",
         _HEADER.format(mfu=mfu),
         "|" + "---|" * 14,
     ]
     for name, r in presets.items():
-        mesh, per = r["mesh"], r["per_device_bytes"]
-        step = r.get("roofline_step_seconds")
-        at_mfu = r.get("step_seconds_at_mfu")
-        cells = [
-            name,
-            f"{mesh['replica']} x {mesh['data']} x {mesh['model']}",
-            r["zero"],
-            r["remat"],
-            r["microbatches"],
-            r["precision"],
-            r["batch"],
-            f"{per['params'] / _GIB:.2f}",
-            f"{per['opt_state'] / _GIB:.2f}",
-            f"{per['temp'] / _GIB:.2f}",
-            f"{per['total'] / _GIB:.2f} / {_gib(r['hbm_bytes'])} "
-            + ("fits" if r["fits"] else "**does not fit**"),
-            f"{r['compile_seconds']:.0f}",
-            f"{step:.3f}" if step else "-",
-            f"{at_mfu:.3f}" if at_mfu else "-",
-        ]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if "per_device_bytes" not in r:  # nothing compiled: the reason instead
+            lines.append(_cells([name] + ["-"] * 9 + [r.get("verdict", "no plan")] + ["-"] * 3))
+            continue
+        done = {b["batch"]: b for b in r.get("batches") or [r]}
+        for size in r.get("batch_sizes") or [r["batch"]]:
+            b = done.get(size)
+            if b is None:
+                why = "not compiled: a larger batch does not fit"
+                lines.append(_cells([name] + ["-"] * 5 + [size] + ["-"] * 3 + [why] + ["-"] * 3))
+                continue
+            verdict = "fits" if b["fits"] else "**does not fit**"
+            if not r["fits"] and r.get("verdict_code") == 3:
+                verdict += " (no answer: the search stopped first, see its output)"
+            lines.append(_row(name, b, r, verdict))
     return "\n".join(lines) + "\n"
 
 
-def _json_object(results: dict, devices, hw) -> dict:
-    """One preset: its best plan's fields at the top level (or the last tried when none
-    fits) plus "search"; --all: {"presets": {name: that}}; with the command and hardware."""
+def _cells(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
-    def one(result):
-        top = result["fits"][0] if result["fits"] else (result["tried"] or [{}])[-1]
-        return {**top, "fits": bool(result["fits"]), "search": result}
+
+def _row(name: str, b: dict, r: dict, verdict: str) -> str:
+    """One table row: the plan `r`'s configuration at batch report `b`."""
+    mesh, per = r["mesh"], b["per_device_bytes"]
+    step = b.get("roofline_step_seconds")
+    at_mfu = b.get("step_seconds_at_mfu")
+    cells = [
+        name,
+        f"{mesh['replica']} x {mesh['data']} x {mesh['model']}",
+        r["zero"],
+        r["remat"],
+        r["microbatches"],
+        r["precision"],
+        b["batch"],
+        f"{per['params'] / _GIB:.2f}",
+        f"{per['opt_state'] / _GIB:.2f}",
+        f"{per['temp'] / _GIB:.2f}",
+        f"{per['total'] / _GIB:.2f} / {_gib(r['hbm_bytes'])} {verdict}",
+        f"{b['compile_seconds']:.0f}",
+        f"{step:.3f}" if step else "-",
+        f"{at_mfu:.3f}" if at_mfu else "-",
+    ]
+    return _cells(cells)
+
+
+def _json_object(results: dict, verdicts: dict, devices, hw) -> dict:
+    """One preset: its best plan's fields at the top level (or the last compiled when
+    none fits) plus "search" and "verdict"; --all: {"presets": {name: that}}; with the
+    command and hardware."""
+
+    def one(name, result):
+        compiled = [r for r in result["tried"] if "per_device_bytes" in r]
+        top = result["fits"][0] if result["fits"] else (compiled or [{}])[-1]
+        line, code = verdicts[name]
+        return {
+            **top,
+            "preset": name,
+            "fits": bool(result["fits"]),
+            "verdict": line.split(": ", 1)[-1],
+            "verdict_code": code,
+            "search": result,
+        }
 
     out = {
         "command": "python -m experiments.plan " + shlex.join(sys.argv[1:]),
@@ -261,8 +521,9 @@ def _json_object(results: dict, devices, hw) -> dict:
         "hardware": dataclasses.asdict(hw),
     }
     if _ALL.value:
-        return {**out, "presets": {name: one(r) for name, r in results.items()}}
-    return {**out, **one(next(iter(results.values())))}
+        return {**out, "presets": {name: one(name, r) for name, r in results.items()}}
+    name, result = next(iter(results.items()))
+    return {**out, **one(name, result)}
 
 
 if __name__ == "__main__":

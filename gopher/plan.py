@@ -12,19 +12,24 @@ batch split over the batch axes, compiles it, and reports per device:
                      from the shardings' shard shapes;
   temp, total        from the executable's memory_analysis(): total = arguments +
                      outputs - aliases + temporaries + generated code (what the
-                     donated step holds); it fits when total <= the device's nominal
-                     memory (--hbm_gib to plan against less: a runtime keeps some);
+                     donated step holds); it fits when total <= the memory the TPU
+                     runtime leaves usable (topology.USABLE_SOURCES: 15.48 of a v3
+                     core's 16 GiB; --hbm_gib overrides it), the host's RAM share on CPU;
 and the model FLOPs per step (metrics.flops_per_token x B x T), the step time at a given
 MFU, and a roofline step time: max(matmul FLOPs / peak, bytes accessed / HBM bandwidth)
 plus collective bytes over the links (ICI within a slice, DCN between slices),
 communication assumed not overlapped with compute. FLOPs and collective bytes are read
 from the compiled HLO with loop trips counted (gopher/hlo.py), the bytes accessed from
 cost_analysis() (see `roofline`).
-A program that does not fit may fail to compile on TPU with RESOURCE_EXHAUSTED (its
-temporaries are then read from the error), but a deviceless compile need not refuse it
-(libtpu 0.0.42 compiled a 19.8 GiB step for a 16 GiB v3 core): the verdict is the
-total's. The search over meshes, ZeRO settings, remat policies and microbatch counts that
-calls `plan` is gopher/plan_search.py.
+A program that does not fit may fail to compile on TPU with RESOURCE_EXHAUSTED, in
+either of XLA:TPU's two texts ("... HLO temporaries (X) exceeds available HBM (Y)" or
+"Ran out of memory in memory space hbm. Used X of Y hbm"): it is then "does not fit",
+with the figures read from the error; any other compile error raises `CompileError`.
+A deviceless compile need not refuse such a program (libtpu 0.0.42 compiled a 19.8 GiB
+step for a 16 GiB v3 core): the verdict is the total's. `plan_schedule` plans every
+batch size a run's schedule uses (train_cfg.batch_sizes(): 280b goes 1536 -> 3072), as
+training's own check does before its first step. The search over meshes, ZeRO settings,
+remat policies and microbatch counts that calls it is gopher/plan_search.py.
 """
 
 from __future__ import annotations
@@ -108,27 +113,32 @@ class Hardware:
 
     kind: str  # device_kind as the devices report it
     peak_flops: float | None
-    hbm_bytes: float
+    hbm_bytes: float  # what a plan must fit in: usable HBM (or --hbm_gib; host RAM share)
     hbm_bw: float | None
     ici_bw: float | None
     dcn_bw: float | None
     devices_per_chip: int
+    hbm_nominal_bytes: float = 0.0  # the data sheet's HBM per device (CPU: the RAM share)
+    hbm_source: str = ""  # where hbm_bytes comes from, for the reports
 
 
 def hardware(devices: Sequence[Any], generation: str) -> Hardware:
-    """The chip table divided by devices per chip (2 for v3 cores and non-megacore v4);
-    CPU devices share the host's RAM and have no link figures."""
+    """The chip table divided by devices per chip (2 for v3 cores and non-megacore v4),
+    fits judged against the HBM the TPU runtime leaves usable; CPU devices share the
+    host's RAM and have no link figures."""
     dev = devices[0]
     if generation == "cpu":
-        ram = os_ram_bytes()
-        return Hardware(dev.device_kind, None, ram / len(devices), None, None, None, 1)
+        ram = os_ram_bytes() / len(devices)
+        return Hardware(dev.device_kind, None, ram, None, None, None, 1, ram, "host RAM share")
     chips = {(getattr(d, "slice_index", 0), tuple(d.coords)) for d in devices}
     per_chip = len(devices) // len(chips)
     chip = CHIPS[generation]
     return Hardware(
         kind=dev.device_kind,
         peak_flops=metrics.device_peak_flops(dev),
-        hbm_bytes=chip.hbm_bytes / per_chip,
+        hbm_bytes=chip.usable_bytes / per_chip,
+        hbm_nominal_bytes=chip.hbm_bytes / per_chip,
+        hbm_source="usable: what XLA:TPU leaves (topology.USABLE_SOURCES)",
         hbm_bw=chip.hbm_bw / per_chip,
         ici_bw=chip.ici_bw / per_chip,
         dcn_bw=chip.dcn_bw / per_chip,
@@ -162,7 +172,25 @@ def check_batch(batch: int, microbatches: int, mesh: Mesh) -> None:
         )
 
 
-_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
+class CompileError(ValueError):
+    """A compile that failed for a reason other than memory (the search records it and
+    goes on to the next candidate)."""
+
+
+# XLA:TPU's out-of-memory texts (sizes in units of 2**30 etc., as tsl prints them):
+# runtime-style "... the total memory required for HLO temporaries (X) exceeds available
+# HBM (Y)", and compile-time "Ran out of memory in memory space hbm. Used X of Y hbm." with
+# a breakdown ("program X", "HLO temp X") that may follow.
+_SIZE = r"([\d.]+)([KMGT]?)(?:i?B)?"
+_OOM = re.compile(rf"HLO temporaries \({_SIZE}\)")
+_OOM_AVAILABLE = re.compile(rf"exceeds available HBM \({_SIZE}\)")
+_OOM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm")
+_OOM_HLO_TEMP = re.compile(rf"HLO temp\s+{_SIZE}")
+_OOM_PROGRAM = re.compile(rf"\bprogram\s+{_SIZE}")
+
+
+def _bytes(number: str, unit: str) -> int:
+    return int(float(number) * 1024 ** " KMGT".index(unit or " "))
 
 
 def plan(
@@ -172,24 +200,29 @@ def plan(
     mesh: Mesh,
     hw: Hardware,
     mfu: float = 0.4,
+    batch: int | None = None,
 ) -> dict:
-    """Compiles one train step on `mesh` and reports its memory, FLOPs and step time
-    (see the module docstring); `train_cfg` holds batch, precision, remat, microbatches."""
-    check_batch(train_cfg.batch_size, train_cfg.microbatches, mesh)
+    """Compiles one train step on `mesh` for a [batch, T+1] token batch (default
+    train_cfg.batch_size) and reports its memory, FLOPs and step time (see the module
+    docstring); `train_cfg` holds precision, remat, microbatches (and the schedule, which
+    the step's learning rate reads). A step XLA refuses for memory is reported as not
+    fitting; any other compile error raises CompileError."""
+    batch = batch or train_cfg.batch_size
+    check_batch(batch, train_cfg.microbatches, mesh)
     fns, sharded = sharding.build_train(model_cfg, train_cfg, parallel, mesh)
     state = sharding.abstract_state_with_shardings(fns, sharded)
     tokens = jax.ShapeDtypeStruct(
-        (train_cfg.batch_size, model_cfg.seq_len + 1), np.int32, sharding=sharded.batch_sharding
+        (batch, model_cfg.seq_len + 1), np.int32, sharding=sharded.batch_sharding
     )
-    report = describe(model_cfg, train_cfg, parallel, mesh, hw, mfu)
+    report = describe(model_cfg, train_cfg, parallel, mesh, hw, mfu, batch)
     report["per_device_bytes"] = {
         "params": leaf_bytes(state.params),
         "opt_state": leaf_bytes((state.opt_state, state.master)),
         "state": leaf_bytes(state),
     }
     start = time.perf_counter()
-    lowered = sharded.train_step.lower(state, tokens)
     try:
+        lowered = sharded.train_step.lower(state, tokens)
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         report["compile_seconds"] = time.perf_counter() - start
@@ -218,17 +251,54 @@ def plan(
     # device inside the layer loop (ZeRO-3 adds its parameter gathers there).
     gathers = [c.bytes for c in module.collectives() if c.op == "all-gather" and c.loops]
     report["largest_loop_all_gather_bytes"] = max(gathers, default=0)
-    rows = microbatch_rows(train_cfg, mesh)
+    rows = microbatch_rows(train_cfg, mesh, batch)
     report["block_bytes"] = rows * model_cfg.seq_len * model_cfg.d_model * 4  # fp32 [b, T, D]
     report.update(roofline(compiled, module, mesh, hw, report))
     report["notes"] = list(sharded.notes)
     return report
 
 
-def describe(model_cfg, train_cfg, parallel, mesh, hw, mfu) -> dict:
+def plan_schedule(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    parallel: ParallelConfig,
+    mesh: Mesh,
+    hw: Hardware,
+    mfu: float = 0.4,
+) -> dict:
+    """`plan` at every batch size the run uses (train_cfg.batch_sizes(), the schedule's
+    too), with the same mesh, ZeRO, remat and microbatches: training keeps K across a
+    batch switch, so each microbatch grows with the batch. The largest batch is compiled
+    first; when it does not fit the plan does not, and the others are not compiled.
+    Otherwise every other batch is compiled too, and the plan fits only if each does.
+    The report's own fields are the binding batch's (the largest total; its "batch"
+    says which); "batches" holds each compiled batch's report in schedule order,
+    "batch_sizes" the schedule's sizes and "compiles" how many compiles it took."""
+    sizes = train_cfg.batch_sizes()
+    for b in sizes:
+        check_batch(b, train_cfg.microbatches, mesh)
+    reports: dict[int, dict] = {}
+    for b in sorted(sizes, reverse=True):
+        reports[b] = plan(model_cfg, train_cfg, parallel, mesh, hw, mfu, batch=b)
+        if not reports[b]["fits"]:
+            break
+    done = [reports[b] for b in sizes if b in reports]
+    binding = max(done, key=lambda r: (not r["fits"], r["per_device_bytes"]["total"]))
+    return {
+        **binding,
+        "fits": all(r["fits"] for r in done) and len(done) == len(sizes),
+        "batch_sizes": list(sizes),
+        "batches": done,
+        "compiles": len(done),
+        "compile_seconds": sum(r["compile_seconds"] for r in done),
+    }
+
+
+def describe(model_cfg, train_cfg, parallel, mesh, hw, mfu, batch: int | None = None) -> dict:
     """The configuration, the hardware and the step time at `mfu` (no compile)."""
     sizes = partition.axis_sizes(mesh)
-    tokens = train_cfg.batch_size * model_cfg.seq_len
+    batch = batch or train_cfg.batch_size
+    tokens = batch * model_cfg.seq_len
     flops = metrics.flops_per_token(model_cfg) * tokens
     n = mesh.devices.size
     step_at_mfu = flops / (mfu * hw.peak_flops * n) if hw.peak_flops else None
@@ -241,9 +311,10 @@ def describe(model_cfg, train_cfg, parallel, mesh, hw, mfu) -> dict:
         "remat": train_cfg.remat,
         "precision": train_cfg.precision,
         "microbatches": train_cfg.microbatches,
-        "batch": train_cfg.batch_size,
+        "batch": batch,
         "seq_len": model_cfg.seq_len,
         "hbm_bytes": int(hw.hbm_bytes),
+        "hbm_nominal_bytes": int(hw.hbm_nominal_bytes or hw.hbm_bytes),
         "peak_flops_per_device": hw.peak_flops,
         "model_flops_per_step": flops,
         "mfu": mfu,
@@ -252,16 +323,33 @@ def describe(model_cfg, train_cfg, parallel, mesh, hw, mfu) -> dict:
 
 
 def _out_of_memory(report: dict, message: str) -> dict:
-    """A report for a step XLA refused to compile: temporaries from the error text."""
-    m = _OOM.search(message)
-    if "RESOURCE_EXHAUSTED" not in message or not m:
-        raise ValueError(f"compile failed: {message.splitlines()[0]}")
-    temp = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+    """A report for a step XLA refused to compile for memory, the figures read from
+    either of its texts (see _OOM); CompileError for any other compile error.
+
+    Runtime-style: temp = the HLO temporaries; the arguments are the state plus the
+    tokens and, the state donated, the outputs add nothing beyond it, so total = state +
+    temp. Compile-time: temp = the "HLO temp" (else "program", else "Used") figure, and
+    total = the larger of "Used" (which counts the arguments when XLA lists them) and
+    state + temp. Y, what XLA says is available, goes to "hbm_bytes_reported"."""
+    first = message.strip().splitlines()[0] if message.strip() else "unknown error"
     per = report["per_device_bytes"]
-    # The arguments are the state plus the tokens; with the state donated the outputs
-    # add nothing beyond it, so the total is the state plus the temporaries.
-    per.update(temp=temp, total=per["state"] + temp)
-    report.update(fits=False, compile_error=message.splitlines()[0][:300])
+    used = _OOM_USED.search(message)
+    runtime = _OOM.search(message)
+    if used:
+        detail = _OOM_HLO_TEMP.search(message) or _OOM_PROGRAM.search(message)
+        need = _bytes(*used.group(1, 2))
+        temp = _bytes(*detail.group(1, 2)) if detail else need
+        total = max(need, per["state"] + temp)
+        available = _bytes(*used.group(3, 4))
+    elif runtime and "RESOURCE_EXHAUSTED" in message:
+        temp = _bytes(*runtime.group(1, 2))
+        total = per["state"] + temp
+        avail = _OOM_AVAILABLE.search(message)
+        available = _bytes(*avail.group(1, 2)) if avail else None
+    else:
+        raise CompileError(f"compile failed: {first[:300]}")
+    per.update(temp=temp, total=total)
+    report.update(fits=False, compile_error=first[:300], hbm_bytes_reported=available)
     return report
 
 
@@ -297,23 +385,48 @@ def roofline(compiled: Any, module: hlo.Module, mesh: Mesh, hw: Hardware, report
     return out
 
 
-def microbatch_rows(train_cfg: TrainConfig, mesh: Mesh) -> int:
-    """Sequences one device runs per microbatch (the batch over replica x data x K)."""
+def microbatch_rows(train_cfg: TrainConfig, mesh: Mesh, batch: int | None = None) -> int:
+    """Sequences one device runs per microbatch (the batch, default train_cfg's first,
+    over replica x data x K)."""
     sizes = partition.axis_sizes(mesh)
-    return train_cfg.batch_size // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
+    batch = batch or train_cfg.batch_size
+    return batch // (sizes["replica"] * sizes["data"] * train_cfg.microbatches)
+
+
+def size(n: float) -> str:
+    """Bytes for a message: GiB with 2 decimals, MiB below a tenth of a GiB."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.2f} MiB"
 
 
 def summary_line(r: dict) -> str:
-    """One line per plan: configuration, per-device GiB against HBM, times."""
+    """One line per plan: configuration, per-device GiB against usable HBM (the nominal
+    beside it where they differ), each batch size's total under a schedule, times."""
     mesh = r["mesh"]
     per = r["per_device_bytes"]
     step = r.get("roofline_step_seconds")
+    nominal = r.get("hbm_nominal_bytes", r["hbm_bytes"])
+    hbm = f"{r['hbm_bytes'] / GiB:.2f} GiB"
+    if nominal != r["hbm_bytes"]:
+        hbm += f" (of {nominal / GiB:.2f} nominal)"
+    batches = r.get("batches") or []
+    by_batch = ""
+    if len(r.get("batch_sizes", [])) > 1:
+        done = {b["batch"]: b["per_device_bytes"]["total"] / GiB for b in batches}
+        by_batch = (
+            " [by batch "
+            + ", ".join(
+                f"{b}: {done[b]:.2f}" if b in done else f"{b}: not compiled"
+                for b in r["batch_sizes"]
+            )
+            + "]"
+        )
     return (
         f"{r['model']:>5} mesh r{mesh['replica']} d{mesh['data']} m{mesh['model']} "
-        f"zero {r['zero']} remat {r['remat']} K={r['microbatches']} {r['precision']}: "
+        f"zero {r['zero']} remat {r['remat']} K={r['microbatches']} {r['precision']} "
+        f"batch {r['batch']}: "
         f"params {per['params'] / GiB:.2f} opt {per['opt_state'] / GiB:.2f} "
         f"temp {per['temp'] / GiB:.2f} total {per['total'] / GiB:.2f} / "
-        f"{r['hbm_bytes'] / GiB:.2f} GiB {'fits' if r['fits'] else 'DOES NOT FIT'}; "
+        f"{hbm} {'fits' if r['fits'] else 'DOES NOT FIT'}{by_batch}; "
         f"compile {r['compile_seconds']:.1f} s"
         + (f"; roofline step {step:.3f} s (MFU {r['roofline_mfu']:.2f})" if step else "")
         + (

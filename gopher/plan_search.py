@@ -1,13 +1,15 @@
 """The planner's search: every (mesh, ZeRO, remat, microbatches) of a `Space`, pruned by
-shard arithmetic before compiling, each survivor compiled by `gopher.plan.plan`.
+shard arithmetic before compiling, each survivor compiled by `gopher.plan.plan_schedule`
+at every batch size of the run's schedule (a plan fits only if each batch does).
 
   devices = plan.topology_devices("v3:32x32")
   result = search(model_cfg, train_cfg, devices, plan.hardware(devices, "v3"), Space())
   result["fits"][0]   # the fitting plan with the best roofline throughput
 
-Pruning needs no compile: a batch that does not split over replica x data per
-microbatch, a train state whose shards alone exceed HBM, or that state plus every
-layer's saved input (`residual_bytes`, a floor on what the backward pass keeps).
+Pruning needs no compile: a batch (any of the schedule's) that does not split over
+replica x data per microbatch, a train state whose shards alone exceed HBM (the usable
+figure, `plan.hardware`), or that state plus every layer's saved input at the largest
+batch (`residual_bytes`, a floor on what the backward pass keeps).
 """
 
 from __future__ import annotations
@@ -23,8 +25,17 @@ from jax.sharding import Mesh
 from gopher import partition, sharding
 from gopher import train as train_lib
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
-from gopher.plan import Hardware, check_batch, microbatch_rows, physical_mesh, plan, summary_line
-from gopher.topology import GiB
+from gopher.plan import (
+    CompileError,
+    Hardware,
+    check_batch,
+    describe,
+    microbatch_rows,
+    physical_mesh,
+    plan_schedule,
+    size,
+    summary_line,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +63,14 @@ def model_axis_sizes(model_cfg: ModelConfig, per_slice: int, batch: int) -> list
     return sorted(set(heads + extra))
 
 
-def residual_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh) -> int:
+def residual_bytes(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, mesh: Mesh, batch: int | None = None
+) -> int:
     """A floor on the activations the backward pass keeps: every layer's input
-    [b, T, D] of one microbatch (the layer scan saves them whatever the remat policy;
-    the model axis does not split them), in the compute dtype."""
-    rows = microbatch_rows(train_cfg, mesh)
+    [b, T, D] of one microbatch of `batch` (default train_cfg.batch_size) (the layer scan
+    saves them whatever the remat policy; the model axis does not split them), in the
+    compute dtype."""
+    rows = microbatch_rows(train_cfg, mesh, batch)
     itemsize = 4 if train_cfg.precision == "fp32" else 2
     return model_cfg.num_layers * rows * model_cfg.seq_len * model_cfg.d_model * itemsize
 
@@ -84,15 +98,31 @@ def search(
     """Plans every (mesh, zero, remat) of `space` at its fewest fitting microbatches.
 
     Pruned before compiling: batches that do not split over replica*data per microbatch,
-    and states whose bytes alone exceed HBM. More microbatches do the same FLOPs in
-    smaller pieces, so a count is tried only when the one before it did not fit. Stops
-    after `max_compiles` compiles, `time_budget` seconds, or `max_fits` fitting plans.
-    Returns {"fits": [plans, best roofline throughput first], "tried": [...], "pruned":
-    [reasons], "compiles", "seconds", "stopped"}.
+    and states whose bytes alone (or with every layer's saved input at the largest batch
+    size) exceed HBM. More microbatches do the same FLOPs in smaller pieces, so a count is
+    tried only when the one before it did not fit. Each candidate is compiled at every
+    batch size of the schedule (`plan.plan_schedule`: the largest first, the rest only
+    when it fits). A compile XLA refuses for memory is a plan that does not fit; any other
+    compile error is recorded in "errors" (its report in "tried", not fitting) and the
+    search goes on. Stops before a candidate once `max_compiles` compiles or
+    `time_budget` seconds are spent (a candidate started is finished), or after
+    `max_fits` fitting plans. Returns {"fits": [plans, best roofline throughput first],
+    "tried": [...], "pruned": [reasons], "errors": [...], "smallest_pruned": (bytes,
+    reason) of the smallest memory-pruned need or None, "compiles", "seconds",
+    "stopped"}; "stopped" is "space exhausted" when every candidate was tried or pruned.
     """
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     per_slice = len(devices) // slices
-    start, tried, pruned, stopped = time.perf_counter(), [], [], ""
+    sizes = train_cfg.batch_sizes()
+    largest = max(sizes)
+    start = time.perf_counter()
+    out = {"tried": [], "pruned": [], "errors": [], "smallest_pruned": None, "compiles": 0}
+
+    def pruned_by_memory(need: int, reason: str) -> None:
+        out["pruned"].append(reason)
+        if out["smallest_pruned"] is None or need < out["smallest_pruned"][0]:
+            out["smallest_pruned"] = (need, reason)
+
     for m in space.models or model_axis_sizes(model_cfg, per_slice, train_cfg.batch_size):
         shape = (slices, per_slice // m, m)
         mesh = physical_mesh(devices, shape)
@@ -100,37 +130,53 @@ def search(
             parallel = ParallelConfig(replica=slices, data=shape[1], model=m, zero=zero)
             need = state_bytes(model_cfg, train_cfg, parallel, mesh)
             if need > hw.hbm_bytes:
-                pruned.append(f"mesh {shape} zero {zero}: state {need / GiB:.2f} GiB > HBM")
+                pruned_by_memory(need, f"mesh {shape} zero {zero}: state {size(need)} > HBM")
                 continue
             for remat in space.remats:
                 for k in space.microbatches or _counts(train_cfg.batch_size, mesh):
                     cfg = dataclasses.replace(train_cfg, remat=remat, microbatches=k)
                     try:
-                        check_batch(cfg.batch_size, k, mesh)
+                        for b in sizes:
+                            check_batch(b, k, mesh)
                     except ValueError as e:
-                        pruned.append(f"mesh {shape} K={k}: {e}")
+                        out["pruned"].append(f"mesh {shape} K={k}: {e}")
                         continue
-                    floor = need + residual_bytes(model_cfg, cfg, mesh)
+                    floor = need + residual_bytes(model_cfg, cfg, mesh, batch=largest)
                     if floor > hw.hbm_bytes:
-                        pruned.append(
-                            f"mesh {shape} zero {zero} K={k}: state + saved layer inputs "
-                            f"{floor / GiB:.2f} GiB > HBM"
+                        at = f" at batch {largest}" if len(sizes) > 1 else ""
+                        pruned_by_memory(
+                            floor,
+                            f"mesh {shape} zero {zero} K={k}: state + saved layer inputs"
+                            f"{at} {size(floor)} > HBM",
                         )
                         continue
-                    if len(tried) >= max_compiles or time.perf_counter() - start > time_budget:
-                        stopped = (
-                            f"after {len(tried)} compiles, {time.perf_counter() - start:.0f} s"
-                        )
-                        return _ranked(tried, pruned, start, stopped)
-                    result = plan(model_cfg, cfg, parallel, mesh, hw, mfu)
-                    tried.append(result)
+                    spent = time.perf_counter() - start
+                    if out["compiles"] >= max_compiles or spent > time_budget:
+                        stopped = f"after {out['compiles']} compile(s), {spent:.0f} s"
+                        return _ranked(out, start, stopped)
+                    try:
+                        result = plan_schedule(model_cfg, cfg, parallel, mesh, hw, mfu)
+                    except CompileError as e:
+                        error = f"mesh {shape} zero {zero} remat {remat} K={k}: {e}"
+                        out["errors"].append(error)
+                        out["compiles"] += 1
+                        log(error)
+                        result = {
+                            **describe(model_cfg, cfg, parallel, mesh, hw, mfu, largest),
+                            "fits": False,
+                            "compile_error": str(e),
+                        }
+                        out["tried"].append(result)
+                        continue
+                    out["tried"].append(result)
+                    out["compiles"] += result["compiles"]
                     log(summary_line(result))
                     if result["fits"]:
                         break
-                fits = sum(r["fits"] for r in tried)
+                fits = sum(r["fits"] for r in out["tried"])
                 if max_fits and fits >= max_fits:
-                    return _ranked(tried, pruned, start, f"after {fits} fitting plan(s)")
-    return _ranked(tried, pruned, start, stopped or "space exhausted")
+                    return _ranked(out, start, f"after {fits} fitting plan(s)")
+    return _ranked(out, start, "space exhausted")
 
 
 def _counts(batch: int, mesh: Mesh) -> list[int]:
@@ -140,19 +186,16 @@ def _counts(batch: int, mesh: Mesh) -> list[int]:
     return [k for k in range(1, rows + 1) if rows % k == 0] or [1]
 
 
-def _ranked(tried: list[dict], pruned: list[str], start: float, stopped: str) -> dict:
+def _ranked(out: dict, start: float, stopped: str) -> dict:
     """The search's result: fitting plans by roofline tokens/s (fewest FLOPs on CPU)."""
 
     def key(r):
         step = r.get("roofline_step_seconds")
         return (step is None, step or r.get("matmul_flops_per_device", 0.0))
 
-    fits = sorted((r for r in tried if r["fits"]), key=key)
     return {
-        "fits": fits,
-        "tried": tried,
-        "pruned": pruned,
-        "compiles": len(tried),
+        **out,
+        "fits": sorted((r for r in out["tried"] if r["fits"]), key=key),
         "seconds": time.perf_counter() - start,
         "stopped": stopped,
     }

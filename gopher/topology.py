@@ -24,22 +24,48 @@ class Chip:
     TPUv3") for their ICI links. ICI is the chip's bidirectional interconnect
     bandwidth; DCN the data-centre network per chip (the host's NICs shared by its
     chips), marked `dcn_assumed` where no data sheet gives it.
+
+    `usable_bytes` is the HBM the TPU runtime leaves to a program (the rest it reserves),
+    which is what XLA:TPU refuses a program above; see `USABLE_SOURCES`.
     """
 
-    hbm_bytes: float
+    hbm_bytes: float  # nominal, the data sheet's
+    usable_bytes: float  # what XLA:TPU lets a program use, summed over the chip's devices
     hbm_bw: float  # bytes/s
     ici_bw: float  # bytes/s, bidirectional, all links of the chip
     dcn_bw: float  # bytes/s per chip
     dcn_assumed: bool = False
 
 
+# Usable HBM per device, in GiB, as XLA:TPU's out-of-memory errors print it ("Used X of
+# <usable> hbm", "exceeds available HBM (<usable>)"; 2 decimals of 2**30 bytes, so within
+# 5 MiB), quoted in public issues. v2 and v3 devices are cores (two per chip); v4
+# (megacore), v5e, v5p and v6e devices are chips. A v4 chip without megacore is taken as
+# two cores of half the chip's figure (no error text for that mode was found).
+USABLE_SOURCES = {
+    "v2": (7.48, "sokrypton/ColabFold#62: 'Used 9.08G of 7.48G hbm' (reserved 530.00M)"),
+    "v3": (15.48, "LargeWorldModel/LWM#60: 'Used 21.95G of 15.48G hbm' (reserved 530.00M)"),
+    "v4": (30.75, "erfanzar/EasyDeL#166 (v4-32): 'Used 63.80G of 30.75G hbm' (reserved 1.25G)"),
+    "v5e": (15.75, "v5e-1 reports: 'HLO temporaries (16.23G) exceeds available HBM (15.75G)'"),
+    # Not confirmed for v5p: the public errors found with this figure are from TPU7x
+    # devices; 0.26 GiB below v5p's 95 (v4 reserves 1.25 GiB), so --hbm_gib to be safer.
+    "v5p": (94.74, "'exceeds available HBM (94.74G)' (TPU7x; unconfirmed for v5p)"),
+    "v6e": (31.24, "v6e-1 reports: 31.24 GiB available ('about 31.25 GB addressable')"),
+}
+
+
+def _usable(generation: str, devices_per_chip: int) -> float:
+    return int(USABLE_SOURCES[generation][0] * GiB) * devices_per_chip
+
+
 CHIPS = {
-    "v2": Chip(16 * GiB, 700e9, 4 * 496e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
-    "v3": Chip(32 * GiB, 900e9, 4 * 656e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
-    "v4": Chip(32 * GiB, 1200e9, 2400e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
-    "v5e": Chip(16 * GiB, 819e9, 400e9, 200e9 / 8 / 8),  # 2 x 100 Gbps NICs per 8 chips
-    "v5p": Chip(95 * GiB, 2765e9, 1200e9, 50e9 / 8),
-    "v6e": Chip(32 * GiB, 1638e9, 800e9, 400e9 / 8 / 8, dcn_assumed=True),
+    "v2": Chip(16 * GiB, _usable("v2", 2), 700e9, 4 * 496e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
+    "v3": Chip(32 * GiB, _usable("v3", 2), 900e9, 4 * 656e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
+    "v4": Chip(32 * GiB, _usable("v4", 1), 1200e9, 2400e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
+    # 2 x 100 Gbps NICs per 8 chips
+    "v5e": Chip(16 * GiB, _usable("v5e", 1), 819e9, 400e9, 200e9 / 8 / 8),
+    "v5p": Chip(95 * GiB, _usable("v5p", 1), 2765e9, 1200e9, 50e9 / 8),
+    "v6e": Chip(32 * GiB, _usable("v6e", 1), 1638e9, 800e9, 400e9 / 8 / 8, dcn_assumed=True),
 }
 GENERATIONS = tuple(CHIPS) + ("cpu",)
 TPU_FIX = "install libtpu with `pip install -e .[tpu]` (or put it on PYTHONPATH)"
