@@ -43,14 +43,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def timing_env() -> dict:
-    """The environment every timed process of a side by side runs in: this one's, with
-    glibc's large allocations on transparent huge pages (as `make bench`), so no malloc
-    setting is one side's alone."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if HUGETLB not in tunables:
-        tunables = f"{tunables}:{HUGETLB}" if tunables else HUGETLB
-    return dict(os.environ, GLIBC_TUNABLES=tunables)
+def timing_env(hugetlb: bool = True) -> dict:
+    """This environment with glibc's large allocations on transparent huge pages (as `make
+    bench` runs gopher) or, `hugetlb=False`, without that setting. A side by side offers the
+    peer both and keeps its faster (the setting speeds gopher's step and slowed torch's
+    here), so no malloc setting favours one side."""
+    parts = [p for p in os.environ.get("GLIBC_TUNABLES", "").split(":") if p and p != HUGETLB]
+    parts += [HUGETLB] if hugetlb else []
+    return dict(os.environ, GLIBC_TUNABLES=":".join(parts))
 
 
 def machine_record(torch_version: str | None = None) -> dict:

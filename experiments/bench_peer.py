@@ -3,10 +3,10 @@ side by side, each measurement in its own process.
 
 Gopher runs as `experiments.bench` in single-run mode, then benchmarks/peers/gpt2_torch.py
 (nanoGPT's GPT-2 on PyTorch, same layers, heads, d_model, vocab, seq and batch) eager, then
-compiled, repeated `rounds` times, so each side's peak memory (ru_maxrss) is its own. Every
-process gets the same environment: this one's with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 added
-(as `make bench`: glibc's large allocations on transparent huge pages), so a malloc setting
-given to one side alone does not move the ratio. A round's peer figure is the faster of its eager and
+compiled, repeated `rounds` times, so each side's peak memory (ru_maxrss) is its own. Gopher
+runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (as `make bench`: glibc's large allocations on
+transparent huge pages); the peer runs each mode both with and without it and keeps the
+faster, so a malloc setting cannot favour gopher (it slowed torch's step here). A round's peer figure is the faster of its eager and
 compiled medians; `summarise` gives every round's gopher / peer ratio and their median (min,
 max). The record (machine, each round's full records, the commands) is written to `out`, and
 its one-line summary appended to the sittings file beside it (`sittings_path`).
@@ -162,9 +162,17 @@ def _commands(opts, name, model_cfg, train_cfg, steps, warmup, python):
     return gopher, timing_env(), peer, dims
 
 
+PEER_ENVS = ("plain", "hugetlb")  # the peer's two malloc settings (bench_machine.timing_env)
+
+
+def _peer_env(name: str) -> dict:
+    return timing_env(hugetlb=name == "hugetlb")
+
+
 def _one_round(label, gopher_cmd, env, peer_cmd, peak, tmp, say) -> dict:
-    """gopher, then the peer eager, then compiled, all in `env`; each record gains its MFU at
-    `peak` (None: the gopher run measures it)."""
+    """gopher in `env`, then the peer eager, then compiled, each mode in both PEER_ENVS, the
+    faster kept (the other under peer_MODE_other); each record gains its MFU at `peak`
+    (None: the gopher run measures it)."""
     start = time.perf_counter()
     peak_flag = [f"--peak_gflops={peak / 1e9}"] if peak else []
     out = os.path.join(tmp, f"gopher_{label.replace('/', '_')}.jsonl")
@@ -176,23 +184,29 @@ def _one_round(label, gopher_cmd, env, peer_cmd, peak, tmp, say) -> dict:
     )
     r = {"gopher": g}
     for mode in ("eager", "compile"):
-        start = time.perf_counter()
-        try:
-            rec = run_json([*peer_cmd, f"--mode={mode}"], env, f"torch {mode}")
-        except ValueError as e:
-            if mode == "eager":
-                raise
-            # torch.compile needs a working C++ toolchain; eager alone still compares.
-            r[f"peer_{mode}"] = {"error": str(e)}
-            say(f"round {label}: torch {mode} failed: {e}")
-            continue
-        rec["mfu"] = _mfu(rec["tokens_per_sec"], rec["flops_per_token"], peak)
-        r[f"peer_{mode}"] = rec
-        say(
-            f"round {label}: torch {mode} {rec['tokens_per_sec']:.1f} tokens/s, MFU "
-            f"{_pct(rec['mfu'])}, {rec['peak_rss_gib']:.2f} GiB, first step "
-            f"{rec['first_step_s']:.0f} s ({time.perf_counter() - start:.0f} s)"
-        )
+        recs = []
+        for env_name in PEER_ENVS:
+            start = time.perf_counter()
+            what = f"torch {mode} ({env_name} malloc)"
+            try:
+                rec = run_json([*peer_cmd, f"--mode={mode}"], _peer_env(env_name), what)
+            except ValueError as e:
+                if mode == "eager":
+                    raise
+                # torch.compile needs a working C++ toolchain; eager alone still compares.
+                say(f"round {label}: {what} failed: {e}")
+                recs.append({"error": str(e), "env": env_name})
+                continue
+            rec["env"] = env_name
+            rec["mfu"] = _mfu(rec["tokens_per_sec"], rec["flops_per_token"], peak)
+            recs.append(rec)
+            say(
+                f"round {label}: {what} {rec['tokens_per_sec']:.1f} tokens/s, MFU "
+                f"{_pct(rec['mfu'])}, {rec['peak_rss_gib']:.2f} GiB, first step "
+                f"{rec['first_step_s']:.0f} s ({time.perf_counter() - start:.0f} s)"
+            )
+        recs.sort(key=lambda x: -x.get("tokens_per_sec", 0.0))  # the faster first
+        r[f"peer_{mode}"], r[f"peer_{mode}_other"] = recs
     return r
 
 
@@ -281,7 +295,8 @@ def side_by_side(
             f"train-step tokens/s, gopher ({model_cfg.name}: relative attention, RMSNorm) vs "
             f"nanoGPT's GPT-2 on PyTorch at the same layers/heads/d_model/vocab/seq/batch, "
             f"{opts.precision}, each run in its own process, median of {steps} steps after "
-            f"{warmup} warmup; rounds alternate gopher, torch eager, torch compiled"
+            f"{warmup} warmup; rounds alternate gopher, torch eager, torch compiled, each torch "
+            "mode with and without glibc's huge-page malloc, the faster kept"
         ),
         "command": "python -m experiments.bench " + shlex.join(sys.argv[1:]),
         "shape": name,
@@ -297,7 +312,7 @@ def side_by_side(
         "gopher_command": shlex.join(gopher_cmd),
         "gopher_glibc_tunables": env["GLIBC_TUNABLES"],
         "peer_command": shlex.join(peer_cmd),
-        "peer_glibc_tunables": env["GLIBC_TUNABLES"],
+        "peer_glibc_tunables": {name: _peer_env(name)["GLIBC_TUNABLES"] for name in PEER_ENVS},
         "summary": summary,
         "rounds": rounds,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

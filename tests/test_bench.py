@@ -252,9 +252,9 @@ def test_bad_flags_are_one_line(flags, needles):
 
 
 def test_one_round_runs_both_sides_in_one_environment_with_gopher_flags_passed_on():
-    # What each subprocess is started with, the runs replaced by a recorder: the same
-    # environment for gopher and both peer modes (huge-page malloc for all or none), and
-    # gopher's --attention and --unroll_layers on its command line (not dropped by --peer).
+    # What each subprocess is started with, the runs replaced by a recorder: gopher's
+    # environment and the peer's two, and gopher's --attention and --unroll_layers on its
+    # command line (not dropped by --peer).
     seen = run_python(
         """
 import json
@@ -262,19 +262,35 @@ from experiments import bench, bench_machine, bench_peer
 seen = []
 def fake(cmd, env, what):
     seen.append([what, cmd, env.get("GLIBC_TUNABLES"), env == bench_machine.timing_env()])
-    return {"tokens_per_sec": 1.0, "mfu": None, "peak_rss_gib": 1.0, "peak_flops": 1e9,
-            "flops_per_token": 1.0, "first_step_s": 0.0}
+    fast = "huge" in env.get("GLIBC_TUNABLES", "") and "eager" in what
+    return {"tokens_per_sec": 2.0 if fast else 1.0, "mfu": None, "peak_rss_gib": 1.0,
+            "peak_flops": 1e9, "flops_per_token": 1.0, "first_step_s": 0.0}
 bench_peer.run_json = fake
 name, model_cfg, train_cfg = bench.configs(preset="test")
 opts = bench_peer.PeerOptions(attention="xla", unroll_layers="no")
 g, env, p, _ = bench_peer._commands(opts, name, model_cfg, train_cfg, 1, 1, "python")
-bench_peer._one_round("1/1", g, env, p, None, "/tmp", lambda line: None)
-print(json.dumps(seen))
+r = bench_peer._one_round("1/1", g, env, p, None, "/tmp", lambda line: None)
+print(json.dumps([seen, {k: v.get("env") for k, v in r.items() if k != "gopher"}]))
 """
     )
-    assert [what for what, *_ in seen] == ["gopher", "torch eager", "torch compile"]
-    assert {tunables for _, _, tunables, _ in seen} == {"glibc.malloc.hugetlb=1"}
-    assert all(same for *_, same in seen)
+    seen, kept = seen
+    assert [what for what, *_ in seen] == [
+        "gopher",
+        "torch eager (plain malloc)",
+        "torch eager (hugetlb malloc)",
+        "torch compile (plain malloc)",
+        "torch compile (hugetlb malloc)",
+    ]
+    # gopher with huge-page malloc, as `make bench`; the peer with and without, the faster
+    # kept (here eager was faster with it and compile without).
+    tunables = [t for _, _, t, _ in seen]
+    assert tunables == ["glibc.malloc.hugetlb=1"] + ["", "glibc.malloc.hugetlb=1"] * 2
+    assert seen[0][3] and kept == {
+        "peer_eager": "hugetlb",
+        "peer_eager_other": "plain",
+        "peer_compile": "plain",
+        "peer_compile_other": "hugetlb",
+    }
     gopher_cmd = seen[0][1]
     assert "--attention=xla" in gopher_cmd and "--unroll_layers=no" in gopher_cmd
 
@@ -329,10 +345,12 @@ def test_side_by_side_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())
     (r,) = rec["rounds"]
-    # Every timed process runs in one environment: a malloc setting is not one side's.
-    for side in ("gopher", "peer_eager", "peer_compile"):
-        assert r[side].get("glibc_tunables", "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=1"
-    assert rec["gopher_glibc_tunables"] == rec["peer_glibc_tunables"]
+    # gopher with huge-page malloc; each peer mode with and without it, the faster kept.
+    assert r["gopher"]["glibc_tunables"] == "glibc.malloc.hugetlb=1"
+    for mode in ("peer_eager", "peer_compile"):
+        envs = {r[mode]["env"], r[f"{mode}_other"]["env"]}
+        assert envs == {"plain", "hugetlb"}
+        assert r[mode]["tokens_per_sec"] >= r[f"{mode}_other"].get("tokens_per_sec", 0)
     best = max(r["peer_eager"]["tokens_per_sec"], r["peer_compile"].get("tokens_per_sec", 0))
     assert rec["summary"]["ratio_median"] == pytest.approx(r["gopher"]["tokens_per_sec"] / best)
     assert rec["machine"]["torch"] and rec["command"].startswith("python -m experiments.bench")
