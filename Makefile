@@ -80,7 +80,8 @@ bench: $(STAMP)
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) -m experiments.bench --shape=nanogpt
 
 # The same shape side by side with nanoGPT's GPT-2 on PyTorch (benchmarks/peers/gpt2_torch.py),
-# each run in its own process, 3 rounds (~10 min on 2 cores); writes
+# each run in its own process, 3 rounds, the peer's modes each with and without huge-page
+# malloc (~17 min on 2 cores); writes
 # benchmarks/bench_nanogpt_peer.json. Then one attention layer of each, the same way (~2 min;
 # benchmarks/bench_attention_peer_cpu.json): how much of the gap is attention, and how far
 # any attention could take the step beside that sitting. torch comes from the [bench] extra,

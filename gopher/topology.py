@@ -61,7 +61,9 @@ def _usable(generation: str, devices_per_chip: int) -> float:
 CHIPS = {
     "v2": Chip(16 * GiB, _usable("v2", 2), 700e9, 4 * 496e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
     "v3": Chip(32 * GiB, _usable("v3", 2), 900e9, 4 * 656e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
-    "v4": Chip(32 * GiB, _usable("v4", 1), 1200e9, 2400e9 / 8, 100e9 / 8 / 4, dcn_assumed=True),
+    # ICI: the data sheets give v4, v5e and v5p as 2400, 1600 and 4800 Gbps per chip, and
+    # the newer pages v5e and v5p as 400 and 1200 GB/s bidirectional: Gbps / 8 x 2.
+    "v4": Chip(32 * GiB, _usable("v4", 1), 1200e9, 2400e9 / 8 * 2, 100e9 / 8 / 4, dcn_assumed=True),
     # 2 x 100 Gbps NICs per 8 chips
     "v5e": Chip(16 * GiB, _usable("v5e", 1), 819e9, 400e9, 200e9 / 8 / 8),
     "v5p": Chip(95 * GiB, _usable("v5p", 1), 2765e9, 1200e9, 50e9 / 8),

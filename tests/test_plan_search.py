@@ -219,3 +219,14 @@ def test_v4_without_megacore_and_every_generation_leaves_less_than_nominal():
     assert cores.hbm_bytes == pytest.approx(chip.hbm_bytes / 2)
     for name, spec in topology.CHIPS.items():
         assert 0.9 * spec.hbm_bytes < spec.usable_bytes < spec.hbm_bytes, name
+
+
+def test_ici_is_the_data_sheets_per_chip_figure_in_one_convention():
+    # Google's pages give v4, v5e and v5p interchip bandwidth per chip as 2400, 1600 and
+    # 4800 Gbps, and the newer ones v5e and v5p as 400 and 1200 GB/s bidirectional: one
+    # convention, Gbps / 8 x 2, for all three (v4 had been Gbps / 8, charging its
+    # collectives twice).
+    gbps = {"v4": 2400, "v5e": 1600, "v5p": 4800}
+    for generation, rate in gbps.items():
+        assert topology.CHIPS[generation].ici_bw == rate * 1e9 / 8 * 2, generation
+    assert topology.CHIPS["v5e"].ici_bw == 400e9 and topology.CHIPS["v5p"].ici_bw == 1200e9
