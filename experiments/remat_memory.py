@@ -3,8 +3,9 @@
   python -m experiments.remat_memory --config=experiments/configs/gopher.py:44m \\
       --batch=8 --mesh=8,1
 
-For each policy in gopher.model.REMAT_POLICIES, jits the real sharded train step
-(gopher.sharding.shard_train) over D*M simulated CPU devices, lowers it with abstract
+For each policy in gopher.model.REMAT_POLICIES, jits the sharded train step training runs
+(gopher.sharding.build_train: its batch layout, gradient accumulation and attention
+placement) over D*M simulated CPU devices, lowers it with abstract
 ShapeDtypeStructs carrying their shardings (nothing is allocated), compiles, and reads
 `memory_analysis()`: temp bytes are the per-device scratch (activations saved for the
 backward pass and intermediates). Prints one line per policy and the none -> full
@@ -43,20 +44,16 @@ def compile_memory(model_cfg, train_cfg, mesh_dm, zero, batch, remat) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gopher import sharding, train
+    from gopher import sharding
     from gopher.config import ParallelConfig
 
     d, m = mesh_dm
     parallel = ParallelConfig(data=d, model=m, zero=zero)
     mesh = sharding.make_mesh(parallel, jax.devices()[: d * m])
-    fns = train.make_train_functions(
-        model_cfg,
-        train_cfg,
-        precision=train_cfg.precision,
-        remat=remat,
-        activation_constraint=sharding.activation_constraint(mesh),
-    )
-    sharded = sharding.shard_train(fns, mesh, parallel, model_cfg)
+    # The step training builds (gopher.engine, gopher.plan): its batch layout, gradient
+    # accumulation and attention placement for this mesh, with the policy asked for.
+    train_cfg = dataclasses.replace(train_cfg, remat=remat)
+    fns, sharded = sharding.build_train(model_cfg, train_cfg, parallel, mesh)
     state = sharding.abstract_state_with_shardings(fns, sharded)
     tokens = jax.ShapeDtypeStruct(
         (batch, model_cfg.seq_len + 1), jnp.int32, sharding=sharded.batch_sharding
