@@ -129,26 +129,22 @@ def configs(shape=None, preset=None, seq_len=None, batch=None, attention=None):
 
 
 def peak_flops(peak_gflops: float = 0.0, devices: int = 1) -> tuple[float | None, str]:
-    """Peak FLOP/s of the `devices` the bench's step runs on, and where it came from.
-
-    The training loop's rule (gopher.step_log.peak_flops): the user's figure, else the
-    device table, each per device; else on CPU the measured matmul peak of the host,
-    which its simulated devices share (so it is not multiplied by their count)."""
+    """Peak FLOP/s of the `devices` the bench's step runs on, and where it came from: the
+    training loop's rule (gopher.metrics.total_peak_flops), --peak_gflops per device; on a
+    CPU the host's figure, which its simulated devices share."""
     import jax
 
     from gopher import metrics as metrics_lib
 
     device = jax.devices()[0]
-    shared = device.platform == "cpu"  # simulated devices: one host's cores
-    n = 1 if shared else devices
-    if peak_gflops:
-        return peak_gflops * 1e9 * n, "--peak_gflops"
-    peak = metrics_lib.device_peak_flops(device)
-    if peak is not None:
-        return peak * n, device.device_kind
-    if shared:
-        return metrics_lib.measure_cpu_peak_flops(), "measured fp32 matmul (jax)"
-    return None, "unknown (pass --peak_gflops)"
+    peak, kind = metrics_lib.total_peak_flops(device, devices, peak_gflops * 1e9)
+    source = {
+        "override": "--peak_gflops",
+        "table": device.device_kind,
+        "measured": "measured fp32 matmul (jax)",
+        "unknown": "unknown (pass --peak_gflops)",
+    }
+    return peak, source[kind]
 
 
 def _one_device(model_cfg, train_cfg, precision, remat, tokens):

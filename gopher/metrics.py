@@ -83,6 +83,26 @@ def device_peak_flops(device, override: float | None = None) -> float | None:
     return peak_flops_per_device(device.device_kind, override, cores)
 
 
+def total_peak_flops(
+    device, devices: int, override: float = 0.0, processes: int = 1
+) -> tuple[float | None, str]:
+    """The MFU denominator of `devices` devices like `device`, and where it came from
+    ("override", "table", "measured" or "unknown"): the override or the device table's
+    figure per device, times the devices. Simulated CPU devices share their host's cores,
+    so on a CPU the host's figure (the override, else a measured matmul) counts once per
+    process instead (the training loop and experiments.bench both follow this rule)."""
+    shared = device.platform == "cpu"
+    count = processes if shared else devices
+    if override:
+        return override * count, "override"
+    peak = device_peak_flops(device)
+    if peak is not None:
+        return peak * count, "table"
+    if shared:
+        return measure_cpu_peak_flops() * count, "measured"
+    return None, "unknown"
+
+
 def measure_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of the best of a few fp32 matmuls on this host (the CPU's practical peak)."""
     import jax

@@ -28,19 +28,19 @@ class Diverged(RuntimeError):
 
 
 def peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
-    """The MFU denominator over all devices, and where it came from: the configured or
-    known per-device peak times the devices, else (CPU) this host's measured matmul rate
-    per process. Simulated CPU devices share their host's cores, so on a CPU a configured
-    peak counts once per process, not per device (as experiments.bench counts it)."""
+    """The MFU denominator over all devices, and where it came from
+    (metrics.total_peak_flops: a configured peak counts once per process on a CPU)."""
     dev = jax.devices()[0]
-    shared = dev.platform == "cpu"
-    count = jax.process_count() if shared else jax.device_count()
-    peak = metrics_lib.device_peak_flops(dev, train_cfg.peak_flops)
-    if peak is not None:
-        return peak * count, "configured" if train_cfg.peak_flops else dev.device_kind
-    if shared:
-        return metrics_lib.measure_cpu_peak_flops() * count, "measured CPU matmul"
-    return None, "unknown (set --config.train.peak_flops)"
+    peak, kind = metrics_lib.total_peak_flops(
+        dev, jax.device_count(), train_cfg.peak_flops, jax.process_count()
+    )
+    source = {
+        "override": "configured",
+        "table": dev.device_kind,
+        "measured": "measured CPU matmul",
+        "unknown": "unknown (set --config.train.peak_flops)",
+    }
+    return peak, source[kind]
 
 
 class StepLog:
