@@ -11,9 +11,7 @@ into the results dir:
   loss_vs_params.png, loss_vs_flops.png, isoflop.png, source_bpb.png, curves.png
   summary.json                the numbers above, for the README and for tests
 With a `precisions` axis (experiments/configs/precision.py) the report is the ablation's
-instead: curves.png and heldout_curves.png (loss by setting, seeds as thin lines) and
-precision.md (final bpb per setting over seeds, and the size of the last updates against
-bf16's spacing). A report replaces the whole previous one (REPORT_FILES): a figure it does
+instead (experiments/precision_report.py: curves.png, heldout_curves.png, precision.md). A report replaces the whole previous one (REPORT_FILES): a figure it does
 not draw is deleted, not left beside it.
 
 `python -m experiments.sweep_report results/sweep_cpu/results.csv [--out=F]` refits a committed
@@ -25,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 
 import numpy as np
 
+from experiments import precision_report
 from gopher import compute_optimal, plots, scaling, scaling_tables
 
 # Every file write_report may write: each is deleted before a report is written.
@@ -90,28 +88,6 @@ def _write(path: str, text: str) -> None:
         f.write(text if text.endswith("\n") else text + "\n")
 
 
-def _curves(records, y="bpb", label_key="size") -> list[dict]:
-    curves = []
-    for r in records:
-        log = r.get("train_log") or {}
-        batch_tokens = r["tokens"] / max(1, log.get("steps", [1])[-1] if log.get("steps") else 1)
-        if y == "bpb" and log.get("eval_steps"):
-            xs, ys = log["eval_steps"], log["eval_bpb"]
-        elif log.get("steps"):
-            xs, ys = log["steps"], log["loss"]
-        else:
-            continue
-        curves.append(
-            {
-                "label": str(r.get(label_key, r["name"])),
-                "tokens": [s * batch_tokens for s in xs],
-                "steps": list(xs),
-                y: list(ys),
-            }
-        )
-    return curves
-
-
 def write_report(cfg, runs, results, results_dir: str, say, workdir: str | None = None) -> dict:
     os.makedirs(results_dir, exist_ok=True)
     for name in REPORT_FILES:  # the previous report's, whether or not this one redraws it
@@ -123,7 +99,7 @@ def write_report(cfg, runs, results, results_dir: str, say, workdir: str | None 
     table = scaling_tables.results_markdown(records)
     _write(os.path.join(results_dir, "results.md"), table)
     if len(tuple(cfg.get("precisions", ()))) > 1:
-        summary = precision_report(cfg, records, results_dir, say, workdir)
+        summary = precision_report.report(cfg, records, results_dir, say, workdir)
     else:
         summary = scaling_report(cfg, records, results_dir, say)
     summary["runs"] = len(records)
@@ -168,7 +144,7 @@ def scaling_report(cfg, records, results_dir: str, say) -> dict:
             title="Held-out bits per byte by source (token-matched runs)",
         )
         plots.plot_loss_curves(
-            _curves(token_matched),
+            plots.record_curves(token_matched),
             path("curves.png"),
             x="tokens",
             y="bpb",
@@ -224,145 +200,6 @@ def _tokens(records) -> str:
 
 def _iv(iv: scaling.Interval) -> dict:
     return {"point": iv.point, "median": iv.median, "low": iv.low, "high": iv.high}
-
-
-# ---------------------------------------------------------------- the precision ablation
-
-
-def precision_report(cfg, records, results_dir: str, say, workdir: str | None = None) -> dict:
-    path = lambda name: os.path.join(results_dir, name)  # noqa: E731
-    order = list(cfg.precisions)
-    curves = []
-    for r in records:
-        for c in _curves([r], y="loss", label_key="precision"):
-            curves.append(c)
-    seeds = len(tuple(cfg.seeds))
-    plots.plot_loss_curves(
-        curves,
-        path("curves.png"),
-        x="steps",
-        y="loss",
-        title=f"Precision settings: training loss ({seeds} seed{'s' * (seeds > 1)} each)",
-    )
-    eval_curves = [c for r in records for c in _curves([r], y="bpb", label_key="precision")]
-    plots.plot_loss_curves(
-        eval_curves,
-        path("heldout_curves.png"),
-        x="steps",
-        y="bpb",
-        title="Precision settings: held-out bits per byte during training",
-    )
-    by_setting: dict = {p: [r for r in records if r["precision"] == p] for p in order}
-    rows = [
-        "| setting | seeds | held-out bpb mean | std | min | max | vs fp32 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    stats = {}
-    base = np.mean([r["heldout_bpb"] for r in by_setting.get("fp32", [])] or [math.nan])
-    for p, group in by_setting.items():
-        if not group:
-            continue
-        v = np.array([r["heldout_bpb"] for r in group])
-        stats[p] = {
-            "mean": float(v.mean()),
-            "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()),
-            "max": float(v.max()),
-            "seeds": len(v),
-            "per_seed": {int(r["seed"]): float(r["heldout_bpb"]) for r in group},
-        }
-        s = stats[p]
-        rows.append(
-            f"| {p} | {len(v)} | {s['mean']:.4f} | {s['std']:.4f} | {s['min']:.4f} | "
-            f"{s['max']:.4f} | {s['mean'] - base:+.4f} |"
-        )
-    ranking = sorted(stats, key=lambda p: stats[p]["mean"])
-    text = "\n".join(rows) + "\n\nOrder (best first): " + " < ".join(ranking)
-    if "fp32" in stats:  # same seed = same initial weights and data order: paired differences
-        base_seeds = stats["fp32"]["per_seed"]
-        text += "\n\nPaired with fp32 (same seed: same initial weights, same batches):\n\n"
-        text += "| setting | bpb - fp32's, per seed | mean |\n|---|---|---|"
-        for p, st in stats.items():
-            diffs = {k: v - base_seeds[k] for k, v in st["per_seed"].items() if k in base_seeds}
-            st["paired_vs_fp32"] = diffs
-            cells = ", ".join(f"s{k} {d:+.4f}" for k, d in sorted(diffs.items()))
-            text += f"\n| {p} | {cells} | {np.mean(list(diffs.values())):+.4f} |"
-    spacing = {}
-    if workdir:
-        text += (
-            "\n\nThe last step's Adam update against half the bf16 spacing at each parameter "
-            "(the first seed's final checkpoint; below 1, round-to-nearest drops the update; "
-            "stochastic rounding keeps it in expectation, an fp32 master copy exactly):\n\n"
-            "| setting | last LR | updates below half a bf16 gap | median update / half-gap | "
-            "norm scales' updates below it |\n|---|---|---|---|---|"
-        )
-        for p, group in by_setting.items():
-            first = min(group, key=lambda r: r["seed"]) if group else None
-            if first is None:
-                continue
-            s = update_spacing(os.path.join(workdir, "runs", first["name"]))
-            spacing[p] = s
-            text += (
-                f"\n| {p} | {s['lr_last']:.2e} | {s['lost_fraction']:.1%} | "
-                f"{s['median_ratio']:.3f} | {s.get('norm_lost_fraction', math.nan):.1%} |"
-            )
-    _write(path("precision.md"), text)
-    say(text)
-    return {"precision": stats, "ranking": ranking, "update_spacing": spacing}
-
-
-def update_spacing(run_dir: str) -> dict:
-    """How the run's last Adam update compares with the spacing of bf16 numbers.
-
-    From the final checkpoint: the update of the last step, lr * m_hat / (sqrt(v_hat) + eps)
-    (Adam's moments as saved, bias-corrected), against half the gap between the bf16
-    neighbours of each parameter (2^(floor(log2 |p|) - 8)). An update below that half-gap
-    is lost when the sum is rounded to nearest bf16; stochastic rounding keeps it in
-    expectation; an fp32 master copy keeps it exactly. Reported over every parameter and
-    for the norm scales apart (|p| ~ 1: the coarsest spacing).
-    """
-    import jax
-    import optax
-
-    from gopher import inference, optim
-
-    run = inference.restore_state(run_dir)
-    state, train_cfg, model_cfg = run.state, run.train_cfg, run.model_cfg
-    adam = [
-        s
-        for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
-        if hasattr(s, "mu")
-    ]
-    if not adam:
-        raise ValueError(f"{run_dir}: no Adam state in the checkpoint")
-    mu, nu, count = adam[0].mu, adam[0].nu, int(adam[0].count)
-    lr = float(optim.learning_rate_schedule(model_cfg, train_cfg)(run.step - 1))
-    b1, b2, eps = train_cfg.b1, train_cfg.b2, train_cfg.eps
-    params = state.master if state.master is not None else state.params
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    ratios, norm_ratios = [], []
-    for (path, p), m, v in zip(flat, jax.tree.leaves(mu), jax.tree.leaves(nu), strict=True):
-        p = np.abs(np.asarray(p, dtype=np.float32)).ravel()
-        m_hat = np.asarray(m, np.float64).ravel() / (1 - b1**count)
-        v_hat = np.asarray(v, np.float64).ravel() / (1 - b2**count)
-        update = lr * np.abs(m_hat) / (np.sqrt(v_hat) + eps)
-        half_gap = np.exp2(np.floor(np.log2(np.maximum(p, 1e-30))) - 8)
-        ratio = update / half_gap
-        ratios.append(ratio)
-        if "norm" in jax.tree_util.keystr(path).lower() or "scale" in jax.tree_util.keystr(path):
-            norm_ratios.append(ratio)
-    every = np.concatenate(ratios)
-    out = {
-        "lr_last": lr,
-        "lost_fraction": float(np.mean(every < 1.0)),
-        "median_ratio": float(np.median(every)),
-        "params": int(every.size),
-    }
-    if norm_ratios:
-        norms = np.concatenate(norm_ratios)
-        out.update(norm_lost_fraction=float(np.mean(norms < 1.0)), norm_params=int(norms.size))
-    del optax
-    return out
 
 
 # ------------------------------------------------- refitting a committed results table

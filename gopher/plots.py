@@ -6,7 +6,7 @@ importing this module (and the sweep's non-plotting paths) does not need it.
 
 Loss curves (plot_loss_curves) take one dict per run: "label" (its setting, e.g. "fp32"),
 optionally "seed", and equal-length lists under the x key ("tokens" or "step") and the y key
-("bpb" or "loss").
+("bpb" or "loss"); `record_curves` builds them from run records.
 """
 
 from __future__ import annotations
@@ -277,3 +277,28 @@ def plot_loss_curves(
         )
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def record_curves(records: Sequence[dict], y: str = "bpb", label_key: str = "size") -> list[dict]:
+    """The curves of plot_loss_curves from run records' "train_log": held-out bpb at its eval
+    steps (y="bpb") or the training loss at its logged steps, labelled by `label_key`
+    (the run's name when the record lacks it); runs without a log are left out."""
+    curves = []
+    for r in records:
+        log = r.get("train_log") or {}
+        batch_tokens = r["tokens"] / max(1, log.get("steps", [1])[-1] if log.get("steps") else 1)
+        if y == "bpb" and log.get("eval_steps"):
+            xs, ys = log["eval_steps"], log["eval_bpb"]
+        elif log.get("steps"):
+            xs, ys = log["steps"], log["loss"]
+        else:
+            continue
+        curves.append(
+            {
+                "label": str(r.get(label_key, r["name"])),
+                "tokens": [s * batch_tokens for s in xs],
+                "steps": list(xs),
+                y: list(ys),
+            }
+        )
+    return curves

@@ -1,8 +1,10 @@
 """experiments/bench_attention_peer.py: one attention layer, gopher's against the PyTorch
 peer's, and how far any attention could take the step.
 
-Like experiments.bench, the module registers absl flags when imported, so its functions
-run in a short subprocess here. The torch side needs torch (see tests/test_bench.py).
+Like experiments.bench, the module registers absl flags when imported, so it runs in a
+subprocess here; its accounting (experiments/attention_reach.py) and the machine record
+(experiments/bench_machine.py) are imported. The torch side needs torch (see
+tests/test_bench.py).
 """
 
 import json
@@ -11,16 +13,9 @@ import sys
 
 import pytest
 
-from tests.test_bench import ENV, ROOT, _one_line_error, _peer_python, run_python
-
-
-def _pure(expr: str, *args):
-    """`expr` evaluated with the module imported as `m` and `args` bound, as JSON."""
-    return run_python(
-        "import json, sys\nfrom experiments import bench_attention_peer as m\n"
-        f"args = json.loads(sys.argv[1])\nprint(json.dumps({expr}))",
-        *args,
-    )
+from experiments import attention_reach as m
+from experiments.bench_machine import machine_record, usable_cores
+from tests.test_bench import ENV, ROOT, _one_line_error, _peer_python
 
 
 def _attention_peer(*flags, python=sys.executable):
@@ -59,16 +54,8 @@ def test_attention_peer_flop_counts_match_the_programs():
     T^2 scores (the masked half included), at T=1024 (256-query blocks: 512, 512, 1024 and
     1024 keys) three quarters of them."""
     shapes = [(2, 3, 8, 64, 16, 3), (2, 3, 8, 100, 32, 3), (2, 4, 8, 256, 64, 2)]
-    code = (
-        "import json\nfrom experiments import bench_attention_peer as m\n"
-        f"print(json.dumps([m.gopher_matmul_flops(*s[:5]) for s in {shapes!r}]"
-        " + [m.torch_matmul_flops(8, 16, 32, t) for t in (100, 512, 1024)]))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    *got, peer_100, peer_512, peer_1024 = json.loads(proc.stdout.splitlines()[-1])
+    got = [m.gopher_matmul_flops(*s[:5]) for s in shapes]
+    peer_100, peer_512, peer_1024 = (m.torch_matmul_flops(8, 16, 32, t) for t in (100, 512, 1024))
     for shape, flops in zip(shapes, got, strict=True):
         b, h, kd = shape[:3]
         # (+ the u and v_bias gradients' sums over the batch, written as matmuls with ones
@@ -111,7 +98,7 @@ def test_attention_peer_torch_side_runs():
     rec = json.loads(proc.stdout.splitlines()[-1])
     # (at this size the two times are too close to order: tens of microseconds)
     assert rec["side"] == "torch" and rec["forward_backward_s"] > 0 and rec["forward_s"] > 0
-    assert rec["threads"] == _pure("m.usable_cores()", 0)
+    assert rec["threads"] == usable_cores()
 
 
 def test_least_work_is_nine_passes_over_each_query_and_its_past():
@@ -119,10 +106,10 @@ def test_least_work_is_nine_passes_over_each_query_and_its_past():
     does one K-long dot product (2 K FLOPs) per (query, key) pair."""
     for b, h, kd, t in ((2, 3, 8, 64), (1, 1, 4, 7), (8, 16, 32, 512)):
         pairs = sum(i + 1 for i in range(t))
-        got = _pure("m.least_matmul_flops(*args[0])", [b, h, kd, t])
+        got = m.least_matmul_flops(b, h, kd, t)
         assert got == 9 * 2 * kd * b * h * pairs
         # and below what gopher's chunks do (11 passes, keys to each chunk's end)
-        assert got < _pure("m.gopher_matmul_flops(*args[0], 128)", [b, h, kd, t])
+        assert got < m.gopher_matmul_flops(b, h, kd, t, 128)
 
 
 def _sitting(**over):
@@ -147,7 +134,7 @@ def test_reach_by_hand():
         "gopher": {"forward_backward_s": 0.1},
         "torch": {"forward_backward_s": 0.05, "matmul_gflops_per_s": 2.0},
     }
-    r = _pure("m.reach(*args)", summary, _sitting(), [4, 2, 8, 100], 3, 1.25)
+    r = m.reach(summary, _sitting(), (4, 2, 8, 100), 3, 1.25)
     least = 9 * 2 * 4 * 2 * 8 * (100 * 101 / 2)  # 581,760 FLOPs
     assert r["least_matmul_flops"] == least
     assert r["gopher_rest_s"] == pytest.approx(1.0 - 3 * 0.1)  # 0.7 s
@@ -167,30 +154,30 @@ def test_reach_by_hand():
 
 
 def _this_machine():
-    return _pure("{k: m.machine_record()[k] for k in ('cpu', 'cores')}", 0)
+    return {k: machine_record()[k] for k in ("cpu", "cores")}
 
 
 def test_step_sitting_of_another_shape_or_machine_is_not_used(tmp_path):
     path = tmp_path / "sitting.json"
     path.write_text(json.dumps(_sitting()))
-    same = _pure("m.step_record(*args)", str(path), [4, 2, 8, 100], 3)
+    same = m.step_record(str(path), (4, 2, 8, 100), 3)
     assert same[0]["batch"] == 4 and same[1] == ""
     for shape, layers in (([4, 2, 8, 128], 3), ([4, 2, 16, 100], 3), ([4, 2, 8, 100], 8)):
-        step, why = _pure("m.step_record(*args)", str(path), shape, layers)
+        step, why = m.step_record(str(path), tuple(shape), layers)
         assert step is None and "another shape" in why
-    step, why = _pure("m.step_record(*args)", str(tmp_path / "none.json"), [4, 2, 8, 100], 3)
+    step, why = m.step_record(str(tmp_path / "none.json"), (4, 2, 8, 100), 3)
     assert step is None and "no step sitting" in why
     path.write_text(json.dumps(_sitting(peak_flops=None)))
-    step, why = _pure("m.step_record(*args)", str(path), [4, 2, 8, 100], 3)
+    step, why = m.step_record(str(path), (4, 2, 8, 100), 3)
     assert step is None and "no peer figure or matmul peak" in why
     # A sitting from another machine (a fresh clone reads the committed one) is not set
     # beside this machine's attention times.
     here = _this_machine()
     path.write_text(json.dumps(_sitting(machine={"cpu": "other", "cores": here["cores"]})))
-    step, why = _pure("m.step_record(*args)", str(path), [4, 2, 8, 100], 3, here)
+    step, why = m.step_record(str(path), (4, 2, 8, 100), 3, here)
     assert step is None and "another machine (other," in why and "make bench-peer" in why
     path.write_text(json.dumps(_sitting(machine=here)))
-    step, why = _pure("m.step_record(*args)", str(path), [4, 2, 8, 100], 3, here)
+    step, why = m.step_record(str(path), (4, 2, 8, 100), 3, here)
     assert step is not None and why == ""
 
 

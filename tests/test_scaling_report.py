@@ -194,7 +194,7 @@ def test_precision_report_labels(tmp_path, monkeypatch):
     """The ablation's curves: x in training steps (updates), the title's seed count from
     the config; the update table says what it measures (below half a bf16 gap), not that
     the settings lost those updates."""
-    from experiments import sweep_report
+    from experiments import precision_report
     from experiments.configs import precision
 
     cfg = precision.get_config()
@@ -219,9 +219,9 @@ def test_precision_report_labels(tmp_path, monkeypatch):
         "median_ratio": 0.4,
         "norm_lost_fraction": 1.0,
     }
-    monkeypatch.setattr(sweep_report, "update_spacing", lambda run_dir: spacing)
+    monkeypatch.setattr(precision_report, "update_spacing", lambda run_dir: spacing)
     seen = _legends(monkeypatch)
-    sweep_report.precision_report(cfg, records, str(tmp_path), lambda m: None, str(tmp_path))
+    precision_report.report(cfg, records, str(tmp_path), lambda m: None, str(tmp_path))
     curves = {p.rsplit("/", 1)[-1]: (x, title) for p, x, title, _ in seen}
     for name in ("curves.png", "heldout_curves.png"):
         xlabel, title = curves[name]
