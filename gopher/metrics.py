@@ -5,6 +5,12 @@ that takes part in a matmul (here including the tied embedding, which is the out
 projection) and the second term is attention's QK^T and AV over a context of T. The
 "causal" convention halves that term, since a causal mask makes half the scores unused.
 MFU = achieved model FLOPs/s / peak FLOPs/s (no rematerialisation counted).
+
+Transformer-XL's relative attention (gopher/attention_xla.py) does one more score matmul
+than the formula counts: the position term, queries (plus bias v) against the projected
+relative positions W_R R, the size of QK^T, so about 6 L H Q T more per token. It is left
+out, as in GOPHER.md and PaLM, so that MFU compares with the published figures; the
+device does slightly more work than MFU credits.
 """
 
 from __future__ import annotations
@@ -84,15 +90,16 @@ def device_peak_flops(device, override: float | None = None) -> float | None:
 
 
 def total_peak_flops(
-    device, devices: int, override: float = 0.0, processes: int = 1
+    device, devices: int, override: float = 0.0, machines: int = 1
 ) -> tuple[float | None, str]:
     """The MFU denominator of `devices` devices like `device`, and where it came from
     ("override", "table", "measured" or "unknown"): the override or the device table's
-    figure per device, times the devices. Simulated CPU devices share their host's cores,
-    so on a CPU the host's figure (the override, else a measured matmul) counts once per
-    process instead (the training loop and experiments.bench both follow this rule)."""
+    figure per device, times the devices. Simulated CPU devices share their machine's
+    cores, so on a CPU the machine's figure (the override, else a measured matmul) counts
+    once per machine instead: not per process, since launch.local runs several processes
+    on one machine (the training loop and experiments.bench both follow this rule)."""
     shared = device.platform == "cpu"
-    count = processes if shared else devices
+    count = machines if shared else devices
     if override:
         return override * count, "override"
     peak = device_peak_flops(device)
@@ -222,14 +229,33 @@ class _AppendFile:
             self._file.close()
 
 
+def _json_value(value):
+    """`value` as strict JSON can hold it: a numpy scalar as a Python number, a NaN or
+    infinite float as None (null), inside lists and dicts too."""
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
 class MetricsWriter:
     """One JSON object per line in WORKDIR/metrics.jsonl, plus TensorBoard event files.
 
     WORKDIR may be local or gs://. Locally each record is appended and flushed at once;
     on GCS records are buffered and appended every `flush_every_s` (default 5 s, or
     $GOPHER_METRICS_FLUSH_S) and on `flush()` / `close()`: call `flush()` after each
-    checkpoint, so that a killed run keeps every record up to its last checkpoint. TensorBoard events are written as TFRecords of `Event` protos (one per
-    record, holding its scalars as `kind/name`) in WORKDIR/tensorboard/.
+    checkpoint, so that a killed run keeps every record up to its last checkpoint.
+    TensorBoard events are written as TFRecords of `Event` protos (one per record,
+    holding its scalars as `kind/name`) in WORKDIR/tensorboard/.
+
+    The lines are strict JSON (jq and JavaScript refuse NaN and Infinity): a non-finite
+    number, such as a diverged step's loss, is written as null, and readers take a null
+    number for NaN. A value not measured is left out (the first steps' tokens/s).
     """
 
     def __init__(self, workdir: str, tensorboard: bool = True, flush_every_s: float | None = None):
@@ -253,11 +279,10 @@ class MetricsWriter:
             self._tb.write(tfrecord(first.SerializeToString()))
 
     def write(self, record: dict) -> None:
-        clean = {
-            k: (v.item() if isinstance(v, (np.floating, np.integer)) else v)
-            for k, v in record.items()
-        }
-        self._jsonl.write((json.dumps(clean, sort_keys=True) + "\n").encode())
+        """Appends `record` as one line of strict JSON: a non-finite number (a diverged
+        step's NaN loss) is written as null, which jq and JavaScript read, not NaN."""
+        clean = {k: _json_value(v) for k, v in record.items()}
+        self._jsonl.write((json.dumps(clean, sort_keys=True, allow_nan=False) + "\n").encode())
         if self._tb is not None and "step" in clean:
             kind = clean.get("kind", "train")
             values = [

@@ -10,10 +10,13 @@ tokens/s; time the loop spends blocked on a checkpoint or an eval is excluded to
 from __future__ import annotations
 
 import math
+import socket
 import time
+import zlib
 from typing import TYPE_CHECKING
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
 from gopher import metrics as metrics_lib
@@ -27,12 +30,26 @@ class Diverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
+def machine_count() -> int:
+    """Distinct machines among the job's processes, by host name: launch.local runs
+    several processes on one machine, whose CPU devices share its cores. Every process
+    must call it (a collective) when there are several."""
+    if jax.process_count() == 1:
+        return 1
+    from jax.experimental import multihost_utils
+
+    name = np.uint32(zlib.crc32(socket.gethostname().encode()))
+    return len(np.unique(multihost_utils.process_allgather(name)))
+
+
 def peak_flops(train_cfg: TrainConfig) -> tuple[float | None, str]:
     """The MFU denominator over all devices, and where it came from
-    (metrics.total_peak_flops: a configured peak counts once per process on a CPU)."""
+    (metrics.total_peak_flops: a configured peak counts once per machine on a CPU).
+    Every process calls it (on a CPU, `machine_count` is a collective)."""
     dev = jax.devices()[0]
+    machines = machine_count() if dev.platform == "cpu" else 1
     peak, kind = metrics_lib.total_peak_flops(
-        dev, jax.device_count(), train_cfg.peak_flops, jax.process_count()
+        dev, jax.device_count(), train_cfg.peak_flops, machines
     )
     source = {
         "override": "configured",
@@ -93,11 +110,12 @@ class StepLog:
         now = time.perf_counter()
         seconds = max(now - self.clock[1], 1e-9)
         tps = (self.tokens_seen(step) - self.tokens_seen(self.clock[0])) / seconds
-        rec.update(step=step, kind="train", tokens_per_sec=tps, tokens=self.tokens_seen(step))
+        rec.update(step=step, kind="train", tokens=self.tokens_seen(step))
         rec["batch_size"] = self.r.train_cfg.batch_size_at(step)
-        if step in self.first_steps:  # may include compilation: not a speed measurement
-            rec["tokens_per_sec"] = float("nan")
-        else:
+        # A step that may include compilation is not a speed measurement: no tokens/s, MFU
+        # or step time in its record (absent, not NaN, which strict JSON readers refuse).
+        if step not in self.first_steps:
+            rec["tokens_per_sec"] = tps
             rec["mfu"] = metrics_lib.mfu(tps, self.flops, self.peak)
             rec["mfu_causal"] = metrics_lib.mfu(tps, self.flops_causal, self.peak)
             rec["step_time_s"] = seconds / (step - self.clock[0])

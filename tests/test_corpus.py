@@ -20,6 +20,7 @@ import pytest
 
 from gopher.data import Tokenizer, build, corpus, extract, shards
 from gopher.data.mixture import Mixture
+from gopher.data.sources import Document
 
 MAX_BYTES = 1_500_000  # per source: enough for real statistics, small enough to be quick
 
@@ -101,6 +102,19 @@ def test_shards_and_tokens_hold_the_kept_documents(built):
         assert len(names) == entry["documents"]  # train and held-out are disjoint
 
 
+def test_corpus_documents_reads_the_manifest_shards_not_stale_ones(tmp_path):
+    """A shard left by an earlier build with another shard count matches the same glob;
+    the manifest lists the shards of the build it describes."""
+    docs = [Document("web", f"d{i}", f"text {i} " * 20) for i in range(5)]
+    shard_dir = tmp_path / "shards" / "web"
+    stale = shards.write_shards(docs[:2], str(shard_dir), "train", max_shard_bytes=1)
+    current = shards.write_shards(docs, str(shard_dir), "train")
+    assert len(stale) == 2 and len(current) == 1 and not set(stale) & set(current)
+    entry = {"train": {"shards": [f"shards/web/{x}" for x in current]}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"sources": {"web": entry}}))
+    assert shards.corpus_documents(str(tmp_path), "web", "train") == docs
+
+
 def test_a_second_build_is_byte_identical(built, stdlib_inputs, tmp_path):
     out, _ = built
     build_stdlib(tmp_path / "again", stdlib_inputs)
@@ -117,9 +131,11 @@ def test_mixture_reads_the_built_corpus(built):
     batches = [mixture.next() for _ in range(3)]
     assert all(b.shape == (4, 65) and b.dtype == np.int32 for b in batches)
     assert max(int(b.max()) for b in batches) < 512
-    for source in mixture.heldout_sources:
-        batch, num_bytes = next(mixture.eval_batches(source, 2, 64))
-        assert batch.shape == (2, 65) and num_bytes > 0
+    for source in mixture.heldout_sources:  # the held-out stream that bpb is scored on
+        tokens, num_bytes = mixture.heldout_stream(source)
+        held = manifest["sources"][source]["heldout"]
+        assert len(tokens) == len(num_bytes) == held["tokens"]
+        assert num_bytes.sum() == held["bytes"]  # the original text's UTF-8 bytes
     # An unknown source is named beside the corpus's real ones (the manifest's).
     real = ", ".join(sorted(manifest["sources"]))
     assert real == "code, technical"

@@ -15,10 +15,8 @@ import pytest
 from gopher.config import DataConfig
 from gopher.data import (
     Document,
-    Packer,
     TokenDataset,
     Tokenizer,
-    pack_documents,
     select_split,
     stdlib_documents,
     text_files,
@@ -352,13 +350,7 @@ def test_a_given_tokenizer_without_an_eos_piece_is_refused(tmp_path):
         _tokenizer(given, 300, str(tmp_path / "run"), docs)
 
 
-# --- packing -------------------------------------------------------------------------
-
-
-def _random_docs(seed: int, n: int = 40) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    # Lengths from 0 (an empty document is just an EOS) to several windows long.
-    return [rng.integers(3, 100, size=rng.integers(0, 60)).tolist() for _ in range(n)]
+# --- token dataset -------------------------------------------------------------------
 
 
 def _naive_stream(docs: list[list[int]], eos: int) -> list[int]:
@@ -366,62 +358,6 @@ def _naive_stream(docs: list[list[int]], eos: int) -> list[int]:
     for d in docs:
         out += [*d, eos]
     return out
-
-
-@pytest.mark.parametrize("batch_size,seq_len", [(1, 7), (3, 5), (4, 16)])
-def test_packer_windows_reassemble_the_stream(batch_size, seq_len):
-    docs, eos = _random_docs(0), 2
-    stream = _naive_stream(docs, eos)
-    batches = list(pack_documents(docs, batch_size, seq_len, eos))
-    assert batches and all(b.shape == (batch_size, seq_len + 1) for b in batches)
-    assert all(b.dtype == np.int32 for b in batches)
-    windows = [w for b in batches for w in b]
-    # Overlap by one: window i is stream[i*T : i*T + T + 1].
-    for i, w in enumerate(windows):
-        assert w.tolist() == stream[i * seq_len : i * seq_len + seq_len + 1]
-    rebuilt = windows[0].tolist() + [t for w in windows[1:] for t in w[1:].tolist()]
-    assert rebuilt == stream[: len(rebuilt)]
-    # Only a remainder shorter than one batch is dropped.
-    assert len(stream) - len(rebuilt) < batch_size * seq_len + 1
-
-
-@pytest.mark.parametrize("repeat", [False, True])
-def test_packer_state_restore_continues_bit_identically(repeat):
-    docs, eos = _random_docs(1, n=25), 2
-    reference = Packer(docs, 3, 8, eos, repeat=repeat)
-    for _ in range(5):
-        next(reference)
-    state = reference.state()
-    assert all(isinstance(v, int) for v in state.values())
-    expected = [next(reference) for _ in range(20 if repeat else 3)]
-    resumed = Packer(docs, 3, 8, eos, repeat=repeat)
-    resumed.restore(state)
-    got = [next(resumed) for _ in range(len(expected))]
-    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
-    # A one-shot iterator over the same documents resumes too (from the start of its one
-    # epoch when the state is a repeating packer's).
-    once = Packer(iter(docs), 3, 8, eos)
-    if repeat:
-        once.restore({"epoch": 0, "document": 0, "offset": 0})
-        np.testing.assert_array_equal(next(once), next(Packer(docs, 3, 8, eos)))
-    else:
-        once.restore(state)
-        np.testing.assert_array_equal(np.stack([next(once) for _ in expected]), np.stack(expected))
-
-
-def test_packer_repeat_crosses_epochs():
-    docs, eos = _random_docs(2, n=5), 2
-    stream = _naive_stream(docs, eos) * 20
-    packer = Packer(docs, 2, 9, eos, repeat=True)
-    windows = [w for _ in range(30) for w in next(packer)]
-    for i, w in enumerate(windows):
-        assert w.tolist() == stream[i * 9 : i * 9 + 10]
-    assert packer.state()["epoch"] > 0
-    with pytest.raises(ValueError, match="no documents"):
-        next(Packer([], 2, 9, eos, repeat=True))
-
-
-# --- token dataset -------------------------------------------------------------------
 
 
 def test_token_dataset_stream_cache_and_bytes(tokenizer, heldout_docs, tmp_path):
@@ -456,24 +392,5 @@ def test_batch_at_is_a_function_of_seed_and_step(tokenizer, heldout_docs):
             if np.array_equal(stream[s : s + seq_len + 1], row)
         ]
         assert starts
-
-
-def test_eval_batches_cover_the_stream_in_order(tokenizer, heldout_docs):
-    data = TokenDataset.from_documents(tokenizer, heldout_docs)
-    batch_size, seq_len = 2, 64
-    batches = list(data.eval_batches(batch_size, seq_len))
-    assert len(batches) == data.num_windows(seq_len) // batch_size
-    targets = np.concatenate([b[:, 1:].reshape(-1) for b, _ in batches])
-    np.testing.assert_array_equal(targets, data.tokens[1 : 1 + len(targets)])
-    lengths = tokenizer.token_byte_lengths()
-    for batch, num_bytes in batches:
-        assert num_bytes == lengths[batch[:, 1:]].sum()
-    # One window over the whole stream covers every byte of the documents (NFKC-normalised,
-    # the oracle) but those of the first token, which is never a target.
-    ((whole, whole_bytes),) = data.eval_batches(1, data.num_tokens - 1)
-    first_token_bytes = len(tokenizer.decode(whole[0, :1]).encode())
-    oracle = sum(len(unicodedata.normalize("NFKC", d.text).encode()) for d in heldout_docs)
-    assert whole_bytes == oracle - first_token_bytes
-    assert len(list(data.eval_batches(batch_size, seq_len, max_batches=3))) == 3
     with pytest.raises(ValueError, match="seq_len"):
-        TokenDataset(np.zeros([5], np.int32), lengths).batch_at(0, 1, 8)
+        TokenDataset(np.zeros([5], np.int32), data.token_byte_lengths).batch_at(0, 1, 8)

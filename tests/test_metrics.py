@@ -1,5 +1,6 @@
 """FLOPs per token, MFU and bits per byte against closed forms; the metrics writer on disk."""
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,22 @@ def test_flops_per_token_is_palm_formula():
     causal = metrics.flops_per_token(c, causal=True)
     assert causal == 6 * n + 6 * 8 * 16 * 32 * 2048
     assert metrics.flops_per_token(c, seq_len=512) == 6 * n + 12 * 8 * 16 * 32 * 512
+
+
+def test_total_peak_counts_a_cpu_machine_once_and_every_accelerator():
+    """The MFU denominator in closed form: simulated CPU devices (one process's 8, or
+    launch.local's 2 processes x 4 on one machine) share one machine's cores."""
+    import types
+
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    assert metrics.total_peak_flops(cpu, 8, 5e9) == (5e9, "override")
+    assert metrics.total_peak_flops(cpu, 8, 5e9, machines=1) == (5e9, "override")
+    assert metrics.total_peak_flops(cpu, 16, 5e9, machines=2) == (1e10, "override")
+    v3 = types.SimpleNamespace(platform="tpu", device_kind="TPU v3", num_cores=1)
+    assert metrics.total_peak_flops(v3, 32, machines=4) == (32 * 61.5e12, "table")
+    assert metrics.total_peak_flops(v3, 32, 1e12, machines=4) == (32e12, "override")
 
 
 def test_mfu_and_peak_lookup():
@@ -46,12 +63,45 @@ def test_mixture_weights_string():
         parse_weights("books=x")
 
 
+def strict_json(line: str):
+    """json.loads as jq or JavaScript read a line: NaN and Infinity are not JSON."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON, in {line!r}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_jsonl_is_strict_json_with_non_finite_numbers_as_null(tmp_path):
+    """A diverged step's NaN loss or an infinite norm is written as null (still told
+    apart from a number by any reader), never as the NaN / Infinity that strict JSON
+    readers reject; finite numbers are unchanged."""
+    import numpy as np
+
+    nan, inf = float("nan"), float("inf")
+    records = [
+        {"step": 1, "kind": "train", "loss": nan, "grad_norm": inf, "lr": np.float32(-inf)},
+        {"step": 1, "kind": "eval", "heldout_bpb": np.float64(nan), "heldout/a/bpb": 1.25},
+        {"step": 2, "kind": "train", "loss": 2.5, "data/a/epochs": np.float32(0.5), "n": 3},
+    ]
+    writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+    for r in records:
+        writer.write(r)
+    writer.close()
+    with pytest.raises(ValueError, match="NaN is not JSON"):
+        strict_json('{"loss": NaN}')  # the oracle refuses what json.dumps writes by default
+    back = [strict_json(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert back == [
+        {"step": 1, "kind": "train", "loss": None, "grad_norm": None, "lr": None},
+        {"step": 1, "kind": "eval", "heldout_bpb": None, "heldout/a/bpb": 1.25},
+        {"step": 2, "kind": "train", "loss": 2.5, "data/a/epochs": 0.5, "n": 3},
+    ]
+
+
 def test_metrics_writer_on_local_disk(tmp_path):
     """metrics.jsonl read back as written (numpy scalars as plain numbers, each line on
     disk at once, before any flush or close), and the TensorBoard events read by
     TensorBoard's own loader (which checks every record's CRCs): finite numbers only."""
-    import json
-
     import numpy as np
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util import tensor_util
@@ -65,9 +115,9 @@ def test_metrics_writer_on_local_disk(tmp_path):
     for r in records:
         writer.write(r)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    back = [json.loads(x) for x in lines]
+    back = [strict_json(x) for x in lines]
     assert back[0] == {"step": 1, "kind": "train", "loss": 2.5, "lr": 1e-3, "note": "x"}
-    assert math.isnan(back[1]["loss"]) and back[1]["skipped"] is True
+    assert back[1] == {"step": 2, "kind": "train", "loss": None, "skipped": True}
     assert back[2] == {"step": 2, "kind": "eval", "heldout_bpb": 1.25, "tokens": 7}
     writer.close()
 
@@ -91,8 +141,6 @@ def test_metrics_writer_on_local_disk(tmp_path):
 def test_a_resumed_writer_drops_a_torn_last_line(tmp_path, torn):
     """A run killed (or out of disk) part way through a record leaves a torn line; the
     resumed run's first record must not be joined onto it, and no whole line is lost."""
-    import json
-
     whole = b'{"step": 1, "kind": "train", "loss": 2.5}\n{"step": 2, "kind": "train"}\n'
     (tmp_path / "metrics.jsonl").write_bytes(whole + torn)
     writer = metrics.MetricsWriter(str(tmp_path), tensorboard=False)

@@ -150,21 +150,24 @@ def test_seed_changes_the_stream():
     assert not np.array_equal(a, b)
 
 
-def test_eval_batches_split_rows_over_hosts_and_count_bytes():
-    lengths = np.arange(8_000_000) % 5
-    src = Source("a", np.arange(50 * T + 1, dtype=np.int32), np.arange(9 * T + 1, dtype=np.int32))
-    one = Mixture([src], {"a": 1}, lengths, 4, T, 0, 0, 1)
-    full = list(one.eval_batches("a", 4))
-    assert len(full) == 2  # 9 windows: two whole batches of 4
-    for batch, num_bytes in full:
-        assert num_bytes == lengths[batch[:, 1:]].sum()
-    halves = [
-        list(Mixture([src], {"a": 1}, lengths, 4, T, 0, h, 2).eval_batches("a", 4)) for h in (0, 1)
+def test_heldout_stream_gives_the_original_bytes_or_the_pieces():
+    lengths = np.arange(1000) % 5
+    held = np.arange(9 * T + 1, dtype=np.int32)
+    original = np.full(len(held), 3, np.int32)  # as prepare_data records them
+    sources = [
+        Source("a", np.arange(50 * T + 1, dtype=np.int32), held, original),
+        Source("b", np.arange(50 * T + 1, dtype=np.int32), held),  # no byte file: pieces
+        Source("c", np.arange(50 * T + 1, dtype=np.int32), held[:1]),  # nothing to score
     ]
-    for k, (batch, num_bytes) in enumerate(full):
-        np.testing.assert_array_equal(np.concatenate([halves[0][k][0], halves[1][k][0]]), batch)
-        assert halves[0][k][1] + halves[1][k][1] == num_bytes
-    assert one.heldout_sources == ["a"]
+    mixture = Mixture(sources, {"a": 1, "b": 1, "c": 1}, lengths, 4, T, 0, 0, 1)
+    assert mixture.heldout_sources == ["a", "b"]
+    tokens, num_bytes = mixture.heldout_stream("a")
+    np.testing.assert_array_equal(tokens, held)
+    np.testing.assert_array_equal(num_bytes, original)
+    tokens, num_bytes = mixture.heldout_stream("b")
+    np.testing.assert_array_equal(num_bytes, held % 5)
+    with pytest.raises(ValueError, match="unknown source 'zz'"):
+        mixture.heldout_stream("zz")
 
 
 def test_bad_configurations_name_the_fix():
@@ -241,7 +244,7 @@ def test_named_mixture_shares_go_to_sources_by_name_or_role():
 # --- TFDS, read without TensorFlow --------------------------------------------------------
 
 
-def test_tfds_dataset_reads_through_the_mixer_without_tensorflow(tmp_path):
+def test_tfds_dataset_reads_through_the_mixer_without_tensorflow(tmp_path, capsys):
     tfds = pytest.importorskip("tensorflow_datasets")
     from gopher.data import Tokenizer
     from gopher.data.build import split_documents
@@ -255,6 +258,9 @@ def test_tfds_dataset_reads_through_the_mixer_without_tensorflow(tmp_path):
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
         files.append(path)
+    # Two held-out documents whose bytes are not valid UTF-8 (a lone 0xff, a cut sequence).
+    for path, junk in ((files[31], b"\xff"), (files[35], b"\xe2\x82")):
+        path.write_bytes(path.read_bytes() + junk)
 
     class LocalText(tfds.core.GeneratorBasedBuilder):
         """A TFDS text dataset built from local files."""
@@ -273,7 +279,7 @@ def test_tfds_dataset_reads_through_the_mixer_without_tensorflow(tmp_path):
 
         def _generate_examples(self, paths):
             for p in paths:
-                yield p.name, {"text": p.read_text()}
+                yield p.name, {"text": p.read_bytes()}
 
     data_dir = str(tmp_path / "tfds")
     LocalText(data_dir=data_dir, file_format="array_record").download_and_prepare()
@@ -281,8 +287,18 @@ def test_tfds_dataset_reads_through_the_mixer_without_tensorflow(tmp_path):
     train = TfdsText("local_text", "train", data_dir=data_dir)
     assert len(train) == 30 and train.source == "local_text"
     assert sorted(d.text for d in train) == sorted(texts[:30])
+    assert capsys.readouterr().err.count("invalid UTF-8") == 0  # the train split is clean
     docs, record = tfds_documents("local_text", "validation", data_dir, max_documents=5)
     assert len(docs) == 5 and record["documents_available"] == 10
+    capsys.readouterr()  # (the first five may hold an invalid one: warned about too)
+    # The two invalid documents are read with U+FFFD for their bad bytes, and counted.
+    every, record = tfds_documents("local_text", "validation", data_dir)
+    assert record["documents_invalid_utf8"] == 2
+    assert sorted(d.text for d in every) == sorted(
+        p.read_bytes().decode("utf-8", "replace") for p in files[30:]
+    )
+    (warning,) = [x for x in capsys.readouterr().err.splitlines() if "invalid UTF-8" in x]
+    assert "'local_text'" in warning and "2 of 10 documents" in warning, warning
 
     tokenizer = Tokenizer.train(texts, 512, str(tmp_path / "spm.model"), sample_bytes=100_000)
     web_train, web_heldout = split_documents(list(train), 0.1)
@@ -298,7 +314,8 @@ def test_tfds_dataset_reads_through_the_mixer_without_tensorflow(tmp_path):
     batch = mixture.next()
     assert batch.shape == (4, 33) and batch.dtype == np.int32
     assert mixture.stats()["data/step"] == 1
-    assert next(mixture.eval_batches("local_text", 2, 32))[1] > 0
+    tokens, num_bytes = mixture.heldout_stream("local_text")
+    assert num_bytes.sum() == sum(len(d.text.encode()) for d in web_heldout) > 0
     with pytest.raises(ValueError, match="tfds build"):
         TfdsText("missing_dataset", "train", data_dir=data_dir)
     assert "tensorflow" not in sys.modules

@@ -1,7 +1,11 @@
 """gopher/step_log.py: tokens/s, step time and MFU of the training log against their closed
 forms, on a scripted clock (the loop itself is not run: a Run's few fields stand in)."""
 
+import io
+import json
 import math
+import os
+import re
 import types
 
 import jax.numpy as jnp
@@ -52,8 +56,11 @@ def test_tokens_per_sec_step_time_and_mfu_are_the_closed_form(monkeypatch):
     assert sorted(by_step) == list(range(1, 8))
     seq = model_cfg.seq_len
     # Steps that may include compilation (the first, the first at the new batch): no speed.
+    # No NaN stand-in either (strict JSON readers such as jq reject NaN): the keys are left out.
     for step in (1, 5):
-        assert math.isnan(by_step[step]["tokens_per_sec"]) and "mfu" not in by_step[step]
+        assert not {"tokens_per_sec", "mfu", "step_time_s"} & set(by_step[step])
+    for rec in written:
+        json.dumps(rec, allow_nan=False)
     # tokens a step: 4 sequences to step 4, 8 after; seconds between reads, less the 0.5 s.
     expected = {2: 4 * seq / 2.0, 3: 4 * seq / 1.0, 4: 4 * seq / 1.0, 6: 8 * seq / 2.0}
     expected[7] = 8 * seq / 1.0
@@ -81,3 +88,25 @@ def test_a_run_of_non_finite_steps_stops_with_the_checkpoint_named(monkeypatch):
     log.hold(4, _metrics(float("nan")))
     with pytest.raises(step_log.Diverged, match="2 consecutive steps \\(to step 4\\)"):
         log.flush()
+
+
+def test_processes_on_one_machine_count_its_cpu_peak_once(tmp_path, monkeypatch):
+    """launch.local's 2 processes x 4 CPU devices share one machine: the configured
+    per-machine peak is the MFU denominator once, as for one process with 8 devices (a
+    peak counted per process would halve MFU)."""
+    from launch import local
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", root)
+    body = (
+        "from gopher import config, distributed, step_log\n"
+        "distributed.initialize()\n"
+        "print('peak', *step_log.peak_flops(config.TrainConfig(peak_flops=5e9)), flush=True)\n"
+        "distributed.shutdown()\n"
+    )
+    out = io.StringIO()
+    job = local.Job(["python", "-c", body], 2, 4, str(tmp_path / "logs"), out=out)
+    job.start()
+    assert job.wait(grace_s=30) == 0, out.getvalue()[-3000:]
+    peaks = re.findall(r"^\[(\d)\] peak (\S+) configured$", out.getvalue(), re.M)
+    assert sorted(peaks) == [("0", "5000000000.0"), ("1", "5000000000.0")], out.getvalue()

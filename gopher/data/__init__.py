@@ -2,7 +2,7 @@
 
 from gopher.data.filters import filter_documents
 from gopher.data.mixture import MIXTURES, Mixture
-from gopher.data.packing import Packer, TokenDataset, pack_documents
+from gopher.data.packing import TokenDataset
 from gopher.data.sources import (
     Document,
     select_split,
@@ -16,11 +16,9 @@ __all__ = [
     "MIXTURES",
     "Document",
     "Mixture",
-    "Packer",
     "TokenDataset",
     "Tokenizer",
     "filter_documents",
-    "pack_documents",
     "select_split",
     "stdlib_documents",
     "text_files",

@@ -9,8 +9,8 @@ Shapes:
 The stream is a pure function of (seed, step, global row):
 - Packing. A source's training documents, each followed by EOS, form one flat token
   stream of N_s tokens (written by prepare_data). Window w is tokens[w*T : w*T + T + 1],
-  so consecutive windows overlap by one token as in `Packer`: documents span windows,
-  windows hold several documents, nothing is padded.
+  so consecutive windows overlap by one token (gopher/data/packing.py says why): documents
+  span windows, windows hold several documents, nothing is padded.
 - Epochs. Epoch e of source s visits all W_s windows once, in the order of a seeded
   pseudo-random permutation of [0, W_s) (a Feistel network with cycle walking:
   random access, O(1) memory, any W_s).
@@ -50,7 +50,6 @@ from typing import NamedTuple
 import numpy as np
 
 from gopher import paths
-from gopher.data.packing import TokenDataset
 from gopher.data.sources import Document
 from gopher.data.tokenizer import Tokenizer
 
@@ -211,8 +210,8 @@ class Mixture:
 
     The training loop calls `next()` once per step (or `batch_at(step)`), saves
     `state()` beside its checkpoint, and calls `restore(state)` on resume; `stats()`
-    gives per-source tokens and epochs for logging; `eval_batches(source, ...)` gives
-    held-out windows with their byte counts for bits per byte.
+    gives per-source tokens and epochs for logging; `heldout_stream(source)` gives the
+    held-out tokens with their original UTF-8 bytes, which `packing.eval_windows` scores.
     """
 
     def __init__(
@@ -507,12 +506,6 @@ class Mixture:
     def heldout_sources(self) -> list[str]:
         return [s.name for s in self.sources if len(s.heldout) > 1]
 
-    def eval_dataset(self, source: str) -> TokenDataset:
-        by_name = {s.name: s for s in self.sources}
-        if source not in by_name:
-            raise ValueError(f"unknown source {source!r}; choose from {self.names}")
-        return TokenDataset(np.asarray(by_name[source].heldout), self.token_byte_lengths)
-
     def heldout_stream(self, source: str) -> tuple[np.ndarray, np.ndarray]:
         """([M_s] int32 held-out tokens, [M_s] int64 UTF-8 bytes per token) of `source`."""
         by_name = {s.name: s for s in self.sources}
@@ -523,26 +516,3 @@ class Mixture:
         if src.heldout_bytes is None:
             return tokens, self.token_byte_lengths[tokens]
         return tokens, np.asarray(src.heldout_bytes, np.int64)
-
-    def eval_batches(
-        self,
-        source: str,
-        batch_size: int,
-        seq_len: int | None = None,
-        max_batches: int | None = None,
-    ) -> Iterator[tuple[np.ndarray, int]]:
-        """This host's rows of consecutive held-out windows of `source`, with target bytes.
-
-        Yields ([batch_size / process_count, T+1] int32, UTF-8 bytes of those rows'
-        targets); summing NLL and bytes over all hosts and batches gives the source's
-        bits per byte.
-        """
-        if batch_size % self.process_count:
-            raise ValueError(f"eval batch_size {batch_size} not divisible by {self.process_count}")
-        local = batch_size // self.process_count
-        lo = self.process_index * local
-        lengths = self.token_byte_lengths
-        data = self.eval_dataset(source)
-        for batch, _ in data.eval_batches(batch_size, seq_len or self.seq_len, max_batches):
-            rows = batch[lo : lo + local]
-            yield rows, int(lengths[rows[:, 1:]].sum())

@@ -5,6 +5,8 @@ Shapes:
     T: sequence length (tokens the model sees; it predicts T targets per window)
     N: length of the flat token stream (documents joined, each followed by EOS)
 
+Training reads these windows by index: `TokenDataset.batch_at` for text sources, and
+`gopher.data.mixture.Mixture` for a built corpus (the same windows, in per-epoch order).
 Held-out text is scored by `eval_windows`: the same windows over the whole stream, the
 tail padded and masked, each target weighted by the UTF-8 bytes of the original text it
 stands for (`stream_with_bytes`, from `Tokenizer.encode_with_bytes`; EOS is 0 bytes).
@@ -22,111 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from gopher.data.sources import Document
 from gopher.data.tokenizer import Tokenizer
-
-
-class Packer:
-    """Packs documents (token-id lists) into [B, T+1] int32 batches of one continuous stream.
-
-    Row b of batch k is window k * B + b of the stream. `state()` after any batch and
-    `restore(state)` on a new packer over the same documents continue the same stream.
-    `documents` must be re-iterable (e.g. a list) when `repeat` is true or on restore.
-    """
-
-    def __init__(
-        self,
-        documents: Iterable[Sequence[int] | np.ndarray],
-        batch_size: int,
-        seq_len: int,
-        eos_id: int,
-        repeat: bool = False,
-    ):
-        if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size {batch_size} and seq_len {seq_len} must be >= 1")
-        self._documents = documents
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.eos_id = eos_id
-        self.repeat = repeat
-        self.restore({"epoch": 0, "document": 0, "offset": 0})
-
-    def state(self) -> dict[str, int]:
-        """Position of the next window's first token: epoch, document index, token offset."""
-        if self._pending:
-            epoch, document, offset, _ = self._pending[0]
-            return {"epoch": epoch, "document": document, "offset": offset}
-        return {"epoch": self._epoch, "document": self._next_document, "offset": self._offset}
-
-    def restore(self, state: dict[str, int]) -> None:
-        """Continues from a position returned by `state()`."""
-        self._epoch = int(state["epoch"])
-        self._next_document = int(state["document"])
-        # Offset into the first document pulled (its tokens plus EOS) after a restore.
-        self._offset = int(state["offset"])
-        self._iterator = islice(iter(self._documents), self._next_document, None)
-        self._pulled_this_epoch = self._next_document > 0
-        # Tokens not yet consumed, as (epoch, document index, offset, tokens) segments.
-        self._pending: list[tuple[int, int, int, np.ndarray]] = []
-        self._pending_len = 0
-
-    def _pull(self) -> bool:
-        """Appends the next document (plus EOS) to the pending tokens; False at the end."""
-        for doc in self._iterator:
-            tokens = np.append(np.asarray(doc, dtype=np.int32), np.int32(self.eos_id))
-            offset, self._offset = self._offset, 0
-            self._pending.append((self._epoch, self._next_document, offset, tokens[offset:]))
-            self._pending_len += len(tokens) - offset
-            self._next_document += 1
-            self._pulled_this_epoch = True
-            return True
-        if not self.repeat:
-            return False
-        if not self._pulled_this_epoch:
-            raise ValueError(
-                "Packer(repeat=True) found no documents in a pass; pass a non-empty list, "
-                "not a one-shot iterator"
-            )
-        self._epoch, self._next_document, self._pulled_this_epoch = self._epoch + 1, 0, False
-        self._iterator = iter(self._documents)
-        return self._pull()
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return self
-
-    def __next__(self) -> np.ndarray:
-        step = self.batch_size * self.seq_len
-        need = step + 1  # the last window's extra token is the next batch's first
-        while self._pending_len < need:
-            if not self._pull():
-                raise StopIteration  # the remainder is shorter than one batch: dropped
-        stream = np.concatenate([segment for *_, segment in self._pending])  # [>= B*T+1]
-        starts = np.arange(self.batch_size) * self.seq_len  # [B]
-        batch = stream[starts[:, None] + np.arange(self.seq_len + 1)]  # [B, T+1]
-        # Consume B*T tokens, keeping the overlap token and anything beyond it.
-        consumed = step
-        while consumed >= len(self._pending[0][3]):
-            consumed -= len(self._pending.pop(0)[3])
-        epoch, document, offset, segment = self._pending[0]
-        self._pending[0] = (epoch, document, offset + consumed, segment[consumed:])
-        self._pending_len -= step
-        return batch
-
-
-def pack_documents(
-    docs_tokens: Iterable[Sequence[int] | np.ndarray],
-    batch_size: int,
-    seq_len: int,
-    eos_id: int,
-    repeat: bool = False,
-) -> Packer:
-    """An iterator of [B, T+1] int32 batches over the documents joined with EOS."""
-    return Packer(docs_tokens, batch_size, seq_len, eos_id, repeat=repeat)
 
 
 def _documents_key(tokenizer: Tokenizer, documents: Sequence[Document]) -> str:
@@ -221,21 +124,6 @@ class TokenDataset:
             )
         rng = np.random.default_rng([self.seed, step])
         return self._windows(rng.integers(0, num_windows, size=batch_size), seq_len)
-
-    def eval_batches(
-        self, batch_size: int, seq_len: int, max_batches: int | None = None
-    ) -> Iterator[tuple[np.ndarray, int]]:
-        """Yields ([B, T+1] int32 batch, UTF-8 bytes its targets cover), in stream order.
-
-        Windows are consecutive, so targets never repeat; windows that do not fill a last
-        whole batch are left out (a fixed shape avoids a recompile).
-        """
-        num_batches = self.num_windows(seq_len) // batch_size
-        if max_batches is not None:
-            num_batches = min(num_batches, max_batches)
-        for k in range(num_batches):
-            batch = self._windows(np.arange(k * batch_size, (k + 1) * batch_size), seq_len)
-            yield batch, int(self.token_byte_lengths[batch[:, 1:]].sum())
 
 
 def stream_with_bytes(

@@ -79,7 +79,19 @@ def read_shards(paths: Sequence[str]) -> Iterator[Document]:
 
 
 def corpus_shards(corpus_dir: str, source: str, split: str) -> list[str]:
-    """Paths of one source's shards of `split`, in order."""
+    """Paths of one source's shards of `split`, in order: those the manifest lists (a
+    glob would also match shards an earlier build with another shard count left), else,
+    for a directory without a manifest, those the shard names match."""
+    if os.path.isfile(os.path.join(corpus_dir, "manifest.json")):
+        manifest = load_manifest(corpus_dir, complete=False)
+        try:
+            listed = manifest["sources"][source][split]["shards"]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"{corpus_dir}/manifest.json lists no {split} shards of source {source!r}; "
+                f"its sources: {', '.join(sorted(manifest.get('sources') or {}))}"
+            ) from None
+        return [os.path.join(corpus_dir, name) for name in listed]
     pattern = os.path.join(corpus_dir, "shards", source, f"{split}.array_record-*")
     return sorted(glob.glob(pattern))
 

@@ -13,6 +13,7 @@ Datasets in the older tfrecord format need TensorFlow to read; convert them once
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 from gopher.data.sources import Document
@@ -51,6 +52,7 @@ class TfdsText:
             ) from None
         self.name, self.split, self.text_key = name, split, text_key
         self.source = source or name.split("/")[0].split(":")[0]
+        self.invalid_utf8 = 0  # documents read whose bytes were not UTF-8 (U+FFFD put in)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -64,7 +66,11 @@ class TfdsText:
             )
         text = example[self.text_key]
         if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:  # kept, with U+FFFD for the bad bytes, and counted
+                text = text.decode("utf-8", errors="replace")
+                self.invalid_utf8 += 1
         return Document(self.source, f"{self.name}/{self.split}/{index}", str(text))
 
     def __iter__(self) -> Iterator[Document]:
@@ -84,6 +90,13 @@ def tfds_documents(
     data = TfdsText(name, split, data_dir, text_key, source)
     count = len(data) if max_documents is None else min(len(data), max_documents)
     docs = [data[i] for i in range(count)]
+    if data.invalid_utf8:
+        print(
+            f"warning: TFDS {name!r} split {split!r}: {data.invalid_utf8} of {count} documents "
+            "had invalid UTF-8; read with U+FFFD in place of the bad bytes",
+            file=sys.stderr,
+            flush=True,
+        )
     record = {
         "kind": "tfds",
         "name": name,
@@ -93,5 +106,6 @@ def tfds_documents(
         "license": "see the dataset's TFDS catalogue page",
         "documents_read": count,
         "documents_available": len(data),
+        "documents_invalid_utf8": data.invalid_utf8,
     }
     return docs, record
