@@ -5,7 +5,9 @@ A checkpoint is one Orbax step directory holding two items:
   meta   JSON: step, the data pipeline's state, the run's config, the tokenizer's sha256
 
 Orbax writes each step into a temporary directory and renames it when every file is
-written, so a run killed mid-save leaves no half-written step that counts.
+written (on gs://, where a rename is a copy, it writes in place and commits the step with
+a commit_success.txt written last), so a run killed mid-save leaves no half-written step
+that counts.
 
 A restore that fails never trains from scratch (a fresh run plus `max_to_keep` would
 garbage-collect the steps it could not read):
@@ -62,6 +64,9 @@ log = logging.getLogger(__name__)
 # loop for ~3 s. Below 32 MiB per slice the split saves nothing, so only big arrays use it.
 _REPLICA_PARALLEL_MIN_BYTES = 32 * 2**20
 RECORD = "checkpoints.json"  # in the workdir: which checkpoint subdirectory is active
+# Orbax's mark of a finished step on gs:// (atomicity.CommitFileTemporaryPath, its default
+# there): <step>/commit_success.txt, written last
+COMMIT_MARKER = "commit_success.txt"
 _TRANSIENT_TEXT = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection")
 _RESTART_HINT = (
     "fix the storage and rerun, or pass --config.train.restart_from_scratch=true to train "
@@ -150,11 +155,18 @@ def _several_processes() -> bool:
     return jax.process_count() > 1
 
 
-def _step_dirs(directory: epath.Path) -> list[epath.Path]:
-    """Committed Orbax steps (integer-named directories; tmp ones carry a suffix)."""
+def step_dirs(directory: epath.Path) -> list[epath.Path]:
+    """Committed Orbax steps: integer-named directories. Locally a step being written
+    carries a tmp suffix until its rename; on gs:// Orbax writes straight into <step>/
+    and commits it with a COMMIT_MARKER there, so only a step holding one counts."""
     if not directory.exists():
         return []
-    return [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
+    gcs = paths.is_gcs(directory)
+    return [
+        p
+        for p in directory.iterdir()
+        if p.name.isdigit() and p.is_dir() and (not gcs or (p / COMMIT_MARKER).exists())
+    ]
 
 
 def _quarantine_root(directory: epath.Path) -> epath.Path:
@@ -462,7 +474,7 @@ class Checkpointer:
 
 
 def _has_work(directory: epath.Path) -> bool:
-    return bool(_step_dirs(directory)) or bool(_quarantined(directory))
+    return bool(step_dirs(directory)) or bool(_quarantined(directory))
 
 
 def _read_record(root: epath.Path) -> dict:

@@ -14,11 +14,13 @@ What jax does not do here:
   timeout and then aborts with a C++ stack trace. `PeerMonitor` keeps a heartbeat counter
   per process in the coordination service's key-value store; when a peer's counter stops
   for `peer_timeout_s`, or the coordinator itself is gone, the process exits with
-  PEER_LOST_EXIT_CODE and one line saying which process stopped.
+  PEER_LOST_EXIT_CODE and one line saying which process stopped. A process that
+  finished and leaves (`shutdown`) says so first: its silence is then no death.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -137,7 +139,13 @@ def initialize(
 
 def shutdown(quiet: bool = False) -> None:
     """Stops the peer monitor, then leaves the job (waits up to SHUTDOWN_TIMEOUT_S for the
-    others to leave too). `quiet`: on the way out after an error, ignore a failed leave."""
+    others to leave too). `quiet`: on the way out after an error, ignore a failed leave.
+
+    A clean leave is announced first: a peer still closing its run (process 0 flushing
+    metrics to GCS) must not take this process's silence for a death and exit 6."""
+    if _MONITOR is not None and not quiet:
+        with contextlib.suppress(Exception):  # then the peers judge by the heartbeat alone
+            _client().key_value_set(f"gopher/left/{jax.process_index()}", "1")
     stop_monitor()
     if _MONITOR is None:  # one process, or never joined
         return
@@ -199,23 +207,31 @@ def chief_first(name: str, fn):
     return fn()
 
 
+def exchange(key: str, value: str, timeout_s: float | None = None, what: str = "") -> list[str]:
+    """Every process's `value` under `key`, in process order (each passes its own; a key
+    is set once per job). Waits up to `timeout_s` (startup_timeout_s) for the others."""
+    if jax.process_count() <= 1:
+        return [str(value)]
+    timeout_s = timeout_s or startup_timeout_s()
+    client = _client()
+    client.key_value_set(f"gopher/{key}/{jax.process_index()}", str(value))
+    try:
+        return [
+            client.blocking_key_value_get(f"gopher/{key}/{p}", int(timeout_s * 1000))
+            for p in range(jax.process_count())
+        ]
+    except Exception as e:
+        raise _timed_out(what or f"report their {key}", timeout_s, e) from e
+
+
 def check_same(values: dict[str, str], timeout_s: float | None = None) -> None:
     """Raises ValueError unless every process passed the same `values` as process 0."""
     if jax.process_count() <= 1:
         return
-    timeout_s = timeout_s or startup_timeout_s()
-    client, me = _client(), jax.process_index()
+    me = jax.process_index()
     for name, value in values.items():
-        client.key_value_set(f"gopher/same/{name}/{me}", str(value))
-    for name in values:
-        ours = str(values[name])
-        try:
-            theirs = {
-                p: client.blocking_key_value_get(f"gopher/same/{name}/{p}", int(timeout_s * 1000))
-                for p in range(jax.process_count())
-            }
-        except Exception as e:
-            raise _timed_out(f"report their {name}", timeout_s, e) from e
+        ours = str(value)
+        theirs = dict(enumerate(exchange(f"same/{name}", ours, timeout_s, f"report their {name}")))
         bad = {p: v for p, v in theirs.items() if v != theirs[0]}
         if bad:
             p, v = next(iter(bad.items()))
@@ -270,6 +286,8 @@ class PeerMonitor:
             for p, value in values.items():
                 if value != seen[p][0]:
                     seen[p] = (value, now)
+                elif now - seen[p][1] > self.timeout and _left(client, p):
+                    del seen[p]  # it finished and is leaving the job: silent on purpose
                 elif now - seen[p][1] > self.timeout:
                     self._fail(
                         f"process {p} has sent no heartbeat for {now - seen[p][1]:.0f} s "
@@ -277,6 +295,14 @@ class PeerMonitor:
                         f"{PEER_LOST_EXIT_CODE}; restart the job to resume"
                     )
                     return
+
+
+def _left(client, p: int) -> bool:
+    """Whether process p announced a clean leave (`shutdown`)."""
+    try:
+        return _try_get(client, f"gopher/left/{p}") is not None
+    except Exception:  # the coordinator is gone: the next beat says so
+        return False
 
 
 def _try_get(client, key: str) -> str | None:

@@ -121,9 +121,11 @@ class Run:
 
 
 def open_workdir(workdir: str, config: dict, chief: bool, say=print):
-    """Checks the workdir; on process 0 takes its lock and checks the experiment against
-    the one recorded (it is recorded once the run is set up, in `run`)."""
+    """Checks the workdir (and that every process sees the same one); on process 0 takes
+    its lock and checks the experiment against the one recorded (it is recorded once the
+    run is set up, in `run`)."""
     workdir_lib.check_writable(workdir)
+    workdir_lib.check_shared(workdir)
     if not chief:
         return None
     lock = workdir_lib.WorkdirLock(workdir)

@@ -13,6 +13,7 @@ anonymously (no credentials are needed or looked for).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from typing import Any
@@ -147,17 +148,21 @@ def check_credentials(url: str) -> None:
 
 def check_access(url: str) -> None:
     """Credentials, then a probe object written and deleted: one line if either fails."""
+    from gcsfs.retry import HttpError  # 401, 400, 429, 5xx: neither OSError nor ValueError
+
     check_credentials(url)
     bucket = split_gcs(url)[0]
     probe = f"{url.rstrip('/')}/.write-test-{uuid.uuid4().hex[:12]}"
     try:
-        write(probe, b"gopher write test", if_generation_match=0)
+        # 412 on a unique name: our own create, which gcsfs retried after its reply was lost
+        with contextlib.suppress(FileExistsError):
+            write(probe, b"gopher write test", if_generation_match=0)
         delete(probe)
     except FileNotFoundError:
         raise ValueError(
             f"gs://{bucket} does not exist; create it or pass another --workdir"
         ) from None
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ValueError, HttpError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(
             f"gs://{bucket}: cannot write {url} ({first[:160]}); check the bucket's "

@@ -1,4 +1,4 @@
-"""The run directory: writable, holding this experiment and no other.
+"""The run directory: writable, one place for every host, holding this experiment and no other.
 
 WORKDIR/config.json records the experiment. A restart with the same workdir must be
 the same experiment (model, data, optimiser recipe, seed; the parallel layout may change);
@@ -13,7 +13,8 @@ moved) while different data is refused.
 The training loop checks the config before it sets a run up (`check_config`) and writes
 it only once the run is set up (`record_config`), so a run that failed before that
 leaves nothing behind. A workdir that holds no checkpoint (nothing trained was kept)
-takes a different experiment's config; one with checkpoints refuses it.
+takes a different experiment's config; one with checkpoints refuses it. A job of several
+processes first checks that they all see the same workdir (`check_shared`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,68 @@ def check_writable(workdir: str) -> None:
         ) from None
 
 
+SHARED_PROBE_WAIT_S = 5.0  # how long a host looks for process 0's probe (NFS caches)
+_probes = 0  # check_shared calls so far: each exchanges under keys of its own
+
+
+def check_shared(workdir: str, wait_s: float = SHARED_PROBE_WAIT_S) -> None:
+    """With several processes: refuses a workdir that is not one place for all of them.
+
+    Orbax commits a multi-host checkpoint on process 0, so each host's shards must land
+    where process 0 looks: on a pod a local --workdir is each worker's own disk, where
+    no step would ever be complete and hosts would resume from different steps. Process
+    0 writes a probe file named by a random token that it shares through the
+    coordination service; every process must read it back (within `wait_s`), then it is
+    removed. Otherwise a one-line ValueError (the CLI's exit 2) on every process.
+    """
+    import jax
+
+    from gopher import distributed
+
+    if jax.process_count() <= 1:
+        return
+    global _probes
+    _probes += 1
+    me, key = jax.process_index(), f"workdir-probe/{_probes}"
+    root = paths.resolve(workdir)
+    token, error = (uuid.uuid4().hex if me == 0 else ""), ""
+    if me == 0:
+        try:
+            paths.write_atomic(root / f".shared-probe-{token}", token.encode())
+        except OSError as e:  # rare after check_writable; the others must not wait for us
+            token, error = "", f" ({e})"
+    token = distributed.exchange(f"{key}/token", token, what="reach the workdir check")[0]
+    if not token:
+        raise ValueError(
+            f"--workdir={workdir}: process 0 could not write a probe file there{error}; "
+            "pass a --workdir every host can write to"
+        )
+    probe = root / f".shared-probe-{token}"
+    seen = me == 0 or _sees(probe, token, wait_s)
+    seen_by = distributed.exchange(f"{key}/seen", str(int(seen)), what="check the workdir")
+    if me == 0:  # every process has looked
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    blind = [p for p, s in enumerate(seen_by) if s != "1"]
+    if blind:
+        raise ValueError(
+            f"--workdir={workdir} is not shared between the hosts (process {blind[0]} cannot "
+            "see process 0's files): use a gs:// workdir or a shared filesystem"
+        )
+
+
+def _sees(probe, token: str, wait_s: float) -> bool:
+    """Whether `probe` holds `token`, looking again for up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with contextlib.suppress(OSError):  # not there (yet)
+            if probe.read_text() == token:
+                return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+
+
 def _differences(old: dict, new: dict) -> list[str]:
     out = []
     sections = {k for k in set(old) | set(new) if isinstance(old.get(k, new.get(k)), dict)}
@@ -104,6 +167,8 @@ def kept_checkpoints(workdir: str) -> list[str]:
     """What WORKDIR keeps of a run's training: each checkpoint directory with committed
     steps (WORKDIR/checkpoints, or checkpoints-K after a restart_from_scratch) and each
     quarantined step, as short descriptions; [] when it keeps none."""
+    from gopher.checkpoint import step_dirs  # imports jax and Orbax, which callers have
+
     root = paths.resolve(workdir)
     if not root.is_dir():
         return []
@@ -111,7 +176,7 @@ def kept_checkpoints(workdir: str) -> list[str]:
     for d in sorted(root.iterdir(), key=lambda p: p.name):
         name = d.name
         if name == "checkpoints" or (name.startswith("checkpoints-") and name[12:].isdigit()):
-            steps = sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and p.is_dir())
+            steps = sorted(int(p.name) for p in step_dirs(d))
             if steps:
                 span = f"{steps[0]}..{steps[-1]}" if len(steps) > 1 else f"{steps[0]}"
                 found.append(f"{name}/ step{'s' * (len(steps) > 1)} {span}")
@@ -254,6 +319,18 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _process_start_time() -> float | None:
+    """When this process started (seconds since the epoch), from /proc; None without it."""
+    try:
+        with open("/proc/self/stat", "rb") as f:  # field 22, starttime: ticks after boot
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _parse(raw: bytes) -> dict:
     try:
         info = json.loads(raw)
@@ -287,13 +364,14 @@ class WorkdirLock:
     `acquire()` creates the lock if absent (local: a hard link of a complete temporary
     file, which fails if the name exists, like O_CREAT|O_EXCL but never half-written;
     gs://: an upload with ifGenerationMatch=0). A lock whose holder is gone (same host:
-    its pid does not exist; any host: no heartbeat for `stale_after_s`) is taken over
-    with a warning: locally under an flock after re-reading it unchanged, on GCS with
-    ifGenerationMatch=<the stale generation>, so of two runs taking over at once exactly
-    one wins. A live holder makes `acquire()` raise WorkdirLocked at once. A daemon
-    thread rewrites heartbeat_time every `heartbeat_s`; `lost` turns True if another
-    run took the lock over meanwhile. `release()` removes the lock only if it is still
-    ours.
+    its pid does not exist, or is this process's own, reused by a restarted container,
+    while the lock is older than this process; any host: no heartbeat for
+    `stale_after_s`) is taken over with a warning: locally under an flock after
+    re-reading it unchanged, on GCS with ifGenerationMatch=<the stale generation>, so of
+    two runs taking over at once exactly one wins. A live holder makes `acquire()` raise
+    WorkdirLocked at once. A daemon thread rewrites heartbeat_time every `heartbeat_s`;
+    `lost` turns True if another run took the lock over meanwhile. `release()` removes
+    the lock only if it is still ours.
     """
 
     def __init__(
@@ -337,11 +415,23 @@ class WorkdirLock:
         if not info:
             return "the lock file is unreadable"
         age = time.time() - float(info.get("heartbeat_time") or 0)
-        if info.get("host") == self.host and not _pid_alive(int(info.get("pid") or -1)):
+        pid = int(info.get("pid") or -1)
+        if info.get("host") == self.host and not _pid_alive(pid):
             return f"pid {info.get('pid')} no longer exists on {self.host}"
+        if info.get("host") == self.host and pid == self.pid and self._before_us(info):
+            # A restarted container numbers its processes from 1 again: the dead run's pid
+            # can be ours. A lock taken before this process started is not ours.
+            return f"pid {pid} is now this process (the lock's run started before it)"
         if age > self.stale_after_s:
             return f"no heartbeat for {age / 60:.1f} min"
         return None
+
+    def _before_us(self, info: dict) -> bool:
+        """Whether the lock was taken before this process started (so not by it)."""
+        started = _process_start_time()
+        if started is None or info.get("run_id") == self.run_id:
+            return False
+        return float(info.get("start_time") or 0) < started - 1.0  # /proc's ticks: 10 ms
 
     def _locked(self, info: dict) -> WorkdirLocked:
         age = time.time() - float(info.get("heartbeat_time") or 0)

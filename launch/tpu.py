@@ -105,12 +105,29 @@ class Runner:
         done = subprocess.run(self._real(argv), stdout=subprocess.PIPE, text=True, check=False)
         return done.returncode, done.stdout
 
+    def output_and_errors(self, argv: Sequence[str]) -> tuple[int, str, str]:
+        """Runs and returns (status, stdout, stderr); stderr is passed on as well."""
+        if self.dry_run:
+            print(shlex.join(argv), file=self.out, flush=True)
+            return 0, "", ""
+        done = subprocess.run(self._real(argv), capture_output=True, text=True, check=False)
+        sys.stderr.write(done.stderr)
+        return done.returncode, done.stdout, done.stderr
+
+
+# describe's error for a node (queued resource) that does not exist: "ERROR:
+# (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource '...' was not found."
+NOT_FOUND_TEXT = ("NOT_FOUND", "was not found")
+UNKNOWN = "UNKNOWN"  # describe failed otherwise (offline, an API hiccup): ask again later
+
 
 def state(spec: g.TpuSpec, runner: Runner) -> str:
-    status, out = runner.output(g.describe_argv(spec))
-    # describe fails for a node that is gone (or, rarely, for an API hiccup: then the
-    # create that follows fails too and the wait below retries it).
-    return (out.strip().split() or ["NOT_FOUND"])[0].upper() if status == 0 else "NOT_FOUND"
+    """The node's (queued resource's) state; NOT_FOUND when gcloud says it does not exist,
+    UNKNOWN when describe failed for another reason."""
+    status, out, err = runner.output_and_errors(g.describe_argv(spec))
+    if status != 0:
+        return "NOT_FOUND" if any(t in err for t in NOT_FOUND_TEXT) else UNKNOWN
+    return (out.strip().split() or ["NOT_FOUND"])[0].upper()
 
 
 def wait_ready(
@@ -122,7 +139,8 @@ def wait_ready(
     log: Callable[[str], None] = print,
 ) -> int | None:
     """Polls until the node is READY (queued resource ACTIVE), recreating it when gone;
-    gives up after `max_creates` creates (0: never: spot capacity can take hours).
+    gives up after `max_creates` creates (0: never: spot capacity can take hours). A
+    describe that fails other than with NOT_FOUND is asked again after `poll_s`.
     Returns how many creates succeeded (0: the node that was there, whose jobs may still
     run), or None after giving up."""
     creates = made = 0
@@ -143,7 +161,10 @@ def wait_ready(
             else:
                 sleep(poll_s)  # e.g. no capacity right now
             continue
-        log(f"supervise: {spec.name} is {now}: waiting {poll_s:g}s")
+        if now == UNKNOWN:  # no create: that would count against --max-creates
+            log(f"supervise: describing {spec.name} failed (see above); again in {poll_s:g}s")
+        else:
+            log(f"supervise: {spec.name} is {now}: waiting {poll_s:g}s")
         sleep(poll_s)
 
 

@@ -81,6 +81,20 @@ def test_check_writable_and_record_config_on_gcs(emulator):
     assert [p.name for p in paths.resolve("gs://bucket/cfg/run").iterdir()] == ["config.json"]
 
 
+def test_probe_whose_first_create_landed_is_no_refusal(emulator, monkeypatch):
+    """gcsfs retries a create whose reply was lost; when the first try had landed, the
+    retry's ifGenerationMatch=0 gets 412 on our own probe: the bucket is writable."""
+    import types
+    import uuid
+
+    token = uuid.UUID(int=7)
+    monkeypatch.setattr(paths, "uuid", types.SimpleNamespace(uuid4=lambda: token))
+    probe = f"gs://bucket/probe-retry/.write-test-{token.hex[:12]}"
+    paths.write(probe, b"gopher write test")  # the first try, landed
+    workdir_lib.check_writable("gs://bucket/probe-retry")
+    assert paths.stat(probe) is None  # and removed
+
+
 def _fake_lock(url, host, heartbeat_age_s):
     info = {
         "host": host,
@@ -354,6 +368,53 @@ def test_damaged_step_is_quarantined_on_gcs(emulator):
     record, _ = paths.read(f"{directory}/quarantine.jsonl")
     (line,) = record.decode().splitlines()
     assert json.loads(line)["step"] == 20
+
+
+def test_a_step_without_its_commit_marker_is_no_checkpoint_on_gcs(emulator):
+    """On gs:// Orbax writes straight into <step>/ and commits it last with
+    commit_success.txt; a save cut before that is no checkpoint (Orbax's own listing is
+    the oracle): it neither makes the workdir refuse another experiment nor counts as
+    work a restart_from_scratch must leave for a new directory. With the marker it is.
+    (checkpoint_directory itself is not called: the emulator lacks GCS's moveTo, and
+    gcsfs's retries before its fallback take 34 s a record.)"""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from gopher import checkpoint as checkpoint_lib
+
+    workdir = "gs://bucket/uncommitted"
+    directory = f"{workdir}/checkpoints"
+    ck = checkpoint_lib.Checkpointer(directory, async_save=False)
+    assert ck.save(5, {"w": jnp.zeros((4,))}, {"step": 5})
+    ck.close()
+    marker = f"{directory}/5/commit_success.txt"
+    content, _ = paths.read(marker)  # where Orbax puts it
+    paths.delete(marker)  # the save was cut before its commit
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+
+    def orbax_steps():
+        with ocp.CheckpointManager(directory, options=options) as m:
+            return m.all_steps()
+
+    def step_dirs():  # what checkpoint_directory's restart_from_scratch counts as work
+        return [p.name for p in checkpoint_lib.step_dirs(paths.resolve(directory))]
+
+    config = {"model": {"d_model": 8}, "train": {"steps": 10}}
+    other = {**config, "model": {"d_model": 16}}
+    workdir_lib.record_config(workdir, config)
+    assert orbax_steps() == [] and paths.resolve(f"{directory}/5").is_dir()
+    assert workdir_lib.kept_checkpoints(workdir) == []
+    said = []
+    workdir_lib.check_config(workdir, other, said.append)  # nothing kept: replaced
+    assert len(said) == 1 and "keeps no checkpoint" in said[0]
+    assert step_dirs() == []
+
+    paths.write(marker, content)  # committed
+    assert orbax_steps() == [5]
+    assert workdir_lib.kept_checkpoints(workdir) == ["checkpoints/ step 5"]
+    with pytest.raises(ValueError, match="different experiment .* with checkpoints"):
+        workdir_lib.check_config(workdir, other, said.append)
+    assert step_dirs() == ["5"]
 
 
 def jax_struct(shape):

@@ -446,8 +446,12 @@ def take(key):  # the next scripted value; the last one repeats
 args = sys.argv[1:]
 if "describe" in args:
     state = take("states")
-    if state == "NOT_FOUND":
-        sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND")
+    if state == "NOT_FOUND":  # gcloud's words (marin-community/marin#3404)
+        sys.exit("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource "
+                 "'projects/p/locations/z/nodes/t1' was not found.")
+    if state == "OFFLINE":
+        sys.exit("ERROR: gcloud crashed (ConnectionError): HTTPSConnectionPool("
+                 "host='tpu.googleapis.com', port=443): Max retries exceeded")
     print(state)
 elif "ssh" in args and any("gopher-run" in a for a in args):
     sys.exit(take("runs"))
@@ -542,8 +546,31 @@ def test_lost_ssh_on_a_preempted_node_is_a_new_attempt(fake_gcloud) -> None:
 
 
 def test_lost_ssh_while_offline_still_reattaches(fake_gcloud) -> None:
-    """Offline, describe fails as for a node that is gone, and so does the create: once
-    back, the node that was there all along is READY and its job is followed again."""
+    """Offline, describe fails without NOT_FOUND: supervise asks again (no create, which
+    would start the job over); once back, the node is READY and its job is followed."""
+    calls = fake_gcloud(["READY", "OFFLINE", "READY"], runs=[255, 0])
+    status, slept = supervise(NASTY)
+    assert status == 0 and slept == [7]
+    assert kinds(calls) == [
+        *["describe", "scp", "setup", "run"],
+        *["describe", "describe", "run"],
+    ]
+    first, second = _runs(calls)
+    assert first == second
+
+
+def test_failed_describes_do_not_use_up_max_creates(fake_gcloud) -> None:
+    """Describe failures (offline, an API hiccup) are not a node that is gone: with
+    --max-creates=1 the one create is left for the NOT_FOUND that follows them."""
+    calls = fake_gcloud(["OFFLINE"] * 3 + ["NOT_FOUND", "READY"], runs=[0])
+    status, slept = supervise(NASTY, max_creates=1)
+    assert status == 0 and slept == [7, 7, 7]
+    assert kinds(calls)[:6] == ["describe"] * 4 + ["create", "describe"]
+
+
+def test_a_failed_create_on_a_node_said_gone_still_reattaches(fake_gcloud) -> None:
+    """describe says NOT_FOUND and the create fails (e.g. the node exists after all):
+    once the node is READY, its job, there all along, is followed again."""
     calls = fake_gcloud(["READY", "NOT_FOUND", "READY"], runs=[255, 0], creates=[1])
     status, slept = supervise(NASTY)
     assert status == 0 and slept == [7]

@@ -284,6 +284,33 @@ def test_peer_monitor_says_which_process_stopped(monkeypatch, case):
         assert took < 1, took
 
 
+def test_a_peer_that_left_cleanly_is_not_taken_for_dead(monkeypatch):
+    """At a run's end one process reaches `shutdown` and stops beating while another still
+    closes its run (process 0 flushing metrics to GCS can take over the 45 s): the
+    announced leave is no death. A process that stops without one still is."""
+    import threading
+
+    from gopher import distributed
+
+    fake = _FakeCoordination(3, frozen={0, 2})
+    monkeypatch.setattr(distributed, "_client", lambda: fake)
+    leaving = distributed.PeerMonitor(distributed.Job(0, 3, None), peer_timeout_s=45)
+    monkeypatch.setattr(distributed, "_MONITOR", leaving)  # joined: shutdown announces
+    monkeypatch.setattr(distributed.jax, "process_index", lambda: 0)
+    monkeypatch.setattr(distributed.jax.distributed, "shutdown", lambda: None)
+    distributed.shutdown()  # process 0 finished first
+    assert fake.values["gopher/left/0"] == "1"
+    said = []
+    job = distributed.Job(process_index=1, process_count=3, coordinator="10.0.0.1:8476")
+    monitor = distributed.PeerMonitor(job, peer_timeout_s=0.3, beat_every_s=0.02)
+    monitor._fail = said.append
+    thread = threading.Thread(target=monitor._run)
+    thread.start()
+    thread.join(timeout=5)  # returns at its first failure
+    monitor.stop()
+    assert len(said) == 1 and said[0].startswith("process 2 has sent no heartbeat"), said
+
+
 def test_peer_monitor_stopped_on_purpose_says_nothing(monkeypatch):
     from gopher import distributed
 
@@ -452,6 +479,31 @@ def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any(
         (tmp_path / "run" / "checkpoints").iterdir()
     )
+
+
+def test_hosts_that_do_not_share_the_workdir_refuse_to_start(tmp_path):
+    """A pod's local --workdir is each worker's own disk, where Orbax's checkpoints (made
+    whole on process 0) never are. Two processes given directories of their own, as two
+    hosts' disks would be: both refuse in one line, exit 2, before the lock or the data.
+    (The same workdir passes: every other job in this file.)"""
+    port = _free_port()
+    disks = [tmp_path / f"disk-{i}" / "run" for i in (0, 1)]
+    procs = [
+        _spawn(tmp_path, port, i, _train_args(disks[i], tmp_path, preset="test")) for i in (0, 1)
+    ]
+    try:
+        codes = [p.wait(timeout=300) for p, _ in procs]
+    finally:
+        _stop(procs)
+    logs = [(tmp_path / f"stderr-{i}").read_text() for i in (0, 1)]
+    assert codes == [2, 2], (codes, logs[0][-1500:], logs[1][-1500:])
+    for i, text in enumerate(logs):
+        (line,) = [x for x in text.splitlines() if "is not shared between the hosts" in x]
+        assert line == (
+            f"error: --workdir={disks[i]} is not shared between the hosts (process 1 cannot "
+            "see process 0's files): use a gs:// workdir or a shared filesystem"
+        )
+        assert list(disks[i].iterdir()) == []  # no probe left, no lock taken
 
 
 def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):

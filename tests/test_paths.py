@@ -83,6 +83,50 @@ def test_gcs_credentials_found_where_google_auth_looks(no_credentials, tmp_path,
     paths.check_credentials("gs://b/run")  # an emulator takes anonymous requests
 
 
+@pytest.mark.parametrize(
+    "status, message",
+    [
+        (401, "Anonymous caller does not have storage.objects.create access to the object."),
+        (400, "Bad Request"),
+    ],
+)
+def test_gcs_http_errors_of_the_probe_are_one_line(monkeypatch, status, message):
+    """gcsfs raises its own HttpError (neither OSError nor ValueError) for a 401 or 400:
+    against a real HTTP server answering every request with it, the workdir check is one
+    line naming the workdir and the fix, not a traceback."""
+    import http.server
+    import threading
+
+    body = json.dumps({"error": {"code": status, "message": message}}).encode()
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+        with pytest.raises(ValueError) as e:
+            workdir_lib.check_writable("gs://bucket/run")
+    finally:
+        server.shutdown()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("gs://bucket: cannot write gs://bucket/run"), msg
+    assert message in msg and str(status) in msg  # the server's own words
+    assert "permissions" in msg and "gcloud auth application-default login" in msg
+
+
 def test_train_cli_gs_workdir_without_credentials(no_credentials, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()

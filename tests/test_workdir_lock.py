@@ -84,6 +84,25 @@ def test_lock_of_a_zombie_is_taken_over(tmp_path):
         child.wait()
 
 
+def test_lock_of_a_reused_pid_is_taken_over_only_when_older_than_us(tmp_path):
+    """A restarted container numbers its processes from 1 again, so a dead run's lock (same
+    host, fresh heartbeat) can name our own pid: it was taken before this process started
+    and is stale. A lock this process took (another WorkdirLock in it) stays alive."""
+    host, me = socket.gethostname(), os.getpid()
+    _fake_lock(tmp_path, host, me, heartbeat_age_s=1)  # taken in 2023, beating still
+    said = []
+    lock = WorkdirLock(str(tmp_path), say=said.append).acquire()
+    try:
+        assert len(said) == 1 and said[0].startswith("warning: taking over"), said
+        assert f"pid {me}" in said[0]
+        assert json.loads((tmp_path / "lock.json").read_text())["run_id"] == lock.run_id
+    finally:
+        lock.release()
+    _fake_lock(tmp_path, host, me, heartbeat_age_s=1, start_time=time.time() - 1)  # ours
+    with pytest.raises(WorkdirLocked, match=f"pid {me}"):
+        WorkdirLock(str(tmp_path)).acquire()
+
+
 def test_other_host_lock_stale_after_heartbeat_timeout(tmp_path):
     _fake_lock(tmp_path, "other-host.example", 12345, heartbeat_age_s=120)
     said = []
