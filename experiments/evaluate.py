@@ -27,7 +27,9 @@ is skipped with a one-line warning (training quarantines it, not this), and a
 restart_from_scratch in progress stays in progress.
 
 Writes WORKDIR/eval/step_<N>.json after each task (it keeps the results of earlier runs
-for other tasks at that step, so a failure later loses nothing scored), then prints a
+for other tasks at that step, so a failure later loses nothing scored; each result says
+how it was made: a task its limit, max_len and batch_size, a text its window, stride,
+batch_size and, held out, heldout_docs; None = every item or document), then prints a
 markdown table (task, split, items, metrics, chance) or, with --json, one JSON object
 {task: {"accuracy" or "bpb", "chance", other metrics}}, then writes them with the step and
 timings to --out (checked before anything is scored). Progress and compile vs run time go
@@ -59,7 +61,14 @@ _DATA_PATHS = flags.DEFINE_list(
     "With --heldout, a source=files run: read its data from these paths (where it is now) "
     "instead of config.json's data.paths. Give the same files, moved.",
 )
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Rows of seq_len tokens per batch.")
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size",
+    32,
+    "Rows of seq_len tokens per batch (rounded up to a multiple of the data devices); "
+    "longer rows go fewer per batch, but never fewer than one per data device, so a "
+    "batch of rows L tokens long holds up to max(batch_size x seq_len, data devices x L) "
+    "positions: with many devices, lower --max_len, not this, to bound memory.",
+)
 _MAX_LEN = flags.DEFINE_integer(
     "max_len",
     None,
@@ -266,11 +275,16 @@ def evaluate() -> tuple[dict, dict, str]:
         say(f"{name}: {len(task.items)} items ({task.split})")
         key = _result_key(name, task)
         results[key] = harness.evaluate_task(scorer, task)
+        # How it was made: the step file keeps earlier runs' results beside this one's.
+        results[key].update(
+            limit=_LIMIT.value, max_len=scorer.max_len, batch_size=_BATCH_SIZE.value
+        )
         _say_done(key, results[key])
         step_file.write(record())
     for name, group in {**sources, **{k: [v] for k, v in texts.items()}}.items():
         say(f"{name}: {len(group)} documents")
         results[name] = harness.evaluate_text(scorer, group)
+        results[name]["batch_size"] = _BATCH_SIZE.value
         if name.startswith("heldout/"):
             # How this bpb was made, so it is not mistaken for the in-training figure or
             # the sweep's (other windows, other documents): None = every document.

@@ -7,8 +7,8 @@
 Each run trains in its own `python -m experiments.train` process, in WORKDIR/runs/NAME
 (default WORKDIR: runs/sweep_VARIANT), then is evaluated here: bits per byte of the first
 `eval.heldout_docs` held-out documents of every source (each cut to `eval.doc_bytes`
-bytes, the same documents for every run, kept per document for the bootstrap) and the
-zero-shot tasks; the result goes to WORKDIR/runs/NAME/sweep_result.json. Then the report:
+bytes at a word boundary, a cut one scored without an end-of-document token; the same
+documents for every run, kept per document for the bootstrap) and the zero-shot tasks; the result goes to WORKDIR/runs/NAME/sweep_result.json. Then the report:
 results table (markdown + CSV), power-law and Chinchilla fits with bootstrap intervals,
 IsoFLOP minima and plots, into --results_dir (default results/sweep_VARIANT).
 
@@ -16,8 +16,8 @@ Run names: SIZE_BUDGET, then _sSEED for a seed other than 0; with a `precisions`
 (the ablation) SIZE_BUDGET_PRECISION_sSEED for every run. Adding seeds keeps the names.
 
 Resuming: run the same command again. A run with a result file is not redone while what
-it trains (its base config with the sweep's overrides) and how it is evaluated (`eval`)
-are unchanged; a run that was training resumes from its newest checkpoint
+it trains (its base config with the sweep's overrides) and how it is evaluated (`eval`,
+and sweep_eval.EVAL_METHOD) are unchanged; a run that was training resumes from its newest checkpoint
 (experiments.train's own resume), and one that trained but was not evaluated is only
 evaluated. A result made under other eval settings is evaluated again; one made under
 another training config goes back to the trainer, which resumes the same experiment (a

@@ -289,11 +289,17 @@ def test_out_is_checked_first_and_results_are_written_as_tasks_finish(run, tmp_p
         assert tasks["mixed"][metric] == tasks["task"][metric]  # as if it were not there
     step_file = workdir / "eval" / "step_2.json"
     assert json.loads(step_file.read_text())["tasks"] == tasks
+    for r in tasks.values():  # how each was made
+        assert (r["limit"], r["max_len"], r["batch_size"]) == (None, 32, 32), r
 
-    step_file.unlink()
-    failed = _run(*base[:3], f"--tasks=file:{run[2]},file:{long}", "--max_len=32")
+    # A second run, --limit=2: `task` is scored and written, then `long` fails. The step
+    # file keeps the first run's `mixed` beside the second's `task`, each with its --limit.
+    second = [f"--tasks=file:{run[2]},file:{long}", "--max_len=32", "--limit=2"]
+    failed = _run(*base[:3], *second)
     assert failed.returncode == 2 and "pass --max_len=" in failed.stderr.splitlines()[-1]
-    assert list(json.loads(step_file.read_text())["tasks"]) == ["task"]  # kept
+    saved = json.loads(step_file.read_text())["tasks"]
+    assert sorted(saved) == ["mixed", "task"] and saved["mixed"] == tasks["mixed"]
+    assert (saved["task"]["limit"], saved["task"]["items"]) == (2, 2)  # the second run's
 
 
 @pytest.mark.slow  # make test-all; the suite's time budget

@@ -4,6 +4,7 @@ model, and a real randomly initialised Gopher scored one request at a time on on
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import unicodedata
 
@@ -74,9 +75,10 @@ def _oracle_request(tokenizer, table, context, continuation, move_space=True):
     return total, len(cont), greedy, len(continuation.encode("utf-8"))
 
 
-def _oracle_text_nll(tokenizer, table, text):
+def _oracle_text_nll(tokenizer, table, text, close=True):
+    """Sum NLL and targets of [EOS] + text + [EOS] (close=False: no closing EOS)."""
     lp = _log_probs(table)
-    s = [tokenizer.eos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    s = [tokenizer.eos_id, *tokenizer.encode(text), *([tokenizer.eos_id] if close else [])]
     return -sum(lp[a, b] for a, b in zip(s[:-1], s[1:], strict=False)), len(s) - 1
 
 
@@ -261,11 +263,14 @@ def test_requests_past_seq_len_are_counted_as_extrapolated(tokenizer):
 
 
 def test_windows_score_every_target_exactly_once():
+    """Of a whole document's stream, [EOS] + ids + [EOS], and of a cut one's (close=False),
+    [EOS] + ids: its end is not the document's, so no EOS target."""
     ids = np.arange(10, 10 + 57, dtype=np.int32)
     eos = 2
-    stream = np.concatenate([[eos], ids, [eos]])
-    for window, stride in [(16, 8), (16, 16), (16, 1), (16, 5), (64, 32), (100, 50), (1, 1)]:
-        rows = stream_windows(ids, eos, window, stride)
+    cases = [(16, 8), (16, 16), (16, 1), (16, 5), (64, 32), (100, 50), (1, 1), (56, 56)]
+    for (window, stride), close in itertools.product(cases, (True, False)):
+        stream = np.concatenate([[eos], ids, [eos] if close else []]).astype(np.int32)
+        rows = stream_windows(ids, eos, window, stride, close=close)
         targets = np.concatenate([r.targets[r.mask] for r in rows])
         np.testing.assert_array_equal(targets, stream[1:])  # each once, in order
         for r in rows:
@@ -300,6 +305,12 @@ def test_bigram_bpb_uses_the_texts_own_bytes(tokenizer):
         assert got["bpb"] == pytest.approx(want, rel=1e-5)
         assert got["tokens"] == sum(o[1] for o in oracle) and got["bytes"] == num_bytes
     nll, count = scorer.text_nll(texts, 32, 7)
+    np.testing.assert_allclose(nll, [o[0] for o in oracle], rtol=1e-5)
+    np.testing.assert_array_equal(count, [o[1] for o in oracle])
+    # Cut documents (close=False) and a whole one together: no EOS target for the cut ones.
+    closes = [False, True, False]
+    oracle = [_oracle_text_nll(tokenizer, table, t, c) for t, c in zip(texts, closes, strict=True)]
+    nll, count = scorer.text_nll(texts, 32, 7, close=closes)
     np.testing.assert_allclose(nll, [o[0] for o in oracle], rtol=1e-5)
     np.testing.assert_array_equal(count, [o[1] for o in oracle])
 
@@ -417,3 +428,39 @@ def test_gopher_text_nll_gives_each_target_its_windows_context(tokenizer):
     # no compile) or that start one token late each give another total.
     for wrong in (oracle(text, 80, 80), oracle(text, 80, 40, drop=1)):
         assert abs(wrong[0] - want[0][0]) > 1e3 * 1e-6 * want[0][0]
+
+
+def test_gopher_cut_document_has_no_eos_target(tokenizer):
+    """Random `test` Gopher: a document cut to a length (close=False) scores exactly its
+    kept tokens, sum -log p(s[p] | s[:p]) over [EOS] + its tokens from one forward pass,
+    with no EOS target after them; a whole document beside it in the same call keeps its
+    closing EOS (the same pass over [EOS] + tokens + [EOS])."""
+    forward = build_forward(CFG)
+    params = jax.jit(forward.init)(jax.random.key(2), np.zeros((1, 8), np.int32))
+    cpu0 = jax.devices()[0]
+    one_params = jax.device_put(jax.device_get(params), cpu0)
+    one_device = jax.jit(forward.apply)
+    model = from_params(CFG, params, tokenizer, sharding.make_mesh(ParallelConfig(data=8)))
+    texts = ["The towns grew, and", "The towns grew."]  # the first cut mid-sentence
+
+    def oracle(text, close):
+        s = [tokenizer.eos_id, *tokenizer.encode(text), *([tokenizer.eos_id] if close else [])]
+        n = len(s) - 1  # targets s[1:]
+        # One pass over s[:-1], right-padded to 16 (one compile; causal: the padding
+        # after position p does not reach its logits).
+        x = np.zeros((1, 16), np.int32)
+        x[0, :n] = s[:-1]
+        lp = _log_softmax(np.asarray(one_device(one_params, jax.device_put(x, cpu0)))[0, :n])
+        return -lp[np.arange(n), s[1:]].sum(), n
+
+    scorer = Scorer(model, batch_size=8)
+    want = {(t, c): oracle(t, c) for t in texts for c in (True, False)}
+    assert all(n <= 16 for _, n in want.values())  # one window, one bucket each
+    for closes in ([False, True], [True, True], [False, False]):
+        nll, count = scorer.text_nll(texts, CFG.seq_len, close=closes)
+        pairs = list(zip(texts, closes, strict=True))
+        np.testing.assert_allclose(nll, [want[p][0] for p in pairs], rtol=1e-5)
+        np.testing.assert_array_equal(count, [want[p][1] for p in pairs])
+    # The closing EOS is a real share of the total, far past the tolerance.
+    cut, whole = want[texts[0], False][0], want[texts[0], True][0]
+    assert whole - cut > 1e3 * 1e-5 * cut

@@ -331,7 +331,8 @@ def test_a_result_is_stale_once_the_recipe_or_the_eval_changes(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     run = plan()
-    sweep_eval.write_json(str(run_dir / sweep_eval.RESULT_FILE), {"digest": run.digest()})
+    current = {"digest": run.digest(), "eval_method": sweep_eval.EVAL_METHOD}
+    sweep_eval.write_json(str(run_dir / sweep_eval.RESULT_FILE), current)
     assert sweep_eval.read_result(run, str(run_dir)) is not None
     assert sweep_eval.read_result(plan(limit=1000), str(run_dir)) is None
     assert sweep_eval.read_result(plan(optimizer="adamw", weight_decay=0.1), str(run_dir)) is None
@@ -341,7 +342,9 @@ def test_a_result_is_stale_once_the_recipe_or_the_eval_changes(tmp_path):
 def test_a_changed_eval_is_told_apart_from_a_changed_recipe(tmp_path):
     """A result made for the same training but other eval settings is only evaluated
     again (EVAL_CHANGED); another recipe goes back to the trainer (TRAIN_CHANGED); a result
-    from before results carried these digests is UNKEYED."""
+    from before results carried these digests is UNKEYED. One made with the same settings
+    by another EVAL_METHOD (before cut documents lost their closing EOS target: none
+    recorded) is evaluated again too."""
     base = tmp_path / "base.py"
 
     def plan(optimizer="adam", weight_decay=0.0, limit=200):
@@ -351,13 +354,151 @@ def test_a_changed_eval_is_told_apart_from_a_changed_recipe(tmp_path):
         return sweep.plan_runs(cfg)[0]
 
     run, path = plan(), tmp_path / sweep_eval.RESULT_FILE
-    sweep_eval.write_json(str(path), {"digest": run.digest(), "train_digest": run.train_digest})
+    before = {"digest": run.digest(), "train_digest": run.train_digest}
+    sweep_eval.write_json(str(path), before)  # no eval_method: scored the old way
+    assert sweep_eval.read_result(run, str(tmp_path)) is None
+    assert sweep_eval.stale_reason(run, str(tmp_path)) == sweep_eval.EVAL_CHANGED
+    sweep_eval.write_json(str(path), {**before, "eval_method": sweep_eval.EVAL_METHOD})
     assert sweep_eval.stale_reason(run, str(tmp_path)) == ""
     assert sweep_eval.stale_reason(plan(limit=0), str(tmp_path)) == sweep_eval.EVAL_CHANGED
     changed = plan(optimizer="adamw", weight_decay=0.1)
     assert sweep_eval.stale_reason(changed, str(tmp_path)) == sweep_eval.TRAIN_CHANGED
     sweep_eval.write_json(str(path), {"digest": "before the config was hashed"})
     assert sweep_eval.stale_reason(run, str(tmp_path)) == sweep_eval.UNKEYED
+
+
+# ---- how a run is evaluated: held-out documents cut to eval.doc_bytes, the task counts
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from gopher.data.sources import stdlib_documents
+    from gopher.data.tokenizer import Tokenizer
+
+    docs = stdlib_documents("train", 0.05)[:200]
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    return Tokenizer.train([d.text for d in docs], 512, path, sample_bytes=100_000)
+
+
+def _bigram_scorer(tokenizer, table, max_len=None):
+    """A bigram table (row a: logits of the token after a) as the `test` preset's model on
+    8 data devices: its scores have a closed form."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from gopher import sharding
+    from gopher.config import ParallelConfig, get_preset
+    from gopher.evals.scoring import Scorer
+    from gopher.inference import LoadedModel
+
+    mesh = sharding.make_mesh(ParallelConfig(data=8))
+    params = jax.device_put(table, NamedSharding(mesh, P()))
+    model = LoadedModel(get_preset("test"), params, lambda p, t: p[t], tokenizer, mesh)
+    return Scorer(model, batch_size=8, max_len=max_len)
+
+
+def _cut_oracle(text: str, limit: int) -> tuple[str, bool]:
+    """By brute force: the longest prefix within `limit` UTF-8 bytes that ends a word (a
+    non-space followed by a space), else the longest prefix within it."""
+    if not limit or len(text.encode()) <= limit:
+        return text, True
+    fits = [j for j in range(len(text) + 1) if len(text[:j].encode()) <= limit]
+    ends = [
+        j for j in fits if 0 < j < len(text) and text[j].isspace() and not text[j - 1].isspace()
+    ]
+    return text[: max(ends or fits)], False
+
+
+def test_a_cut_document_ends_at_a_word():
+    """eval.doc_bytes cuts a document before the last whitespace that fits, never mid-word
+    (the model would be scored on a word's first piece), and never mid-character."""
+    texts = [
+        "h\u00e9llo w\u00f6rld  again\tand\u00a0more\n\nend.",
+        "\u00e9\u00e9\u00e9\u00e9\u00e9 x",  # no whitespace within the first bytes
+        "   leading",
+        "\u65e5\u672c\u8a9e\u306e \u30c6\u30ad\u30b9\u30c8",
+        "nowhitespaceatall",
+    ]
+    for text in texts:
+        for limit in range(len(text.encode()) + 2):
+            assert sweep_eval.cut_document(text, limit) == _cut_oracle(text, limit), (text, limit)
+    assert sweep_eval.cut_document("the cat sat", 9) == ("the cat", False)  # not "the cat s"
+
+
+def test_cut_documents_are_scored_without_their_eos(tokenizer):
+    """The sweep's held-out loss of each document is the bigram's closed form over
+    [EOS] + its kept tokens, + the closing EOS only if it was not cut, in non-overlapping
+    windows of seq_len; its bytes are the kept text's."""
+    import numpy as np
+
+    from gopher.config import DataConfig, get_preset
+    from gopher.data.pipeline import heldout_documents
+
+    # heldout_fraction as the tokenizer's: one stdlib split per process (~3 s each)
+    cfg, data = get_preset("test"), DataConfig(source="stdlib", heldout_fraction=0.05)
+    held = sweep_eval.heldout_texts(cfg, data, "", docs=3, doc_bytes=300)
+    originals = heldout_documents(cfg, data, "")
+    for source, group in held.items():
+        for (text, whole), doc in zip(group, originals[source][:3], strict=True):
+            assert (text, whole) == _cut_oracle(doc.text, 300)
+    texts = {**held, "whole": [("A short document, whole.", True)]}
+    assert {w for group in texts.values() for _, w in group} == {True, False}
+
+    table = np.random.default_rng(0).normal(0, 2.0, (512, 512)).astype(np.float32)
+    x = table.astype(np.float64)
+    lp = x - np.log(np.exp(x).sum(1, keepdims=True))  # row a: log p(next | a)
+    eos = tokenizer.eos_id
+    want = []
+    for source, group in texts.items():
+        for text, whole in group:
+            s = [eos, *tokenizer.encode(text), *([eos] if whole else [])]
+            nll = -sum(lp[a, b] for a, b in zip(s[:-1], s[1:], strict=False))
+            want.append([source, nll, len(s) - 1, len(text.encode())])
+    assert max(w[2] for w in want) > 64  # several windows
+    got = sweep_eval.score_heldout(_bigram_scorer(tokenizer, table), texts, window=64)
+    for g, w in zip(got["doc_losses"], want, strict=True):
+        assert g[0] == w[0] and g[2:] == w[2:], (g, w)
+        assert g[1] == pytest.approx(w[1], rel=1e-5), (g, w)
+    nll, nbytes = sum(w[1] for w in want), sum(w[3] for w in want)
+    assert got["heldout_bpb"] == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-5)
+    assert got["heldout_tokens"] == sum(w[2] for w in want) and got["heldout_bytes"] == nbytes
+
+
+def test_task_results_keep_what_max_len_skipped_cut_or_extrapolated(tokenizer, tmp_path):
+    """The sweep's task result keeps the harness's skipped_items, truncated_requests and
+    extrapolated_requests (counted here from the requests' token lengths)."""
+    import numpy as np
+
+    seq_len, max_len = 64, 100
+    mid = "word"
+    while len(tokenizer.encode(mid + " end")) <= seq_len:
+        mid += " word"
+    items = [
+        ("The sky is", [" blue", " green"]),
+        ("Water is", [" wet", " and then" * 60]),  # a continuation past max_len: skipped
+        ("word " * 200 + "word", [" end", " stop"]),  # past max_len: truncated
+        (mid, [" end", " stop"]),  # past seq_len: extrapolated
+    ]
+    path = tmp_path / "items.jsonl"
+    path.write_text(
+        "".join(json.dumps({"context": c, "continuations": k, "gold": 0}) + "\n" for c, k in items)
+    )
+    lengths = [[(len(tokenizer.encode(c)), len(tokenizer.encode(x))) for x in k] for c, k in items]
+    kept = [ls for ls in lengths if all(n <= max_len for _, n in ls)]
+    rows = [c + n for ls in kept for c, n in ls]  # input tokens: [EOS] + context + cont - 1
+    want = {
+        "items": len(kept),
+        "skipped_items": len(items) - len(kept),
+        "truncated_requests": sum(r > max_len for r in rows),
+        "extrapolated_requests": sum(min(r, max_len) > seq_len for r in rows),
+    }
+    assert all(want.values()) and want["extrapolated_requests"] > want["truncated_requests"]
+    table = np.random.default_rng(1).normal(0, 2.0, (512, 512)).astype(np.float32)
+    scorer = _bigram_scorer(tokenizer, table, max_len=max_len)
+    (got,) = sweep_eval.evaluate_tasks(scorer, f"file:{path}", 0).values()
+    assert {k: got[k] for k in want} == want
+    assert set(got) == set(sweep_eval.TASK_KEYS)
 
 
 def _names(cfg):
@@ -412,6 +553,7 @@ def _fake_result(run, i):
     return {
         **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("overrides", "skip")},
         "digest": run.digest(),
+        "eval_method": sweep_eval.EVAL_METHOD,
         "step": run.steps,
         "heldout_bpb": bpb,
         "heldout_loss": nll / sum(d[2] for d in docs),
@@ -498,3 +640,18 @@ def test_a_failed_trainers_status_is_the_sweeps(tmp_path, monkeypatch, code, sta
     with pytest.raises(sweep.RunFailed, match="the trainer's reason") as failed:
         sweep.train_run(None, run, str(tmp_path), sweep.Child(), lambda m: None)
     assert failed.value.code == status
+
+
+def test_a_null_loss_in_the_log_is_read_back_as_nan(tmp_path):
+    """metrics.jsonl writes a non-finite number as null (strict JSON); the sweep's curves
+    read it as NaN again, a number matplotlib and the fits skip, and keep the steps."""
+    lines = [
+        {"kind": "train", "step": 10, "loss": 5.0, "step_time_s": 0.5},
+        {"kind": "train", "step": 20, "loss": None, "step_time_s": 0.5},
+        {"kind": "eval", "step": 20, "heldout_bpb": None},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    log = sweep_eval._train_records(str(tmp_path))
+    assert log["steps"] == [10, 20] and log["loss"][0] == 5.0 and math.isnan(log["loss"][1])
+    assert log["eval_steps"] == [20] and math.isnan(log["eval_bpb"][0])
+    assert log["train_s"] == 10 * 0.5 + 10 * 0.5

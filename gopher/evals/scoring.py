@@ -32,13 +32,16 @@ window scores all its targets, each later one only the targets after those alrea
 scored, so every target is scored exactly once with at least L - stride tokens of
 context (except in the first window), and the last window may be short (padded and
 masked). bpb = sum NLL (nats) / (ln 2 * len(text.encode("utf-8"))): the text's own
-bytes, not those of the tokenizer's NFKC-normalised pieces.
+bytes, not those of the tokenizer's NFKC-normalised pieces. A text that is a document's
+first part only (cut to a length: `close=False`) is scored without the closing EOS,
+s = [EOS] + encode(text): its end is not the document's, so predicting EOS there would
+charge the model for an end that is not in the text.
 
 Single process: the per-row results are read back with np.asarray.
 
 Shape glossary:
   B rows in a batch (a multiple of model.batch_multiple)   L row length (a bucket)
-  V vocabulary size   N targets of a document's stream (its tokens + 1)
+  V vocabulary size   N targets of a document's stream (its tokens, + 1 if closed)
 """
 
 from __future__ import annotations
@@ -118,15 +121,19 @@ def request_row(
     return Row(seq[:-1], seq[1:], mask), dropped
 
 
-def stream_windows(ids: Sequence[int], eos_id: int, window: int, stride: int) -> list[Row]:
-    """Rows covering the stream [EOS] + ids + [EOS]: every one of its len(ids) + 1 targets
-    is unmasked in exactly one row, rows hold at most `window` inputs."""
+def stream_windows(
+    ids: Sequence[int], eos_id: int, window: int, stride: int, close: bool = True
+) -> list[Row]:
+    """Rows covering the stream [EOS] + ids + [EOS] (close=False: [EOS] + ids, a cut
+    document's): every one of its len(ids) + 1 (len(ids)) targets is unmasked in exactly
+    one row, rows hold at most `window` inputs."""
     if window < 1 or not 1 <= stride <= window:
         raise ValueError(
             f"window {window} and stride {stride} need 1 <= stride <= window; "
             "a stride past the window would skip targets"
         )
-    s = np.concatenate([[eos_id], np.asarray(ids, dtype=np.int32), [eos_id]]).astype(np.int32)
+    tail = [eos_id] if close else []
+    s = np.concatenate([[eos_id], np.asarray(ids, dtype=np.int32), tail]).astype(np.int32)
     n = len(s) - 1  # targets s[1:]
     rows, scored, start = [], 0, 0
     while scored < n:
@@ -155,8 +162,13 @@ def _move_trailing_space(context: str, continuation: str) -> tuple[str, str]:
 class Scorer:
     """Scores rows, requests and texts with `model`, compiling once per batch shape.
 
-    batch_size: rows per batch at length seq_len; longer rows go fewer per batch (the
-    batch holds at most batch_size * seq_len positions), shorter ones no more.
+    batch_size: rows per batch at length seq_len (rounded up to a multiple of
+    model.batch_multiple, the devices the batch is split over); longer rows go fewer per
+    batch, to about batch_size * seq_len positions, shorter ones no more. A batch never
+    holds fewer than batch_multiple rows (one per data shard), so a batch of rows of
+    length L holds up to max(batch_size * seq_len, batch_multiple * L) positions: with many
+    data devices, rows up to max_len (4 x seq_len by default) pass the first bound, and
+    only a lower max_len, not a lower batch_size, bounds them.
     """
 
     def __init__(
@@ -291,14 +303,26 @@ class Scorer:
         return len(self.model.tokenizer.encode(continuation))
 
     def text_nll(
-        self, texts: Sequence[str], window: int, stride: int | None = None
+        self,
+        texts: Sequence[str],
+        window: int,
+        stride: int | None = None,
+        close: bool | Sequence[bool] = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(sum NLL in nats [D], targets scored [D]) of each text as its own stream."""
+        """(sum NLL in nats [D], targets scored [D]) of each text as its own stream.
+
+        close: whether each text (or all) is a whole document, its closing EOS a target;
+        False for a document's first part (see the module docstring)."""
         stride = window // 2 if stride is None else stride
+        closes = [close] * len(texts) if isinstance(close, bool) else list(close)
+        if len(closes) != len(texts):
+            raise ValueError(
+                f"close has {len(closes)} entries for {len(texts)} texts; give one each"
+            )
         tok = self.model.tokenizer
         owners, rows = [], []
         for d, ids in enumerate(tok.encode_batch(list(texts))):
-            windows = stream_windows(ids, tok.eos_id, window, stride)
+            windows = stream_windows(ids, tok.eos_id, window, stride, closes[d])
             rows.extend(windows)
             owners.extend([d] * len(windows))
         nll, count, _ = self.score_rows(rows, cap=window)
