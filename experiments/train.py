@@ -76,7 +76,7 @@ def main(argv):
     with common.user_errors(_VERBOSE.value):
         model_cfg, train_cfg, data_cfg, parallel = common.configs_from_dict(_CONFIG.value)
         # Imported late so that flag errors print before jax loads.
-        from gopher import background_errors, checkpoint, distributed, loop, step_log, workdir
+        from gopher import background_errors, checkpoint, distributed, loop, step_log, workdir_lock
 
         if not _VERBOSE.value:
             # Background threads' and finalizers' failures: one warning per message.
@@ -96,7 +96,7 @@ def main(argv):
             common.fail(str(e), code=RESTORE_FAILED_EXIT_CODE)
         except checkpoint.StorageUnavailable as e:
             common.fail(str(e), code=STORAGE_UNAVAILABLE_EXIT_CODE)
-        except workdir.WorkdirLocked as e:
+        except workdir_lock.WorkdirLocked as e:
             common.fail(str(e), code=WORKDIR_LOCKED_EXIT_CODE)
         except loop.Stopped as e:
             common.exit_now(e.code)  # leaves the job with the others (common.exit_now)

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gopher import checkpoint as checkpoint_lib
-from gopher import distributed, paths
+from gopher import distributed, paths, workdir_lock
 from gopher import engine as engine_lib
 from gopher import metrics as metrics_lib
 from gopher import workdir as workdir_lib
@@ -101,7 +101,7 @@ class Run:
     writer: Any  # metrics_lib.MetricsWriter on process 0, a writer of nothing elsewhere
     say: Any
     show_progress: bool
-    lock: Any = None  # workdir_lib.WorkdirLock on process 0
+    lock: Any = None  # workdir_lock.WorkdirLock on process 0
 
     def check_lock(self) -> None:
         """Stops before writing if another run took the workdir over (a stale heartbeat)."""
@@ -128,7 +128,7 @@ def open_workdir(workdir: str, config: dict, chief: bool, say=print):
     workdir_lib.check_shared(workdir)
     if not chief:
         return None
-    lock = workdir_lib.WorkdirLock(workdir)
+    lock = workdir_lock.WorkdirLock(workdir)
     lock.acquire()
     try:
         workdir_lib.check_config(workdir, config, say)

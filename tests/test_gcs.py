@@ -17,7 +17,7 @@ import pytest
 from gopher import metrics as metrics_lib
 from gopher import paths
 from gopher import workdir as workdir_lib
-from gopher.workdir import WorkdirLock, WorkdirLocked
+from gopher.workdir_lock import WorkdirLock, WorkdirLocked
 
 pytest.importorskip("gcp_storage_emulator", reason="pip install -e .[dev]")
 import gcs_emulator  # noqa: E402 (tests/ is on sys.path; needs the emulator package)

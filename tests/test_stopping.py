@@ -37,7 +37,7 @@ def test_a_failing_cleanup_neither_skips_the_rest_nor_replaces_the_stop(tmp_path
     (a save in flight) or the workdir lock (a rerun would wait for it) unclosed."""
     import pytest
 
-    from gopher import loop, workdir
+    from gopher import loop, workdir_lock
 
     closed, said = [], []
 
@@ -50,7 +50,7 @@ def test_a_failing_cleanup_neither_skips_the_rest_nor_replaces_the_stop(tmp_path
             if self.fails:
                 raise OSError(f"{self.name}: the storage is gone")
 
-    lock = workdir.WorkdirLock(str(tmp_path))
+    lock = workdir_lock.WorkdirLock(str(tmp_path))
     lock.acquire()
     with pytest.raises(loop.Stopped) as stop:
         try:
@@ -61,4 +61,4 @@ def test_a_failing_cleanup_neither_skips_the_rest_nor_replaces_the_stop(tmp_path
     assert closed == ["checkpointer", "metrics"] and said == [
         "warning: closing the metrics failed: metrics: the storage is gone"
     ]
-    assert not os.path.exists(os.path.join(tmp_path, workdir.LOCK_FILE))  # released
+    assert not os.path.exists(os.path.join(tmp_path, workdir_lock.LOCK_FILE))  # released

@@ -124,14 +124,14 @@ def _result(workdir, name):
 
 def _wait_until_dead(lock_path, timeout_s=60.0):
     """Until the lock's holder (the SIGKILLed trainer, which may still be exiting) is gone."""
-    from gopher import workdir as workdir_lib
+    from gopher import workdir_lock
 
     if not os.path.exists(lock_path):
         return
     with open(lock_path) as f:
         pid = int(json.load(f)["pid"])
     deadline = time.time() + timeout_s
-    while workdir_lib._pid_alive(pid):
+    while workdir_lock._pid_alive(pid):
         assert time.time() < deadline, f"the killed trainer pid {pid} is still alive"
         time.sleep(0.05)
 

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from gopher import workdir as workdir_lib
-from gopher.workdir import WorkdirLock, WorkdirLocked
+from gopher import workdir_lock
+from gopher.workdir_lock import WorkdirLock, WorkdirLocked
 
 
 def _fake_lock(workdir, host, pid, heartbeat_age_s, start_time=1.7e9):
@@ -74,8 +75,8 @@ def test_lock_of_a_zombie_is_taken_over(tmp_path):
         time.sleep(0.02)
     try:
         os.kill(child.pid, 0)  # the pid still exists
-        assert not workdir_lib._pid_alive(child.pid)
-        assert workdir_lib._pid_alive(os.getpid())
+        assert not workdir_lock._pid_alive(child.pid)
+        assert workdir_lock._pid_alive(os.getpid())
         _fake_lock(tmp_path, socket.gethostname(), child.pid, heartbeat_age_s=1)
         said = []
         WorkdirLock(str(tmp_path), say=said.append).acquire().release()
@@ -135,7 +136,7 @@ def test_heartbeat_refreshes_and_notices_a_takeover(tmp_path):
         time.sleep(0.3)
         info = json.loads((tmp_path / "lock.json").read_text())
         assert info["heartbeat_time"] > first and info["start_time"] == lock.start_time
-        with workdir_lib._guard(lock._guard_path):  # as a takeover would
+        with workdir_lock._guard(lock._guard_path):  # as a takeover would
             _fake_lock(tmp_path, "other-host.example", 1, heartbeat_age_s=0)
         time.sleep(0.3)
         assert lock.lost and any("taken over" in s for s in said)
@@ -166,7 +167,7 @@ def test_threads_racing_exactly_one_wins(tmp_path):
 
 _CONTEND = """
 import sys, time
-from gopher.workdir import WorkdirLock, WorkdirLocked
+from gopher.workdir_lock import WorkdirLock, WorkdirLocked
 while time.time() < float(sys.argv[2]):
     time.sleep(0.001)
 try:
