@@ -210,6 +210,15 @@ def _stop(procs) -> None:
         f.close()
 
 
+def _finish(procs, tmp_path, timeout_s: float = 300) -> tuple[list[int], list[str]]:
+    """Waits for the processes (killing any left on the way out): exit codes, stderr."""
+    try:
+        codes = [p.wait(timeout=timeout_s) for p, _ in procs]
+    finally:
+        _stop(procs)
+    return codes, [(tmp_path / f"stderr-{i}").read_text() for i in range(len(procs))]
+
+
 @pytest.mark.parametrize(
     "victim",
     # The suite's time budget: a worker's death runs in `make test-all`.
@@ -468,11 +477,7 @@ def test_processes_with_different_tokenizers_refuse_to_start(tmp_path):
             tmp_path / "run", tmp_path, f"--config.data.tokenizer_path={toks[i]}", preset="test"
         )
         procs.append(_spawn(tmp_path, port, i, args))
-    try:
-        codes = [p.wait(timeout=300) for p, _ in procs]
-    finally:
-        _stop(procs)
-    stderr = [(tmp_path / f"stderr-{i}").read_text() for i in (0, 1)]
+    codes, stderr = _finish(procs, tmp_path)
     assert codes == [2, 2], (codes, stderr[0][-1500:], stderr[1][-1500:])
     for text in stderr:
         assert "tokenizer sha256" in text and "give every process the same data" in text
@@ -491,11 +496,7 @@ def test_hosts_that_do_not_share_the_workdir_refuse_to_start(tmp_path):
     procs = [
         _spawn(tmp_path, port, i, _train_args(disks[i], tmp_path, preset="test")) for i in (0, 1)
     ]
-    try:
-        codes = [p.wait(timeout=300) for p, _ in procs]
-    finally:
-        _stop(procs)
-    logs = [(tmp_path / f"stderr-{i}").read_text() for i in (0, 1)]
+    codes, logs = _finish(procs, tmp_path)
     assert codes == [2, 2], (codes, logs[0][-1500:], logs[1][-1500:])
     for i, text in enumerate(logs):
         (line,) = [x for x in text.splitlines() if "is not shared between the hosts" in x]

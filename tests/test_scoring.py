@@ -380,6 +380,18 @@ def _window_start(p: int, window: int, stride: int) -> int:
     return max(0, -(-(p - window) // stride)) * stride
 
 
+def _random_model(cfg, seed: int, tokenizer):
+    """A random Gopher of `cfg` sharded over 8 data devices for the Scorer, and the same
+    weights on one device for an oracle: (model, jitted apply, its params, that device)."""
+    forward = build_forward(cfg)
+    # Jitted: haiku's eager init of this model takes ~3 s, compiling it ~1 s.
+    params = jax.jit(forward.init)(jax.random.key(seed), np.zeros((1, 8), np.int32))
+    cpu0 = jax.devices()[0]
+    one_params = jax.device_put(jax.device_get(params), cpu0)
+    model = from_params(cfg, params, tokenizer, sharding.make_mesh(ParallelConfig(data=8)))
+    return model, jax.jit(forward.apply), one_params, cpu0
+
+
 def test_gopher_text_nll_gives_each_target_its_windows_context(tokenizer):
     """Random `test` Gopher (context-dependent, unlike the bigram): text_nll of a text
     longer than the window equals the sum, over its targets, of each target's NLL from a
@@ -394,13 +406,7 @@ def test_gopher_text_nll_gives_each_target_its_windows_context(tokenizer):
     # Weights at 50x the default scale: each prediction leans on its context enough that
     # one token of context less moves the total by ~2% (at 0.02, ~0.01%).
     cfg = dataclasses.replace(CFG, init_scale=1.0)
-    forward = build_forward(cfg)
-    # Jitted: haiku's eager init of this model takes ~3 s, compiling it ~1 s.
-    params = jax.jit(forward.init)(jax.random.key(1), np.zeros((1, 8), np.int32))
-    cpu0 = jax.devices()[0]
-    one_params = jax.device_put(jax.device_get(params), cpu0)
-    one_device = jax.jit(forward.apply)
-    model = from_params(cfg, params, tokenizer, sharding.make_mesh(ParallelConfig(data=8)))
+    model, one_device, one_params, cpu0 = _random_model(cfg, 1, tokenizer)
     scorer = Scorer(model, batch_size=8)
 
     def oracle(text, window, stride, drop=0):
@@ -435,12 +441,7 @@ def test_gopher_cut_document_has_no_eos_target(tokenizer):
     kept tokens, sum -log p(s[p] | s[:p]) over [EOS] + its tokens from one forward pass,
     with no EOS target after them; a whole document beside it in the same call keeps its
     closing EOS (the same pass over [EOS] + tokens + [EOS])."""
-    forward = build_forward(CFG)
-    params = jax.jit(forward.init)(jax.random.key(2), np.zeros((1, 8), np.int32))
-    cpu0 = jax.devices()[0]
-    one_params = jax.device_put(jax.device_get(params), cpu0)
-    one_device = jax.jit(forward.apply)
-    model = from_params(CFG, params, tokenizer, sharding.make_mesh(ParallelConfig(data=8)))
+    model, one_device, one_params, cpu0 = _random_model(CFG, 2, tokenizer)
     texts = ["The towns grew, and", "The towns grew."]  # the first cut mid-sentence
 
     def oracle(text, close):
