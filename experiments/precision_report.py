@@ -23,10 +23,7 @@ def report(cfg, records, results_dir: str, say, workdir: str | None = None) -> d
     its first seed's final checkpoint. Returns the summary's numbers."""
     path = lambda name: os.path.join(results_dir, name)  # noqa: E731
     order = list(cfg.precisions)
-    curves = []
-    for r in records:
-        for c in plots.record_curves([r], y="loss", label_key="precision"):
-            curves.append(c)
+    curves = plots.record_curves(records, y="loss", label_key="precision")
     seeds = len(tuple(cfg.seeds))
     plots.plot_loss_curves(
         curves,
@@ -35,11 +32,8 @@ def report(cfg, records, results_dir: str, say, workdir: str | None = None) -> d
         y="loss",
         title=f"Precision settings: training loss ({seeds} seed{'s' * (seeds > 1)} each)",
     )
-    eval_curves = [
-        c for r in records for c in plots.record_curves([r], y="bpb", label_key="precision")
-    ]
     plots.plot_loss_curves(
-        eval_curves,
+        plots.record_curves(records, y="bpb", label_key="precision"),
         path("heldout_curves.png"),
         x="steps",
         y="bpb",
