@@ -47,7 +47,14 @@ from jax.sharding import AxisType, Mesh
 
 from gopher import hlo, metrics, partition, sharding
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
-from gopher.topology import CHIPS, TPU_FIX, GiB, libtpu_available, parse_topology
+from gopher.topology import (
+    CHIPS,
+    SLICE_EXAMPLES,
+    TPU_FIX,
+    GiB,
+    libtpu_available,
+    parse_topology,
+)
 
 
 def topology_devices(text: str, slices: int = 1, megacore: bool = True) -> list[Any]:
@@ -70,9 +77,20 @@ def topology_devices(text: str, slices: int = 1, megacore: bool = True) -> list[
     kw = {"chip_config_name": "megacore"} if gen == "v4" and megacore else {}
     if slices > 1:
         kw["num_slices"] = slices
-    return topologies.get_topology_desc(
-        platform="tpu", topology_name=f"{gen}:{shape}", **kw
-    ).devices
+    dims = [int(n) for n in shape.split("x")]
+    if len(dims) == 2 and min(dims) < 2:  # v5e-1, v6e-1: a host with fewer chips than 2x2
+        kw["chips_per_host_bounds"] = [*dims, 1]
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{shape}", **kw)
+    except jax.errors.JaxRuntimeError as e:  # e.g. v5e:3x3, not a whole number of hosts
+        if "INVALID_ARGUMENT" not in str(e):
+            raise
+        reason = str(e).strip().splitlines()[0].removeprefix("INVALID_ARGUMENT: ")
+        raise ValueError(
+            f"--topology={text}: libtpu refuses it ({reason}); use a slice shape Cloud TPU "
+            f"offers, e.g. --topology={gen}:{SLICE_EXAMPLES[gen]}"
+        ) from None
+    return desc.devices
 
 
 def physical_mesh(devices: Sequence[Any], shape: tuple[int, int, int]) -> Mesh:

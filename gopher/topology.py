@@ -73,8 +73,25 @@ GENERATIONS = tuple(CHIPS) + ("cpu",)
 TPU_FIX = "install libtpu with `pip install -e .[tpu]` (or put it on PYTHONPATH)"
 
 
+# The slice shapes a generation comes in (Cloud TPU's accelerator types): how many
+# dimensions a shape has (v4 and v5p are 3-D tori, the rest 2-D) and the most chips one
+# slice holds (v2-512, v3-2048, v4-8192, v5e-256, v5p-17920, v6e-256 in cores or chips);
+# more chips than that are several slices (--slices).
+SLICE_DIMS = {"v2": 2, "v3": 2, "v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
+SLICE_MAX_CHIPS = {"v2": 256, "v3": 1024, "v4": 4096, "v5e": 256, "v5p": 8960, "v6e": 256}
+SLICE_EXAMPLES = {
+    "v2": "4x4",
+    "v3": "32x32",
+    "v4": "8x8x16",
+    "v5e": "16x16",
+    "v5p": "8x16x16",
+    "v6e": "16x16",
+}
+
+
 def parse_topology(text: str) -> tuple[str, str]:
-    """'v3:32x32' -> ('v3', '32x32'); 'cpu:8' -> ('cpu', '8'). One-line error otherwise."""
+    """'v3:32x32' -> ('v3', '32x32'); 'cpu:8' -> ('cpu', '8'). One-line error otherwise,
+    naming what a shape of that generation looks like."""
     gen, _, shape = text.partition(":")
     ok = gen in GENERATIONS and (
         shape.isdigit() if gen == "cpu" else bool(re.fullmatch(r"\d+(x\d+){1,2}", shape))
@@ -83,6 +100,25 @@ def parse_topology(text: str) -> tuple[str, str]:
         raise ValueError(
             f"--topology={text!r} is not a topology; use GENERATION:SHAPE with a generation "
             f"in {', '.join(GENERATIONS)}, e.g. --topology=v3:32x32, v4:8x8x16 or cpu:8"
+        )
+    if gen == "cpu":
+        if int(shape) < 1:
+            raise ValueError(f"--topology={text!r} has no devices; use e.g. --topology=cpu:8")
+        return gen, shape
+    dims = [int(x) for x in shape.split("x")]
+    example = f"--topology={gen}:{SLICE_EXAMPLES[gen]}"
+    if len(dims) != SLICE_DIMS[gen] or min(dims) < 1:
+        raise ValueError(
+            f"--topology={text!r}: a {gen} slice's shape is {SLICE_DIMS[gen]} positive sizes, "
+            f"e.g. {example}"
+        )
+    chips = 1
+    for n in dims:
+        chips *= n
+    if chips > SLICE_MAX_CHIPS[gen]:
+        raise ValueError(
+            f"--topology={text!r} is {chips} chips, more than a {gen} slice's "
+            f"{SLICE_MAX_CHIPS[gen]}; split it into slices with --slices, e.g. {example}"
         )
     return gen, shape
 

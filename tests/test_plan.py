@@ -141,6 +141,47 @@ def test_bad_topology_is_one_line(bad):
     assert len(lines) == 1 and bad in lines[0] and "--topology=v3:32x32" in lines[0], lines
 
 
+# Slice shapes Cloud TPU sells (accelerator types v2-8 ... v6e-256), the largest of each.
+REAL_SLICES = [
+    "v2:2x2",
+    "v2:16x16",
+    "v3:2x2",
+    "v3:32x32",
+    "v4:2x2x1",
+    "v4:2x2x2",
+    "v4:16x16x16",
+    "v5e:1x1",
+    "v5e:2x4",
+    "v5e:16x16",
+    "v5p:2x2x1",
+    "v5p:16x20x28",
+    "v6e:1x1",
+    "v6e:16x16",
+    "cpu:1",
+]
+
+
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ("v4:8x8", "3 positive sizes, e.g. --topology=v4:8x8x16"),
+        ("v5p:16x16", "3 positive sizes"),
+        ("v3:4x4x4", "2 positive sizes, e.g. --topology=v3:32x32"),
+        ("v5e:0x4", "2 positive sizes"),
+        ("v5e:32x32", "1024 chips, more than a v5e slice's 256; split it into slices"),
+        ("v4:16x16x32", "8192 chips"),
+        ("cpu:0", "no devices"),
+    ],
+)
+def test_impossible_slice_shapes_are_one_line(bad, named):
+    for good in REAL_SLICES:
+        assert topology.parse_topology(good) == tuple(good.split(":"))
+    with pytest.raises(ValueError) as err:
+        topology.parse_topology(bad)
+    message = str(err.value)
+    assert "\n" not in message and repr(bad) in message and named in message, message
+
+
 @pytest.mark.parametrize(
     "flags, named",
     [
@@ -364,3 +405,33 @@ def test_tpu_topology_compile(tmp_path):
     assert "16 GiB nominal" in table and "15.48 GiB usable" in table, table
     assert obj["matmul_split_ratio"] is None  # TPU writes matmuls as convolutions
     assert obj["roofline_step_seconds"] > 0 and obj["collective_bytes_per_device"]["ici"] > 0
+
+
+@needs_libtpu
+def test_real_slices_are_libtpus_and_its_refusals_one_line():
+    """Every slice shape parse_topology takes for REAL_SLICES is one libtpu builds, with its
+    chips' devices (v2 and v3 two cores a chip); a shape libtpu refuses (v5e:3x3 is not a
+    whole number of 2x2 hosts) is a one-line ValueError rather than libtpu's traceback."""
+    code = (
+        "import json, sys\n"
+        "from gopher import plan\n"
+        "out = {t: len(plan.topology_devices(t)) for t in sys.argv[1:]}\n"
+        "try:\n"
+        "    plan.topology_devices('v5e:3x3')\n"
+        "except ValueError as e:\n"
+        "    out['error'] = str(e)\n"
+        "print(json.dumps(out))\n"
+    )
+    tpus = [t for t in REAL_SLICES if not t.startswith("cpu")]
+    env = {**_tpu_env(), "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", code, *tpus], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.splitlines()[-1])
+    for t in tpus:
+        gen, shape = t.split(":")
+        chips = int(np.prod([int(n) for n in shape.split("x")]))
+        assert out[t] == chips * (2 if gen in ("v2", "v3") else 1), (t, out[t])
+    error = out["error"]
+    assert "\n" not in error and "v5e:3x3" in error and "--topology=v5e:16x16" in error, error
