@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from gopher import config, engine, loop, train
-from gopher.data import dedup, packing, pipeline, sources
-from gopher.data.sources import Document, split_by_work, stdlib_documents, work_shingles
+from gopher.data import dedup, packing, pipeline, works
+from gopher.data.sources import Document, stdlib_documents
 from gopher.data.tokenizer import Tokenizer
+from gopher.data.works import split_by_work, work_shingles
 
 WORDS = [
     "king",
@@ -107,14 +108,14 @@ def test_editions_and_contained_copies_stay_on_one_side():
     assert _jaccard_raw(modern, folio) < dedup.MinHashConfig().threshold / 4
     assert _jaccard_raw(big, part) < 0.5
     a, b = work_shingles(modern), work_shingles(folio)
-    assert dedup.jaccard(a, b) >= sources.WorkGrouping().jaccard  # folded, they group
+    assert dedup.jaccard(a, b) >= works.WorkGrouping().jaccard  # folded, they group
 
     pairs = [
         ("plays/play_modern.txt", "plays/play_folio.txt"),
         ("anthology/all.txt", "excerpts/part.txt"),
     ]
     held_pair = set()
-    roots = sources.group_works(docs)
+    roots = works.group_works(docs)
     largest = max(
         sum(len(d.text.encode()) for d, r in zip(docs, roots, strict=True) if r == root)
         for root in set(roots)

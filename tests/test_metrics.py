@@ -6,7 +6,7 @@ import math
 import pytest
 
 from gopher import config, metrics
-from gopher.data.pipeline import parse_weights
+from gopher.data.proportions import parse_weights
 
 
 def test_flops_per_token_is_palm_formula():

@@ -9,12 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from gopher.data.mixture import (
-    MASSIVETEXT_WEIGHTS,
-    Mixture,
-    Source,
-    feistel_permutation,
-)
+from gopher.data.mixture import Mixture, Source
+from gopher.data.permutation import feistel_permutation
+from gopher.data.proportions import MASSIVETEXT_WEIGHTS
 
 T = 16
 
@@ -200,7 +197,7 @@ def test_bad_configurations_name_the_fix():
     ],
 )
 def test_mixture_flag_needs_finite_weights_each_source_once(text, needle):
-    from gopher.data.pipeline import parse_weights
+    from gopher.data.proportions import parse_weights
 
     with pytest.raises(ValueError, match=needle) as e:
         parse_weights(text)
@@ -208,7 +205,7 @@ def test_mixture_flag_needs_finite_weights_each_source_once(text, needle):
 
 
 def test_mixture_flag_parses_good_weights():
-    from gopher.data.pipeline import parse_weights
+    from gopher.data.proportions import parse_weights
 
     assert parse_weights("books=0.3, code=1e-1,news=0.6") == {
         "books": 0.3,
@@ -219,7 +216,7 @@ def test_mixture_flag_parses_good_weights():
 
 
 def test_named_mixture_shares_go_to_sources_by_name_or_role():
-    from gopher.data.mixture import (
+    from gopher.data.proportions import (
         EMBEDDED_WEIGHTS,
         MASSIVETEXT_WEIGHTS,
         ROLES,

@@ -1,8 +1,9 @@
 """The data path: sources, filters, the SentencePiece tokenizer, mixing and packing."""
 
 from gopher.data.filters import filter_documents
-from gopher.data.mixture import MIXTURES, Mixture
+from gopher.data.mixture import Mixture
 from gopher.data.packing import TokenDataset
+from gopher.data.proportions import MIXTURES
 from gopher.data.sources import (
     Document,
     select_split,

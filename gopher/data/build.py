@@ -4,7 +4,7 @@ sources: `build_corpus`; the embedded ones fetched first: `build_embedded_corpus
 `build_corpus` turns documents grouped by source (from the embedded packages, TFDS or
 local files) into the directory layout `gopher.data.corpus` describes, with a
 manifest.json that records every count, hash and the filters' per-rule report. The
-held-out split is by work over all sources together (`sources.split_by_work`: editions
+held-out split is by work over all sources together (`works.split_by_work`: editions
 and near-copies on one side), and each held-out token stream is stored with the UTF-8
 bytes of the original text per token (tokens-V/<source>.heldout.bytes.npy). Every
 step is deterministic (sorted inputs, fixed seeds, one tokenizer-training thread, no
@@ -27,8 +27,9 @@ import numpy as np
 from gopher.data import decontaminate, dedup, filters
 from gopher.data.packing import stream_with_bytes
 from gopher.data.shards import shard_order_key, write_shards
-from gopher.data.sources import Document, WorkGrouping, split_by_work
+from gopher.data.sources import Document
 from gopher.data.tokenizer import Tokenizer, training_sample
+from gopher.data.works import WorkGrouping, split_by_work
 
 # 2: held-out split by work and held-out byte counts of the original text; a corpus of
 # another format is rebuilt (the default cache) or refused (gopher.data.pipeline).
@@ -38,7 +39,7 @@ FORMAT = "gopher-corpus/2"
 def split_documents(
     docs: Sequence[Document], heldout_fraction: float
 ) -> tuple[list[Document], list[Document]]:
-    """(train, heldout) by work (`sources.split_by_work`); at least one held-out work
+    """(train, heldout) by work (`works.split_by_work`); at least one held-out work
     per source given two works."""
     return split_by_work(docs, heldout_fraction, WorkGrouping())
 
@@ -273,7 +274,7 @@ def build_embedded_corpus(
     `gopher.data.build.build_corpus`.
     """
     from gopher.data import corpus
-    from gopher.data.mixture import EMBEDDED_WEIGHTS
+    from gopher.data.proportions import EMBEDDED_WEIGHTS
 
     cache_dir = cache_dir or corpus.DEFAULT_CACHE_DIR
     test_ngrams = load_test_ngrams(test_sets, log, offline=offline)

@@ -13,7 +13,7 @@ The stream is a pure function of (seed, step, global row):
   span windows, windows hold several documents, nothing is padded.
 - Epochs. Epoch e of source s visits all W_s windows once, in the order of a seeded
   pseudo-random permutation of [0, W_s) (a Feistel network with cycle walking:
-  random access, O(1) memory, any W_s).
+  random access, O(1) memory, any W_s; gopher/data/permutation.py).
 - Mixing. Step t's B rows draw their sources i.i.d. with the configured proportions from
   a generator seeded by (seed, t): the share of rows (and so of tokens) of each source
   converges to its weight.
@@ -42,147 +42,17 @@ magnitude faster than a step needs (experiments/bench_data.py) without worker pr
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from gopher import paths
+from gopher.data.corpus_files import load_tokenizer, load_tokens
+from gopher.data.permutation import feistel_permutation
+from gopher.data.proportions import named_weights
 from gopher.data.sources import Document
 from gopher.data.tokenizer import Tokenizer
-
-# MassiveText's sampling proportions (Gopher Table A1).
-MASSIVETEXT_WEIGHTS = {
-    "massiveweb": 0.48,
-    "books": 0.27,
-    "c4": 0.10,
-    "news": 0.10,
-    "github": 0.03,
-    "wikipedia": 0.02,
-}
-# The embedded corpus's sources in MassiveText's roles: technical prose takes
-# MassiveWeb's share, the dictionary C4's and Wikipedia's, code GitHub's.
-EMBEDDED_WEIGHTS = {
-    "technical": 0.48,
-    "books": 0.27,
-    "encyclopedic": 0.12,
-    "news": 0.10,
-    "code": 0.03,
-}
-MIXTURES = {"massivetext": MASSIVETEXT_WEIGHTS, "embedded": EMBEDDED_WEIGHTS}
-# Where a MassiveText source's share goes on a corpus that lacks it: the embedded
-# corpus's source in that role (so "massivetext" on the embedded corpus is its weights).
-ROLES = {
-    "massiveweb": "technical",
-    "c4": "encyclopedic",
-    "wikipedia": "encyclopedic",
-    "github": "code",
-}
-
-
-def named_weights(name: str, available) -> dict[str, float]:
-    """A named mixture's weights over the sources `available`: each share goes to its own
-    source, else to the source in its role (`ROLES`), else it is dropped (a source skipped
-    when the corpus was built); the mixer normalises what is left."""
-    if name not in MIXTURES:
-        raise ValueError(f"unknown mixture {name!r}; choose from {sorted(MIXTURES)}")
-    out: dict[str, float] = {}
-    for source, weight in MIXTURES[name].items():
-        target = source if source in available else ROLES.get(source)
-        if target in available:
-            out[target] = out.get(target, 0.0) + weight
-    return out
-
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijection of uint64 that scrambles every bit."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def feistel_permutation(
-    index: np.ndarray, n: int, key: Sequence[int], rounds: int = 4
-) -> np.ndarray:
-    """A pseudo-random bijection of [0, n) applied to `index` (values in [0, n)).
-
-    A balanced Feistel network over the smallest even number of bits covering n is a
-    bijection of [0, 2^bits); values that land outside [0, n) are encrypted again
-    ("cycle walking") until they fall inside, which keeps it a bijection of [0, n).
-    """
-    index = np.asarray(index, dtype=np.uint64)
-    if n <= 1:
-        return np.zeros_like(index)
-    bits = max(2, int(n - 1).bit_length())
-    bits += bits & 1
-    half = np.uint64(bits // 2)
-    mask = np.uint64((1 << (bits // 2)) - 1)
-    keys = np.random.default_rng(list(key)).integers(0, 2**63, size=rounds, dtype=np.uint64)
-
-    def encrypt(x: np.ndarray) -> np.ndarray:
-        left, right = x >> half, x & mask
-        for k in keys:
-            with np.errstate(over="ignore"):
-                left, right = right, left ^ (_mix64(right + k) & mask)
-        return (left << half) | right
-
-    out = encrypt(index)
-    outside = out >= np.uint64(n)
-    while outside.any():
-        out[outside] = encrypt(out[outside])
-        outside = out >= np.uint64(n)
-    return out
-
-
-def _load_tokens(corpus_dir: str, name: str, expected: int | None = None) -> np.ndarray:
-    """A corpus token array: memory-mapped locally; read whole from a gs:// corpus.
-    `expected`: the length the manifest records; a missing, unreadable or other-length
-    file is one line naming it and the rebuild."""
-    from gopher.data.shards import rebuild_hint
-
-    path = paths.join(corpus_dir, name)
-    try:
-        if paths.is_remote(path):
-            tokens = np.load(io.BytesIO(paths.resolve(path).read_bytes()))
-        else:
-            tokens = np.load(path, mmap_mode="r")
-    except (OSError, ValueError, EOFError) as e:
-        raise ValueError(
-            f"corpus file {path} does not load ({str(e)[:80]}); {rebuild_hint(corpus_dir)}"
-        ) from None
-    if expected is not None and (tokens.ndim != 1 or len(tokens) != expected):
-        raise ValueError(
-            f"corpus file {path} holds {tokens.shape} tokens where the manifest records "
-            f"{expected} (replaced or damaged); {rebuild_hint(corpus_dir)}"
-        )
-    return tokens
-
-
-def _corpus_tokenizer(corpus_dir: str, recorded: dict) -> Tokenizer:
-    """The corpus's tokenizer, checked against the sha256 its manifest records: the
-    tokens were made by that model (another would read them as other text)."""
-    from gopher.data.shards import rebuild_hint
-
-    path = paths.join(corpus_dir, recorded["file"])
-    try:
-        tokenizer = Tokenizer.load(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(
-            f"corpus tokenizer {path} does not load ({str(e)[:80]}); {rebuild_hint(corpus_dir)}"
-        ) from None
-    if recorded.get("sha256") and tokenizer.sha256 != recorded["sha256"]:
-        raise ValueError(
-            f"corpus tokenizer {path} is not the one its tokens were made with (sha256 "
-            f"{tokenizer.sha256[:12]}, manifest {recorded['sha256'][:12]}); "
-            f"{rebuild_hint(corpus_dir)}"
-        )
-    return tokenizer
 
 
 class Source(NamedTuple):
@@ -285,7 +155,8 @@ class Mixture:
     ) -> Mixture:
         """A mixture over a corpus built by `python -m experiments.prepare_data`.
 
-        `weights`: None for the corpus's own (manifest), a name from MIXTURES, or a dict.
+        `weights`: None for the corpus's own (manifest), a name from MIXTURES
+        (gopher/data/proportions.py), or a dict.
         A name's shares go to the corpus's sources by name or role (`named_weights`; one
         in no role the corpus has is dropped); a dict must name only existing sources.
         `vocab_size`, if given, must match the corpus's tokenizer (the model's vocab).
@@ -316,13 +187,13 @@ class Mixture:
         for name in sorted(weights):
             entry = manifest["sources"][name]
             train, heldout = (
-                _load_tokens(corpus_dir, entry[s]["tokens_file"], entry[s].get("tokens"))
+                load_tokens(corpus_dir, entry[s]["tokens_file"], entry[s].get("tokens"))
                 for s in ("train", "heldout")
             )
             held_bytes = entry["heldout"].get("bytes_file")
-            held_bytes = _load_tokens(corpus_dir, held_bytes, len(heldout)) if held_bytes else None
+            held_bytes = load_tokens(corpus_dir, held_bytes, len(heldout)) if held_bytes else None
             sources.append(Source(name, train, heldout, held_bytes))
-        tokenizer = _corpus_tokenizer(corpus_dir, manifest["tokenizer"])
+        tokenizer = load_tokenizer(corpus_dir, manifest["tokenizer"])
         mixture = cls(
             sources,
             weights,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -37,6 +36,7 @@ import numpy as np
 from gopher import paths
 from gopher.config import DataConfig, ModelConfig, TrainConfig
 from gopher.data.packing import TokenDataset, eval_windows, stream_with_bytes
+from gopher.data.proportions import parse_weights
 from gopher.data.sources import (
     Document,
     read_text_files,
@@ -259,46 +259,6 @@ def default_corpus_dir(vocab_size: int) -> str:
     from gopher.data.corpus import DEFAULT_CACHE_DIR
 
     return os.path.join(DEFAULT_CACHE_DIR, f"embedded-{vocab_size}")
-
-
-def parse_weights(text: str) -> str | dict[str, float] | None:
-    """'' (the corpus's own), a mixture name, or 'source=weight,source=weight'."""
-    if not text or "=" not in text:
-        from gopher.data.mixture import MIXTURES
-
-        if text and text not in MIXTURES:  # before a corpus build, which a typo would cost
-            raise ValueError(
-                f"unknown mixture {text!r} in --config.data.mixture; choose from "
-                f"{sorted(MIXTURES)} or give weights as SOURCE=NUMBER,..."
-            )
-        return text or None
-    weights = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = math.nan
-        if not name or not math.isfinite(weight):
-            raise ValueError(
-                f"mixture weight {part!r} is not SOURCE=NUMBER with a finite number; e.g. "
-                "--config.data.mixture=books=0.3,code=0.1,news=0.6"
-            )
-        if name in weights:
-            raise ValueError(
-                f"mixture names source {name!r} twice ({text!r}); give each source one "
-                "weight in --config.data.mixture"
-            )
-        weights[name] = weight
-    bad = {k: v for k, v in weights.items() if v < 0}
-    if bad or sum(weights.values()) <= 0:
-        raise ValueError(
-            f"mixture weights {weights} must be >= 0 with a positive sum "
-            f"({'negative: ' + ', '.join(bad) if bad else 'they sum to zero'}); fix "
-            "--config.data.mixture"
-        )
-    return weights
 
 
 def _corpus_format(corpus_dir: str) -> str | None:
