@@ -32,6 +32,11 @@ garbage-collect the steps it could not read):
 Starting over is explicit: `--config.train.restart_from_scratch=true` makes
 `checkpoint_directory` start a new checkpoint subdirectory beside the old one.
 
+Two neighbours hold what is not Orbax, and this module re-exports the names callers use:
+gopher/checkpoint_layout.py, where a workdir's checkpoints live (the active directory and
+its record, the committed steps, the quarantine), and gopher/checkpoint_errors.py, the
+errors above and the tests of what a raw read error is (transient, a shape refusal).
+
 Read-only users (evaluate, sample) open a `Checkpointer(..., read_only=True)` on
 `active_checkpoint_directory(workdir)`: nothing on disk changes (no record, no directory,
 no tmp cleanup, no quarantine); an unreadable newest step is skipped with a one-line
@@ -45,29 +50,48 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from gopher import background_errors, paths
+from gopher.checkpoint_errors import (
+    CheckpointError,
+    RestoreFailed,
+    StorageUnavailable,
+    is_transient,
+    one_line,
+    shape_mismatch,
+)
+from gopher.checkpoint_layout import (
+    active_checkpoint_directory,
+    checkpoint_directory,
+    quarantine_root,
+    quarantined,
+    step_dirs,
+)
 
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "RestoreFailed",
+    "SHAPE_FIELDS",
+    "StorageUnavailable",
+    "active_checkpoint_directory",
+    "checkpoint_directory",
+    "is_transient",
+    "step_dirs",
+]
 log = logging.getLogger(__name__)
 
 # Orbax splits the saving of a replicated array across its replicas with jax slice ops;
 # each distinct slice compiles once, which made the first save of the tiny demo block the
 # loop for ~3 s. Below 32 MiB per slice the split saves nothing, so only big arrays use it.
 _REPLICA_PARALLEL_MIN_BYTES = 32 * 2**20
-RECORD = "checkpoints.json"  # in the workdir: which checkpoint subdirectory is active
-# Orbax's mark of a finished step on gs:// (atomicity.CommitFileTemporaryPath, its default
-# there): <step>/commit_success.txt, written last
-COMMIT_MARKER = "commit_success.txt"
-_TRANSIENT_TEXT = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection")
 _RESTART_HINT = (
     "fix the storage and rerun, or pass --config.train.restart_from_scratch=true to train "
     "from step 0 in a new checkpoint subdirectory (these steps stay where they are)"
@@ -89,33 +113,9 @@ _register_array_handler()
 # Fields of ModelConfig that decide the shapes of the parameters (seq_len does not:
 # relative attention has no position table).
 SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "key_size", "ffw_multiplier")
-_SHAPE_ERROR = re.compile(
-    r"Requested shape: (\([^)]*\)) is not compatible with the stored shape: (\([^)]*\))"
-)
 _OTHER_SHAPE = "a model of another shape"
 _OTHER_PRECISION = "a state of another precision setting"
 _CONFIG_MISMATCH = (_OTHER_SHAPE, _OTHER_PRECISION)  # the config differs, not the storage
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names it and the fix."""
-
-
-class StorageUnavailable(RuntimeError):
-    """Remote storage kept failing with a transient error: a step did not read after its
-    retries, or did not write. The run stops and can be rerun as it is (exit 7); nothing
-    was moved, and the previous checkpoint is intact."""
-
-
-class RestoreFailed(RuntimeError):
-    """Checkpoints exist but none restores; the run must stop, not start over.
-
-    `other_shape`: every step holds a model of another shape (a config mismatch, not
-    damage); `tried`: the steps and why each failed, for a caller's own message."""
-
-    def __init__(self, message: str, other_shape: bool = False, tried: str = ""):
-        super().__init__(message)
-        self.other_shape, self.tried = other_shape, tried
 
 
 def _absolute(path: str) -> str:
@@ -124,58 +124,8 @@ def _absolute(path: str) -> str:
     return os.fspath(paths.resolve(path))
 
 
-def is_transient(e: BaseException) -> bool:
-    """A read error worth retrying: the storage, not the checkpoint, is at fault."""
-    if isinstance(e, FileNotFoundError | IsADirectoryError | NotADirectoryError):
-        return False  # a missing file stays missing
-    text = str(e)
-    return isinstance(e, OSError | ConnectionError | TimeoutError) or any(
-        t in text for t in _TRANSIENT_TEXT
-    )
-
-
-def _short(e: BaseException, limit: int = 120) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
-
-
-def _shape_mismatch(e: BaseException) -> tuple[str, str] | None:
-    """(requested, stored) shapes when `e` (or its cause) is Orbax's shape refusal."""
-    seen = []
-    while e is not None and e not in seen:
-        seen.append(e)
-        found = _SHAPE_ERROR.search(str(e))
-        if found:
-            return found.group(1), found.group(2)
-        e = e.__cause__ or e.__context__
-    return None
-
-
 def _several_processes() -> bool:
     return jax.process_count() > 1
-
-
-def step_dirs(directory: epath.Path) -> list[epath.Path]:
-    """Committed Orbax steps: integer-named directories. Locally a step being written
-    carries a tmp suffix until its rename; on gs:// Orbax writes straight into <step>/
-    and commits it with a COMMIT_MARKER there, so only a step holding one counts."""
-    if not directory.exists():
-        return []
-    gcs = paths.is_gcs(directory)
-    return [
-        p
-        for p in directory.iterdir()
-        if p.name.isdigit() and p.is_dir() and (not gcs or (p / COMMIT_MARKER).exists())
-    ]
-
-
-def _quarantine_root(directory: epath.Path) -> epath.Path:
-    return directory.parent / "quarantine" / directory.name
-
-
-def _quarantined(directory: epath.Path) -> list[str]:
-    root = _quarantine_root(directory)
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
 
 
 class Checkpointer:
@@ -280,7 +230,7 @@ class Checkpointer:
                     "checkpoint %s/%d: transient read error (%s); retrying in %.1f s",
                     self.directory,
                     step,
-                    _short(e),
+                    one_line(e),
                     wait,
                 )
                 time.sleep(wait)
@@ -300,11 +250,11 @@ class Checkpointer:
 
     def _why(self, step: int, e: BaseException, model: dict | None) -> str:
         """Why step did not restore: transient, damaged, or a model of another shape."""
-        shapes = _shape_mismatch(e)
+        shapes = shape_mismatch(e)
         if shapes is None:
             tries = getattr(e, "tries", 1)
             if is_transient(e):
-                return f"transient, {tries} tries: {_short(e)}"
+                return f"transient, {tries} tries: {one_line(e)}"
             root, seen = e, {id(e)}  # Orbax wraps TensorStore's error: it names the array
             while root.__cause__ is not None and id(root.__cause__) not in seen:
                 root = root.__cause__
@@ -315,7 +265,7 @@ class Checkpointer:
                     f"{_OTHER_PRECISION}: the fp32 master copy bf16_master keeps is in one "
                     "state and not the other; use the run's --config.train.precision"
                 )
-            return f"damaged: {_short(root)}"
+            return f"damaged: {one_line(root)}"
         requested, stored = shapes
         why = f"{_OTHER_SHAPE}: an array of shape {stored} where this model has {requested}"
         saved = self._saved_model(step)
@@ -335,9 +285,9 @@ class Checkpointer:
         """Restores exactly `step`; CheckpointError (one line) names why it cannot."""
         steps = self.steps()
         if step not in steps:
-            moved = [q for q in _quarantined(self._path) if q.split("-", 1)[0] == str(step)]
+            moved = [q for q in quarantined(self._path) if q.split("-", 1)[0] == str(step)]
             where = (
-                f"; it was quarantined as unreadable to {_quarantine_root(self._path)}/"
+                f"; it was quarantined as unreadable to {quarantine_root(self._path)}/"
                 f"{moved[-1]} (see {self.directory}/quarantine.jsonl)"
                 if moved
                 else ""
@@ -414,7 +364,7 @@ class Checkpointer:
                 bad_steps = ", ".join(str(s) for s, _ in failed)
                 print(
                     f"warning: checkpoint step {bad_steps} in {self.directory} is incomplete "
-                    f"or corrupt (quarantined in {_quarantine_root(self._path)}); resuming "
+                    f"or corrupt (quarantined in {quarantine_root(self._path)}); resuming "
                     f"from the previous good checkpoint, step {step}",
                     flush=True,
                 )
@@ -436,10 +386,10 @@ class Checkpointer:
                 other_shape=other_shape,
                 tried=tried,
             )
-        if _quarantined(self._path):
+        if quarantined(self._path):
             raise RestoreFailed(
                 f"{self.directory} has no steps left but quarantined ones in "
-                f"{_quarantine_root(self._path)} (see {self.directory}/quarantine.jsonl); "
+                f"{quarantine_root(self._path)} (see {self.directory}/quarantine.jsonl); "
                 f"move a repaired step back, or {_RESTART_HINT}"
             )
         return None
@@ -447,7 +397,7 @@ class Checkpointer:
     def _quarantine(self, step: int, why: str) -> None:
         """Moves step out of Orbax's reach (GC, tmp cleanup, a later save of step)."""
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        target = _quarantine_root(self._path) / f"{step}-{stamp}"
+        target = quarantine_root(self._path) / f"{step}-{stamp}"
         if jax.process_index() == 0:
             try:
                 paths.move_tree(self._path / str(step), target)  # gs://: copies, deletes
@@ -456,7 +406,7 @@ class Checkpointer:
             except Exception as e:
                 raise RestoreFailed(
                     f"checkpoint step {step} in {self.directory} is unreadable ({why}) and "
-                    f"could not be moved to {target} ({_short(e)}); nothing was deleted. "
+                    f"could not be moved to {target} ({one_line(e)}); nothing was deleted. "
                     f"To proceed, {_RESTART_HINT}"
                 ) from e
         if jax.process_count() > 1:
@@ -471,91 +421,3 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def _has_work(directory: epath.Path) -> bool:
-    return bool(step_dirs(directory)) or bool(_quarantined(directory))
-
-
-def _read_record(root: epath.Path) -> dict:
-    path = root / RECORD
-    if not path.exists():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} is unreadable ({_short(e)}); it names the active checkpoint "
-            "directory: restore it, or delete it if the run never restarted from scratch"
-        ) from None
-    if not isinstance(record, dict) or not isinstance(record.get("active", ""), str):
-        raise CheckpointError(f"{path} is not a checkpoint record; restore it from the run")
-    return record
-
-
-def active_checkpoint_directory(workdir: str) -> str:
-    """The checkpoint directory WORKDIR's training uses now, as checkpoints.json records
-    it (WORKDIR/checkpoints without a record). Reads only: evaluate and sample must not
-    end a restart_from_scratch latch, as `checkpoint_directory` does for training."""
-    root = paths.resolve(workdir)
-    return str(root / _read_record(root).get("active", "checkpoints"))
-
-
-def checkpoint_directory(workdir: str, restart_from_scratch: bool) -> str:
-    """The active checkpoint directory of WORKDIR: WORKDIR/checkpoints unless a restart
-    chose another, as recorded in WORKDIR/checkpoints.json.
-
-    restart_from_scratch=True starts a new subdirectory (checkpoints-1, -2, ...) and leaves
-    the old one untouched, with these rules, so that rerunning the same command after a
-    preemption resumes instead of starting over again:
-      - the record marks the directory a restart created as `latched`; while the flag
-        stays set, later runs resume in it (the same restart, rerun);
-      - a run without the flag clears the latch (the restart is over): the next run with
-        the flag starts another directory;
-      - an active directory with no steps (live or quarantined) holds no work: a restart
-        reuses it rather than making another.
-    Every process gets the same answer (process 0 decides and writes the record).
-    """
-    root = paths.resolve(workdir)
-    record_path = root / RECORD
-    record = _read_record(root)
-    active = record.get("active", "checkpoints")
-    latched = bool(record.get("latched", False))
-    history = list(record.get("history", [])) or [{"directory": active}]
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    choice, changed = active, False
-    if restart_from_scratch and not latched:
-        if _has_work(root / active):
-            taken = {active, *(h.get("directory") for h in history)}
-            k = 1
-            while f"checkpoints-{k}" in taken or (root / f"checkpoints-{k}").exists():
-                k += 1
-            choice = f"checkpoints-{k}"
-            history.append({"directory": choice, "created": stamp, "replaces": active})
-            print(
-                f"restart_from_scratch: training from step 0 in {root / choice}; "
-                f"{root / active} is left as it is",
-                flush=True,
-            )
-        latched, changed = True, True
-    elif not restart_from_scratch and latched:
-        latched, changed = False, True
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        # Process 0's choice wins, so processes that read the record at different
-        # moments cannot pick different directories.
-        k = 0 if choice == "checkpoints" else int(choice.rsplit("-", 1)[1])
-        k = int(multihost_utils.broadcast_one_to_all(np.int32(k)))
-        choice = "checkpoints" if k == 0 else f"checkpoints-{k}"
-    if changed and jax.process_index() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        record = {"active": choice, "latched": latched, "history": history}
-        tmp = root / f"{RECORD}.tmp"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        tmp.replace(record_path)  # whole or not at all
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("checkpoint_directory")
-    return str(root / choice)

@@ -9,6 +9,7 @@ The pieces, in the order a run meets them:
   open_workdir      check it, take the workdir lock, check the experiment against it
   build_data        this process's rows of the data; every process agrees on it
   check_memory      the train and eval steps compiled ahead of time; they must fit
+                    (gopher/step_memory.py)
   restore_or_init   the newest good checkpoint, or a fresh state (never a silent restart);
                     only then is the experiment recorded (WORKDIR/config.json), so a run
                     that fails before it leaves nothing a corrected rerun trips over
@@ -22,8 +23,8 @@ config; checkpoints go through Orbax's multi-process protocol. A run in an exist
 workdir resumes and appends to metrics.jsonl; the steps redone after its checkpoint are
 logged again with the same values. SIGTERM / SIGINT checkpoint and exit (gopher/stopping).
 Running out of device memory is a one-line OutOfMemory (a ValueError: the CLI exits 2)
-naming what to lower; checkpoints go before the eval of their step, so a failing eval
-loses no training.
+naming what to lower (gopher/step_memory.py); checkpoints go before the eval of their
+step, so a failing eval loses no training.
 """
 
 from __future__ import annotations
@@ -47,6 +48,13 @@ from gopher.config import DataConfig, ModelConfig, ParallelConfig, TrainConfig
 from gopher.data.pipeline import Pipeline, build_pipeline
 from gopher.saver import Saver
 from gopher.step_log import StepLog
+from gopher.step_memory import (
+    OutOfMemory,
+    check_memory,
+    is_out_of_memory,
+    setup_oom_message,
+    step_oom_message,
+)
 from gopher.stopping import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Stopper, Watchdog
 
 DIVERGED_EXIT_CODE = 3  # too many consecutive non-finite steps
@@ -60,7 +68,6 @@ __all__ = [
     "is_out_of_memory",
     "run",
 ]
-_GIB = 2.0**30
 
 
 class Stopped(SystemExit):
@@ -68,24 +75,6 @@ class Stopped(SystemExit):
 
     def __init__(self, code: int):
         super().__init__(code)
-
-
-class OutOfMemory(ValueError):
-    """A step ran out of device memory: one line naming what to lower (CLI exit 2)."""
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """An XLA runtime error for memory that ran out (RESOURCE_EXHAUSTED on an accelerator;
-    "Out of memory allocating N bytes" from XLA CPU, labelled INTERNAL)."""
-    if not isinstance(e, jax.errors.JaxRuntimeError):
-        return False
-    text = str(e)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-def _first_line(e: BaseException, limit: int = 160) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:limit]
 
 
 @dataclasses.dataclass
@@ -152,62 +141,6 @@ def build_data(model_cfg, train_cfg, data_cfg, workdir, rows, say, eval_rows=Non
         {"tokenizer sha256": data.tokenizer.sha256, "data sha256": data.fingerprint}
     )
     return data
-
-
-def _need(mem: dict) -> int:
-    """Bytes per device a compiled step needs (its own and the state left resident)."""
-    return mem["temp"] + mem["argument"] + mem["output"] - mem["alias"] + mem.get("resident", 0)
-
-
-def check_memory(engine, model_cfg: ModelConfig, train_cfg: TrainConfig, say) -> None:
-    """Compiles the train step ahead of time for every batch size the run uses (a batch
-    schedule's too) and the eval step at eval_batch_size, and refuses to start a run
-    whose steps cannot fit."""
-    t = model_cfg.seq_len
-    have = engine_lib.available_bytes_per_device()
-    for b in train_cfg.batch_sizes():
-        mem = engine.precompile((b, t + 1))
-        if not mem:
-            continue
-        need = _need(mem)
-        say(
-            f"step memory per device at batch {b}: {need / _GIB:.2f} GiB "
-            f"(temp {mem['temp'] / _GIB:.2f} GiB)"
-        )
-        if have is not None and need > have:
-            raise ValueError(
-                f"seq_len {t} x batch {b} needs {need / _GIB:.1f} GiB per device for the train "
-                f"step but {have / _GIB:.1f} GiB is available; lower --config.model.seq_len or "
-                f"the batch, use --config.train.remat=full, or add devices"
-            )
-    eb = train_cfg.eval_batch_size
-    mem = engine.precompile_eval((eb, t + 1))
-    if not mem:
-        return
-    need = _need(mem)
-    say(f"eval memory per device at batch {eb}: {need / _GIB:.2f} GiB")
-    if have is not None and need > have:
-        raise ValueError(
-            f"--config.train.eval_batch_size={eb} needs {need / _GIB:.1f} GiB per device for "
-            f"the eval step at seq_len {t} but {have / _GIB:.1f} GiB is available; "
-            + _eval_fit(engine, eb, t, need, have)
-        )
-
-
-def _eval_fit(engine, eb: int, t: int, need: int, have: int) -> str:
-    """The fix for an eval batch that does not fit: a smaller eval_batch_size that does
-    (memory is affine in the rows: measured at the smallest batch the mesh takes too)."""
-    m = max(1, engine.batch_multiple)
-    small = engine.precompile_eval((m, t + 1)) if eb > m else None
-    if not small or _need(small) > have:
-        return (
-            f"even --config.train.eval_batch_size={m} does not fit: lower "
-            "--config.model.seq_len or add devices"
-        )
-    per_row = (need - _need(small)) / (eb - m)
-    rows = m + int((0.9 * have - _need(small)) / per_row) if per_row > 0 else m
-    fit = max(m, min(eb - m, rows) // m * m)
-    return f"use --config.train.eval_batch_size={fit} (or less)"
 
 
 def restore_or_init(r: Run) -> tuple[int, Any]:
@@ -343,7 +276,7 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
     except jax.errors.JaxRuntimeError as e:
         if not is_out_of_memory(e):
             raise
-        raise OutOfMemory(_oom_message(r, doing, step, saved, e)) from e
+        raise OutOfMemory(step_oom_message(r, doing, step, saved, e)) from e
     finally:
         if profiling:
             jax.profiler.stop_trace()
@@ -354,28 +287,6 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
     result["state"] = state
     result["chief"] = jax.process_index() == 0
     return result
-
-
-def _oom_message(r: Run, doing: str, step: int, saved: int, e: BaseException) -> str:
-    t, seq = r.train_cfg, r.model_cfg.seq_len
-    kept = (
-        f"checkpoint step {saved} in {r.ckpt.directory} is intact"
-        + (" (rerun to resume)" if saved < r.end else "")
-        if saved
-        else "no checkpoint was written yet"
-    )
-    if doing == "eval":
-        return (
-            f"out of device memory in the held-out eval at step {step} "
-            f"(--config.train.eval_batch_size={t.eval_batch_size} x seq_len {seq}: "
-            f"{_first_line(e, 100)}); lower --config.train.eval_batch_size; {kept}"
-        )
-    return (
-        f"out of device memory in train step {step} (batch {t.batch_size_at(step)} x seq_len "
-        f"{seq}: {_first_line(e, 100)}); lower --config.train.batch_size or "
-        "--config.model.seq_len, raise --config.train.microbatches or use "
-        f"--config.train.remat=full; {kept}"
-    )
 
 
 def _eval_missed(r: Run, start: int) -> bool:
@@ -501,11 +412,7 @@ def run(
     except jax.errors.JaxRuntimeError as e:  # the steps' own say which step ran out
         if not is_out_of_memory(e):
             raise
-        raise OutOfMemory(
-            f"out of device memory setting the run up ({_first_line(e)}); lower "
-            "--config.train.batch_size, --config.train.eval_batch_size or "
-            "--config.model.seq_len, or use --config.train.remat=full"
-        ) from e
+        raise OutOfMemory(setup_oom_message(e)) from e
     finally:
         _close(writer, ckpt, lock, say)
 
