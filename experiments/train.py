@@ -46,7 +46,8 @@ RESTORE_FAILED_EXIT_CODE = 4
 # Another run's lock on the workdir, maybe a preempted node's that has not gone stale yet
 # (launch.tpu supervise waits for it and retries; a bad flag is 2, never retried).
 WORKDIR_LOCKED_EXIT_CODE = 5
-# The storage, not the checkpoint, failed a restore (after retries): rerun as it is.
+# The storage, not the checkpoint, failed a restore or the workdir's write test (after
+# retries): rerun as it is.
 STORAGE_UNAVAILABLE_EXIT_CODE = 7
 
 

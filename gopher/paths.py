@@ -164,10 +164,46 @@ def check_access(url: str) -> None:
         ) from None
     except (OSError, RuntimeError, ValueError, HttpError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
+        if storage_unreachable(e):  # gcsfs already retried it for about half a minute
+            from gopher.checkpoint_errors import StorageUnavailable
+
+            raise StorageUnavailable(
+                f"gs://{bucket}: the storage did not answer the write test of {url} "
+                f"({type(e).__name__}: {first[:160]}); nothing was written; rerun as it is "
+                "(exit 7: launch.tpu supervise retries it)"
+            ) from None
         raise ValueError(
             f"gs://{bucket}: cannot write {url} ({first[:160]}); check the bucket's "
             f"permissions or {ADC_HELP}"
         ) from None
+
+
+def storage_unreachable(e: BaseException) -> bool:
+    """Whether a failed GCS request is the service's or the network's fault, worth running
+    again as it is: 408, 429 and 5xx answers (gcsfs raises a 502 as a requests ProxyError),
+    a connection or a timeout that failed. Not 4xx refusals (credentials, permissions, a
+    bad name), which a rerun would meet again."""
+    import asyncio
+
+    import aiohttp
+    import requests
+    from gcsfs.retry import HttpError
+
+    if isinstance(e, HttpError):
+        return str(e.code) in {"408", "429", *map(str, range(500, 600))}
+    if isinstance(e, aiohttp.ClientResponseError):
+        return e.status in (408, 429) or e.status >= 500
+    return isinstance(
+        e,
+        ConnectionError
+        | TimeoutError
+        | asyncio.TimeoutError
+        | aiohttp.ClientConnectionError
+        | aiohttp.ClientPayloadError
+        | requests.exceptions.ConnectionError
+        | requests.exceptions.Timeout
+        | requests.exceptions.ChunkedEncodingError,
+    )
 
 
 # ---- GCS objects with generations (JSON API through gcsfs) -------------------------

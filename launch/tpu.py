@@ -30,7 +30,7 @@ locked, e.g. by the preempted node's run) is retried once its lock can have gone
 76 is final too: `launch.tpu stop` leaves a marker on the workers that turns the stopped
 job's status (75) into 76 (a `stop` between two attempts finds no job: Ctrl-C supervise).
 Anything else (75 preempted, 6 a peer died, 7 the storage failed a checkpoint's read or
-write) is retried as a new attempt (setup again, a
+write, or the workdir's write test) is retried as a new attempt (setup again, a
 new run that replaces the job). 255 (this side's ssh gave up, e.g. a
 laptop asleep) is not, unless the node had to be recreated: once it is READY, supervise
 reruns the same run, which follows the live job or reports how it ended. Each retry counts

@@ -127,6 +127,63 @@ def test_gcs_http_errors_of_the_probe_are_one_line(monkeypatch, status, message)
     assert "permissions" in msg and "gcloud auth application-default login" in msg
 
 
+@pytest.mark.parametrize("status", [503, 429, None])
+def test_gcs_outage_in_the_probe_is_storage_unavailable(monkeypatch, status):
+    """A bucket that answers 503 or 429 to every request after gcsfs's retries, or no
+    server at all (connection refused), is the storage's fault: StorageUnavailable (exit 7,
+    which launch.tpu supervise retries) in one line, not the ValueError (exit 2, final) of
+    a refusal. gcsfs's back-off sleeps are skipped; its six tries still happen."""
+    import asyncio
+    import http.server
+    import threading
+    import types
+
+    import gcsfs.retry
+
+    from gopher import checkpoint_errors
+
+    async def no_wait(_seconds):
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))
+    tries = []
+    body = json.dumps({"error": {"code": status, "message": "Service Unavailable"}}).encode()
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def _fail(self):
+            tries.append(self.command)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _fail
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Failing)
+    port = server.server_port
+    if status is None:
+        server.server_close()  # nothing listens on the port
+    else:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        with pytest.raises(checkpoint_errors.StorageUnavailable) as e:
+            workdir_lib.check_writable("gs://bucket/run")
+    finally:
+        if status is not None:
+            server.shutdown()
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("gs://bucket: the storage did not answer"), msg
+    assert "nothing was written" in msg and "exit 7" in msg, msg
+    if status is not None:
+        assert str(status) in msg and len(tries) == 6, (msg, tries)  # gcsfs's six tries
+
+
 def test_train_cli_gs_workdir_without_credentials(no_credentials, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
