@@ -192,3 +192,37 @@ def test_overrides_nothing_reads_are_refused_naming_the_flag_to_use():
                 match=rf"--config\.data\.{name}=.*--config\.data\.source={reader}",
             ):
                 common.configs_from_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        # A non-finite LR or clip norm made every update NaN while the step's loss and
+        # gradient norm were finite: the NaN parameters were kept, and the run stopped
+        # max_bad_steps later as "diverged" (exit 3) instead of naming the flag.
+        ("max_lr", float("nan")),
+        ("max_lr", float("inf")),
+        ("clip_norm", float("nan")),
+        ("clip_norm", float("inf")),
+        # Values of the wrong type failed with a TypeError deep inside (or much later).
+        ("max_lr", "3e-4"),
+        ("b1", "0.9"),
+        ("b2", None),
+        ("final_lr_ratio", "0.1"),
+        ("final_lr_ratio", 0.0),
+        ("warmup_steps", True),
+        ("steps", 1.5),
+        ("batch_size", 16.0),
+        ("microbatches", 2.0),
+    ],
+)
+def test_recipe_values_that_would_fail_later_name_the_flag(field, value):
+    with pytest.raises(
+        config.ConfigError, match=rf"TrainConfig\.{field} = .*--config\.train\.{field}"
+    ):
+        config.TrainConfig(**{field: value})
+
+
+def test_recipe_boundaries_are_accepted():
+    config.TrainConfig(max_lr=None, clip_norm=None, b1=0.0, b2=0.0, final_lr_ratio=1.0)
+    config.TrainConfig(max_lr=1, clip_norm=1e-3, warmup_steps=0, steps=1)

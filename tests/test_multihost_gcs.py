@@ -113,6 +113,7 @@ def _traffic(requests, key_part: str) -> dict[str, list[str]]:
     return seen
 
 
+@pytest.mark.slow  # 35 s: `make test-all` (the suite's own gs:// resume is tests/test_gcs.py)
 def test_two_processes_train_and_resume_on_a_bucket(emulator, tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
