@@ -52,7 +52,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest, to keep the suite under 15 minutes
 
 # libtpu (pinned, with its hashes, from requirements-tpu.lock) in its own directory, not
 # in the venv: the CPU suite stays a CPU suite, and the TPU-topology planner tests put
