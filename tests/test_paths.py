@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -83,6 +84,45 @@ def test_gcs_credentials_found_where_google_auth_looks(no_credentials, tmp_path,
     paths.check_credentials("gs://b/run")  # an emulator takes anonymous requests
 
 
+@contextlib.contextmanager
+def _answering(status: int | None, message: str, monkeypatch):
+    """A real HTTP server on 127.0.0.1 answering every GCS request with `status` and a
+    JSON error holding `message` (None: nothing listens on the port), named as the
+    emulator; yields the methods of the requests it got."""
+    import http.server
+    import threading
+
+    body = json.dumps({"error": {"code": status, "message": message}}).encode()
+    got = []
+
+    class Answering(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            got.append(self.command)
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_DELETE = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answering)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
+    if status is None:
+        server.server_close()
+        yield got
+        return
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield got
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize(
     "status, message",
     [
@@ -94,33 +134,8 @@ def test_gcs_http_errors_of_the_probe_are_one_line(monkeypatch, status, message)
     """gcsfs raises its own HttpError (neither OSError nor ValueError) for a 401 or 400:
     against a real HTTP server answering every request with it, the workdir check is one
     line naming the workdir and the fix, not a traceback."""
-    import http.server
-    import threading
-
-    body = json.dumps({"error": {"code": status, "message": message}}).encode()
-
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def _refuse(self):
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_DELETE = _refuse
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_port}")
-        with pytest.raises(ValueError) as e:
-            workdir_lib.check_writable("gs://bucket/run")
-    finally:
-        server.shutdown()
+    with _answering(status, message, monkeypatch), pytest.raises(ValueError) as e:
+        workdir_lib.check_writable("gs://bucket/run")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("gs://bucket: cannot write gs://bucket/run"), msg
     assert message in msg and str(status) in msg  # the server's own words
@@ -134,8 +149,6 @@ def test_gcs_outage_in_the_probe_is_storage_unavailable(monkeypatch, status):
     which launch.tpu supervise retries) in one line, not the ValueError (exit 2, final) of
     a refusal. gcsfs's back-off sleeps are skipped; its six tries still happen."""
     import asyncio
-    import http.server
-    import threading
     import types
 
     import gcsfs.retry
@@ -146,37 +159,11 @@ def test_gcs_outage_in_the_probe_is_storage_unavailable(monkeypatch, status):
         await asyncio.sleep(0)
 
     monkeypatch.setattr(gcsfs.retry, "asyncio", types.SimpleNamespace(sleep=no_wait))
-    tries = []
-    body = json.dumps({"error": {"code": status, "message": "Service Unavailable"}}).encode()
-
-    class Failing(http.server.BaseHTTPRequestHandler):
-        def _fail(self):
-            tries.append(self.command)
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_DELETE = _fail
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Failing)
-    port = server.server_port
-    if status is None:
-        server.server_close()  # nothing listens on the port
-    else:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-        with pytest.raises(checkpoint_errors.StorageUnavailable) as e:
-            workdir_lib.check_writable("gs://bucket/run")
-    finally:
-        if status is not None:
-            server.shutdown()
+    with (
+        _answering(status, "Service Unavailable", monkeypatch) as tries,
+        pytest.raises(checkpoint_errors.StorageUnavailable) as e,
+    ):
+        workdir_lib.check_writable("gs://bucket/run")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("gs://bucket: the storage did not answer"), msg
     assert "nothing was written" in msg and "exit 7" in msg, msg
