@@ -17,18 +17,30 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the field and the fix."""
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
+        if not _is_number(value) or value <= 0:
             raise ConfigError(
                 f"{type(obj).__name__}.{name} = {value!r} must be a finite number > 0; "
                 f"set --config.{_prefix(obj)}{name} to a value > 0"
+            )
+
+
+def _whole(obj: Any, *names: str) -> None:
+    """Each field is an int: a count such as 1.5 steps would fail only later, deep in a
+    loop or a reshape, with a traceback."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(
+                f"{type(obj).__name__}.{name} = {value!r} must be a whole number; set "
+                f"--config.{_prefix(obj)}{name} to an integer"
             )
 
 
@@ -112,8 +124,10 @@ class ModelConfig:
     """One row of the model table plus the few knobs the architecture has.
 
     `max_lr`, `clip_norm`, `batch_size` (sequences of `seq_len` tokens), `batch_schedule`
-    and `precision` are the table's recipe for this size; `TrainConfig` reads them unless
-    it overrides them (the experiment config copies them into the train section).
+    and `precision` are the table's recipe for this size. `TrainConfig` reads `max_lr` and
+    `clip_norm` from here when its own are None, but has its own `batch_size` (16),
+    `batch_schedule` (none) and `precision` (fp32): the experiment config copies all five
+    into the train section; code that builds a `TrainConfig` itself passes them.
     """
 
     num_layers: int
@@ -307,8 +321,7 @@ class TrainConfig:
     watchdog_s: float = 900.0
 
     def __post_init__(self):
-        _positive(
-            self,
+        counts = (
             "steps",
             "batch_size",
             "log_every",
@@ -319,9 +332,10 @@ class TrainConfig:
             "max_to_keep",
             "max_bad_steps",
             "microbatches",
-            "eps",
         )
-        _at_least_zero(self, "stop_at_step", integer=True)
+        _positive(self, *counts, "eps")
+        _whole(self, *counts)
+        _at_least_zero(self, "stop_at_step", "warmup_steps", integer=True)
         _at_least_zero(self, "warmup_init_lr", "weight_decay", "peak_flops", "watchdog_s")
         if self.profile_steps and (
             len(self.profile_steps) != 2 or not 0 < self.profile_steps[0] <= self.profile_steps[1]
@@ -329,11 +343,6 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.profile_steps = {self.profile_steps!r} must be (first, last) with "
                 f"0 < first <= last, e.g. --config.train.profile_steps='(10, 12)'"
-            )
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(
-                f"TrainConfig.warmup_steps = {self.warmup_steps!r} must be an integer >= 0; "
-                f"set --config.train.warmup_steps"
             )
         if (
             not isinstance(self.seed, int)
@@ -375,21 +384,26 @@ class TrainConfig:
             )
         for name in ("b1", "b2"):
             v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
+            if not _is_number(v) or not 0.0 <= v < 1.0:
                 raise ConfigError(
-                    f"TrainConfig.{name} = {v!r} must be in [0, 1); set --config.train.{name}"
+                    f"TrainConfig.{name} = {v!r} must be a number in [0, 1) (Adam's decay "
+                    f"rates: 0.9 and 0.95 by default); set --config.train.{name}"
                 )
-        if not 0.0 < self.final_lr_ratio <= 1.0:
+        if not _is_number(self.final_lr_ratio) or not 0.0 < self.final_lr_ratio <= 1.0:
             raise ConfigError(
-                f"TrainConfig.final_lr_ratio = {self.final_lr_ratio!r} must be in (0, 1]; "
-                f"Gopher uses 0.1"
+                f"TrainConfig.final_lr_ratio = {self.final_lr_ratio!r} must be in (0, 1] (the "
+                "cosine's end over the max LR; Gopher's is 0.1); set "
+                "--config.train.final_lr_ratio"
             )
+        # A non-finite LR or clip norm makes every update NaN while the step's loss and
+        # gradient norm stay finite, so the guard keeps the NaN parameters and the run
+        # only stops, as "diverged", max_bad_steps later.
         for name in ("max_lr", "clip_norm"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
+            if v is not None and (not _is_number(v) or v <= 0):
                 raise ConfigError(
-                    f"TrainConfig.{name} = {v!r} must be > 0 (or None for the preset's); "
-                    f"set --config.train.{name}"
+                    f"TrainConfig.{name} = {v!r} must be a finite number > 0 (or None for the "
+                    f"model row's); set --config.train.{name}"
                 )
 
     def batch_size_at(self, step: int) -> int:

@@ -48,11 +48,15 @@ def get_policy(name: str) -> Policy:
 
 
 def stochastic_round(x: jax.Array, key: jax.Array) -> jax.Array:
-    """fp32 -> bf16, rounding up with probability equal to the distance to the lower value.
+    """fp32 -> bf16: to one of the two bf16 neighbours of `x`, the one away from zero
+    with probability equal to the fraction of the gap between them that `x` has covered.
 
     Gopher App. C: bitcast to uint32, add uniform random bits in [0, 2^16), keep the
-    top 16 bits, cast to bf16 (exact, since the low bits are then zero). Unbiased:
-    E[stochastic_round(x)] = x for x between two bf16 neighbours.
+    top 16 bits, cast to bf16 (exact, since the low bits are then zero). The bits hold
+    sign and magnitude, so the carry rounds the magnitude: away from zero, for negative
+    values too. Unbiased: E[stochastic_round(x)] = x. Values exact in bf16 (zeros
+    included) stay as they are; non-finite values, and any that would round up to
+    infinity, are rounded to nearest instead.
     """
     x = x.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x, jnp.uint32)

@@ -2,16 +2,18 @@
 
 Run (the demo, `make demo`: 8 simulated devices, a (4, 2) mesh, ZeRO-1, remat; about
 8 minutes on a 2-core CPU):
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.train \
-      --config=experiments/configs/gopher.py:tiny --workdir=runs/demo \
-      --config.parallel.data=4 --config.parallel.model=2 --config.parallel.zero=1 \
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.train \\
+      --config=experiments/configs/gopher.py:tiny --workdir=runs/demo \\
+      --config.parallel.data=4 --config.parallel.model=2 --config.parallel.zero=1 \\
       --config.train.remat=full
 
 A table row (on a pod) runs Gopher's recipe: the row's batch in 2048-token sequences
 (128; 1024 for 7.1b; 1536 -> 3072 after step 47,684 for 280b), its precision (mixed below
-7.1b, bf16_sr from 7.1b) and 300B tokens (44m: 1,144,410 steps); a shorter run:
+7.1b, bf16_sr from 7.1b) and 300B tokens (44m: 1,144,410 steps). A shorter run
+shortens the 1,500-step warm-up too (a run of no more steps than the warm-up never
+reaches the max LR, nor decays from it):
   python -m experiments.train --config=experiments/configs/gopher.py:44m \\
-      --config.train.steps=1000 --workdir=gs://bucket/44m
+      --config.train.steps=1000 --config.train.warmup_steps=50 --workdir=gs://bucket/44m
 
 Any field can be overridden, e.g. --config.model.seq_len=512 --config.train.precision=fp32
 --config.train.batch_schedule='((10, 16),)'.
