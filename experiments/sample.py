@@ -53,6 +53,16 @@ def _check_flags() -> str:
         common.fail(f"--top_p={_TOP_P.value}; pass a probability in (0, 1] (1 keeps all)")
     if _NUM_SAMPLES.value < 1:
         common.fail(f"--num_samples={_NUM_SAMPLES.value}; pass a whole number >= 1")
+    # Sample i draws with seed --seed + i: every one must be a 64-bit seed, checked here
+    # rather than after the first samples have been printed.
+    last = _SEED.value + _NUM_SAMPLES.value - 1
+    if _SEED.value < -(2**63) or last >= 2**63:
+        most = 2**63 - _NUM_SAMPLES.value
+        common.fail(
+            f"--seed={_SEED.value} with --num_samples={_NUM_SAMPLES.value} draws seeds "
+            f"{_SEED.value} ... {last}, outside [-2**63, 2**63); pass a --seed in "
+            f"[-2**63, {most}]"
+        )
     if any(not s for s in _STOP.value):
         common.fail("--stop is empty; pass the text that ends a sample, or drop the flag")
     if _PROMPT_FILE.value is None:

@@ -68,6 +68,14 @@ class LoadedModel:
         return sizes["replica"] * sizes["data"]
 
 
+_SECTIONS = (
+    ("model", model_from_dict),
+    ("train", train_from_dict),
+    ("data", data_from_dict),
+    ("parallel", parallel_from_dict),
+)
+
+
 def read_config(workdir: str) -> tuple[ModelConfig, TrainConfig, DataConfig, ParallelConfig]:
     path = paths.resolve(workdir) / "config.json"
     if not path.is_file():
@@ -79,16 +87,32 @@ def read_config(workdir: str) -> tuple[ModelConfig, TrainConfig, DataConfig, Par
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is unreadable ({e}); restore it from the run") from None
-    return (
-        model_from_dict(cfg["model"]),
-        train_from_dict(cfg["train"]),
-        data_from_dict(cfg["data"]),
-        parallel_from_dict(cfg.get("parallel", {})),
-    )
+    # A file that parses but is not a run's record (a section missing, a field unknown
+    # or of another type) is one line naming it, not a KeyError or TypeError traceback.
+    fix = "restore it from the run that wrote it"
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is not a JSON object (a {type(cfg).__name__}); {fix}")
+    read = []
+    for name, reader in _SECTIONS:
+        section = cfg.get(name, {} if name == "parallel" else None)  # older runs: no parallel
+        if section is None:
+            raise ValueError(f"{path} has no {name!r} section; {fix}")
+        try:
+            if not isinstance(section, dict):
+                raise TypeError(f"a {type(section).__name__}, not an object")
+            read.append(reader(section))
+        except (TypeError, ValueError, KeyError) as e:
+            why = " ".join(str(e).split())
+            raise ValueError(f"{path} has a bad {name!r} section ({why}); {fix}") from None
+    return tuple(read)
 
 
-def _tokenizer_candidates(workdir: str, model_cfg: ModelConfig, data_cfg: DataConfig) -> list:
-    found = [paths.join(workdir, "tokenizer.model")]
+def _tokenizer_candidates(
+    workdir: str, model_cfg: ModelConfig, data_cfg: DataConfig
+) -> tuple[list[str], list[str]]:
+    """The paths that may hold the run's tokenizer, and what could not be read on the way
+    (a missing or damaged corpus manifest: reported if no candidate matches)."""
+    found, unreadable = [paths.join(workdir, "tokenizer.model")], []
     if data_cfg.tokenizer_path:
         found.append(data_cfg.tokenizer_path)
     if data_cfg.source == "embedded":
@@ -97,18 +121,33 @@ def _tokenizer_candidates(workdir: str, model_cfg: ModelConfig, data_cfg: DataCo
         corpus = data_cfg.corpus_dir or default_corpus_dir(model_cfg.vocab_size)
         manifest = paths.resolve(corpus) / "manifest.json"
         if manifest.is_file():
-            name = json.loads(manifest.read_text())["tokenizer"]["file"]
-            found.append(paths.join(corpus, name))
-    return found
+            try:
+                found.append(
+                    paths.join(corpus, json.loads(manifest.read_text())["tokenizer"]["file"])
+                )
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                why = " ".join(f"{type(e).__name__} {e}".split())
+                unreadable.append(f"{manifest} (unreadable: {why})")
+        else:
+            unreadable.append(f"{manifest} (missing)")
+    return found, unreadable
 
 
 def find_tokenizer(workdir: str, model_cfg, data_cfg, sha256: str | None) -> Tokenizer:
-    """The run's tokenizer: the first candidate whose sha256 is the checkpoint's."""
-    tried = []
-    for path in _tokenizer_candidates(workdir, model_cfg, data_cfg):
+    """The run's tokenizer: the first candidate whose sha256 is the checkpoint's (a
+    damaged candidate is passed over, and named if none matches)."""
+    candidates, tried = _tokenizer_candidates(workdir, model_cfg, data_cfg)
+    for path in candidates:
         if not paths.resolve(path).is_file():
+            tried.append(f"{path} (missing)")
             continue
-        tok = Tokenizer.load(path)
+        try:
+            tok = Tokenizer.load(path)
+        except (OSError, ValueError) as e:
+            tried.append(
+                f"{path} ({'not a SentencePiece model' if isinstance(e, ValueError) else e})"
+            )
+            continue
         if sha256 is None or tok.sha256 == sha256:
             return tok
         tried.append(f"{path} (sha256 {tok.sha256[:12]})")
@@ -171,6 +210,12 @@ def restore_state(
                     raise checkpoint_lib.CheckpointError(
                         f"{workdir}/config.json does not describe the model its checkpoints "
                         f"hold: {e.tried}; restore config.json from the run that wrote them"
+                    ) from e
+                if e.tried:  # training's fix (restart_from_scratch) is no flag of a loader's
+                    raise checkpoint_lib.CheckpointError(
+                        f"no checkpoint in {directory} restores: {e.tried}; nothing was moved "
+                        "or deleted; fix the storage or put back a good copy of a step, "
+                        "then rerun"
                     ) from e
                 raise checkpoint_lib.CheckpointError(str(e)) from e
             if restored is None:

@@ -18,9 +18,10 @@ sequence, and a tail that may be the start of a stop string (which is never show
 
 Sampling: logits / temperature, then top-k (the k most likely tokens), then top-p (the
 smallest set of the most likely tokens whose probability reaches p; always at least
-one), renormalised. Row r's token t is drawn with fold_in(fold_in(key(seed), r), t), so
-a seed reproduces a sample, and a row's sample depends on the seed, its prompt and its
-index in the batch only, not on the other rows' prompts.
+one), renormalised. Row r's token t is drawn with fold_in(fold_in(seed_key(seed), r), t)
+(all 64 bits of the seed count), so a seed reproduces a sample, and a row's sample
+depends on the seed, its prompt and its index in the batch only, not on the other rows'
+prompts.
 
 Shape glossary: B rows (prompts, padded to the mesh's batch multiple), P padded prompt
 length, N max_new_tokens, V vocabulary size.
@@ -41,7 +42,12 @@ from jax.experimental import io_callback
 from gopher import decode, sample_checks
 from gopher.config import ModelConfig
 from gopher.inference import LoadedModel, pad_rows
-from gopher.sample_checks import check_arguments, check_memory, compute_dtype_of
+from gopher.sample_checks import (
+    check_arguments,
+    check_memory,
+    check_prompt_kinds,
+    compute_dtype_of,
+)
 
 PROMPT_MULTIPLE = 8  # prompts pad to a multiple of this: fewer distinct compiled loops
 _NONE = -1  # "no token" in the output buffer, and an eos_id that never matches
@@ -52,6 +58,16 @@ def _scaled(logits: jax.Array, temperature) -> jax.Array:
     temperature, but a tiny temperature sends the others to -inf, not the top to inf."""
     logits = logits.astype(jnp.float32)
     return (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a seed in [-2**63, 2**63): threefry's key of its 64 bits, high word
+    then low (two's complement). jax.random.key(seed) casts the seed to int32 when x64 is
+    off (as here), so seeds 2**32 apart, or -1 and 2**32 - 1, drew the same sample; for
+    0 <= seed < 2**32 this is that same key, so those seeds draw what they always drew."""
+    word = int(seed) % 2**64
+    data = np.array([word >> 32, word & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(data, impl="threefry2x32")
 
 
 def truncate_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -250,6 +266,7 @@ def generate_with_details(
 ) -> Generation:
     """Samples up to `max_new_tokens` after each prompt; see `generate`."""
     tok = model.tokenizer
+    check_prompt_kinds(prompts)
     strings = [isinstance(p, str) for p in prompts]
     if any(strings) and not all(strings):
         raise ValueError("prompts mix strings and token lists; pass one kind")
@@ -303,7 +320,7 @@ def generate_with_details(
             put(tokens),
             put(valid),
             put(done),
-            jax.random.key(seed),
+            seed_key(seed),
             np.float32(1.0 if greedy else temperature),
             np.int32(top_k),
             np.float32(top_p),

@@ -98,6 +98,23 @@ def _whole(value) -> int | None:
         return None
 
 
+def check_prompt_kinds(prompts) -> None:
+    """One-line ValueError unless `prompts` is a sequence of prompts, each a string or a
+    sequence of token ids: a bare string would be a batch of one-character prompts, and
+    one list of ids a TypeError deep in the padding."""
+    if isinstance(prompts, str):
+        shown = prompts if len(prompts) <= 20 else prompts[:20] + "..."
+        raise ValueError(
+            f"prompts is one string ({shown!r}); pass a list of prompts, e.g. [prompt]"
+        )
+    kinds = [isinstance(p, str) or np.ndim(p) == 1 for p in prompts]
+    if kinds and not any(kinds) and all(_whole(p) is not None for p in prompts):
+        raise ValueError("prompts is one list of token ids; pass a list of prompts, e.g. [ids]")
+    for i, (p, ok) in enumerate(zip(prompts, kinds, strict=True)):
+        if not ok:
+            raise ValueError(f"prompt {i} is {p!r}, not a string or a list of token ids")
+
+
 def check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, eos_id):
     """One-line ValueErrors naming a bad argument; returns (max_new_tokens, top_k, seed)
     as ints (top_k at most the vocabulary: more keeps every token the same)."""
