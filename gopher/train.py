@@ -76,7 +76,6 @@ def make_train_functions(
     precision: str = "fp32",
     remat: str = "none",
     activation_constraint: Callable[[jax.Array], jax.Array] | None = None,
-    grad_transform: Callable[[Any], Any] | None = None,
     fault_steps: tuple[int, ...] = (),
     batch_layout: BatchLayout | None = None,
     platform: str | None = None,
@@ -84,8 +83,8 @@ def make_train_functions(
 ) -> TrainFunctions:
     """Builds the pure functions for one model, recipe and precision setting.
 
-    `grad_transform` lets a parallel path (pmap) reduce gradients across devices
-    before the update; the jit path leaves that to XLA. `fault_steps` (1-based step
+    Gradients are reduced across devices by XLA (the pmap path, gopher/pmap_train.py,
+    builds its own step from `forward` and reduces them itself). `fault_steps` (1-based step
     numbers) poison the gradient with NaN at those steps: a test hook for the guard.
     `batch_layout` tells gradient accumulation (train.microbatches > 1) how the batch
     is split over devices, so that each microbatch stays spread over all of them.
@@ -150,8 +149,6 @@ def make_train_functions(
         if fault_steps:
             poison = jnp.isin(state.step + 1, jnp.asarray(fault_steps, jnp.int32))
             grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
-        if grad_transform is not None:
-            grads, loss = grad_transform((grads, loss))
         grad_norm = optax.tree.norm(grads)
         base = state.master if policy.fp32_master else state.params
         updates, opt_state = optimizer.update(grads, state.opt_state, base)

@@ -520,6 +520,7 @@ needs_small_host = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # 28 s; make test-all, the suite's time budget (ci-fresh: 952 s)
 @needs_small_host
 def test_eval_batch_that_does_not_fit_is_refused_before_training(shared, tmp_path):
     workdir = tmp_path / "run"
