@@ -390,7 +390,11 @@ class Checkpointer:
             raise RestoreFailed(
                 f"{self.directory} has no steps left but quarantined ones in "
                 f"{quarantine_root(self._path)} (see {self.directory}/quarantine.jsonl); "
-                f"move a repaired step back, or {_RESTART_HINT}"
+                + (  # a loader (evaluate, sample) has no training flag to offer
+                    "move a repaired step back, then rerun"
+                    if self.read_only
+                    else f"move a repaired step back, or {_RESTART_HINT}"
+                )
             )
         return None
 

@@ -210,9 +210,16 @@ def test_only_quarantined_steps_left_is_not_a_fresh_start(tmp_path):
 
     shutil.rmtree(directory / "10")
     ck = _checkpointer(directory)
-    with pytest.raises(checkpoint_lib.RestoreFailed, match="quarantined"):
+    with pytest.raises(checkpoint_lib.RestoreFailed, match="quarantined") as e:
         ck.restore_latest(_abstract())
     ck.close()
+    assert "--config.train.restart_from_scratch=true" in str(e.value)  # training's way on
+    # evaluate and sample read only: training's flag is none of theirs.
+    reader = checkpoint_lib.Checkpointer(str(directory), read_only=True)
+    with pytest.raises(checkpoint_lib.RestoreFailed, match="quarantined") as e:
+        reader.restore_latest(_abstract())
+    reader.close()
+    assert "restart_from_scratch" not in str(e.value) and "then rerun" in str(e.value)
 
 
 def test_empty_directory_is_a_fresh_start(tmp_path):
