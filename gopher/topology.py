@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 
@@ -112,9 +113,7 @@ def parse_topology(text: str) -> tuple[str, str]:
             f"--topology={text!r}: a {gen} slice's shape is {SLICE_DIMS[gen]} positive sizes, "
             f"e.g. {example}"
         )
-    chips = 1
-    for n in dims:
-        chips *= n
+    chips = math.prod(dims)
     if chips > SLICE_MAX_CHIPS[gen]:
         raise ValueError(
             f"--topology={text!r} is {chips} chips, more than a {gen} slice's "
