@@ -22,44 +22,28 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _positive(obj: Any, *names: str) -> None:
+def _checked(obj: Any, names: tuple[str, ...], integer: bool, low: str, ok) -> None:
+    """Each field is a finite number (an int if `integer`; never a bool) for which
+    `ok(value)` holds; otherwise a ConfigError naming the field, the bound and the flag.
+    A count such as 1.5 steps would fail only later, deep in a loop or a reshape."""
     for name in names:
         value = getattr(obj, name)
-        if not _is_number(value) or value <= 0:
+        if not _is_number(value) or (integer and not isinstance(value, int)) or not ok(value):
             raise ConfigError(
-                f"{type(obj).__name__}.{name} = {value!r} must be a finite number > 0; "
-                f"set --config.{_prefix(obj)}{name} to a value > 0"
+                f"{type(obj).__name__}.{name} = {value!r} must be "
+                f"{'an integer' if integer else 'a finite number'} {low}; set "
+                f"--config.{_prefix(obj)}{name} to a value {low}"
             )
 
 
-def _whole(obj: Any, *names: str) -> None:
-    """Each field is an int: a count such as 1.5 steps would fail only later, deep in a
-    loop or a reshape, with a traceback."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(
-                f"{type(obj).__name__}.{name} = {value!r} must be a whole number; set "
-                f"--config.{_prefix(obj)}{name} to an integer"
-            )
+def _positive(obj: Any, *names: str, integer: bool = False) -> None:
+    """Each field is a finite number > 0 (a whole number if `integer`)."""
+    _checked(obj, names, integer, "> 0", lambda v: v > 0)
 
 
 def _at_least_zero(obj: Any, *names: str, integer: bool = False) -> None:
     """Each field is a finite number >= 0 (a whole number if `integer`)."""
-    for name in names:
-        value = getattr(obj, name)
-        kind = int if integer else (int, float)
-        if (
-            not isinstance(value, kind)
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ConfigError(
-                f"{type(obj).__name__}.{name} = {value!r} must be "
-                f"{'an integer' if integer else 'a finite number'} >= 0; set "
-                f"--config.{_prefix(obj)}{name} to a value >= 0"
-            )
+    _checked(obj, names, integer, ">= 0", lambda v: v >= 0)
 
 
 PRECISIONS = ("fp32", "mixed", "bf16", "bf16_sr", "bf16_master")  # Gopher App. C
@@ -165,22 +149,12 @@ class ModelConfig:
             "num_heads",
             "key_size",
             "d_model",
-            "max_lr",
             "batch_size",
-            "clip_norm",
-            "ffw_multiplier",
             "vocab_size",
             "seq_len",
-            "rms_norm_eps",
-            "init_scale",
+            integer=True,
         )
-        names = ("num_layers", "num_heads", "key_size", "d_model", "vocab_size", "seq_len")
-        for name in (*names, "batch_size"):
-            if not isinstance(getattr(self, name), int):
-                raise ConfigError(
-                    f"ModelConfig.{name} = {getattr(self, name)!r} must be an integer; "
-                    f"set --config.model.{name} to a whole number"
-                )
+        _positive(self, "max_lr", "clip_norm", "ffw_multiplier", "rms_norm_eps", "init_scale")
         if self.num_heads * self.key_size != self.d_model:
             raise ConfigError(
                 f"ModelConfig: num_heads * key_size = {self.num_heads} * {self.key_size} = "
@@ -333,8 +307,8 @@ class TrainConfig:
             "max_bad_steps",
             "microbatches",
         )
-        _positive(self, *counts, "eps")
-        _whole(self, *counts)
+        _positive(self, *counts, integer=True)
+        _positive(self, "eps")
         _at_least_zero(self, "stop_at_step", "warmup_steps", integer=True)
         _at_least_zero(self, "warmup_init_lr", "weight_decay", "peak_flops", "watchdog_s")
         if self.profile_steps and (
