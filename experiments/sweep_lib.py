@@ -274,9 +274,9 @@ def check_repeats(cfg, runs: list[RunSpec], say) -> None:
         build.build_embedded_corpus(corpus_dir, cfg.vocab_size, log=say)
     with open(manifest_path) as f:
         manifest = json.load(f)
-    from gopher.data.proportions import EMBEDDED_WEIGHTS, named_weights
+    from gopher.data.proportions import EMBEDDED_WEIGHTS, named_weights, parse_weights
 
-    weights = pipeline.parse_weights(str(data.get("mixture") or ""))
+    weights = parse_weights(str(data.get("mixture") or ""))
     if weights is None:
         weights = dict(manifest.get("weights") or EMBEDDED_WEIGHTS)
     elif isinstance(weights, str):

@@ -77,7 +77,15 @@ def main(argv):
     with common.user_errors(_VERBOSE.value):
         model_cfg, train_cfg, data_cfg, parallel = common.configs_from_dict(_CONFIG.value)
         # Imported late so that flag errors print before jax loads.
-        from gopher import background_errors, checkpoint, distributed, loop, step_log, workdir_lock
+        from gopher import (
+            background_errors,
+            checkpoint,
+            distributed,
+            loop,
+            step_log,
+            step_memory,
+            workdir_lock,
+        )
 
         if not _VERBOSE.value:
             # Background threads' and finalizers' failures: one warning per message.
@@ -104,12 +112,7 @@ def main(argv):
         except Exception as e:  # loop.run names the step; this catches any other place
             if _VERBOSE.value or not loop.is_out_of_memory(e):
                 raise
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            common.fail(
-                f"out of device memory ({first}); lower --config.train.batch_size, "
-                "--config.train.eval_batch_size or --config.model.seq_len, or use "
-                "--config.train.remat=full"
-            )
+            common.fail(step_memory.setup_oom_message(e, where=""))
         distributed.shutdown()
     ev, tr = result["eval"], result["train"]
     if ev and result.get("chief", True):

@@ -133,11 +133,12 @@ def step_oom_message(r: Run, doing: str, step: int, saved: int, e: BaseException
     )
 
 
-def setup_oom_message(e: BaseException) -> str:
-    """The line for memory that ran out before the step loop (compiling, restoring, a
-    missed eval): which size was too big is not known, so it names each."""
+def setup_oom_message(e: BaseException, where: str = " setting the run up") -> str:
+    """The line for memory that ran out outside a step (`where`: before the step loop,
+    compiling, restoring, a missed eval; "" where the caller cannot tell): which size
+    was too big is not known, so it names each."""
     return (
-        f"out of device memory setting the run up ({_first_line(e)}); lower "
+        f"out of device memory{where} ({_first_line(e)}); lower "
         "--config.train.batch_size, --config.train.eval_batch_size or "
         "--config.model.seq_len, or use --config.train.remat=full"
     )
