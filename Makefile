@@ -19,7 +19,8 @@ $(STAMP): setup.py $(LOCKS)
 	rm -f $(VENV)/.installed-* && touch $@
 
 # Re-resolve the locks from setup.py with uv, keeping the pins already in them (add
-# --upgrade to move them): runtime and dev for this machine's Python 3.11, and the TPU
+# --upgrade to move them): runtime and dev (with MKL, the `cpu` extra) for this machine's
+# Python 3.11, and the TPU
 # workers' lock (runtime + jax[tpu]/libtpu; libtpu wheels need glibc 2.31).
 UV_VERSION := 0.13.9
 LOCK_FLAGS := --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet
@@ -28,7 +29,7 @@ lock:
 	$(PY) -m pip install -q uv==$(UV_VERSION)
 	$(VENV)/bin/uv pip compile setup.py $(LOCK_FLAGS) \
 	    --python-platform x86_64-manylinux_2_28 -o requirements.lock
-	$(VENV)/bin/uv pip compile setup.py --extra dev $(LOCK_FLAGS) \
+	$(VENV)/bin/uv pip compile setup.py --extra dev --extra cpu $(LOCK_FLAGS) \
 	    --python-platform x86_64-manylinux_2_28 -c requirements.lock -o requirements-dev.lock
 	echo "jax[tpu]" | $(VENV)/bin/uv pip compile setup.py - $(LOCK_FLAGS) \
 	    --python-platform x86_64-manylinux_2_31 -c requirements.lock -o requirements-tpu.lock

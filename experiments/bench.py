@@ -46,6 +46,7 @@ from absl import app, flags
 from experiments import bench_peer, common, devices
 from experiments.bench_machine import git_revision, machine_record, peak_rss_gib
 from gopher import config as config_lib
+from gopher import cpu_kernels
 
 SHAPES = {
     # name: (preset, overrides, batch)
@@ -297,6 +298,10 @@ def single_run(
         "mfu": round(mfu, 4) if mfu is not None else None,
         "peak_rss_gib": peak_rss_gib(),
         "attention": model_cfg.attention,
+        # The fused CPU kernel's BLAS when the step runs it (gopher/cpu_kernels.py), else None.
+        "cpu_attention_kernel": cpu_kernels.blas()
+        if "GopherAttentionFwd" in compiled.as_text()
+        else None,
         # the largest of the devices' allocator peaks (accelerators only)
         "device_peak_gib": round(max(s["peak_bytes_in_use"] for s in stats) / 2**30, 3)
         if all("peak_bytes_in_use" in s for s in stats)

@@ -3,9 +3,10 @@
     python -m experiments.bench_attention_peer        # the nanoGPT shape, fp32 (installs nothing:
                                                       # torch from `make bench-peer`)
 
-Gopher's side is the attention the CPU train step runs (`gopher.attention_xla.
-grouped_relative_attention`: q, k, v packed as their projection leaves them, the relative
-position term, causal chunks, heads in groups); the peer's is what benchmarks/peers/
+Gopher's side is the attention the CPU train step runs (--attention=auto: the fused C++
+kernel, `gopher.cpu_kernels.relative_attention`; =xla: `gopher.attention_xla.
+grouped_relative_attention`, heads in groups; either from q, k, v packed as their
+projection leaves them, with the relative position term, in causal chunks); the peer's is what benchmarks/peers/
 gpt2_torch.py calls, `F.scaled_dot_product_attention(q, k, v, is_causal=True)` on [B, H, T, K].
 Each times the forward and the forward+backward against a fixed random cotangent (median of
 --reps calls after two warm-ups), in its own process, alternating --rounds times; as in the
@@ -60,6 +61,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds; each runs gopher, then the 
 _REPS = flags.DEFINE_integer("reps", 10, "Timed calls per measurement (median).")
 _SIDES = flags.DEFINE_list("sides", ["gopher", "torch"], "Which sides to run.")
 _SIDE = flags.DEFINE_enum("side", None, ["gopher", "torch"], "Internal: run one side here.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "auto", ["auto", "cpu", "xla"], "Gopher's attention (auto: as the CPU step)."
+)
 _PEER_PYTHON = flags.DEFINE_string("peer_python", None, "Interpreter with torch (default: this).")
 _OUT = flags.DEFINE_string(
     "out", os.path.join("benchmarks", "bench_attention_peer_cpu.json"), "JSON written."
@@ -74,10 +78,12 @@ _TARGET = flags.DEFINE_float("target", 1.1, "The gopher/peer tokens/s ratio aske
 _SHAPE = (_BATCH, _HEADS, _KEY, _SEQ)  # the order gopher_side and torch_side take them
 
 
-def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
+def gopher_side(b: int, h: int, kd: int, t: int, reps: int, choice: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
 
+    from gopher import cpu_kernels
+    from gopher.attention import attention_layout
     from gopher.attention_xla import (
         MAX_QUERY_CHUNKS,
         QUERY_CHUNK,
@@ -91,11 +97,22 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
     # A random cotangent, not the sum's ones, which XLA could fold into the backward's dots.
     d_out = jax.random.normal(keys[2], (b, t, h * kd), jnp.float32)
     bias = jnp.zeros((h, 1, kd), jnp.float32)
-    chunk = max(QUERY_CHUNK, -(-t // MAX_QUERY_CHUNKS))  # as RelativeAttention chooses it
-    group = heads_per_group(b, h, t, chunk)
+    kernel = attention_layout(choice, "cpu").implementation == "cpu"
+    if kernel and cpu_kernels.problem():
+        raise SystemExit(f"the CPU attention kernel cannot run: {cpu_kernels.problem()}")
+    if kernel:
+        chunk, group = cpu_kernels.CHUNK, None
+        what = f"gopher.cpu_kernels.relative_attention ({cpu_kernels.blas()})"
 
-    def forward(qkv, r):
-        return grouped_relative_attention(qkv, r, bias, bias, None, chunk, group)
+        def forward(qkv, r):
+            return cpu_kernels.relative_attention(qkv, r, bias, bias, chunk)
+    else:
+        chunk = max(QUERY_CHUNK, -(-t // MAX_QUERY_CHUNKS))  # as RelativeAttention chooses it
+        group = heads_per_group(b, h, t, chunk)
+        what = "gopher.attention_xla.grouped_relative_attention"
+
+        def forward(qkv, r):
+            return grouped_relative_attention(qkv, r, bias, bias, None, chunk, group)
 
     def both(qkv, r, d_out):
         _, vjp = jax.vjp(forward, qkv, r)
@@ -105,7 +122,7 @@ def gopher_side(b: int, h: int, kd: int, t: int, reps: int) -> dict:
     fwd_bwd = jax.jit(both).lower(qkv, r, d_out).compile()
     return {
         "side": "gopher",
-        "what": "gopher.attention_xla.grouped_relative_attention",
+        "what": what,
         "heads_per_group": group,
         "query_chunk": chunk,
         "forward_s": median_seconds(lambda: jax.block_until_ready(fwd(qkv, r)), reps, warmups=2),
@@ -187,8 +204,11 @@ def main(argv):
     if not _TARGET.value > 0:
         common.fail(f"--target={_TARGET.value}: pass a ratio above 0, such as 1.1")
     if _SIDE.value:  # one side, in this process
-        fn = gopher_side if _SIDE.value == "gopher" else torch_side
-        print(json.dumps(fn(*shape, _REPS.value)), flush=True)
+        if _SIDE.value == "gopher":
+            record = gopher_side(*shape, _REPS.value, _ATTENTION.value)
+        else:
+            record = torch_side(*shape, _REPS.value)
+        print(json.dumps(record), flush=True)
         return
     bad = [s for s in _SIDES.value if s not in ("gopher", "torch")]
     if bad:
@@ -199,7 +219,7 @@ def main(argv):
             python, torch_version = peer_python(_PEER_PYTHON.value)
         except ValueError as e:
             common.fail(str(e))
-    shape_flags = [f"--{flag.name}={flag.value}" for flag in (*_SHAPE, _REPS)]
+    shape_flags = [f"--{flag.name}={flag.value}" for flag in (*_SHAPE, _REPS, _ATTENTION)]
     module = ["-m", "experiments.bench_attention_peer", *shape_flags]
     rounds = []
     for i in range(_ROUNDS.value):

@@ -7,8 +7,9 @@ R is the fixed sinusoid table over distances and W_R a per-layer projection of i
 (the 13th d^2 of each block). Two implementations behind `attend`, chosen by
 `ModelConfig.attention` ("auto": the Pallas kernels of gopher/pallas_attention.py on
 TPU, cuDNN's flash attention with the position scores as a bias on GPU
-(gopher/attention_cudnn.py), the XLA path of gopher/attention_xla.py on CPU and wherever
-the others cannot run): the kernel cannot be
+(gopher/attention_cudnn.py), on CPU the fused C++ kernel of gopher/cpu_kernels.py in
+fp32, and the XLA path of gopher/attention_xla.py wherever the others cannot run): the
+kernel cannot be
 split by XLA's partitioner, so under a mesh it runs inside `shard_map`, batch over the
 data axes and heads over "model", as the XLA path is split.
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from gopher import attention_cudnn, pallas_attention
+from gopher import attention_cudnn, cpu_kernels, pallas_attention
 from gopher.attention_xla import (
     MAX_QUERY_CHUNKS,
     QUERY_CHUNK,
@@ -51,9 +52,9 @@ KERNEL_PLATFORMS = ("tpu",)
 @dataclasses.dataclass(frozen=True)
 class AttentionLayout:
     """How `attend` computes: "xla", "pallas", "pallas_fused" (the kernel with its
-    one-kernel backward) or "cudnn" on `platform` (the kernel runs in interpret mode on
-    "cpu"), and, with a `mesh`, the kernel's or cuDNN's shard_map: the batch over
-    `batch_axes`, heads over `head_axis`."""
+    one-kernel backward), "cudnn" or "cpu" (the C++ kernel) on `platform` (the Pallas
+    kernel runs in interpret mode on "cpu"), and, with a `mesh`, the kernel's shard_map:
+    the batch over `batch_axes`, heads over `head_axis`."""
 
     implementation: str = "xla"
     platform: str = "cpu"
@@ -61,7 +62,7 @@ class AttentionLayout:
     batch_axes: tuple[str, ...] = ()
     head_axis: str = "model"
     device_kind: str = ""  # e.g. "TPU v4": the kernel's skew depends on the TPU generation
-    # What runs where `implementation` cannot (only "auto"'s choice of cudnn has one: "xla").
+    # What runs where `implementation` cannot ("auto"'s choice of cudnn or cpu: "xla").
     fallback: str | None = None
 
 
@@ -69,9 +70,9 @@ def attention_layout(
     choice: str, platform: str, mesh: Any = None, batch_axes: tuple[str, ...] = ()
 ) -> AttentionLayout:
     """The layout for `ModelConfig.attention` = `choice` ("auto", "xla", "pallas",
-    "pallas_fused", "cudnn") on devices of `platform` (the mesh's, else the first of the
-    platform's devices); "auto" is the kernel on TPU v4+, cuDNN on GPU (XLA where cuDNN
-    cannot run), XLA elsewhere."""
+    "pallas_fused", "cudnn", "cpu") on devices of `platform` (the mesh's, else the first
+    of the platform's devices); "auto" is the kernel on TPU v4+, cuDNN on GPU and the C++
+    kernel on CPU (each with XLA where it cannot run), XLA elsewhere."""
     if choice == "pallas_fused" and "fused" not in pallas_attention.backwards_for(platform):
         raise ValueError(
             "attention = 'pallas_fused' needs atomic adds, which TPU kernels do not have; "
@@ -95,6 +96,16 @@ def attention_layout(
         # best (26.8k, full remat), 417m's at 104.6k against 83.1k
         # (benchmarks/gpu_h200/run3_*, run4_*).
         choice, fallback = "cudnn", "xla"
+    if choice == "cpu" and platform != "cpu":
+        raise ValueError(
+            f"attention = 'cpu' is the CPU's kernel, not {platform}'s; "
+            "use --config.model.attention=auto"
+        )
+    if choice == "auto" and platform == "cpu":
+        # The fused C++ kernel (gopher/cpu_kernels.py), XLA's where it cannot run (bf16, a
+        # mask of its own, no compiler or BLAS): at the nanoGPT shape on 2 Xeon cores,
+        # 80-91 ms a layer forward and backward against XLA's 157-195 (README, Benchmarks).
+        choice, fallback = "cpu", "xla"
     if choice == "auto":
         choice = "pallas" if platform in KERNEL_PLATFORMS else "xla"
         generation = pallas_attention.tpu_generation(kind) if platform == "tpu" else None
@@ -136,6 +147,17 @@ def attend(qkv, r, u, v_bias, mask, chunk: int, layout: AttentionLayout) -> jax.
 
     The kernel is causal only: with a `mask` it raises (use attention="xla")."""
     t = qkv.shape[1]
+    if layout.implementation == "cpu":
+        why_not = cpu_kernels.unsupported(qkv.dtype, mask)
+        if why_not and layout.fallback:
+            logging.log_first_n(logging.INFO, "attention: %s; XLA's instead", 1, why_not)
+            fallback = dataclasses.replace(layout, implementation=layout.fallback, fallback=None)
+            return attend(qkv, r, u, v_bias, mask, chunk, fallback)
+        if why_not:
+            raise ValueError(
+                f"attention = 'cpu' cannot run: {why_not}; use --config.model.attention=xla"
+            )
+        return _on_each_device(cpu_kernels.relative_attention, layout, qkv, r, u, v_bias)
     if layout.implementation == "xla" and layout.platform == "cpu":
 
         def xla_cpu(qkv, r, u, v_bias):  # per device: its own batch rows and heads

@@ -47,7 +47,7 @@ def _at_least_zero(obj: Any, *names: str, integer: bool = False) -> None:
 
 
 PRECISIONS = ("fp32", "mixed", "bf16", "bf16_sr", "bf16_master")  # Gopher App. C
-ATTENTIONS = ("auto", "xla", "pallas", "pallas_fused", "cudnn")  # ModelConfig.attention
+ATTENTIONS = ("auto", "xla", "pallas", "pallas_fused", "cudnn", "cpu")  # ModelConfig.attention
 TRAIN_TOKENS = 300_000_000_000  # every Gopher model trained on 300B tokens
 
 
@@ -138,8 +138,9 @@ class ModelConfig:
     # gopher/pallas_attention.py (interpret mode on CPU: slow, for tests); "xla", the
     # chunked XLA path; "pallas_fused", the kernel with its one-kernel backward (atomic
     # adds: GPU only); "cudnn", cuDNN's flash attention with the position scores as a bias
-    # (NVIDIA GPU, bf16/fp16; gopher/attention_cudnn.py); "auto", the kernel on TPU, cudnn
-    # on GPU (XLA where it cannot run) and XLA on CPU (gopher/attention.py).
+    # (NVIDIA GPU, bf16/fp16; gopher/attention_cudnn.py); "cpu", a fused C++ kernel (XLA
+    # FFI, fp32; gopher/cpu_kernels.py); "auto", the kernel on TPU, cudnn on GPU and cpu on
+    # CPU, each with XLA where it cannot run (gopher/attention.py).
     attention: str = "auto"
 
     def __post_init__(self):

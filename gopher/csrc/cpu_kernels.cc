@@ -1,0 +1,358 @@
+// An XLA FFI kernel for the CPU (loaded and registered by gopher/cpu_kernels.py):
+// Transformer-XL relative attention fused per head and sequence, forward and backward.
+//
+//   score(i, j) = (q_i + u) . k_j + (q_i + v) . R_{i-j}      (q pre-scaled by 1/sqrt(K))
+//
+// The attention reads q, k and v where their projection left them (packed [B, T, 3, H*K],
+// a row stride of 3*H*K) and writes its output and gradients in the same layouts, so no
+// head transposes are made. One query chunk of one (head, sequence) at a time: its
+// content and position scores are two BLAS calls, the skew, causal mask and softmax one
+// pass over the chunk's scores in cache, and the backward recomputes the probabilities
+// from the saved log-sum-exp (flash attention's way). XLA CPU runs the same maths as a
+// dozen separate passes over memory per chunk (gopher/attention_xla.py).
+//
+// The BLAS is given at run time (a cblas_sgemm pointer, LP64 or ILP64) and must be
+// single-threaded: the work is split over XLA's own intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using Buf3 = ffi::Buffer<ffi::F32, 3>;
+using Buf4 = ffi::Buffer<ffi::F32, 4>;
+using Res3 = ffi::ResultBuffer<ffi::F32, 3>;
+using Res4 = ffi::ResultBuffer<ffi::F32, 4>;
+
+namespace {
+
+using Sgemm32 = void (*)(int, int, int, int32_t, int32_t, int32_t, float, const float*, int32_t,
+                         const float*, int32_t, float, float*, int32_t);
+using Sgemm64 = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                         const float*, int64_t, float, float*, int64_t);
+void* g_sgemm = nullptr;
+int g_ilp64 = 0;
+int g_threads = 0;
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+// C[m, n] = alpha op(A) op(B) + beta C, row-major.
+void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+    return;
+  }
+  int ta_ = ta ? kTrans : kNoTrans, tb_ = tb ? kTrans : kNoTrans;
+  if (g_ilp64)
+    reinterpret_cast<Sgemm64>(g_sgemm)(kRowMajor, ta_, tb_, m, n, k, 1.f, a, lda, b, ldb, beta, c,
+                                       ldc);
+  else
+    reinterpret_cast<Sgemm32>(g_sgemm)(kRowMajor, ta_, tb_, m, n, k, 1.f, a, lda, b, ldb, beta, c,
+                                       ldc);
+}
+
+
+// exp(x) for x <= 0 (softmax's shifted scores), vectorizable: 2^n * p(r) with
+// x = n ln2 + r, |r| <= ln2/2, p a degree-6 Taylor polynomial (relative error < 2e-7);
+// below -87.3 the result is 0.
+inline float ExpNonPositive(float x) {
+  x = std::max(x, -87.3f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// Row-wise: row[j] = exp(row[j] - m) for j < n; returns their sum.
+inline float ExpRow(float* row, int64_t n, float m) {
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = ExpNonPositive(row[j] - m);
+    total += row[j];
+  }
+  return total;
+}
+
+inline float MaxRow(const float* row, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
+  return m;
+}
+
+struct ForState {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t n = 0;
+  std::function<void(int64_t)> fn;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+void RunItems(ForState* s) {
+  for (int64_t i; (i = s->next.fetch_add(1)) < s->n;) {
+    s->fn(i);
+    if (s->done.fetch_add(1) + 1 == s->n) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      s->cv.notify_all();
+    }
+  }
+}
+
+// fn(0) ... fn(n-1) over the caller and XLA's intra-op pool; the caller takes items too,
+// so it finishes even when no pool thread is free.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t workers,
+                 std::function<void(int64_t)> fn) {
+  workers = std::min<int64_t>({workers, pool.num_threads(), n - 1});
+  if (workers <= 0) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  auto state = std::make_shared<ForState>();
+  state->n = n;
+  state->fn = std::move(fn);
+  for (int64_t w = 0; w < workers; ++w) pool.Schedule([state] { RunItems(state.get()); });
+  RunItems(state.get());
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+int64_t Workers() {
+  return g_threads > 0 ? g_threads - 1 : int64_t(std::thread::hardware_concurrency()) - 1;
+}
+
+ffi::Error NoBlas() { return ffi::Error::InvalidArgument("gopher_cpu: no BLAS set"); }
+
+struct Dims {
+  int64_t b, t, h, k, d;
+};
+
+// Scores of queries a..s-1 (one head, one sequence) against keys 0..s-1, causal:
+// content (q+u) k^T plus the position term (q+v) R^T skewed so that column j is
+// distance (a+i)-j. Fills qu, qv [c, K] and scores [c, s]; entries above the diagonal
+// are left as they are (callers read j <= a+i only).
+void ChunkScores(const Dims& g, const float* q, const float* k, const float* rh, const float* u,
+                 const float* vb, int64_t a, int64_t s, float* qu, float* qv, float* sc,
+                 float* pos) {
+  const int64_t c = s - a, K = g.k, ld = 3 * g.d;
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t x = 0; x < K; ++x) {
+      float qq = q[(a + i) * ld + x];
+      qu[i * K + x] = qq + u[x];
+      qv[i * K + x] = qq + vb[x];
+    }
+  Gemm(false, true, c, s, K, qu, K, k, ld, 0.f, sc, s);
+  Gemm(false, true, c, s + 1, K, qv, K, rh + (g.t - s) * K, K, 0.f, pos, s + 1);
+  for (int64_t i = 0; i < c; ++i) {
+    float* row = sc + i * s;
+    const float* prow = pos + i * (s + 1) + (c - i);
+    const int64_t last = a + i;
+    for (int64_t j = 0; j <= last; ++j) row[j] += prow[j];
+  }
+}
+
+struct Scratch {
+  std::vector<float> qu, qv, sc, pos, dp, tmp;
+  void Reserve(int64_t chunk, int64_t t, int64_t k) {
+    qu.resize(chunk * k);
+    qv.resize(chunk * k);
+    sc.resize(chunk * t);
+    pos.resize(chunk * (t + 1));
+    dp.resize(chunk * t);
+    tmp.resize(chunk * k);
+  }
+};
+
+ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> qkv,
+                        ffi::Buffer<ffi::F32, 3> r, ffi::Buffer<ffi::F32, 3> u,
+                        ffi::Buffer<ffi::F32, 3> vb, ffi::ResultBuffer<ffi::F32, 3> out,
+                        ffi::ResultBuffer<ffi::F32, 3> lse, int64_t chunk) {
+  if (g_sgemm == nullptr) return NoBlas();
+  auto qd = qkv.dimensions(), rd = r.dimensions();
+  Dims g{qd[0], qd[1], rd[0], rd[2], qd[3]};
+  const float* base = qkv.typed_data();
+  float* o = out->typed_data();
+  float* l = lse->typed_data();
+  ParallelFor(pool, g.h * g.b, Workers(), [&](int64_t item) {
+    const int64_t h = item / g.b, b = item % g.b, K = g.k, ld = 3 * g.d;
+    thread_local Scratch w;
+    w.Reserve(chunk, g.t, K);
+    const float* q = base + b * g.t * ld + h * K;
+    const float* kk = q + g.d;
+    const float* v = q + 2 * g.d;
+    const float* rh = r.typed_data() + h * (g.t + 1) * K;
+    float* oh = o + b * g.t * g.d + h * K;
+    float* lh = l + (h * g.b + b) * g.t;
+    for (int64_t a = 0; a < g.t; a += chunk) {
+      const int64_t s = std::min(a + chunk, g.t), c = s - a;
+      ChunkScores(g, q, kk, rh, u.typed_data() + h * K, vb.typed_data() + h * K, a, s,
+                  w.qu.data(), w.qv.data(), w.sc.data(), w.pos.data());
+      std::vector<float>& sum = w.tmp;  // c sums (tmp holds c*K >= c floats)
+      for (int64_t i = 0; i < c; ++i) {
+        float* row = w.sc.data() + i * s;
+        const int64_t last = a + i;
+        const float m = MaxRow(row, last + 1);
+        const float total = ExpRow(row, last + 1, m);
+        for (int64_t j = last + 1; j < s; ++j) row[j] = 0.f;
+        sum[i] = total;
+        lh[a + i] = m + std::log(total);
+      }
+      Gemm(false, false, c, K, s, w.sc.data(), s, v, ld, 0.f, oh + a * g.d, g.d);
+      for (int64_t i = 0; i < c; ++i) {
+        const float inv = 1.f / sum[i];
+        float* row = oh + (a + i) * g.d;
+        for (int64_t x = 0; x < K; ++x) row[x] *= inv;
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> qkv,
+                        ffi::Buffer<ffi::F32, 3> r, ffi::Buffer<ffi::F32, 3> u,
+                        ffi::Buffer<ffi::F32, 3> vb, ffi::Buffer<ffi::F32, 3> out,
+                        ffi::Buffer<ffi::F32, 3> lse, ffi::Buffer<ffi::F32, 3> dout,
+                        ffi::ResultBuffer<ffi::F32, 4> dqkv, ffi::ResultBuffer<ffi::F32, 3> dr,
+                        ffi::ResultBuffer<ffi::F32, 3> du, ffi::ResultBuffer<ffi::F32, 3> dvb,
+                        int64_t chunk) {
+  if (g_sgemm == nullptr) return NoBlas();
+  auto qd = qkv.dimensions(), rd = r.dimensions();
+  Dims g{qd[0], qd[1], rd[0], rd[2], qd[3]};
+  const float* base = qkv.typed_data();
+  float* dbase = dqkv->typed_data();
+  // Heads split over the threads: each owns its rows of dr, du, dvb.
+  ParallelFor(pool, g.h, Workers(), [&](int64_t h) {
+    const int64_t K = g.k, ld = 3 * g.d;
+    thread_local Scratch w;
+    w.Reserve(chunk, g.t, K);
+    std::vector<float> delta(g.t);
+    const float* rh = r.typed_data() + h * (g.t + 1) * K;
+    float* drh = dr->typed_data() + h * (g.t + 1) * K;
+    float* duh = du->typed_data() + h * K;
+    float* dvbh = dvb->typed_data() + h * K;
+    std::memset(drh, 0, sizeof(float) * (g.t + 1) * K);
+    std::memset(duh, 0, sizeof(float) * K);
+    std::memset(dvbh, 0, sizeof(float) * K);
+    for (int64_t b = 0; b < g.b; ++b) {
+      const float* q = base + b * g.t * ld + h * K;
+      const float* kk = q + g.d;
+      const float* v = q + 2 * g.d;
+      const float* oh = out.typed_data() + b * g.t * g.d + h * K;
+      const float* doh = dout.typed_data() + b * g.t * g.d + h * K;
+      const float* lh = lse.typed_data() + (h * g.b + b) * g.t;
+      float* dq = dbase + b * g.t * ld + h * K;
+      float* dk = dq + g.d;
+      float* dv = dq + 2 * g.d;
+      for (int64_t i = 0; i < g.t; ++i) {
+        float acc = 0.f;
+        for (int64_t x = 0; x < K; ++x) acc += oh[i * g.d + x] * doh[i * g.d + x];
+        delta[i] = acc;
+        std::memset(dk + i * ld, 0, sizeof(float) * K);
+        std::memset(dv + i * ld, 0, sizeof(float) * K);
+      }
+      for (int64_t a = 0; a < g.t; a += chunk) {
+        const int64_t s = std::min(a + chunk, g.t), c = s - a;
+        ChunkScores(g, q, kk, rh, u.typed_data() + h * K, vb.typed_data() + h * K, a, s,
+                    w.qu.data(), w.qv.data(), w.sc.data(), w.pos.data());
+        float* p = w.sc.data();
+        for (int64_t i = 0; i < c; ++i) {
+          float* row = p + i * s;
+          const int64_t last = a + i;
+          const float m = lh[a + i];
+          ExpRow(row, last + 1, m);
+          for (int64_t j = last + 1; j < s; ++j) row[j] = 0.f;
+        }
+        // dv[:s] += p^T do;  dp = do v[:s]^T
+        Gemm(true, false, s, K, c, p, s, doh + a * g.d, g.d, 1.f, dv, ld);
+        float* dp = w.dp.data();
+        Gemm(false, true, c, s, K, doh + a * g.d, g.d, v, ld, 0.f, dp, s);
+        for (int64_t i = 0; i < c; ++i) {
+          float* drow = dp + i * s;
+          const float* prow = p + i * s;
+          const float dl = delta[a + i];
+          for (int64_t j = 0; j < s; ++j) drow[j] = prow[j] * (drow[j] - dl);
+        }
+        // dq (content) = ds k[:s];  dk[:s] += ds^T (q+u)
+        float* dqa = dq + a * ld;
+        Gemm(false, false, c, K, s, dp, s, kk, ld, 0.f, dqa, ld);
+        for (int64_t i = 0; i < c; ++i)
+          for (int64_t x = 0; x < K; ++x) duh[x] += dqa[i * ld + x];
+        Gemm(true, false, s, K, c, dp, s, w.qu.data(), K, 1.f, dk, ld);
+        // The position term: unskew ds into [c, s+1] (column j+c-i), then
+        // dq += dpos R_s;  dR_s += dpos^T (q+v).
+        float* dpos = w.pos.data();
+        std::memset(dpos, 0, sizeof(float) * c * (s + 1));
+        for (int64_t i = 0; i < c; ++i) {
+          const int64_t last = a + i;
+          std::memcpy(dpos + i * (s + 1) + (c - i), dp + i * s, sizeof(float) * (last + 1));
+        }
+        float* t = w.tmp.data();
+        Gemm(false, false, c, K, s + 1, dpos, s + 1, rh + (g.t - s) * K, K, 0.f, t, K);
+        for (int64_t i = 0; i < c; ++i)
+          for (int64_t x = 0; x < K; ++x) {
+            dqa[i * ld + x] += t[i * K + x];
+            dvbh[x] += t[i * K + x];
+          }
+        Gemm(true, false, s + 1, K, c, dpos, s + 1, w.qv.data(), K, 1.f, drh + (g.t - s) * K, K);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" void gopher_cpu_set_sgemm(void* fn, int ilp64, int threads) {
+  g_sgemm = fn;
+  g_ilp64 = ilp64;
+  g_threads = threads;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAttentionFwd, AttentionFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Buf4>()
+                                  .Arg<Buf3>()
+                                  .Arg<Buf3>()
+                                  .Arg<Buf3>()
+                                  .Ret<Buf3>()
+                                  .Ret<Buf3>()
+                                  .Attr<int64_t>("chunk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAttentionBwd, AttentionBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Buf4>()
+                                  .Arg<Buf3>()
+                                  .Arg<Buf3>()
+                                  .Arg<Buf3>()
+                                  .Arg<Buf3>()
+                                  .Arg<Buf3>()
+                                  .Arg<Buf3>()
+                                  .Ret<Buf4>()
+                                  .Ret<Buf3>()
+                                  .Ret<Buf3>()
+                                  .Ret<Buf3>()
+                                  .Attr<int64_t>("chunk"));

@@ -1,0 +1,170 @@
+"""gopher/cpu_kernels.py, the fused C++ relative attention (XLA FFI) that "auto" runs on CPU:
+its value and four gradients against the naive oracle (R_{i-j} built for every pair) and
+the XLA path, with each BLAS; under a mesh; in a train step against the XLA path's; where
+it must hand over to XLA; and its one-line refusals."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_pallas_attention import _inputs, oracle  # tests/ is on sys.path
+
+from gopher import attention, attention_xla, config, cpu_kernels, sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _packed_inputs(b, h, t, kd, seed=0):
+    """qkv [B, T, 3, H*K] packed as the projection leaves it, r, u, v_bias; and the
+    cotangent [B, T, H*K]."""
+    q, k, v, r, u, vb = _inputs(b, h, t, kd, seed=seed)
+    qkv = jnp.stack([x.transpose(0, 2, 1, 3).reshape(b, t, h * kd) for x in (q, k, v)], axis=2)
+    cot = jax.random.normal(jax.random.key(seed + 1), (b, t, h * kd))
+    return (qkv, r, u, vb), cot
+
+
+def _packed_oracle(qkv, r, u, vb):
+    b, t, _, d = qkv.shape
+    h = r.shape[0]
+    heads = [qkv[:, :, i].reshape(b, t, h, d // h).transpose(0, 2, 1, 3) for i in range(3)]
+    return oracle(*heads, r, u, vb).transpose(0, 2, 1, 3).reshape(b, t, d)
+
+
+def _value_and_grads(fn, args, cot):
+    out, vjp = jax.vjp(fn, *args)
+    return (out, *vjp(cot))
+
+
+# t=40 with chunks of 16: a ragged last chunk; t=64 one chunk; t=70 with the default 64.
+@pytest.mark.parametrize("t,chunk", [(40, 16), (64, 64), (70, cpu_kernels.CHUNK)])
+def test_value_and_four_gradients_match_the_oracle_and_the_xla_path(t, chunk):
+    assert cpu_kernels.problem() is None
+    b, h, kd = 2, 3, 8
+    args, cot = _packed_inputs(b, h, t, kd, seed=t)
+    got = _value_and_grads(jax.jit(lambda *a: cpu_kernels.relative_attention(*a, chunk)), args, cot)
+
+    def xla_path(*a):
+        return attention_xla.grouped_relative_attention(*a, None, 16, 1)
+
+    for want in (
+        _value_and_grads(_packed_oracle, args, cot),
+        _value_and_grads(xla_path, args, cot),
+    ):
+        for name, g, w in zip(("out", "dqkv", "dr", "du", "dv_bias"), got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_with_numpys_openblas_too():
+    """The same check in a process whose kernel calls numpy's OpenBLAS (ILP64), not MKL."""
+    code = (
+        "import numpy as np, jax\n"
+        "from test_cpu_kernels import _packed_inputs, _packed_oracle, _value_and_grads\n"
+        "from gopher import cpu_kernels\n"
+        "assert cpu_kernels.blas() == 'openblas', cpu_kernels.blas()\n"
+        "args, cot = _packed_inputs(2, 2, 37, 8)\n"
+        "got = _value_and_grads(lambda *a: cpu_kernels.relative_attention(*a, 16), args, cot)\n"
+        "for g, w in zip(got, _value_and_grads(_packed_oracle, args, cot)):\n"
+        "    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, GOPHER_CPU_BLAS="openblas", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_auto_on_cpu_runs_the_kernel_and_hands_bf16_and_masks_to_xla():
+    layout = attention.attention_layout("auto", "cpu")
+    assert (layout.implementation, layout.fallback) == ("cpu", "xla")
+    (qkv, r, u, vb), _ = _packed_inputs(2, 2, 24, 8)
+
+    def hlo(qkv, r, u, vb, mask=None):
+        fn = jax.jit(lambda *a: attention.attend(*a, mask, 16, layout))
+        return fn.lower(qkv, r, u, vb).as_text()
+
+    assert "GopherAttentionFwd" in hlo(qkv, r, u, vb)
+    low = [x.astype(jnp.bfloat16) for x in (qkv, r, u, vb)]
+    assert "GopherAttentionFwd" not in hlo(*low)
+    mask = jnp.tril(jnp.ones((24, 24), bool), -1) | jnp.eye(24, dtype=bool)
+    assert "GopherAttentionFwd" not in hlo(qkv, r, u, vb, mask=mask)
+    # The same numbers either way.
+    got = attention.attend(qkv, r, u, vb, None, 16, layout)
+    want = attention_xla.grouped_relative_attention(qkv, r, u, vb, None, 16, 1)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_explicit_cpu_refuses_what_it_cannot_run_in_one_line():
+    layout = attention.attention_layout("cpu", "cpu")
+    (qkv, r, u, vb), _ = _packed_inputs(1, 2, 8, 4)
+    low = [x.astype(jnp.bfloat16) for x in (qkv, r, u, vb)]
+    with pytest.raises(ValueError, match=r"bfloat16 .*--config.model.attention=xla"):
+        attention.attend(*low, None, 8, layout)
+    with pytest.raises(ValueError, match=r"not tpu's.*attention=auto"):
+        attention.attention_layout("cpu", "tpu")
+
+
+def test_under_a_mesh_each_device_runs_its_own_rows_and_heads():
+    """On a (2, 4) data x model mesh the kernel runs in shard_map, each device with 2 of the
+    4 rows and 1 of the 4 heads; the result and gradients are the whole arrays'."""
+    b, h, t, kd = 4, 4, 20, 8
+    args, cot = _packed_inputs(b, h, t, kd)
+    mesh = sharding.make_mesh(config.ParallelConfig(data=2, model=4))
+    layout = attention.AttentionLayout("cpu", "cpu", mesh, sharding.BATCH_AXES)
+    fn = jax.jit(lambda *a: attention.attend(*a, None, 8, layout))
+    assert "shard_map" in str(jax.make_jaxpr(fn)(*args))
+    got = _value_and_grads(fn, args, cot)
+    for g, w in zip(got, _value_and_grads(_packed_oracle, args, cot), strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+def test_the_models_loss_and_gradients_equal_the_xla_paths():
+    """The test preset's training loss (the whole model, attention auto: the kernel) and
+    its gradient for every parameter, against attention="xla"."""
+    from gopher import model, train
+
+    cfg = config.get_preset("test")
+    batch = jax.random.randint(jax.random.key(1), (4, cfg.seq_len + 1), 0, cfg.vocab_size)
+    results = {}
+    for choice in ("auto", "xla"):
+        layout = attention.attention_layout(choice, "cpu")
+        forward = model.build_forward(cfg, hidden=True, attention=layout)
+        params = forward.init(jax.random.key(0), batch[:1, :8])
+        results[choice] = jax.jit(jax.value_and_grad(train.mean_loss(forward)))(params, batch)
+        assert (
+            "GopherAttentionFwd" in jax.jit(train.mean_loss(forward)).lower(params, batch).as_text()
+        ) == (choice == "auto")
+    np.testing.assert_allclose(results["auto"][0], results["xla"][0], rtol=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+        results["auto"][1],
+        results["xla"][1],
+    )
+
+
+def _problem_in_a_process(env_extra: dict, tmp_path) -> str:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GOPHER_KERNEL_CACHE=str(tmp_path), **env_extra)
+    env["PYTHONPATH"] = ROOT
+    code = "from gopher import cpu_kernels; print(cpu_kernels.problem())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_no_compiler_or_an_unknown_blas_is_one_line_and_attention_stays_on_xla(tmp_path):
+    why = _problem_in_a_process({"CXX": "/bin/false"}, tmp_path / "a")
+    assert why.startswith("compiling ") and "/bin/false" in why
+    why = _problem_in_a_process({"GOPHER_CPU_BLAS": "atlas"}, tmp_path / "b")
+    assert why == "GOPHER_CPU_BLAS='atlas' is unknown; use mkl, openblas or none"
+    assert _problem_in_a_process({"GOPHER_CPU_BLAS": "none"}, tmp_path / "c").startswith(
+        "turned off"
+    )
