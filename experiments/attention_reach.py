@@ -94,7 +94,8 @@ def reach(summary: dict, step: dict, shape: tuple, layers: int, target: float) -
     }
     for key in ("", "_rest_at_peak"):
         budget = out[f"attention_budget_per_layer{key}_s"]
-        out[f"needed_gflops_per_s{key}"] = least / budget / 1e9 if budget > 0 else float("inf")
+        # None: no attention time is left at all (the rest alone is over the target step)
+        out[f"needed_gflops_per_s{key}"] = least / budget / 1e9 if budget > 0 else None
     return out
 
 
@@ -125,20 +126,28 @@ def step_record(
     return step, ""
 
 
+def _budget_text(r: dict, key: str, peer_rate: float | None) -> str:
+    budget, rate = r[f"attention_budget_per_layer{key}_s"], r[f"needed_gflops_per_s{key}"]
+    if rate is None:
+        return f"no attention time is left ({budget * 1e3:.1f} ms a layer): out of reach"
+    text = f"attention {budget * 1e3:.1f} ms a layer: the least work at {rate:.0f} GFLOP/s"
+    return text + (
+        f", {rate / peer_rate:.2f}x the peer kernel's {peer_rate:.0f}" if peer_rate else ""
+    )
+
+
 def reach_text(r: dict, step: dict, layers: int, peer_rate: float) -> str:
     """`reach`'s record in four lines, `peer_rate` the peer kernel's GFLOP/s."""
     return (
         f"reach, beside the step sitting of {step.get('time')} ({step.get('git')}): gopher's step "
         f"{r['gopher_step_s']:.3f} s, the peer's {r['peer_step_s']:.3f} s; outside attention "
         f"{r['gopher_rest_s']:.3f} s and {r['peer_rest_s']:.3f} s (x{layers} layers)\n"
-        f"  {r['target']:g}x needs {r['target_step_s']:.3f} s: attention "
-        f"{r['attention_budget_per_layer_s'] * 1e3:.1f} ms a layer, the least work "
-        f"({r['least_matmul_flops'] / 1e9:.2f} GFLOP) at {r['needed_gflops_per_s']:.0f} GFLOP/s, "
-        f"{r['needed_gflops_per_s'] / peer_rate:.2f}x the peer kernel's {peer_rate:.0f}\n"
+        f"  {r['target']:g}x needs {r['target_step_s']:.3f} s, beside the rest of the step as it "
+        f"is: {_budget_text(r, '', peer_rate)} (the least work is "
+        f"{r['least_matmul_flops'] / 1e9:.2f} GFLOP)\n"
         f"  the least work at the peer kernel's rate: "
         f"{r['ratio_least_work_at_peer_rate']:.3f}x\n"
         f"  with the rest at the measured matmul peak ({r['rest_matmul_flops'] / 1e12:.3f} TFLOP "
-        f"at {r['peak_flops'] / 1e9:.1f} GFLOP/s: {r['rest_at_peak_s']:.2f} s), attention could "
-        f"take {r['attention_budget_per_layer_rest_at_peak_s'] * 1e3:.1f} ms a layer: the least "
-        f"work at {r['needed_gflops_per_s_rest_at_peak']:.0f} GFLOP/s"
+        f"at {r['peak_flops'] / 1e9:.1f} GFLOP/s: {r['rest_at_peak_s']:.2f} s): "
+        f"{_budget_text(r, '_rest_at_peak', None)}"
     )

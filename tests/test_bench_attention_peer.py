@@ -141,7 +141,13 @@ def test_reach_by_hand():
     assert r["peer_rest_s"] == pytest.approx(0.8 - 3 * 0.05)
     assert r["target_step_s"] == pytest.approx(0.8 / 1.25)  # 0.64 s: less than the rest
     assert r["attention_budget_per_layer_s"] == pytest.approx((0.64 - 0.7) / 3)
-    assert r["needed_gflops_per_s"] == float("inf")  # no attention time left at all
+    assert r["needed_gflops_per_s"] is None  # no attention time left at all
+    text = m.reach_text(r, _sitting(), 3, 2.0)
+    assert (
+        "1.25x needs 0.640 s, beside the rest of the step as it is: no attention time is left"
+        in text
+    )
+    assert "out of reach" in text.splitlines()[1] and "inf" not in text
     at_peer = 0.7 + 3 * least / 2e9
     assert r["ratio_least_work_at_peer_rate"] == pytest.approx(0.8 / at_peer)
     # outside attention: 6 x (12 L D^2 + D V) a token, and W_R over 101 distances a layer
