@@ -1,4 +1,5 @@
-"""Fused relative attention for XLA CPU, as an XLA FFI custom call (gopher/csrc/cpu_kernels.cc).
+"""Fused relative attention for XLA CPU, as an XLA FFI custom call (gopher/csrc/cpu_kernels.cc),
+and a BLAS matmul for the MLP and the output layer beside it.
 
 XLA CPU runs attention's score matmuls as separate calls with a dozen passes over each
 chunk's scores between them (gopher/attention_xla.py); the C++ kernel keeps a chunk's
@@ -34,7 +35,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_k
 # Queries per chunk: at the nanoGPT shape 64 beat 128 (80 against 89 ms a layer forward
 # and backward), as the chunk's scores stay in L2.
 CHUNK = 64
-_TARGETS = ("GopherAttentionFwd", "GopherAttentionBwd")
+_TARGETS = ("GopherAttentionFwd", "GopherAttentionBwd", "GopherMatmul")
 _MKL_SEQUENTIAL = 1  # MKL_Set_Threading_Layer's MKL_THREADING_SEQUENTIAL
 
 
@@ -147,6 +148,31 @@ def blas() -> str:
     if lib is None:
         raise Unavailable(name)
     return name
+
+
+def blas_matmuls(layout, dtype) -> bool:
+    """Whether the MLP's and the output layer's matmuls go through the BLAS too (`matmul`):
+    where the kernel runs (`layout` chose "cpu", fp32) on one device (a custom call has no
+    sharding rule, so under a mesh of several devices XLA's dots stay). At the nanoGPT
+    shape MKL ran those GEMMs 1.06-1.31x XLA CPU's dots (one at a time) and the step
+    4-9% faster (README, Benchmarks). `GOPHER_CPU_MATMULS=xla` keeps XLA's dots."""
+    if os.environ.get("GOPHER_CPU_MATMULS", "blas").strip().lower() == "xla":
+        return False
+    one_device = layout.mesh is None or layout.mesh.devices.size == 1
+    return layout.implementation == "cpu" and one_device and unsupported(dtype, None) is None
+
+
+def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
+    """op(a) @ op(b) for 2-D fp32 a and b through the BLAS, op transposing when ta / tb; the
+    result's rows split over XLA's intra-op pool. No VJP of its own: it is for the custom
+    VJPs of gopher/layers.py and gopher/loss.py, which make their own backward matmuls."""
+    blas()  # registers the targets (raises Unavailable when it cannot)
+    m = a.shape[1] if ta else a.shape[0]
+    n = b.shape[0] if tb else b.shape[1]
+    call = jax.ffi.ffi_call(
+        "GopherMatmul", jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+    )
+    return call(a, b, transa=np.int32(ta), transb=np.int32(tb))
 
 
 def unsupported(dtype, mask) -> str | None:

@@ -17,6 +17,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from gopher.cpu_kernels import matmul
+
 
 def sum_over_batch(x: jax.Array) -> jax.Array:
     """x.sum(0) as a matmul with ones: XLA CPU's reduce over a major dim is ~50x slower."""
@@ -24,23 +26,30 @@ def sum_over_batch(x: jax.Array) -> jax.Array:
     return jnp.einsum("b,b...->...", ones, x, preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def mlp(x: jax.Array, w_in: jax.Array, w_out: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def mlp(x: jax.Array, w_in: jax.Array, w_out: jax.Array, blas: bool = False) -> jax.Array:
     """gelu(x w_in) w_out  (gelu in its tanh form), [..., D] -> [..., D].
 
     The backward pass keeps only x and the pre-activation and recomputes the gelu;
     left to autodiff, XLA kept five [B, T, F] residuals per layer and wrote the
-    gelu gradient transposed, which cost more than the MLP's matmuls.
+    gelu gradient transposed, which cost more than the MLP's matmuls. `blas`: its six
+    matmuls through gopher.cpu_kernels.matmul (XLA CPU, fp32, one device) instead of
+    XLA's dots.
     """
-    return jnp.dot(jax.nn.gelu(jnp.dot(x, w_in)), w_out)
+    return _mlp_fwd(x, w_in, w_out, blas)[0]
 
 
-def _mlp_fwd(x, w_in, w_out):
+def _mlp_fwd(x, w_in, w_out, blas):
+    if blas:
+        x2 = x.reshape(-1, x.shape[-1])  # [B*T, D]
+        pre = matmul(x2, w_in)  # [B*T, F]
+        y = matmul(jax.nn.gelu(pre), w_out).reshape(x.shape)
+        return y, (x, pre.reshape(*x.shape[:-1], -1), w_in, w_out)
     pre = jnp.dot(x, w_in)  # [..., F]
     return jnp.dot(jax.nn.gelu(pre), w_out), (x, pre, w_in, w_out)
 
 
-def _mlp_bwd(residuals, dy):
+def _mlp_bwd(blas, residuals, dy):
     x, pre, w_in, w_out = residuals
     lead = x.shape[:-1]
     x, pre, dy = (a.reshape(-1, a.shape[-1]) for a in (x, pre, dy))  # [B*T, .]
@@ -49,10 +58,16 @@ def _mlp_bwd(residuals, dy):
     # backward pass (nanoGPT shape: temporaries 1.95 -> 1.45 GiB). x * 0 is not folded.
     pre = pre + 0.0 * dy[:1, :1].astype(pre.dtype)
     act, gelu_vjp = jax.vjp(jax.nn.gelu, pre)
-    dw_out = jnp.einsum("nf,nd->fd", act, dy)
-    (d_pre,) = gelu_vjp(jnp.einsum("nd,fd->nf", dy, w_out))
-    dw_in = jnp.einsum("nd,nf->df", x, d_pre)
-    dx = jnp.einsum("nf,df->nd", d_pre, w_in)
+    if blas:
+        dw_out = matmul(act, dy, ta=True)
+        (d_pre,) = gelu_vjp(matmul(dy, w_out, tb=True))
+        dw_in = matmul(x, d_pre, ta=True)
+        dx = matmul(d_pre, w_in, tb=True)
+    else:
+        dw_out = jnp.einsum("nf,nd->fd", act, dy)
+        (d_pre,) = gelu_vjp(jnp.einsum("nd,fd->nf", dy, w_out))
+        dw_in = jnp.einsum("nd,nf->df", x, d_pre)
+        dx = jnp.einsum("nf,df->nd", d_pre, w_in)
     return dx.reshape(*lead, -1), dw_in, dw_out
 
 

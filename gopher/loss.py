@@ -25,6 +25,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gopher.cpu_kernels import matmul
+
 # Positions per chunk along the sequence: [B, C, V] fp32 per chunk (8 x 64 x 32000 x 4 B
 # = 66 MB at the benchmark shape) instead of the whole [B, T, V]. The step's peak memory
 # is at the loss: at the nanoGPT shape 64 gave temporaries of 1.10 GiB, 128 1.20 and 256
@@ -32,26 +34,33 @@ import jax.numpy as jnp
 LOSS_CHUNK = 64
 
 
-def lm_head_loss(h: jax.Array, embeddings: jax.Array, targets: jax.Array) -> jax.Array:
+def lm_head_loss(
+    h: jax.Array, embeddings: jax.Array, targets: jax.Array, blas: bool = False
+) -> jax.Array:
     """Mean next-token NLL in nats of logits h @ embeddings^T.
 
     h [B, T, D] (the compute dtype), embeddings [V, D] (fp32 parameters), targets [B, T]
     int -> scalar fp32. Equal to cross_entropy(einsum("btd,vd->btv", h, E)).mean() and
     to its gradient (tests/test_loss.py); the logits are fp32 whatever h's dtype is.
+    `blas`: its matmuls through gopher.cpu_kernels.matmul (XLA CPU, fp32, one device).
     """
     t = h.shape[1]
     chunk = min(LOSS_CHUNK, t)
-    return _fused(h, embeddings, targets.astype(jnp.int32), chunk)
+    return _fused(h, embeddings, targets.astype(jnp.int32), chunk, blas)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(h, embeddings, targets, chunk):
-    return _loss_and_grads(h, embeddings, targets, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fused(h, embeddings, targets, chunk, blas):
+    return _loss_and_grads(h, embeddings, targets, chunk, blas)[0]
 
 
-def _chunk_loss_and_grads(hc, tc, e, n):
+def _chunk_loss_and_grads(hc, tc, e, n, blas):
     """One chunk's summed NLL, d loss / d h_c and its share of d loss / d E."""
-    logits = jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32)
+    b, c, d = hc.shape
+    if blas:
+        logits = matmul(hc.reshape(b * c, d), e, tb=True).reshape(b, c, -1)
+    else:
+        logits = jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)
     ex = jnp.exp(logits - top)
     z = jnp.sum(ex, axis=-1, keepdims=True)
@@ -62,15 +71,20 @@ def _chunk_loss_and_grads(hc, tc, e, n):
     target_logit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
     nll = jnp.sum(top[..., 0] + jnp.log(z[..., 0]) - target_logit)
     g = ((ex / z - onehot.astype(jnp.float32)) * (1.0 / n)).astype(hc.dtype)  # d loss / d logits
-    d_h = jnp.einsum("bcv,vd->bcd", g, e, preferred_element_type=jnp.float32)
     # d E^T = h_c^T g_c [D, V], transposed once after the last chunk: as [V, D], XLA CPU
     # copied every chunk's [B*C, V] g to a transposed layout first (half of a 1-layer
     # model's step; 4% of the nanoGPT shape's).
-    d_e_t = jnp.einsum("bcd,bcv->dv", hc, g, preferred_element_type=jnp.float32)
+    if blas:
+        g2 = g.reshape(b * c, -1)
+        d_h = matmul(g2, e).reshape(b, c, d)
+        d_e_t = matmul(hc.reshape(b * c, d), g2, ta=True)
+    else:
+        d_h = jnp.einsum("bcv,vd->bcd", g, e, preferred_element_type=jnp.float32)
+        d_e_t = jnp.einsum("bcd,bcv->dv", hc, g, preferred_element_type=jnp.float32)
     return nll, d_h.astype(hc.dtype), d_e_t
 
 
-def _loss_and_grads(h, embeddings, targets, chunk):
+def _loss_and_grads(h, embeddings, targets, chunk, blas):
     b, t, d = h.shape
     n = b * t
     e = embeddings.astype(h.dtype)
@@ -85,14 +99,14 @@ def _loss_and_grads(h, embeddings, targets, chunk):
 
         def body(carry, xs):
             total, d_emb_t = carry
-            nll, dh, de_t = _chunk_loss_and_grads(*xs, e, n)
+            nll, dh, de_t = _chunk_loss_and_grads(*xs, e, n, blas)
             return (total + nll, d_emb_t + de_t), dh
 
         (total, d_emb_t), dhs = jax.lax.scan(body, (total, d_emb_t), (hs, ts))
         d_h.append(dhs.swapaxes(0, 1).reshape(b, full * chunk, d))
     if tail:
         nll, dh, de_t = _chunk_loss_and_grads(
-            h[:, full * chunk :], targets[:, full * chunk :], e, n
+            h[:, full * chunk :], targets[:, full * chunk :], e, n, blas
         )
         total, d_emb_t = total + nll, d_emb_t + de_t
         d_h.append(dh)
@@ -103,13 +117,13 @@ def _loss_and_grads(h, embeddings, targets, chunk):
     return total / n, grads
 
 
-def _fused_fwd(h, embeddings, targets, chunk):
-    loss, grads = _loss_and_grads(h, embeddings, targets, chunk)
+def _fused_fwd(h, embeddings, targets, chunk, blas):
+    loss, grads = _loss_and_grads(h, embeddings, targets, chunk, blas)
     return loss, grads
 
 
-def _fused_bwd(chunk, grads, cotangent):
-    del chunk
+def _fused_bwd(chunk, blas, grads, cotangent):
+    del chunk, blas
     d_h, d_emb = grads
     return (
         (d_h * cotangent).astype(d_h.dtype),

@@ -28,7 +28,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from gopher.attention import AttentionLayout, RelativeAttention
+from gopher import cpu_kernels
+from gopher.attention import AttentionLayout, RelativeAttention, attention_layout
 from gopher.attention_xla import sinusoid_relative_encodings
 from gopher.config import ModelConfig
 from gopher.layers import Dense, mlp, rms_norm
@@ -66,7 +67,9 @@ class Block(hk.Module):
         h = rms_norm(x, c.rms_norm_eps, "mlp_norm")
         w_in = Dense(c.ffw_size, c.init_scale, name="mlp_in").weight(c.d_model)  # [D, F]
         w_out = Dense(c.d_model, out_std, name="mlp_out").weight(c.ffw_size)  # [F, D]
-        return x + mlp(h, w_in.astype(h.dtype), w_out.astype(h.dtype))  # [B, T, D]
+        layout = self.attention or attention_layout(c.attention, jax.default_backend())
+        blas = cpu_kernels.blas_matmuls(layout, h.dtype)  # beside the CPU attention kernel
+        return x + mlp(h, w_in.astype(h.dtype), w_out.astype(h.dtype), blas)  # [B, T, D]
 
 
 class GopherLM(hk.Module):

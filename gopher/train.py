@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from gopher import attention as attention_lib
+from gopher import cpu_kernels, optim
 from gopher import loss as loss_lib
 from gopher import model as model_lib
-from gopher import optim
 from gopher import precision as precision_lib
 from gopher.config import ModelConfig, TrainConfig
 
@@ -125,7 +125,9 @@ def make_train_functions(
         unroll=unroll,
         attention=attention,
     )
-    value_and_grad = jax.value_and_grad(mean_loss(loss_forward))
+    # Beside the CPU attention kernel, the output layer's matmuls through its BLAS too.
+    blas = cpu_kernels.blas_matmuls(attention, policy.compute_dtype)
+    value_and_grad = jax.value_and_grad(mean_loss(loss_forward, blas))
     if train_cfg.microbatches > 1:
         layout = batch_layout or BatchLayout()
         # Per shard (under vmap over the batch axes) the kernel splits heads alone.
@@ -194,17 +196,18 @@ def unroll_layers(train_cfg: TrainConfig, model_cfg: ModelConfig, platform: str)
     return train_cfg.unroll_layers == "yes"
 
 
-def mean_loss(forward: Any) -> Callable[[Any, jax.Array], jax.Array]:
+def mean_loss(forward: Any, blas: bool = False) -> Callable[[Any, jax.Array], jax.Array]:
     """(params, tokens [B, T+1]) -> mean next-token NLL in nats (fp32 logits).
 
     `forward` returns logits [B, T, V], or, built with hidden=True, (h, embeddings), whose
-    loss fuses the output layer and the cross-entropy (gopher/loss.py)."""
+    loss fuses the output layer and the cross-entropy (gopher/loss.py; `blas`: its matmuls
+    through gopher.cpu_kernels.matmul)."""
 
     def loss_fn(params, tokens):
         out = forward.apply(params, tokens[:, :-1])
         if isinstance(out, tuple):
             h, embeddings = out
-            return loss_lib.lm_head_loss(h, embeddings, tokens[:, 1:])
+            return loss_lib.lm_head_loss(h, embeddings, tokens[:, 1:], blas)
         return model_lib.cross_entropy(out, tokens[:, 1:]).mean()  # [B, T, V] fp32
 
     return loss_fn

@@ -1,7 +1,8 @@
 """gopher/cpu_kernels.py, the fused C++ relative attention (XLA FFI) that "auto" runs on CPU:
 its value and four gradients against the naive oracle (R_{i-j} built for every pair) and
-the XLA path, with each BLAS; under a mesh; in a train step against the XLA path's; where
-it must hand over to XLA; and its one-line refusals."""
+the XLA path, with each BLAS; under a mesh; the whole model's loss and gradients against
+the XLA path's; where it must hand over to XLA; its one-line refusals. And the BLAS matmul
+beside it (the MLP's and the output layer's) against numpy and XLA's dots."""
 
 from __future__ import annotations
 
@@ -147,6 +148,53 @@ def test_the_models_loss_and_gradients_equal_the_xla_paths():
         results["auto"][1],
         results["xla"][1],
     )
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_matmul_against_numpy(ta, tb):
+    rng = np.random.default_rng(0)
+    for m, k, n in ((200, 37, 19), (5, 3, 7), (130, 64, 1)):  # split rows; one part; n = 1
+        a = rng.standard_normal((k, m) if ta else (m, k), np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n), np.float32)
+        got = jax.jit(lambda a, b: cpu_kernels.matmul(a, b, ta, tb))(a, b)
+        want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_and_loss_through_the_blas_equal_xlas_dots():
+    from gopher import layers, loss
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (2, 9, 16))
+    w_in, w_out = (
+        0.2 * jax.random.normal(k, s) for k, s in ((keys[1], (16, 40)), (keys[2], (40, 16)))
+    )
+    emb = jax.random.normal(keys[3], (50, 16))
+    targets = jax.random.randint(keys[4], (2, 9), 0, 50)
+    cot = jax.random.normal(keys[4], x.shape)
+
+    def both(blas):
+        y, vjp = jax.vjp(lambda *a: layers.mlp(*a, blas), x, w_in, w_out)
+        nll, grads = jax.value_and_grad(loss.lm_head_loss, argnums=(0, 1))(x, emb, targets, blas)
+        return (y, *vjp(cot), nll, *grads)
+
+    hlo = jax.jit(lambda: both(True)).lower().as_text()
+    assert hlo.count("GopherMatmul") >= 2 + 4 + 3  # the MLP's 2 and 4, the loss's 3
+    for got, want in zip(jax.jit(lambda: both(True))(), both(False), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_blas_matmuls_only_beside_the_kernel_on_one_device(monkeypatch):
+    one = attention.attention_layout("auto", "cpu")
+    assert cpu_kernels.blas_matmuls(one, jnp.float32)
+    assert not cpu_kernels.blas_matmuls(one, jnp.bfloat16)
+    assert not cpu_kernels.blas_matmuls(attention.attention_layout("xla", "cpu"), jnp.float32)
+    mesh = sharding.make_mesh(config.ParallelConfig(data=4, model=2))
+    assert not cpu_kernels.blas_matmuls(
+        attention.AttentionLayout("cpu", "cpu", mesh, sharding.BATCH_AXES), jnp.float32
+    )
+    monkeypatch.setenv("GOPHER_CPU_MATMULS", "xla")
+    assert not cpu_kernels.blas_matmuls(one, jnp.float32)
 
 
 def _problem_in_a_process(env_extra: dict, tmp_path) -> str:

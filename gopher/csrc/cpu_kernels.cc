@@ -1,5 +1,6 @@
-// An XLA FFI kernel for the CPU (loaded and registered by gopher/cpu_kernels.py):
-// Transformer-XL relative attention fused per head and sequence, forward and backward.
+// XLA FFI kernels for the CPU (loaded and registered by gopher/cpu_kernels.py):
+// Transformer-XL relative attention fused per head and sequence, forward and backward,
+// and an fp32 matmul through the BLAS for the MLP and the output layer.
 //
 //   score(i, j) = (q_i + u) . k_j + (q_i + v) . R_{i-j}      (q pre-scaled by 1/sqrt(K))
 //
@@ -144,6 +145,27 @@ int64_t Workers() {
 }
 
 ffi::Error NoBlas() { return ffi::Error::InvalidArgument("gopher_cpu: no BLAS set"); }
+
+// out = op(a) @ op(b), rows of the result split over the threads.
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                  ffi::ResultBuffer<ffi::F32> c, int32_t ta, int32_t tb) {
+  if (g_sgemm == nullptr) return NoBlas();
+  auto ad = a.dimensions(), bd = b.dimensions();
+  if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("matmul: rank 2 only");
+  int64_t m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1], n = tb ? bd[0] : bd[1];
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  float* cp = c->typed_data();
+  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, m / 64));
+  int64_t rows = (m + parts - 1) / parts;
+  ParallelFor(pool, parts, Workers(), [&](int64_t p) {
+    int64_t r0 = p * rows, r1 = std::min(m, r0 + rows);
+    if (r0 >= r1) return;
+    const float* a0 = ta ? ap + r0 : ap + r0 * ad[1];
+    Gemm(ta, tb, r1 - r0, n, k, a0, ad[1], bp, bd[1], 0.f, cp + r0 * n, n);
+  });
+  return ffi::Error::Success();
+}
 
 struct Dims {
   int64_t b, t, h, k, d;
@@ -356,3 +378,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAttentionBwd, AttentionBwd,
                                   .Ret<Buf3>()
                                   .Ret<Buf3>()
                                   .Attr<int64_t>("chunk"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherMatmul, Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("transa")
+                                  .Attr<int32_t>("transb"));
+
