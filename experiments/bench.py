@@ -142,7 +142,7 @@ def peak_flops(peak_gflops: float = 0.0, devices: int = 1) -> tuple[float | None
     source = {
         "override": "--peak_gflops",
         "table": device.device_kind,
-        "measured": "measured fp32 matmul (jax)",
+        "measured": "measured fp32 matmul (XLA's dot or the CPU kernels' BLAS, the faster)",
         "unknown": "unknown (pass --peak_gflops)",
     }
     return peak, source[kind]

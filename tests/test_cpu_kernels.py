@@ -216,3 +216,24 @@ def test_no_compiler_or_an_unknown_blas_is_one_line_and_attention_stays_on_xla(t
     assert _problem_in_a_process({"GOPHER_CPU_BLAS": "none"}, tmp_path / "c").startswith(
         "turned off"
     )
+
+
+def test_the_cpu_peak_counts_the_blas_matmul_too(monkeypatch):
+    """MFU's CPU peak is the faster of XLA's dot and the BLAS the step's matmuls use (with
+    XLA's alone, MKL's step printed an MFU over 100%): both are timed, on the same product."""
+    from gopher import metrics
+
+    calls = []
+    real = cpu_kernels.matmul
+
+    def counted(a, b, *args):
+        calls.append(a.shape)
+        return real(a, b, *args)
+
+    monkeypatch.setattr(cpu_kernels, "matmul", counted)
+    peak = metrics.measure_cpu_peak_flops(size=64, repeats=1)
+    assert calls == [(64, 64)] and peak > 0  # traced once, then run
+    monkeypatch.setenv("GOPHER_CPU_BLAS", "none")
+    monkeypatch.setattr(cpu_kernels, "problem", lambda: "turned off")
+    calls.clear()
+    assert metrics.measure_cpu_peak_flops(size=64, repeats=1) > 0 and calls == []
