@@ -352,24 +352,18 @@ extern "C" void gopher_cpu_set_sgemm(void* fn, int ilp64, int threads) {
   g_threads = threads;
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAttentionFwd, AttentionFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Buf4>()
-                                  .Arg<Buf3>()
-                                  .Arg<Buf3>()
-                                  .Arg<Buf3>()
-                                  .Ret<Buf3>()
-                                  .Ret<Buf3>()
-                                  .Attr<int64_t>("chunk"));
+// Both attention passes take q, k, v packed [B, T, 3, H*K], W_R R [H, T+1, K], u and v [H, 1, K].
+auto AttentionInputs() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf4>().Arg<Buf3>().Arg<Buf3>().Arg<Buf3>();
+}
 
+// -> out [B, T, H*K], log-sum-exp [H, B, T]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAttentionFwd, AttentionFwd,
+                              AttentionInputs().Ret<Buf3>().Ret<Buf3>().Attr<int64_t>("chunk"));
+
+// (+ out, log-sum-exp, d out) -> d qkv, d W_R R, d u, d v
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAttentionBwd, AttentionBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Buf4>()
-                                  .Arg<Buf3>()
-                                  .Arg<Buf3>()
-                                  .Arg<Buf3>()
+                              AttentionInputs()
                                   .Arg<Buf3>()
                                   .Arg<Buf3>()
                                   .Arg<Buf3>()
@@ -387,4 +381,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherMatmul, Matmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("transa")
                                   .Attr<int32_t>("transb"));
-
