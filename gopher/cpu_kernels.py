@@ -49,10 +49,6 @@ def _cache_dir() -> str:
     )
 
 
-def _include_dir() -> str:
-    return jax.ffi.include_dir()
-
-
 def _build() -> str:
     """The compiled library's path, compiling it if this source and jaxlib have none."""
     import jaxlib
@@ -70,7 +66,7 @@ def _build() -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
     os.close(fd)
     cmd = [cxx, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
-    cmd += ["-w", "-I", _include_dir(), SOURCE, "-o", tmp]
+    cmd += ["-w", "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         os.unlink(tmp)

@@ -62,12 +62,12 @@ class Block(hk.Module):
             c.init_scale / math.sqrt(2 * c.num_layers) if c.scale_residual_init else c.init_scale
         )
         h = rms_norm(x, c.rms_norm_eps, "attn_norm")
-        attn = RelativeAttention(c, out_std, name="attn", layout=self.attention)
+        layout = self.attention or attention_layout(c.attention, jax.default_backend())
+        attn = RelativeAttention(c, out_std, name="attn", layout=layout)
         x = x + attn(h, rel_enc, mask)
         h = rms_norm(x, c.rms_norm_eps, "mlp_norm")
         w_in = Dense(c.ffw_size, c.init_scale, name="mlp_in").weight(c.d_model)  # [D, F]
         w_out = Dense(c.d_model, out_std, name="mlp_out").weight(c.ffw_size)  # [F, D]
-        layout = self.attention or attention_layout(c.attention, jax.default_backend())
         blas = cpu_kernels.blas_matmuls(layout, h.dtype)  # beside the CPU attention kernel
         return x + mlp(h, w_in.astype(h.dtype), w_out.astype(h.dtype), blas)  # [B, T, D]
 

@@ -207,10 +207,8 @@ struct Scratch {
   }
 };
 
-ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> qkv,
-                        ffi::Buffer<ffi::F32, 3> r, ffi::Buffer<ffi::F32, 3> u,
-                        ffi::Buffer<ffi::F32, 3> vb, ffi::ResultBuffer<ffi::F32, 3> out,
-                        ffi::ResultBuffer<ffi::F32, 3> lse, int64_t chunk) {
+ffi::Error AttentionFwd(ffi::ThreadPool pool, Buf4 qkv, Buf3 r, Buf3 u, Buf3 vb, Res3 out,
+                        Res3 lse, int64_t chunk) {
   if (g_sgemm == nullptr) return NoBlas();
   auto qd = qkv.dimensions(), rd = r.dimensions();
   Dims g{qd[0], qd[1], rd[0], rd[2], qd[3]};
@@ -252,12 +250,8 @@ ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> qkv,
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32, 4> qkv,
-                        ffi::Buffer<ffi::F32, 3> r, ffi::Buffer<ffi::F32, 3> u,
-                        ffi::Buffer<ffi::F32, 3> vb, ffi::Buffer<ffi::F32, 3> out,
-                        ffi::Buffer<ffi::F32, 3> lse, ffi::Buffer<ffi::F32, 3> dout,
-                        ffi::ResultBuffer<ffi::F32, 4> dqkv, ffi::ResultBuffer<ffi::F32, 3> dr,
-                        ffi::ResultBuffer<ffi::F32, 3> du, ffi::ResultBuffer<ffi::F32, 3> dvb,
+ffi::Error AttentionBwd(ffi::ThreadPool pool, Buf4 qkv, Buf3 r, Buf3 u, Buf3 vb, Buf3 out,
+                        Buf3 lse, Buf3 dout, Res4 dqkv, Res3 dr, Res3 du, Res3 dvb,
                         int64_t chunk) {
   if (g_sgemm == nullptr) return NoBlas();
   auto qd = qkv.dimensions(), rd = r.dimensions();
