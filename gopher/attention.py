@@ -39,7 +39,7 @@ from gopher.attention_xla import (
     relative_attention,
 )
 from gopher.config import ModelConfig
-from gopher.layers import Dense
+from gopher.layers import Dense, linear
 
 # Where "auto" picks the Pallas kernel. Not GPU: on one H200 (jax 0.11.2, mixed precision,
 # seq 2048, batch 8) the Triton kernels' backward made the train step slower than the XLA
@@ -250,7 +250,14 @@ class RelativeAttention(hk.Module):
             ],
             axis=1,
         ).astype(dt)
-        qkv = jnp.einsum("btd,dch->btch", x, w_qkv)  # [B, T, 3, H*K]
+        # Beside the CPU kernel (one device) the projections' matmuls go through its BLAS
+        # too; elsewhere the einsum keeps [D, 3, H*K]'s sharding of H*K over "model".
+        blas = cpu_kernels.blas_matmuls(self.layout, dt)
+        if blas:
+            w_flat = w_qkv.reshape(x.shape[-1], 3 * h * k)
+            qkv = linear(x, w_flat, blas).reshape(*x.shape[:2], 3, h * k)
+        else:
+            qkv = jnp.einsum("btd,dch->btch", x, w_qkv)  # [B, T, 3, H*K]
         # W_R: the per-layer projection of the fixed sinusoids (the 13th d^2).
         r = Dense(h * k, c.init_scale, name="r")(rel_enc.astype(dt))  # [T, H*K]
         u_bias = hk.get_parameter("u_bias", [h, k], jnp.float32, init=jnp.zeros)
@@ -268,4 +275,5 @@ class RelativeAttention(hk.Module):
             max(self.query_chunk, -(-t // MAX_QUERY_CHUNKS)),
             self.layout,
         )  # [B, T, H*K]
-        return Dense(c.d_model, self.out_stddev, name="o")(out)
+        w_o = Dense(c.d_model, self.out_stddev, name="o").weight(h * k).astype(dt)
+        return linear(out, w_o, blas)  # [B, T, D]

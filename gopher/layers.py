@@ -74,6 +74,36 @@ def _mlp_bwd(blas, residuals, dy):
 mlp.defvjp(_mlp_fwd, _mlp_bwd)
 
 
+def linear(x: jax.Array, w: jax.Array, blas: bool = False) -> jax.Array:
+    """x @ w, x [..., D_in], w [D_in, D_out] (one dtype) -> [..., D_out]. `blas`: forward and
+    backward (dx = dy w^T, dw = x^T dy) through gopher.cpu_kernels.matmul (XLA CPU, fp32,
+    one device), as the MLP's. For attention's projections at the nanoGPT shape: XLA CPU
+    made the q/k/v projection's two backward matmuls at 144 GFLOP/s (from [B, T, 3, H*K],
+    with a transposed copy of the gradient first), MKL at ~300."""
+    if not blas:
+        return jnp.dot(x, w)
+    return _blas_linear(x, w)
+
+
+@jax.custom_vjp
+def _blas_linear(x, w):
+    return _blas_linear_fwd(x, w)[0]
+
+
+def _blas_linear_fwd(x, w):
+    y = matmul(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w)
+
+
+def _blas_linear_bwd(residuals, dy):
+    x, w = residuals
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return matmul(dy2, w, tb=True).reshape(x.shape), matmul(x2, dy2, ta=True)
+
+
+_blas_linear.defvjp(_blas_linear_fwd, _blas_linear_bwd)
+
+
 class Dense(hk.Module):
     """A bias-free linear map whose weights are cast to the activations' dtype.
 

@@ -161,7 +161,7 @@ def test_matmul_against_numpy(ta, tb):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_mlp_and_loss_through_the_blas_equal_xlas_dots():
+def test_mlp_projections_and_loss_through_the_blas_equal_xlas_dots():
     from gopher import layers, loss
 
     keys = jax.random.split(jax.random.key(0), 5)
@@ -176,10 +176,12 @@ def test_mlp_and_loss_through_the_blas_equal_xlas_dots():
     def both(blas):
         y, vjp = jax.vjp(lambda *a: layers.mlp(*a, blas), x, w_in, w_out)
         nll, grads = jax.value_and_grad(loss.lm_head_loss, argnums=(0, 1))(x, emb, targets, blas)
-        return (y, *vjp(cot), nll, *grads)
+        z, linear_vjp = jax.vjp(lambda *a: layers.linear(*a, blas), x, w_in)  # [2, 9, 40]
+        return (y, *vjp(cot), nll, *grads, z, *linear_vjp(jnp.tanh(z)))
 
     hlo = jax.jit(lambda: both(True)).lower().as_text()
-    assert hlo.count("GopherMatmul") >= 2 + 4 + 3  # the MLP's 2 and 4, the loss's 3
+    # the MLP's 2 and 4, the loss's 3, the projection's 1 and 2
+    assert hlo.count("GopherMatmul") >= 2 + 4 + 3 + 1 + 2
     for got, want in zip(jax.jit(lambda: both(True))(), both(False), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
