@@ -222,7 +222,7 @@ def single_run(
     import jax
     import numpy as np
 
-    from gopher import engine as engine_lib
+    from gopher import host_memory
     from gopher import metrics as metrics_lib
 
     if steps < 1 or warmup < 0:
@@ -238,7 +238,9 @@ def single_run(
     else:
         state, tokens, compiled = _one_device(model_cfg, train_cfg, precision, remat, rows)
     compile_s = time.perf_counter() - start  # (with the state's init, a small part)
-    engine_lib.release_freed_host_memory()  # as the training loop does after compiling
+    # As the training loop does after compiling (gopher/host_memory.py).
+    host_memory.release_freed_memory()
+    host_memory.keep_freed_memory(jax.devices()[0].platform)
 
     for _ in range(warmup):
         state, metrics = compiled(state, tokens)
@@ -329,6 +331,9 @@ def single_run(
 
 def main(argv):
     del argv
+    from gopher import host_memory
+
+    host_memory.run_programs_on_calling_thread()  # as experiments.train
     steps, warmup = _STEPS.value, _WARMUP.value
     with common.user_errors(_VERBOSE.value):
         name, model_cfg, train_cfg = configs(

@@ -81,6 +81,7 @@ def main(argv):
             background_errors,
             checkpoint,
             distributed,
+            host_memory,
             loop,
             step_log,
             step_memory,
@@ -90,6 +91,7 @@ def main(argv):
         if not _VERBOSE.value:
             # Background threads' and finalizers' failures: one warning per message.
             background_errors.quiet()
+        host_memory.run_programs_on_calling_thread()  # before jax's backends start
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         try:
             result = loop.run(model_cfg, train_cfg, data_cfg, _WORKDIR.value, parallel)

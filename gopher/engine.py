@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gopher import partition, sharding
+from gopher import host_memory, partition, sharding
 from gopher.config import ModelConfig, ParallelConfig, TrainConfig
 
 
@@ -91,18 +91,11 @@ def available_bytes_per_device(free: bool = False) -> int | None:
     return None
 
 
-def release_freed_host_memory() -> bool:
-    """Returns the C heap's free pages to the OS (glibc's malloc_trim(0)); False where
-    there is no glibc. Call it after compiling: XLA's compiler frees hundreds of MB that
-    malloc keeps, and the step's buffers, allocated afresh, do not reuse them, so the
-    process's peak memory counted both (nanoGPT shape on XLA CPU: peak RSS 2.35 -> 2.00
-    GiB, step time unchanged)."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+def _after_compiling(mesh) -> None:
+    """The compiler's freed memory given back; on CPU, the steps' scratch kept from here on
+    (gopher/host_memory.py)."""
+    host_memory.release_freed_memory()
+    host_memory.keep_freed_memory(mesh.devices.flat[0].platform)
 
 
 def _memory(exe) -> dict | None:
@@ -177,7 +170,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
         exe = sharded.train_step.lower(abstract, tokens).compile()
         compiled[tuple(shape)] = exe
-        release_freed_host_memory()
+        _after_compiling(mesh)
         return _memory(exe)
 
     def precompile_eval(shape):
@@ -186,7 +179,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
         exe = sharded.eval_step.lower(abstract.params, tokens).compile()
         compiled_eval[tuple(shape)] = exe
-        release_freed_host_memory()
+        _after_compiling(mesh)
         mem = _memory(exe)
         if mem is not None:
             mem["resident"] = _bytes_per_device(abstract) - _bytes_per_device(abstract.params)

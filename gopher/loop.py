@@ -40,7 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gopher import checkpoint as checkpoint_lib
-from gopher import distributed, paths, workdir_lock
+from gopher import distributed, host_memory, paths, workdir_lock
 from gopher import engine as engine_lib
 from gopher import metrics as metrics_lib
 from gopher import workdir as workdir_lib
@@ -263,10 +263,14 @@ def train_steps(r: Run, start: int, state, stopper: Stopper, watchdog: Watchdog)
                 log.flush()  # a diverged run stops before it saves
                 log.exclude(saver.save(step, state, force=step == end or stop))
                 saved = step
+                # Kept heap blocks (gopher/host_memory.py) that a save's host copies left
+                # unfit for the step: given back, so the heap cannot creep up.
+                host_memory.release_freed_memory()
             if step % t.eval_every == 0 or step == end:
                 log.flush()
                 doing = "eval"
                 evals = run_eval(r, step, state)
+                host_memory.release_freed_memory()  # the eval program's too
                 log.restart_clock(step)
             if stop:
                 code = Stopper.exit_code(stop)

@@ -362,36 +362,6 @@ def test_side_by_side_end_to_end(tmp_path):
     assert json.loads(line)["ratio_median"] == rec["summary"]["ratio_median"]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
-def test_release_freed_host_memory_returns_freed_heap_pages():
-    # What the training loop and the benchmark call after compiling: C heap blocks that
-    # were freed but sit below a live one stay resident until malloc_trim returns them.
-    import ctypes
-
-    from gopher import engine
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-    size, count = 16384, 12800  # 200 MiB in blocks below glibc's mmap threshold
-    blocks = [libc.malloc(size) for _ in range(count)]
-    for b in blocks:
-        libc.memset(b, 1, size)
-    pin = libc.malloc(size)  # a live block above them: free() alone cannot shrink the heap
-    libc.memset(pin, 1, size)
-    for b in blocks:
-        libc.free(b)
-    held = rss()
-    assert engine.release_freed_host_memory()
-    assert held - rss() > 0.5 * size * count
-    libc.free(pin)
-
-
 @pytest.mark.slow  # make test-all; the suite's time budget
 def test_attention_bench_tiny_runs_both_paths_and_they_agree(tmp_path):
     """experiments.bench_attention --tiny (the CPU smoke of the GPU/TPU benchmark): rows
