@@ -33,17 +33,20 @@ class TrainState(NamedTuple):
     skipped: jax.Array  # int32: updates skipped for a non-finite loss or gradient
 
 
-def keep_finite_update(new, state, loss: jax.Array, grad_norm: jax.Array):
-    """`new`, unless the loss or gradient norm is non-finite: then `state` with the step
-    advanced, the LR schedule's count with it, and the skip counted. Works for any state
-    with `step`, `skipped` and `opt_state` fields."""
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    old = state._replace(
+def skipped_update(state):
+    """`state` after a skipped update: the step advanced, the LR schedule's count with it,
+    and the skip counted. Works for any state with `step`, `skipped` and `opt_state`."""
+    return state._replace(
         step=state.step + 1,
         skipped=state.skipped + 1,
         opt_state=optim.advance_schedule(state.opt_state),
     )
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def keep_finite_update(new, state, loss: jax.Array, grad_norm: jax.Array):
+    """`new`, unless the loss or gradient norm is non-finite: then `skipped_update(state)`."""
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, skipped_update(state))
 
 
 class BatchLayout(NamedTuple):
@@ -152,23 +155,26 @@ def make_train_functions(
             poison = jnp.isin(state.step + 1, jnp.asarray(fault_steps, jnp.int32))
             grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
-        base = state.master if policy.fp32_master else state.params
-        updates, opt_state = optimizer.update(grads, state.opt_state, base)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        if policy.fp32_master:
-            master = optax.apply_updates(state.master, updates)
-            params = precision_lib.cast_params(master, policy)
-        else:
-            master = None
-            params = precision_lib.apply_updates(state.params, updates, policy, key)
-        new = TrainState(params, opt_state, master, state.step + 1, state.rng, state.skipped)
-        state = keep_finite_update(new, state, loss, grad_norm)
-        metrics = {
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "lr": schedule(new.step - 1),
-            "skipped": state.skipped,
-        }
+
+        def update(state):
+            base = state.master if policy.fp32_master else state.params
+            updates, opt_state = optimizer.update(grads, state.opt_state, base)
+            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            if policy.fp32_master:
+                master = optax.apply_updates(state.master, updates)
+                params = precision_lib.cast_params(master, policy)
+            else:
+                master = None
+                params = precision_lib.apply_updates(state.params, updates, policy, key)
+            return TrainState(params, opt_state, master, state.step + 1, state.rng, state.skipped)
+
+        lr = schedule(state.step)
+        # A non-finite loss or gradient skips the update (keep_finite_update's state) in a
+        # branch: selecting between the new and the old state afterwards was a pass of its
+        # own over the parameters and both moments.
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        state = jax.lax.cond(ok, update, skipped_update, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped": state.skipped}
         return state, metrics
 
     def eval_step(params, tokens: jax.Array) -> dict:
