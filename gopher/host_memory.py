@@ -20,9 +20,10 @@ Measured at the nanoGPT shape (experiments.bench, alternating processes): 0 page
 step after the first, the step 2-9% faster, peak RSS 1.93 -> 1.91 GiB (README, Benchmarks).
 The cost: glibc 2.36 reuses a freed block for an aligned request of the same size only
 once a free neighbour has merged with it, so a heap may first grow by a few such blocks
-(1 to 5 in tests/test_host_memory.py's program, none in the nanoGPT step). The training
+(in tests/test_host_memory.py's program 1 to 6 over 32 runs, mostly in the first
+few, one as late as the 25th; none in 12 nanoGPT steps). The training
 loop gives free heap pages back after each checkpoint save and eval (the next step faults
-its scratch in once), so a long run's heap cannot creep up. Where there is no glibc these
+its scratch in once), so a long run's heap holds those few blocks at most between them. Where there is no glibc these
 do nothing.
 """
 
