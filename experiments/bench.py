@@ -238,9 +238,7 @@ def single_run(
     else:
         state, tokens, compiled = _one_device(model_cfg, train_cfg, precision, remat, rows)
     compile_s = time.perf_counter() - start  # (with the state's init, a small part)
-    # As the training loop does after compiling (gopher/host_memory.py).
-    host_memory.release_freed_memory()
-    host_memory.keep_freed_memory(jax.devices()[0].platform)
+    host_memory.after_compiling(jax.devices()[0].platform)  # as the training loop does
 
     for _ in range(warmup):
         state, metrics = compiled(state, tokens)

@@ -91,13 +91,6 @@ def available_bytes_per_device(free: bool = False) -> int | None:
     return None
 
 
-def _after_compiling(mesh) -> None:
-    """The compiler's freed memory given back; on CPU, the steps' scratch kept from here on
-    (gopher/host_memory.py)."""
-    host_memory.release_freed_memory()
-    host_memory.keep_freed_memory(mesh.devices.flat[0].platform)
-
-
 def _memory(exe) -> dict | None:
     """Bytes per device of a compiled program, from XLA's memory analysis (or None)."""
     try:
@@ -170,7 +163,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
         exe = sharded.train_step.lower(abstract, tokens).compile()
         compiled[tuple(shape)] = exe
-        _after_compiling(mesh)
+        host_memory.after_compiling(mesh.devices.flat[0].platform)
         return _memory(exe)
 
     def precompile_eval(shape):
@@ -179,7 +172,7 @@ def _jit_engine(model_cfg, train_cfg, parallel) -> Engine:
         tokens = jax.ShapeDtypeStruct(shape, np.int32, sharding=sharded.batch_sharding)
         exe = sharded.eval_step.lower(abstract.params, tokens).compile()
         compiled_eval[tuple(shape)] = exe
-        _after_compiling(mesh)
+        host_memory.after_compiling(mesh.devices.flat[0].platform)
         mem = _memory(exe)
         if mem is not None:
             mem["resident"] = _bytes_per_device(abstract) - _bytes_per_device(abstract.params)

@@ -88,3 +88,10 @@ def keep_freed_memory(platform: str) -> bool:
     if platform != "cpu" or libc is None or not _inline:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BELOW))
+
+
+def after_compiling(platform: str) -> None:
+    """What the engine (and experiments.bench, as it) does after compiling a step: the
+    compiler's freed memory given back, then, on CPU, the steps' scratch kept."""
+    release_freed_memory()
+    keep_freed_memory(platform)
