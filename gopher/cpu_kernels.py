@@ -1,5 +1,6 @@
 """Fused relative attention for XLA CPU, as an XLA FFI custom call (gopher/csrc/cpu_kernels.cc),
-and a BLAS matmul for the MLP and the output layer beside it.
+and beside it a BLAS matmul for the MLP, the projections and the output layer, and the
+loss's softmax cross-entropy pass over the logits.
 
 XLA CPU runs attention's score matmuls as separate calls with a dozen passes over each
 chunk's scores between them (gopher/attention_xla.py); the C++ kernel keeps a chunk's
@@ -35,7 +36,13 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_k
 # Queries per chunk: at the nanoGPT shape 64 beat 128 (80 against 89 ms a layer forward
 # and backward), as the chunk's scores stay in L2.
 CHUNK = 64
-_TARGETS = ("GopherAttentionFwd", "GopherAttentionBwd", "GopherMatmul")
+_TARGETS = (
+    "GopherAttentionFwd",
+    "GopherAttentionBwd",
+    "GopherMatmul",
+    "GopherMatmulAdd",
+    "GopherSoftmaxXent",
+)
 _MKL_SEQUENTIAL = 1  # MKL_Set_Threading_Layer's MKL_THREADING_SEQUENTIAL
 
 
@@ -158,17 +165,43 @@ def blas_matmuls(layout, dtype) -> bool:
     return layout.implementation == "cpu" and one_device and unsupported(dtype, None) is None
 
 
-def matmul(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
-    """op(a) @ op(b) for 2-D fp32 a and b through the BLAS, op transposing when ta / tb; the
-    result's rows split over XLA's intra-op pool. No VJP of its own: it is for the custom
-    VJPs of gopher/layers.py and gopher/loss.py, which make their own backward matmuls."""
+def matmul(
+    a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False, add_to: jax.Array | None = None
+) -> jax.Array:
+    """op(a) @ op(b) for 2-D fp32 a and b through the BLAS, op transposing when ta / tb, plus
+    `add_to` when given (summed by the BLAS call into add_to's buffer: XLA reuses it when
+    nothing else reads it, as a scan's carry); the result's rows split over XLA's intra-op
+    pool. No VJP of its own: it is for the custom VJPs of gopher/layers.py and
+    gopher/loss.py, which make their own backward matmuls."""
     blas()  # registers the targets (raises Unavailable when it cannot)
     m = a.shape[1] if ta else a.shape[0]
     n = b.shape[0] if tb else b.shape[1]
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    attrs = dict(transa=np.int32(ta), transb=np.int32(tb))
+    if add_to is None:
+        return jax.ffi.ffi_call("GopherMatmul", out, vmap_method="sequential")(a, b, **attrs)
     call = jax.ffi.ffi_call(
-        "GopherMatmul", jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential"
+        "GopherMatmulAdd", out, vmap_method="sequential", input_output_aliases={2: 0}
     )
-    return call(a, b, transa=np.int32(ta), transb=np.int32(tb))
+    return call(a, b, add_to, **attrs)
+
+
+def softmax_xent(
+    logits: jax.Array, targets: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax cross-entropy of fp32 logits [N, V] with int32 targets [N]: (the gradient in
+    the logits, (softmax - onehot(target)) * scale [N, V], written over the logits' buffer;
+    each row's NLL [N], NaN where a target is outside [0, V)). One pass over each row in
+    cache, where XLA CPU made five over the whole [N, V] and a gather."""
+    blas()  # registers the targets (raises Unavailable when it cannot)
+    n, v = logits.shape
+    call = jax.ffi.ffi_call(
+        "GopherSoftmaxXent",
+        (jax.ShapeDtypeStruct((n, v), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32)),
+        vmap_method="sequential",
+        input_output_aliases={0: 0},
+    )
+    return call(logits, targets.astype(jnp.int32), scale=np.float32(scale))
 
 
 def unsupported(dtype, mask) -> str | None:

@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gopher.cpu_kernels import matmul
+from gopher.cpu_kernels import matmul, softmax_xent
 
 # Positions per chunk along the sequence: [B, C, V] fp32 per chunk (8 x 64 x 32000 x 4 B
 # = 66 MB at the benchmark shape) instead of the whole [B, T, V]. The step's peak memory
@@ -54,13 +54,17 @@ def _fused(h, embeddings, targets, chunk, blas):
     return _loss_and_grads(h, embeddings, targets, chunk, blas)[0]
 
 
-def _chunk_loss_and_grads(hc, tc, e, n, blas):
-    """One chunk's summed NLL, d loss / d h_c and its share of d loss / d E."""
+def _chunk_loss_and_grads(hc, tc, e, n, blas, d_emb_t):
+    """One chunk's summed NLL, d loss / d h_c, and d_emb_t plus its share of d loss / d E^T."""
     b, c, d = hc.shape
     if blas:
-        logits = matmul(hc.reshape(b * c, d), e, tb=True).reshape(b, c, -1)
-    else:
-        logits = jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32)
+        # The same maths in three BLAS calls and one pass over the logits in C++, the
+        # chunk's d E^T summed into d_emb_t by its GEMM (gopher/csrc/cpu_kernels.cc).
+        h2 = hc.reshape(b * c, d)
+        g, nll_rows = softmax_xent(matmul(h2, e, tb=True), tc.reshape(-1), 1.0 / n)
+        d_h = matmul(g, e).reshape(b, c, d)
+        return jnp.sum(nll_rows), d_h, matmul(h2, g, ta=True, add_to=d_emb_t)
+    logits = jnp.einsum("bcd,vd->bcv", hc, e, preferred_element_type=jnp.float32)
     top = jnp.max(logits, axis=-1, keepdims=True)
     ex = jnp.exp(logits - top)
     z = jnp.sum(ex, axis=-1, keepdims=True)
@@ -74,14 +78,9 @@ def _chunk_loss_and_grads(hc, tc, e, n, blas):
     # d E^T = h_c^T g_c [D, V], transposed once after the last chunk: as [V, D], XLA CPU
     # copied every chunk's [B*C, V] g to a transposed layout first (half of a 1-layer
     # model's step; 4% of the nanoGPT shape's).
-    if blas:
-        g2 = g.reshape(b * c, -1)
-        d_h = matmul(g2, e).reshape(b, c, d)
-        d_e_t = matmul(hc.reshape(b * c, d), g2, ta=True)
-    else:
-        d_h = jnp.einsum("bcv,vd->bcd", g, e, preferred_element_type=jnp.float32)
-        d_e_t = jnp.einsum("bcd,bcv->dv", hc, g, preferred_element_type=jnp.float32)
-    return nll, d_h.astype(hc.dtype), d_e_t
+    d_h = jnp.einsum("bcv,vd->bcd", g, e, preferred_element_type=jnp.float32)
+    d_e_t = jnp.einsum("bcd,bcv->dv", hc, g, preferred_element_type=jnp.float32)
+    return nll, d_h.astype(hc.dtype), d_emb_t + d_e_t
 
 
 def _loss_and_grads(h, embeddings, targets, chunk, blas):
@@ -99,16 +98,16 @@ def _loss_and_grads(h, embeddings, targets, chunk, blas):
 
         def body(carry, xs):
             total, d_emb_t = carry
-            nll, dh, de_t = _chunk_loss_and_grads(*xs, e, n, blas)
-            return (total + nll, d_emb_t + de_t), dh
+            nll, dh, d_emb_t = _chunk_loss_and_grads(*xs, e, n, blas, d_emb_t)
+            return (total + nll, d_emb_t), dh
 
         (total, d_emb_t), dhs = jax.lax.scan(body, (total, d_emb_t), (hs, ts))
         d_h.append(dhs.swapaxes(0, 1).reshape(b, full * chunk, d))
     if tail:
-        nll, dh, de_t = _chunk_loss_and_grads(
-            h[:, full * chunk :], targets[:, full * chunk :], e, n, blas
+        nll, dh, d_emb_t = _chunk_loss_and_grads(
+            h[:, full * chunk :], targets[:, full * chunk :], e, n, blas, d_emb_t
         )
-        total, d_emb_t = total + nll, d_emb_t + de_t
+        total = total + nll
         d_h.append(dh)
     # (behind a barrier: with one chunk XLA would fold the transpose into its matmul as a
     # transposed operand, which XLA CPU's dot kernels take in fp32 only: bf16 failed to run)

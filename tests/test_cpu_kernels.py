@@ -6,6 +6,7 @@ beside it (the MLP's and the output layer's) against numpy and XLA's dots."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -159,6 +160,55 @@ def test_matmul_against_numpy(ta, tb):
         got = jax.jit(lambda a, b: cpu_kernels.matmul(a, b, ta, tb))(a, b)
         want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_adds_into_its_accumulator_in_a_scan():
+    """add_to: c + op(a) @ op(b), as the loss sums its chunks' d E^T in a scan's carry."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((3, 70, 130), np.float32)  # three chunks, transposed as the loss's
+    b = rng.standard_normal((3, 70, 9), np.float32)
+    c0 = rng.standard_normal((130, 9), np.float32)
+
+    def run(a, b, c0):
+        def body(c, ab):
+            return cpu_kernels.matmul(ab[0], ab[1], ta=True, add_to=c), None
+
+        return jax.lax.scan(body, c0, (a, b))[0]
+
+    got = jax.jit(run)(a, b, c0)
+    want = c0 + sum(a[i].T.astype(np.float64) @ b[i] for i in range(3))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for ta, tb in ((False, False), (False, True), (True, True)):
+        x = rng.standard_normal((130, 70) if ta else (70, 130), np.float32)
+        y = rng.standard_normal((9, 130) if tb else (130, 9), np.float32)
+        c = rng.standard_normal((70, 9), np.float32)
+        add = functools.partial(cpu_kernels.matmul, ta=ta, tb=tb)
+        got = jax.jit(lambda x, y, c, add=add: add(x, y, add_to=c))(x, y, c)
+        want = c + (x.T if ta else x).astype(np.float64) @ (y.T if tb else y)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_softmax_xent_against_numpy_in_float64():
+    """Each row's NLL and (softmax - onehot) * scale, the rows split over the threads; large
+    logits stay finite; a target outside [0, V) gives a NaN loss and no onehot."""
+    rng = np.random.default_rng(2)
+    n, v, scale = 37, 300, 0.125
+    logits = (rng.standard_normal((n, v)) * 20).astype(np.float32)
+    logits[3] += 1e4  # one row far from zero
+    targets = rng.integers(0, v, n).astype(np.int32)
+    targets[5], targets[6] = -1, v
+    # the logits made inside the program, as the loss's matmul makes them (aliased buffer)
+    g, nll = jax.jit(lambda x, t: cpu_kernels.softmax_xent(x * 1.0, t, scale))(logits, targets)
+    x = logits.astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    p = np.exp(x - top) / np.exp(x - top).sum(-1, keepdims=True)
+    ok = (targets >= 0) & (targets < v)
+    onehot = np.zeros_like(p)
+    onehot[np.flatnonzero(ok), targets[ok]] = 1
+    want_nll = (top[:, 0] + np.log(np.exp(x - top).sum(-1)))[ok] - x[ok, targets[ok]]
+    np.testing.assert_allclose(g, (p - onehot) * scale, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(nll)[ok], want_nll, rtol=1e-5, atol=1e-4)
+    assert np.isnan(np.asarray(nll)[~ok]).all()
 
 
 def test_mlp_projections_and_loss_through_the_blas_equal_xlas_dots():

@@ -1,6 +1,7 @@
 // XLA FFI kernels for the CPU (loaded and registered by gopher/cpu_kernels.py):
 // Transformer-XL relative attention fused per head and sequence, forward and backward,
-// and an fp32 matmul through the BLAS for the MLP and the output layer.
+// an fp32 matmul through the BLAS (plain, or adding into its output) for the MLP, the
+// projections and the output layer, and the loss's softmax cross-entropy over the logits.
 //
 //   score(i, j) = (q_i + u) . k_j + (q_i + v) . R_{i-j}      (q pre-scaled by 1/sqrt(K))
 //
@@ -97,10 +98,11 @@ inline float ExpRow(float* row, int64_t n, float m) {
   return total;
 }
 
+// (a compare and select, not std::max: GCC left std::max's reduction scalar, 4x slower)
 inline float MaxRow(const float* row, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, row[j]);
+  for (int64_t j = 0; j < n; ++j) m = row[j] > m ? row[j] : m;
   return m;
 }
 
@@ -146,23 +148,78 @@ int64_t Workers() {
 
 ffi::Error NoBlas() { return ffi::Error::InvalidArgument("gopher_cpu: no BLAS set"); }
 
-// out = op(a) @ op(b), rows of the result split over the threads.
-ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                  ffi::ResultBuffer<ffi::F32> c, int32_t ta, int32_t tb) {
+// c = op(a) @ op(b) + beta c, rows of the result split over the threads.
+ffi::Error MatmulInto(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b,
+                      float* cp, float beta, int32_t ta, int32_t tb) {
   if (g_sgemm == nullptr) return NoBlas();
   auto ad = a.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("matmul: rank 2 only");
   int64_t m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1], n = tb ? bd[0] : bd[1];
   const float* ap = a.typed_data();
   const float* bp = b.typed_data();
-  float* cp = c->typed_data();
   int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, m / 64));
   int64_t rows = (m + parts - 1) / parts;
   ParallelFor(pool, parts, Workers(), [&](int64_t p) {
     int64_t r0 = p * rows, r1 = std::min(m, r0 + rows);
     if (r0 >= r1) return;
     const float* a0 = ta ? ap + r0 : ap + r0 * ad[1];
-    Gemm(ta, tb, r1 - r0, n, k, a0, ad[1], bp, bd[1], 0.f, cp + r0 * n, n);
+    Gemm(ta, tb, r1 - r0, n, k, a0, ad[1], bp, bd[1], beta, cp + r0 * n, n);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                  ffi::ResultBuffer<ffi::F32> c, int32_t ta, int32_t tb) {
+  return MatmulInto(pool, a, b, c->typed_data(), 0.f, ta, tb);
+}
+
+// c_out = c + op(a) @ op(b), c_out aliasing c (the loss's d E^T summed over its chunks in
+// the BLAS call instead of in a pass of its own).
+ffi::Error MatmulAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                     ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> out, int32_t ta,
+                     int32_t tb) {
+  float* op = out->typed_data();
+  if (op != c.typed_data()) std::memcpy(op, c.typed_data(), c.size_bytes());
+  return MatmulInto(pool, a, b, op, 1.f, ta, tb);
+}
+
+// Softmax cross-entropy's value and gradient in the logits, one pass over each row in
+// cache: logits [N, V], targets [N] -> nll [N] (log-sum-exp minus the target's logit) and
+// g [N, V] = (softmax - onehot(target)) * scale, g aliasing the logits. A target outside
+// [0, V) gives a NaN loss (and no onehot). XLA CPU made the same as five passes over the
+// chunk's logits (max, exp, sum, scale, the onehot) and a gather.
+ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                       ffi::Buffer<ffi::S32> targets, ffi::ResultBuffer<ffi::F32> g,
+                       ffi::ResultBuffer<ffi::F32> nll, float scale) {
+  auto d = logits.dimensions();
+  if (d.size() != 2) return ffi::Error::InvalidArgument("softmax_xent: rank-2 logits only");
+  const int64_t n = d[0], v = d[1];
+  const float* in = logits.typed_data();
+  float* out = g->typed_data();
+  const int32_t* tgt = targets.typed_data();
+  float* loss = nll->typed_data();
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, n));
+  const int64_t rows = (n + parts - 1) / parts;
+  ParallelFor(pool, parts, Workers(), [&](int64_t p) {
+    for (int64_t i = p * rows; i < std::min(n, (p + 1) * rows); ++i) {
+      const float* x = in + i * v;
+      float* y = out + i * v;
+      const int64_t t = tgt[i];
+      const bool ok = t >= 0 && t < v;
+      const float target_logit = ok ? x[t] : 0.f;  // before y, which may be x, is written
+      const float m = MaxRow(x, v);
+      float total = 0.f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t j = 0; j < v; ++j) {
+        y[j] = ExpNonPositive(x[j] - m);
+        total += y[j];
+      }
+      loss[i] = ok ? m + std::log(total) - target_logit : std::numeric_limits<float>::quiet_NaN();
+      const float s = scale / total;
+#pragma omp simd
+      for (int64_t j = 0; j < v; ++j) y[j] *= s;
+      if (ok) y[t] -= scale;
+    }
   });
   return ffi::Error::Success();
 }
@@ -375,3 +432,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherMatmul, Matmul,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("transa")
                                   .Attr<int32_t>("transb"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherMatmulAdd, MatmulAdd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("transa")
+                                  .Attr<int32_t>("transb"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherSoftmaxXent, SoftmaxXent,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
