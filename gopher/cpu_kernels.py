@@ -42,6 +42,8 @@ _TARGETS = (
     "GopherMatmul",
     "GopherMatmulAdd",
     "GopherSoftmaxXent",
+    "GopherGelu",
+    "GopherGeluBwd",
 )
 _MKL_SEQUENTIAL = 1  # MKL_Set_Threading_Layer's MKL_THREADING_SEQUENTIAL
 
@@ -202,6 +204,24 @@ def softmax_xent(
         input_output_aliases={0: 0},
     )
     return call(logits, targets.astype(jnp.int32), scale=np.float32(scale))
+
+
+def gelu(pre: jax.Array) -> jax.Array:
+    """jax.nn.gelu (its tanh form) of fp32 `pre`, one C++ pass (absolute error ~1e-7)."""
+    blas()  # registers the targets (raises Unavailable when it cannot)
+    out = jax.ShapeDtypeStruct(pre.shape, jnp.float32)
+    return jax.ffi.ffi_call("GopherGelu", out, vmap_method="sequential")(pre)
+
+
+def gelu_backward(pre: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(gelu(pre), g * gelu'(pre)) for fp32 `pre` and `g` of one shape, in one C++ pass, the
+    second written over g's buffer: the MLP's backward at its activation."""
+    blas()  # registers the targets (raises Unavailable when it cannot)
+    out = jax.ShapeDtypeStruct(pre.shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        "GopherGeluBwd", (out, out), vmap_method="sequential", input_output_aliases={1: 1}
+    )
+    return tuple(call(pre, g))
 
 
 def unsupported(dtype, mask) -> str | None:

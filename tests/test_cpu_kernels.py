@@ -211,6 +211,27 @@ def test_softmax_xent_against_numpy_in_float64():
     assert np.isnan(np.asarray(nll)[~ok]).all()
 
 
+def test_gelu_and_its_backward_against_float64():
+    """gelu's tanh form and g * gelu'(pre), over the range where tanh saturates and where
+    1 - exp(-2|u|) cancels, against its formula and central differences in float64."""
+    pre = np.concatenate([np.linspace(-12, 12, 19994), [0.0, 1e-7, -1e-7, 50.0, -50.0, 3e-3]])
+    pre = pre.astype(np.float32).reshape(-1, 8)
+    g = np.random.default_rng(3).standard_normal(pre.shape).astype(np.float32)
+    act = jax.jit(cpu_kernels.gelu)(pre)
+    act_b, d_pre = jax.jit(lambda p, g: cpu_kernels.gelu_backward(p, g * 1.0))(pre, g)
+
+    def gelu64(x):  # jax.nn.gelu's tanh form in float64
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+    x64 = pre.astype(np.float64)
+    want = gelu64(x64)
+    want_d = g * (gelu64(x64 + 1e-6) - gelu64(x64 - 1e-6)) / 2e-6  # central differences
+    np.testing.assert_allclose(jax.nn.gelu(pre), want, rtol=1e-5, atol=1e-6)  # the same form
+    for got in (act, act_b):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=2e-7)
+    np.testing.assert_allclose(d_pre, want_d, rtol=1e-5, atol=2e-7)
+
+
 def test_mlp_projections_and_loss_through_the_blas_equal_xlas_dots():
     from gopher import layers, loss
 

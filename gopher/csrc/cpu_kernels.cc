@@ -224,6 +224,63 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   return ffi::Error::Success();
 }
 
+// gelu in its tanh form, 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3), c = sqrt(2 / pi),
+// through 1 + tanh u and 1 - tanh u written with e = exp(-2 |u|): 2 / (1 + e) on u's side,
+// 2 e / (1 + e) on the other, so neither cancels where tanh saturates.
+constexpr float kGeluC = 0.7978845608028654f, kGeluK = 0.044715f;
+
+struct OneTanh {
+  float plus, minus;  // 1 + tanh u, 1 - tanh u
+};
+
+inline OneTanh OnePlusMinusTanh(float u) {
+  const float e = ExpNonPositive(-2.f * std::fabs(u));
+  const float big = 2.f / (1.f + e), small = e * big;
+  return u >= 0.f ? OneTanh{big, small} : OneTanh{small, big};
+}
+
+// fn(begin, end) over [0, n) in one contiguous part per thread.
+void ParallelRange(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, n / 4096));
+  const int64_t step = (n + parts - 1) / parts;
+  ParallelFor(pool, parts, Workers(), [&](int64_t p) { fn(p * step, std::min(n, (p + 1) * step)); });
+}
+
+// act = gelu(pre), one pass (XLA CPU: one fusion, but a slower tanh).
+ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::ResultBuffer<ffi::F32> act) {
+  const float* x = pre.typed_data();
+  float* y = act->typed_data();
+  ParallelRange(pool, pre.element_count(), [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i];
+      y[i] = 0.5f * v * OnePlusMinusTanh(kGeluC * v * (1.f + kGeluK * v * v)).plus;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The MLP's backward at the gelu, one pass: act = gelu(pre) recomputed (for d w_out) and
+// d_pre = g gelu'(pre), d_pre aliasing g (XLA CPU: three fusions over [B*T, F]).
+ffi::Error GeluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> g,
+                   ffi::ResultBuffer<ffi::F32> act, ffi::ResultBuffer<ffi::F32> d_pre) {
+  const float* x = pre.typed_data();
+  const float* gp = g.typed_data();
+  float* y = act->typed_data();
+  float* d = d_pre->typed_data();
+  ParallelRange(pool, pre.element_count(), [&](int64_t i0, int64_t i1) {
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = x[i], v2 = v * v;
+      const OneTanh t = OnePlusMinusTanh(kGeluC * v * (1.f + kGeluK * v2));
+      y[i] = 0.5f * v * t.plus;
+      const float du = kGeluC * (1.f + 3.f * kGeluK * v2);  // d u / d v
+      d[i] = gp[i] * 0.5f * t.plus * (1.f + v * t.minus * du);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 struct Dims {
   int64_t b, t, h, k, d;
 };
@@ -451,3 +508,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherSoftmaxXent, SoftmaxXent,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGelu, Gelu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGeluBwd, GeluBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
