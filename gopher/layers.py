@@ -35,7 +35,8 @@ def mlp(x: jax.Array, w_in: jax.Array, w_out: jax.Array, blas: bool = False) -> 
     left to autodiff, XLA kept five [B, T, F] residuals per layer and wrote the
     gelu gradient transposed, which cost more than the MLP's matmuls. `blas`: its six
     matmuls through gopher.cpu_kernels.matmul (XLA CPU, fp32, one device) instead of
-    XLA's dots.
+    XLA's dots, and the gelu, its recompute and its gradient as C++ passes
+    (cpu_kernels.gelu, gelu_backward).
     """
     return _mlp_fwd(x, w_in, w_out, blas)[0]
 
