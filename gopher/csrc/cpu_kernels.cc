@@ -148,6 +148,18 @@ int64_t Workers() {
 
 ffi::Error NoBlas() { return ffi::Error::InvalidArgument("gopher_cpu: no BLAS set"); }
 
+// fn(begin, end) over [0, n) in contiguous parts, one per thread, each of `grain` or more
+// (fewer parts when n is small).
+void ParallelRange(ffi::ThreadPool& pool, int64_t n, int64_t grain,
+                   const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, n / grain));
+  const int64_t step = (n + parts - 1) / parts;
+  ParallelFor(pool, parts, Workers(), [&](int64_t p) {
+    const int64_t i0 = p * step, i1 = std::min(n, i0 + step);
+    if (i0 < i1) fn(i0, i1);
+  });
+}
+
 // c = op(a) @ op(b) + beta c, rows of the result split over the threads.
 ffi::Error MatmulInto(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& a, ffi::Buffer<ffi::F32>& b,
                       float* cp, float beta, int32_t ta, int32_t tb) {
@@ -157,11 +169,7 @@ ffi::Error MatmulInto(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& a, ffi::Buff
   int64_t m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1], n = tb ? bd[0] : bd[1];
   const float* ap = a.typed_data();
   const float* bp = b.typed_data();
-  int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, m / 64));
-  int64_t rows = (m + parts - 1) / parts;
-  ParallelFor(pool, parts, Workers(), [&](int64_t p) {
-    int64_t r0 = p * rows, r1 = std::min(m, r0 + rows);
-    if (r0 >= r1) return;
+  ParallelRange(pool, m, 64, [&](int64_t r0, int64_t r1) {
     const float* a0 = ta ? ap + r0 : ap + r0 * ad[1];
     Gemm(ta, tb, r1 - r0, n, k, a0, ad[1], bp, bd[1], beta, cp + r0 * n, n);
   });
@@ -198,10 +206,8 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   float* out = g->typed_data();
   const int32_t* tgt = targets.typed_data();
   float* loss = nll->typed_data();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, n));
-  const int64_t rows = (n + parts - 1) / parts;
-  ParallelFor(pool, parts, Workers(), [&](int64_t p) {
-    for (int64_t i = p * rows; i < std::min(n, (p + 1) * rows); ++i) {
+  ParallelRange(pool, n, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
       const float* x = in + i * v;
       float* y = out + i * v;
       const int64_t t = tgt[i];
@@ -239,18 +245,11 @@ inline OneTanh OnePlusMinusTanh(float u) {
   return u >= 0.f ? OneTanh{big, small} : OneTanh{small, big};
 }
 
-// fn(begin, end) over [0, n) in one contiguous part per thread.
-void ParallelRange(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, n / 4096));
-  const int64_t step = (n + parts - 1) / parts;
-  ParallelFor(pool, parts, Workers(), [&](int64_t p) { fn(p * step, std::min(n, (p + 1) * step)); });
-}
-
 // act = gelu(pre), one pass (XLA CPU: one fusion, but a slower tanh).
 ffi::Error Gelu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::ResultBuffer<ffi::F32> act) {
   const float* x = pre.typed_data();
   float* y = act->typed_data();
-  ParallelRange(pool, pre.element_count(), [&](int64_t i0, int64_t i1) {
+  ParallelRange(pool, pre.element_count(), 4096, [&](int64_t i0, int64_t i1) {
 #pragma omp simd
     for (int64_t i = i0; i < i1; ++i) {
       const float v = x[i];
@@ -268,7 +267,7 @@ ffi::Error GeluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer<
   const float* gp = g.typed_data();
   float* y = act->typed_data();
   float* d = d_pre->typed_data();
-  ParallelRange(pool, pre.element_count(), [&](int64_t i0, int64_t i1) {
+  ParallelRange(pool, pre.element_count(), 4096, [&](int64_t i0, int64_t i1) {
 #pragma omp simd
     for (int64_t i = i0; i < i1; ++i) {
       const float v = x[i], v2 = v * v;
