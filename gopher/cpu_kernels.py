@@ -44,6 +44,9 @@ _TARGETS = (
     "GopherSoftmaxXent",
     "GopherGelu",
     "GopherGeluBwd",
+    "GopherAdam",
+    "GopherRmsNorm",
+    "GopherRmsNormBwd",
 )
 _MKL_SEQUENTIAL = 1  # MKL_Set_Threading_Layer's MKL_THREADING_SEQUENTIAL
 
@@ -58,13 +61,26 @@ def _cache_dir() -> str:
     )
 
 
+# -fno-math-errno: sqrt without its errno branch, which kept Adam's loop from vectorizing
+# (nothing reads errno).
+_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+)
+
+
 def _build() -> str:
     """The compiled library's path, compiling it if this source and jaxlib have none."""
     import jaxlib
 
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + jaxlib.__version__.encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"cpu_kernels-{key}.so")
+        text = f.read() + jaxlib.__version__.encode() + " ".join(_FLAGS).encode()
+    path = os.path.join(_cache_dir(), f"cpu_kernels-{hashlib.sha256(text).hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -74,8 +90,7 @@ def _build() -> str:
     # Written beside and renamed: processes building at once each leave a whole file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
     os.close(fd)
-    cmd = [cxx, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC"]
-    cmd += ["-w", "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+    cmd = [cxx, *_FLAGS, "-w", "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         os.unlink(tmp)
@@ -222,6 +237,63 @@ def gelu_backward(pre: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
         "GopherGeluBwd", (out, out), vmap_method="sequential", input_output_aliases={1: 1}
     )
     return tuple(call(pre, g))
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """RMSNorm of fp32 x [N, D] with scale [D]: (x * scale / sqrt(mean(x^2) + eps), the
+    per-row inverse norm [N]), one C++ pass over each row."""
+    blas()  # registers the targets (raises Unavailable when it cannot)
+    n, d = x.shape
+    out = (jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((n,), jnp.float32))
+    return tuple(
+        jax.ffi.ffi_call("GopherRmsNorm", out, vmap_method="sequential")(
+            x, scale, eps=np.float32(eps)
+        )
+    )
+
+
+def rms_norm_backward(x, scale, inv, dy) -> tuple[jax.Array, jax.Array]:
+    """RMSNorm's gradients (dx [N, D], written over dy's buffer; d scale [D]) from x [N, D],
+    scale [D], the inverse norm [N] and dy [N, D], fp32, one C++ pass over each row."""
+    blas()  # registers the targets (raises Unavailable when it cannot)
+    out = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct(scale.shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call(
+        "GopherRmsNormBwd", out, vmap_method="sequential", input_output_aliases={3: 0}
+    )
+    return tuple(call(x, scale, inv, dy))
+
+
+def adam(
+    g: jax.Array,
+    mu: jax.Array,
+    nu: jax.Array,
+    p: jax.Array,
+    scalars: jax.Array,
+    b1: float,
+    b2: float,
+    eps: float,
+    eps_root: float = 0.0,
+    weight_decay: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One parameter's clipped Adam(W) step in one C++ pass: (mu, nu, p) after it, written
+    over the inputs' buffers. fp32 g, mu, nu, p of one shape; `scalars` f32[5] = (the
+    gradient's global norm, the clipping norm, 1 - b1^t, 1 - b2^t, -lr). The same maths,
+    in optax's order, as optim.make_optimizer's chain followed by optax.apply_updates, where
+    XLA CPU made four passes over the parameter's arrays."""
+    blas()  # registers the targets (raises Unavailable when it cannot)
+    out = jax.ShapeDtypeStruct(p.shape, jnp.float32)
+    call = jax.ffi.ffi_call(
+        "GopherAdam",
+        (out, out, out),
+        vmap_method="sequential",
+        input_output_aliases={1: 0, 2: 1, 3: 2},
+    )
+    attrs = dict(b1=b1, one_minus_b1=1 - b1, b2=b2, one_minus_b2=1 - b2, eps=eps)
+    attrs.update(eps_root=eps_root, weight_decay=weight_decay)
+    return tuple(call(g, mu, nu, p, scalars, **{k: np.float32(v) for k, v in attrs.items()}))
 
 
 def unsupported(dtype, mask) -> str | None:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gopher import cpu_kernels
 from gopher.config import ModelConfig, TrainConfig
 
 
@@ -80,3 +81,49 @@ def make_optimizer(model: ModelConfig, train: TrainConfig) -> optax.GradientTran
     return optax.chain(
         optax.clip_by_global_norm(clip_norm(model, train)), make_update_rule(model, train)
     )
+
+
+def fused_update(model: ModelConfig, train: TrainConfig):
+    """`make_optimizer`'s step and `optax.apply_updates` as one C++ pass per fp32 parameter
+    (gopher.cpu_kernels.adam), for XLA CPU where the kernels run: (grads, their global norm,
+    opt_state, params) -> (params, opt_state), the state in make_optimizer's structure (so
+    checkpoints and the other paths read it). XLA CPU made four passes over each parameter's
+    arrays and took the global norm a second time inside optax's clipping."""
+    b1, b2, eps = train.b1, train.b2, train.eps
+    decay = train.weight_decay if train.optimizer == "adamw" else 0.0
+    schedule = learning_rate_schedule(model, train)
+    max_norm = clip_norm(model, train)
+
+    def is_state(x):
+        return isinstance(x, optax.ScaleByAdamState | optax.ScaleByScheduleState)
+
+    def update(grads, grad_norm, opt_state, params):
+        states = [x for x in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(x)]
+        (adam,) = [x for x in states if isinstance(x, optax.ScaleByAdamState)]
+        (sched,) = [x for x in states if isinstance(x, optax.ScaleByScheduleState)]
+        count = optax.safe_increment(adam.count)
+        scalars = jnp.stack(
+            [grad_norm, max_norm, 1 - b1**count, 1 - b2**count, -schedule(sched.count)]
+        ).astype(jnp.float32)
+        leaves, treedef = jax.tree.flatten(params)
+        steps = [
+            cpu_kernels.adam(g, m, v, p, scalars, b1, b2, eps, 0.0, decay)
+            for g, m, v, p in zip(
+                treedef.flatten_up_to(grads),
+                treedef.flatten_up_to(adam.mu),
+                treedef.flatten_up_to(adam.nu),
+                leaves,
+                strict=True,
+            )
+        ]
+        mu, nu, new_params = (treedef.unflatten(list(x)) for x in zip(*steps, strict=True))
+        new = {
+            optax.ScaleByAdamState: adam._replace(count=count, mu=mu, nu=nu),
+            optax.ScaleByScheduleState: sched._replace(count=optax.safe_increment(sched.count)),
+        }
+        opt_state = jax.tree.map(
+            lambda x: new[type(x)] if is_state(x) else x, opt_state, is_leaf=is_state
+        )
+        return new_params, opt_state
+
+    return update

@@ -130,6 +130,10 @@ def make_train_functions(
     )
     # Beside the CPU attention kernel, the output layer's matmuls through its BLAS too.
     blas = cpu_kernels.blas_matmuls(attention, policy.compute_dtype)
+    # There the optimizer's step too, one C++ pass per parameter (fp32 params, no master).
+    fused_update = None
+    if blas and policy.param_dtype == jnp.float32 and not policy.fp32_master:
+        fused_update = optim.fused_update(model_cfg, train_cfg)
     value_and_grad = jax.value_and_grad(mean_loss(loss_forward, blas))
     if train_cfg.microbatches > 1:
         layout = batch_layout or BatchLayout()
@@ -157,6 +161,9 @@ def make_train_functions(
         grad_norm = optax.tree.norm(grads)
 
         def update(state):
+            if fused_update is not None:
+                params, opt_state = fused_update(grads, grad_norm, state.opt_state, state.params)
+                return state._replace(params=params, opt_state=opt_state, step=state.step + 1)
             base = state.master if policy.fp32_master else state.params
             updates, opt_state = optimizer.update(grads, state.opt_state, base)
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

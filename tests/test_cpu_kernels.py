@@ -310,3 +310,94 @@ def test_the_cpu_peak_counts_the_blas_matmul_too(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "problem", lambda: "turned off")
     calls.clear()
     assert metrics.measure_cpu_peak_flops(size=64, repeats=1) > 0 and calls == []
+
+
+@pytest.mark.parametrize("optimizer,decay", [("adam", 0.0), ("adamw", 0.1)])
+@pytest.mark.parametrize("grad_scale", [1e-3, 30.0])  # under the clipping norm, and over it
+def test_fused_adam_equals_optaxs_chain(optimizer, decay, grad_scale):
+    """optim.fused_update (one C++ pass a parameter) against make_optimizer's optax chain and
+    optax.apply_updates, over steps of the warm-up and the cosine: parameters, both moments,
+    both counts, and the state's structure."""
+    import optax
+
+    from gopher import optim
+
+    model_cfg = config.get_preset("test")
+    train_cfg = config.TrainConfig(
+        steps=6, warmup_steps=2, optimizer=optimizer, weight_decay=decay, max_lr=3e-2
+    )
+    keys = iter(jax.random.split(jax.random.key(3), 64))
+    shapes = {"emb": (40, 8), "w": (3, 8, 24), "scale": (8,), "one": (1,)}
+    params = {k: jax.random.normal(next(keys), s) for k, s in shapes.items()}
+    reference = optim.make_optimizer(model_cfg, train_cfg)
+    ref_state = fused_state = reference.init(params)
+    ref_params = fused_params = params
+
+    @jax.jit
+    def ref_step(grads, state, p):
+        updates, state = reference.update(grads, state, p)
+        return optax.apply_updates(p, updates), state
+
+    fused = jax.jit(optim.fused_update(model_cfg, train_cfg))
+    for _ in range(5):
+        grads = {k: grad_scale * jax.random.normal(next(keys), s) for k, s in shapes.items()}
+        ref_params, ref_state = ref_step(grads, ref_state, ref_params)
+        norm = optax.tree.norm(grads)
+        assert (norm > model_cfg.clip_norm) == (grad_scale > 1)
+        fused_params, fused_state = fused(grads, norm, fused_state, fused_params)
+    assert jax.tree.structure(fused_state) == jax.tree.structure(ref_state)
+    for got, want in zip(jax.tree.leaves(fused_state), jax.tree.leaves(ref_state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
+    jax.tree.map(
+        lambda a, b, p: np.testing.assert_allclose(a - p, b - p, rtol=1e-5, atol=1e-6),
+        fused_params,
+        ref_params,
+        params,
+    )
+
+
+def test_the_train_step_runs_adam_in_cpp_beside_the_kernel_and_skips_as_optax(monkeypatch):
+    """The test preset's train step beside the kernel (attention auto) with the fused Adam,
+    against the same step with optax's chain (optim.fused_update turned off), over three
+    steps, the second poisoned with NaN (skipped: parameters and moments kept, the
+    schedule's count advanced)."""
+    from gopher import optim, train
+
+    cfg = config.get_preset("test")
+    train_cfg = config.TrainConfig(steps=10, warmup_steps=2, max_lr=1e-2, batch_size=4)
+    batch = jax.random.randint(jax.random.key(1), (4, cfg.seq_len + 1), 0, cfg.vocab_size)
+    states = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(optim, "fused_update", lambda *args: None)
+        fns = train.make_train_functions(cfg, train_cfg, fault_steps=(2,))
+        step = jax.jit(fns.train_step)
+        state = fns.init(jax.random.key(0))
+        assert ("GopherAdam" in step.lower(state, batch).as_text()) == fused
+        for _ in range(3):
+            state, _ = step(state, batch)
+        states[fused] = state
+    assert int(states[True].skipped) == int(states[False].skipped) == 1
+    assert int(states[True].step) == 3
+    assert jax.tree.structure(states[True]) == jax.tree.structure(states[False])
+    for a, b in zip(jax.tree.leaves(states[True]), jax.tree.leaves(states[False]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_norm_and_its_backward_against_float64():
+    """cpu_kernels.rms_norm and rms_norm_backward against the formula in float64 (rows of
+    very different scales; a row count that splits unevenly over the threads)."""
+    rng = np.random.default_rng(0)
+    n, d, eps = 37, 24, 1e-6
+    x = rng.normal(size=(n, d)) * np.exp(rng.uniform(-6, 6, size=(n, 1)))
+    scale, dy = rng.normal(size=d), rng.normal(size=(n, d))
+    inv = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    g = dy * scale
+    want_dx = inv * g - inv**3 * (g * x).mean(-1, keepdims=True) * x
+    f32 = [jnp.asarray(a, jnp.float32) for a in (x, scale, dy)]
+    y, got_inv = jax.jit(cpu_kernels.rms_norm, static_argnums=2)(f32[0], f32[1], eps)
+    np.testing.assert_allclose(y, x * scale * inv, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got_inv, inv[:, 0], rtol=2e-6)
+    dx, d_scale = jax.jit(cpu_kernels.rms_norm_backward)(f32[0], f32[1], got_inv, f32[2])
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5 * np.abs(want_dx).max())
+    np.testing.assert_allclose(d_scale, (dy * x * inv).sum(0), rtol=1e-5, atol=1e-5)

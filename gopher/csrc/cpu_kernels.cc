@@ -148,16 +148,26 @@ int64_t Workers() {
 
 ffi::Error NoBlas() { return ffi::Error::InvalidArgument("gopher_cpu: no BLAS set"); }
 
-// fn(begin, end) over [0, n) in contiguous parts, one per thread, each of `grain` or more
-// (fewer parts when n is small).
-void ParallelRange(ffi::ThreadPool& pool, int64_t n, int64_t grain,
-                   const std::function<void(int64_t, int64_t)>& fn) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, n / grain));
+// The number of parts ParallelParts splits [0, n) into.
+int64_t Parts(int64_t n, int64_t grain) {
+  return std::max<int64_t>(1, std::min<int64_t>(Workers() + 1, n / grain));
+}
+
+// fn(part, begin, end) over [0, n) in Parts(n, grain) contiguous parts, one per thread, each
+// of `grain` or more (fewer parts when n is small).
+void ParallelParts(ffi::ThreadPool& pool, int64_t n, int64_t grain,
+                   const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+  const int64_t parts = Parts(n, grain);
   const int64_t step = (n + parts - 1) / parts;
   ParallelFor(pool, parts, Workers(), [&](int64_t p) {
     const int64_t i0 = p * step, i1 = std::min(n, i0 + step);
-    if (i0 < i1) fn(i0, i1);
+    if (i0 < i1) fn(p, i0, i1);
   });
+}
+
+void ParallelRange(ffi::ThreadPool& pool, int64_t n, int64_t grain,
+                   const std::function<void(int64_t, int64_t)>& fn) {
+  ParallelParts(pool, n, grain, [&](int64_t, int64_t i0, int64_t i1) { fn(i0, i1); });
 }
 
 // c = op(a) @ op(b) + beta c, rows of the result split over the threads.
@@ -277,6 +287,119 @@ ffi::Error GeluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer<
       d[i] = gp[i] * 0.5f * t.plus * (1.f + v * t.minus * du);
     }
   });
+  return ffi::Error::Success();
+}
+
+// Adam's step for one parameter, one pass over its gradient, moments and value, where
+// XLA CPU made four (the two moments, the update, its addition) and clipped in each:
+//   g' = norm < max_norm ? g : (g / norm) * max_norm      (clip_by_global_norm)
+//   mu = (1 - b1) g' + b1 mu;  nu = (1 - b2) g'^2 + b2 nu
+//   u  = (mu / bc1) / (sqrt(nu / bc2 + eps_root) + eps) + weight_decay p
+//   p  = p + step u                               (step = -lr)
+// optax's order of operations (1 - b taken in double, as there); mu, nu and p are written
+// over their inputs' buffers.
+// s = [norm, max_norm, bc1, bc2, step] (bc = 1 - b^count, optax's bias corrections).
+struct AdamScalars {
+  float norm, max_norm, bc1, bc2, step, b1, omb1, b2, omb2, eps, eps_root, weight_decay;
+};
+
+// Elements [i0, i1); clipping a template argument, so that the loop has no branch to keep
+// it from vectorizing. mu and p may be mo and po (updated in place).
+template <bool kClip>
+void AdamRange(const AdamScalars c, int64_t i0, int64_t i1, const float* gp, const float* mi,
+               const float* ni, const float* pi, float* mo, float* no, float* po) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const float x = kClip ? (gp[i] / c.norm) * c.max_norm : gp[i];
+    const float m = c.omb1 * x + c.b1 * mi[i];
+    const float v = c.omb2 * (x * x) + c.b2 * ni[i];
+    const float u = (m / c.bc1) / (std::sqrt(v / c.bc2 + c.eps_root) + c.eps) +
+                    c.weight_decay * pi[i];
+    mo[i] = m;
+    no[i] = v;
+    po[i] = pi[i] + c.step * u;
+  }
+}
+
+ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> mu,
+                ffi::Buffer<ffi::F32> nu, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> s,
+                ffi::ResultBuffer<ffi::F32> mu_out, ffi::ResultBuffer<ffi::F32> nu_out,
+                ffi::ResultBuffer<ffi::F32> p_out, float b1, float omb1, float b2, float omb2,
+                float eps, float eps_root, float weight_decay) {
+  if (s.element_count() != 5) return ffi::Error::InvalidArgument("adam: 5 scalars");
+  const float* sc = s.typed_data();
+  const AdamScalars c{sc[0], sc[1], sc[2], sc[3], sc[4], b1, omb1, b2, omb2, eps, eps_root,
+                      weight_decay};
+  const bool clip = !(c.norm < c.max_norm);
+  const float *gp = g.typed_data(), *mi = mu.typed_data(), *ni = nu.typed_data();
+  const float* pi = p.typed_data();
+  float *mo = mu_out->typed_data(), *no = nu_out->typed_data(), *po = p_out->typed_data();
+  ParallelRange(pool, g.element_count(), 16384, [&](int64_t i0, int64_t i1) {
+    if (clip)
+      AdamRange<true>(c, i0, i1, gp, mi, ni, pi, mo, no, po);
+    else
+      AdamRange<false>(c, i0, i1, gp, mi, ni, pi, mo, no, po);
+  });
+  return ffi::Error::Success();
+}
+
+// RMSNorm over rows of x [N, D]: y = x * scale * inv, inv = 1 / sqrt(mean(x^2) + eps)
+// per row (kept [N] for the backward), one pass over each row in cache where XLA CPU made
+// a reduction and a pass of its own.
+ffi::Error RmsNorm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> inv, float eps) {
+  const int64_t d = scale.element_count(), n = x.element_count() / d;
+  const float *xp = x.typed_data(), *sp = scale.typed_data();
+  float *yp = y->typed_data(), *ip = inv->typed_data();
+  ParallelRange(pool, n, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      const float* row = xp + i * d;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < d; ++j) ss += row[j] * row[j];
+      const float r = 1.f / std::sqrt(ss / float(d) + eps);
+      ip[i] = r;
+      float* out = yp + i * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) out[j] = row[j] * sp[j] * r;
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// RMSNorm's backward from x, scale, inv and dy, one pass over each row: g = dy scale,
+// dx = inv g - inv^3 mean(g x) x (written over dy's buffer), and d scale = sum over rows of
+// dy x inv, summed per thread and then across them (XLA CPU: five passes and a reduction).
+ffi::Error RmsNormBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                      ffi::Buffer<ffi::F32> inv, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dscale) {
+  const int64_t d = scale.element_count(), n = x.element_count() / d;
+  const float *xp = x.typed_data(), *sp = scale.typed_data(), *ip = inv.typed_data();
+  const float* gp = dy.typed_data();
+  float* dxp = dx->typed_data();
+  constexpr int64_t kGrain = 16;
+  std::vector<float> partial(Parts(n, kGrain) * d, 0.f);
+  ParallelParts(pool, n, kGrain, [&](int64_t part, int64_t r0, int64_t r1) {
+    float* acc = partial.data() + part * d;
+    for (int64_t i = r0; i < r1; ++i) {
+      const float *row = xp + i * d, *g = gp + i * d;
+      const float r = ip[i];
+      float gx = 0.f;
+#pragma omp simd reduction(+ : gx)
+      for (int64_t j = 0; j < d; ++j) {
+        gx += g[j] * sp[j] * row[j];
+        acc[j] += g[j] * row[j] * r;
+      }
+      const float c = r * r * r * (gx / float(d));
+      float* out = dxp + i * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) out[j] = r * (g[j] * sp[j]) - c * row[j];
+    }
+  });
+  float* ds = dscale->typed_data();
+  for (int64_t j = 0; j < d; ++j) ds[j] = 0.f;
+  for (size_t p = 0; p < partial.size(); p += d)
+    for (int64_t j = 0; j < d; ++j) ds[j] += partial[p + j];
   return ffi::Error::Success();
 }
 
@@ -517,6 +640,44 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGelu, Gelu,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGeluBwd, GeluBwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAdam, Adam,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("eps_root")
+                                  .Attr<float>("weight_decay"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherRmsNorm, RmsNorm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherRmsNormBwd, RmsNormBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
