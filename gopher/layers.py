@@ -132,24 +132,35 @@ class Dense(hk.Module):
         return jnp.dot(x, self.weight(x.shape[-1]).astype(x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _rms_norm(x: jax.Array, scale: jax.Array, eps: float, blas: bool = False) -> jax.Array:
     """x * scale / sqrt(mean(x^2) + eps) over the last axis, as hk.RMSNorm computes it.
 
     The backward pass keeps x and the per-row inverse norm [..., 1]; autodiff kept
-    six arrays the size of x (scale and inverse norm broadcast to it, products).
+    six arrays the size of x (scale and inverse norm broadcast to it, products). `blas`
+    (fp32, beside the CPU kernels): both passes in C++, one over each row
+    (cpu_kernels.rms_norm, rms_norm_backward), where XLA CPU made two and six.
     """
-    return x * scale * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return _rms_norm_fwd(x, scale, eps, blas)[0]
 
 
-def _rms_norm_fwd(x, scale, eps):
+def _rms_norm_fwd(x, scale, eps, blas):
+    if blas:
+        y, inv = cpu_kernels.rms_norm(x.reshape(-1, x.shape[-1]), scale, eps)
+        return y.reshape(x.shape), (x, scale, inv.reshape(*x.shape[:-1], 1))
     inv = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
     return x * scale * inv, (x, scale, inv)
 
 
-def _rms_norm_bwd(eps, residuals, dy):
+def _rms_norm_bwd(eps, blas, residuals, dy):
     del eps
     x, scale, inv = residuals
+    if blas:
+        d = x.shape[-1]
+        dx, d_scale = cpu_kernels.rms_norm_backward(
+            x.reshape(-1, d), scale, inv.reshape(-1), dy.reshape(-1, d)
+        )
+        return dx.reshape(x.shape), d_scale
     g = dy * scale
     mean_gx = jnp.mean(g * x, axis=-1, keepdims=True)
     dx = inv * g - (inv**3 * mean_gx) * x
@@ -163,16 +174,18 @@ _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 class RMSNorm(hk.Module):
     """hk.RMSNorm's parameters (`scale` [D], ones) and maths, with `_rms_norm`'s backward."""
 
-    def __init__(self, eps: float, name: str | None = None):
+    def __init__(self, eps: float, name: str | None = None, blas: bool = False):
         super().__init__(name=name)
         self.eps = eps
+        self.blas = blas
 
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = hk.get_parameter("scale", x.shape[-1:], x.dtype, init=jnp.ones)
-        return _rms_norm(x, scale, self.eps)
+        return _rms_norm(x, scale, self.eps, self.blas)
 
 
-def rms_norm(x: jax.Array, eps: float, name: str) -> jax.Array:
-    """RMSNorm computed in fp32 and returned in the input dtype."""
-    y = RMSNorm(eps, name=name)(x.astype(jnp.float32))
+def rms_norm(x: jax.Array, eps: float, name: str, blas: bool = False) -> jax.Array:
+    """RMSNorm computed in fp32 and returned in the input dtype (`blas`: in C++, for fp32
+    activations beside the CPU kernels)."""
+    y = RMSNorm(eps, name=name, blas=blas)(x.astype(jnp.float32))
     return y.astype(x.dtype)

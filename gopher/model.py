@@ -61,14 +61,14 @@ class Block(hk.Module):
         out_std = (
             c.init_scale / math.sqrt(2 * c.num_layers) if c.scale_residual_init else c.init_scale
         )
-        h = rms_norm(x, c.rms_norm_eps, "attn_norm")
         layout = self.attention or attention_layout(c.attention, jax.default_backend())
+        blas = cpu_kernels.blas_matmuls(layout, x.dtype)  # beside the CPU attention kernel
+        h = rms_norm(x, c.rms_norm_eps, "attn_norm", blas)
         attn = RelativeAttention(c, out_std, name="attn", layout=layout)
         x = x + attn(h, rel_enc, mask)
-        h = rms_norm(x, c.rms_norm_eps, "mlp_norm")
+        h = rms_norm(x, c.rms_norm_eps, "mlp_norm", blas)
         w_in = Dense(c.ffw_size, c.init_scale, name="mlp_in").weight(c.d_model)  # [D, F]
         w_out = Dense(c.d_model, out_std, name="mlp_out").weight(c.ffw_size)  # [F, D]
-        blas = cpu_kernels.blas_matmuls(layout, h.dtype)  # beside the CPU attention kernel
         return x + mlp(h, w_in.astype(h.dtype), w_out.astype(h.dtype), blas)  # [B, T, D]
 
 
@@ -132,7 +132,9 @@ class GopherLM(hk.Module):
             layer = hk.remat(layer, policy=REMAT_POLICIES[self.remat])
         unroll = c.num_layers if self.unroll else 1
         x = hk.layer_stack(c.num_layers, unroll=unroll, name="layers")(layer)(x)
-        h = rms_norm(x, c.rms_norm_eps, "final_norm")  # [B, T, D]
+        layout = self.attention or attention_layout(c.attention, jax.default_backend())
+        blas = cpu_kernels.blas_matmuls(layout, x.dtype)
+        h = rms_norm(x, c.rms_norm_eps, "final_norm", blas)  # [B, T, D]
         if hidden:
             return h, self.embeddings()
         # Tied output embedding; the logits (and so the loss's softmax) are fp32.

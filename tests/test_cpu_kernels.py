@@ -386,7 +386,10 @@ def test_the_train_step_runs_adam_in_cpp_beside_the_kernel_and_skips_as_optax(mo
 
 def test_rms_norm_and_its_backward_against_float64():
     """cpu_kernels.rms_norm and rms_norm_backward against the formula in float64 (rows of
-    very different scales; a row count that splits unevenly over the threads)."""
+    very different scales; a row count that splits unevenly over the threads), and through
+    layers._rms_norm's VJP against autodiff of the plain formula."""
+    from gopher import layers
+
     rng = np.random.default_rng(0)
     n, d, eps = 37, 24, 1e-6
     x = rng.normal(size=(n, d)) * np.exp(rng.uniform(-6, 6, size=(n, 1)))
@@ -401,3 +404,12 @@ def test_rms_norm_and_its_backward_against_float64():
     dx, d_scale = jax.jit(cpu_kernels.rms_norm_backward)(f32[0], f32[1], got_inv, f32[2])
     np.testing.assert_allclose(dx, want_dx, rtol=1e-5, atol=1e-5 * np.abs(want_dx).max())
     np.testing.assert_allclose(d_scale, (dy * x * inv).sum(0), rtol=1e-5, atol=1e-5)
+
+    def loss(x, scale, blas):
+        return jnp.vdot(f32[2].reshape(n, 1, d), layers._rms_norm(x, scale, eps, blas))
+
+    x3 = f32[0].reshape(n, 1, d)
+    got = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x3, f32[1], True)
+    want = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(x3, f32[1], False)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
