@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -582,6 +583,19 @@ extern "C" void gopher_cpu_set_sgemm(void* fn, int ilp64, int threads) {
   g_threads = threads;
 }
 
+// The thread pool, then kArgs fp32 buffers as arguments and kRets as results (in
+// parentheses where a macro's argument, for the comma).
+using F32Buffer = ffi::Buffer<ffi::F32>;
+template <int kArgs, int kRets>
+auto F32Io() {
+  if constexpr (kRets > 0)
+    return F32Io<kArgs, kRets - 1>().template Ret<F32Buffer>();
+  else if constexpr (kArgs > 0)
+    return F32Io<kArgs - 1, 0>().template Arg<F32Buffer>();
+  else
+    return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>();
+}
+
 // Both attention passes take q, k, v packed [B, T, 3, H*K], W_R R [H, T+1, K], u and v [H, 1, K].
 auto AttentionInputs() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf4>().Arg<Buf3>().Arg<Buf3>().Arg<Buf3>();
@@ -604,58 +618,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAttentionBwd, AttentionBwd,
                                   .Attr<int64_t>("chunk"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherMatmul, Matmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("transa")
-                                  .Attr<int32_t>("transb"));
+                              (F32Io<2, 1>()).Attr<int32_t>("transa").Attr<int32_t>("transb"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherMatmulAdd, MatmulAdd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("transa")
-                                  .Attr<int32_t>("transb"));
+                              (F32Io<3, 1>()).Attr<int32_t>("transa").Attr<int32_t>("transb"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherSoftmaxXent, SoftmaxXent,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<F32Buffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<F32Buffer>()
+                                  .Ret<F32Buffer>()
                                   .Attr<float>("scale"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGelu, Gelu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGelu, Gelu, (F32Io<1, 1>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGeluBwd, GeluBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherGeluBwd, GeluBwd, (F32Io<2, 2>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAdam, Adam,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                              (F32Io<5, 3>())
                                   .Attr<float>("b1")
                                   .Attr<float>("one_minus_b1")
                                   .Attr<float>("b2")
@@ -664,21 +646,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherAdam, Adam,
                                   .Attr<float>("eps_root")
                                   .Attr<float>("weight_decay"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherRmsNorm, RmsNorm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("eps"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherRmsNorm, RmsNorm, (F32Io<2, 2>()).Attr<float>("eps"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherRmsNormBwd, RmsNormBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GopherRmsNormBwd, RmsNormBwd, (F32Io<4, 2>()));
