@@ -44,6 +44,14 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 
 
+def _layout_and_blas(c: ModelConfig, attention: AttentionLayout | None, dtype):
+    """How attention runs (`attention`, or the config's choice on the default backend, no
+    mesh), and whether the matmuls, norms and gelu run beside its CPU kernel through the
+    BLAS and C++ passes (cpu_kernels.blas_matmuls)."""
+    layout = attention or attention_layout(c.attention, jax.default_backend())
+    return layout, cpu_kernels.blas_matmuls(layout, dtype)
+
+
 class Block(hk.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -61,8 +69,7 @@ class Block(hk.Module):
         out_std = (
             c.init_scale / math.sqrt(2 * c.num_layers) if c.scale_residual_init else c.init_scale
         )
-        layout = self.attention or attention_layout(c.attention, jax.default_backend())
-        blas = cpu_kernels.blas_matmuls(layout, x.dtype)  # beside the CPU attention kernel
+        layout, blas = _layout_and_blas(c, self.attention, x.dtype)
         h = rms_norm(x, c.rms_norm_eps, "attn_norm", blas)
         attn = RelativeAttention(c, out_std, name="attn", layout=layout)
         x = x + attn(h, rel_enc, mask)
@@ -132,8 +139,7 @@ class GopherLM(hk.Module):
             layer = hk.remat(layer, policy=REMAT_POLICIES[self.remat])
         unroll = c.num_layers if self.unroll else 1
         x = hk.layer_stack(c.num_layers, unroll=unroll, name="layers")(layer)(x)
-        layout = self.attention or attention_layout(c.attention, jax.default_backend())
-        blas = cpu_kernels.blas_matmuls(layout, x.dtype)
+        _, blas = _layout_and_blas(c, self.attention, x.dtype)
         h = rms_norm(x, c.rms_norm_eps, "final_norm", blas)  # [B, T, D]
         if hidden:
             return h, self.embeddings()
